@@ -1,0 +1,162 @@
+//! The admin gRPC API that `weftctl` speaks. Every write is validated here
+//! again (the CLI is not trusted) before anything reaches etcd.
+
+use tonic::{Request, Response, Status};
+use xds_proto::v1 as pb;
+use xds_proto::v1::admin_server::Admin;
+
+use crate::convert;
+use crate::policy::{self, ResourceId, normalize_kind};
+use crate::store::{Action, Store, StoreError, decode_resource};
+
+#[derive(Clone)]
+pub struct AdminService {
+    store: Store,
+}
+
+impl AdminService {
+    pub fn new(store: Store) -> Self {
+        AdminService { store }
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Conflict { .. } => Status::aborted(e.to_string()),
+        StoreError::Etcd { .. } => Status::unavailable(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let req = request.into_inner();
+        let mut resources = Vec::new();
+        let mut problems = Vec::new();
+        for doc in &req.resources {
+            let value: serde_json::Value = match serde_json::from_str(&doc.json) {
+                Ok(v) => v,
+                Err(e) => {
+                    problems.push(format!("{}: document: {e}", doc.origin));
+                    continue;
+                }
+            };
+            match policy::from_value(value) {
+                Err(p) => problems.push(format!("{}: {}: {}", doc.origin, p.field, p.message)),
+                Ok(r) => {
+                    let found = policy::validate(&r);
+                    if found.is_empty() {
+                        resources.push(r);
+                    } else {
+                        for p in found {
+                            problems.push(format!("{}: {}: {}: {}", doc.origin, r.id(), p.field, p.message));
+                        }
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Status::invalid_argument(problems.join("\n")));
+        }
+        let mut ids: Vec<ResourceId> = resources.iter().map(|r| r.id()).collect();
+        ids.sort();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Status::invalid_argument("the same resource is given twice"));
+        }
+        let (revision, results) = self.store.apply(&resources).await.map_err(store_status)?;
+        let mut services: Vec<String> = Vec::new();
+        for (id, action) in &results {
+            if *action != Action::Unchanged {
+                services.push(id.service().unwrap_or("*").to_string());
+            }
+        }
+        services.sort();
+        services.dedup();
+        Ok(Response::new(pb::ApplyResponse {
+            revision,
+            results: results
+                .into_iter()
+                .map(|(id, a)| pb::ApplyResult { resource: id.to_string(), action: a.as_str().into() })
+                .collect(),
+            services,
+        }))
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let req = request.into_inner();
+        let kind = normalize_kind(&req.kind).map_err(Status::invalid_argument)?;
+        let id = if req.name.is_empty() {
+            None
+        } else {
+            Some(ResourceId::parse(&req.kind, &req.name).map_err(Status::invalid_argument)?)
+        };
+        let (revision, items) = self.store.get(kind, id.as_ref()).await.map_err(store_status)?;
+        let mut resources = Vec::new();
+        for (key, value, rev) in items {
+            let resource = match decode_resource(&value) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "undecodable resource in etcd");
+                    continue;
+                }
+            };
+            if !req.tenant.is_empty() {
+                let tenant = match &resource {
+                    policy::Resource::Route(r) => r.tenant.clone(),
+                    policy::Resource::TenantPolicy(t) => Some(t.tenant.clone()),
+                    policy::Resource::Resilience(_) => None,
+                };
+                if tenant.as_deref() != Some(req.tenant.as_str()) {
+                    continue;
+                }
+            }
+            resources.push(pb::StoredResource {
+                resource: resource.id().to_string(),
+                json: policy::to_value(&resource).to_string(),
+                revision: rev,
+            });
+        }
+        if id.is_some() && resources.is_empty() {
+            return Err(Status::not_found(format!("{} not found", id.unwrap())));
+        }
+        Ok(Response::new(pb::GetResponse { resources, revision }))
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        let id = ResourceId::parse(&req.kind, &req.name).map_err(Status::invalid_argument)?;
+        let (revision, deleted) = self.store.delete(&id).await.map_err(store_status)?;
+        if !deleted {
+            return Err(Status::not_found(format!("{id} not found")));
+        }
+        Ok(Response::new(pb::DeleteResponse { revision, deleted }))
+    }
+
+    async fn endpoints(&self, request: Request<pb::EndpointsRequest>) -> Result<Response<pb::EndpointsResponse>, Status> {
+        let service = request.into_inner().service;
+        policy::check_name("service", &service).map_err(Status::invalid_argument)?;
+        let recs = self.store.endpoints(&service).await.map_err(store_status)?;
+        Ok(Response::new(pb::EndpointsResponse { endpoints: recs.iter().map(convert::endpoint).collect() }))
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let revision = self.store.ping().await.map_err(store_status)?;
+        let recs = self.store.proxies().await.map_err(store_status)?;
+        Ok(Response::new(pb::StatusResponse {
+            revision,
+            proxies: recs
+                .into_iter()
+                .map(|r| pb::ProxyStatus {
+                    proxy_id: r.proxy_id,
+                    service: r.service,
+                    address: r.address,
+                    acked_version: r.acked_version,
+                    nacked_version: r.nacked_version,
+                    last_nack: r.last_nack,
+                    subscriptions: r.subscriptions,
+                    control_replica: r.control_replica,
+                })
+                .collect(),
+        }))
+    }
+}

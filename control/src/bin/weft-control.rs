@@ -1,0 +1,62 @@
+//! `weft-control`: the control plane server.
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use weft_control::server::{self, Config};
+use weft_control::store::Store;
+
+#[derive(Parser, Debug)]
+#[command(name = "weft-control", version, about = "weft control plane: etcd-backed policy, pushed to sidecars")]
+struct Args {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "WEFT_ETCD", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// gRPC address for sidecars and weftctl.
+    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: String,
+    /// HTTP admin address (/live, /ready, /metrics).
+    #[arg(long, env = "WEFT_ADMIN", default_value = "0.0.0.0:7071")]
+    admin: String,
+    /// etcd key prefix.
+    #[arg(long, env = "WEFT_PREFIX", default_value = "/weft")]
+    prefix: String,
+    /// TTL in seconds of the lease that holds each sidecar's endpoint.
+    #[arg(long, env = "WEFT_LEASE_TTL", default_value_t = 10)]
+    lease_ttl: i64,
+    /// Name of this replica (default: hostname-pid).
+    #[arg(long, env = "WEFT_REPLICA")]
+    replica: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    anyhow::ensure!(args.lease_ttl >= 1, "--lease-ttl must be at least 1 second");
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let grpc = TcpListener::bind(&args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
+    let admin = TcpListener::bind(&args.admin).await.with_context(|| format!("binding --admin {}", args.admin))?;
+    let store = Store::connect(&args.etcd, &args.prefix).await?;
+    let replica = args.replica.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    println!("weft-control listening grpc={} admin={}", grpc.local_addr()?, admin.local_addr()?);
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    server::run(Config { store, replica, lease_ttl_secs: args.lease_ttl, metrics }, grpc, admin, shutdown).await
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "weft".into())
+}

@@ -1,0 +1,292 @@
+//! `weftctl`: the operator's CLI. Exit codes: 0 ok, 1 rejected input,
+//! 2 cannot reach the control plane.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tonic::Code;
+use xds_proto::v1 as pb;
+use xds_proto::v1::admin_client::AdminClient;
+
+use weft_control::policy;
+
+#[derive(Parser, Debug)]
+#[command(name = "weftctl", version, about = "Manage weft policy")]
+struct Cli {
+    /// Control plane gRPC URL.
+    #[arg(long, global = true, env = "WEFT_CONTROL", default_value = "http://127.0.0.1:7070")]
+    control: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate and apply a multi-document YAML file, all or nothing.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: String,
+        /// Block until every affected sidecar has ACKed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// Check a file offline, with the same checks as apply.
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        file: String,
+    },
+    /// Show resources: KIND is route, resilience or tenantpolicy.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Delete one resource.
+    Delete { kind: String, name: String },
+    /// The instances of a service: address, labels, readiness, owning proxy.
+    Endpoints {
+        service: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Connected sidecars: service, ACKed version, last NACK.
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+/// A failure with its exit code.
+struct Fail(u8, String);
+
+impl From<tonic::Status> for Fail {
+    fn from(s: tonic::Status) -> Self {
+        match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown => Fail(2, format!("control plane: {}", s.message())),
+            _ => Fail(1, s.message().to_string()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            let _ = writeln!(std::io::stderr(), "{}", msg.trim_end());
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends quietly.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let mut o = std::io::stdout().lock();
+        if writeln!(o, $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+async fn connect(url: &str) -> Result<AdminClient<tonic::transport::Channel>, Fail> {
+    let ep = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| Fail(1, format!("--control {url}: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(15));
+    let ch = ep
+        .connect()
+        .await
+        .map_err(|e| Fail(2, format!("cannot reach the control plane at {url}: {e} (hint: is weft-control running? set --control or WEFT_CONTROL)")))?;
+    Ok(AdminClient::new(ch))
+}
+
+fn read_input(file: &str) -> Result<(String, String), Fail> {
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).map_err(|e| Fail(1, format!("reading stdin: {e}")))?;
+        Ok(("<stdin>".into(), s))
+    } else {
+        let s = std::fs::read_to_string(file).map_err(|e| Fail(1, format!("{file}: {e}")))?;
+        Ok((file.to_string(), s))
+    }
+}
+
+fn parse(file: &str) -> Result<Vec<policy::Located>, Fail> {
+    let (name, text) = read_input(file)?;
+    match policy::parse_documents(&name, &text) {
+        Ok(r) if r.is_empty() => Err(Fail(1, format!("{name}: no resources found"))),
+        Ok(r) => Ok(r),
+        Err(problems) => Err(Fail(1, problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Fail> {
+    match cli.command {
+        Command::Validate { file } => {
+            let r = parse(&file)?;
+            for l in &r {
+                out!("{} valid", l.resource.id());
+            }
+            Ok(())
+        }
+        Command::Apply { file, wait, timeout } => {
+            let timeout = policy::parse_duration(&timeout).map_err(|e| Fail(1, format!("--timeout: {e}")))?;
+            let resources = parse(&file)?;
+            let mut client = connect(&cli.control).await?;
+            let req = pb::ApplyRequest {
+                resources: resources
+                    .iter()
+                    .map(|l| pb::ResourceDoc { json: policy::to_value(&l.resource).to_string(), origin: l.origin.clone() })
+                    .collect(),
+                dry_run: false,
+            };
+            let resp = client.apply(req).await?.into_inner();
+            for r in &resp.results {
+                out!("{} {} (rev {})", r.resource, r.action, resp.revision);
+            }
+            if wait && !resp.services.is_empty() {
+                wait_acked(&mut client, &resp.services, resp.revision, timeout).await?;
+            }
+            Ok(())
+        }
+        Command::Get { kind, name, tenant, output } => {
+            policy::normalize_kind(&kind).map_err(|e| Fail(1, e))?;
+            let mut client = connect(&cli.control).await?;
+            let resp = client
+                .get(pb::GetRequest { kind, name: name.unwrap_or_default(), tenant: tenant.unwrap_or_default() })
+                .await?
+                .into_inner();
+            let values: Vec<serde_json::Value> = resp
+                .resources
+                .iter()
+                .map(|r| serde_json::from_str(&r.json).unwrap_or(serde_json::Value::Null))
+                .collect();
+            match output {
+                Output::Table => {
+                    out!("{:<40} {:>10}", "RESOURCE", "REVISION");
+                    for r in &resp.resources {
+                        out!("{:<40} {:>10}", r.resource, r.revision);
+                    }
+                }
+                Output::Json => out!("{}", serde_json::to_string_pretty(&values).unwrap_or_default()),
+                Output::Yaml => {
+                    let docs: Vec<String> = values.iter().map(|v| serde_yaml::to_string(v).unwrap_or_default()).collect();
+                    out!("{}", docs.join("---\n").trim_end());
+                }
+            }
+            Ok(())
+        }
+        Command::Delete { kind, name } => {
+            let id = policy::ResourceId::parse(&kind, &name).map_err(|e| Fail(1, e))?;
+            let mut client = connect(&cli.control).await?;
+            let resp = client.delete(pb::DeleteRequest { kind, name }).await?.into_inner();
+            out!("{id} deleted (rev {})", resp.revision);
+            Ok(())
+        }
+        Command::Endpoints { service, output } => {
+            let mut client = connect(&cli.control).await?;
+            let resp = client.endpoints(pb::EndpointsRequest { service }).await?.into_inner();
+            let rows: Vec<serde_json::Value> = resp
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let labels: std::collections::BTreeMap<_, _> = e.labels.iter().collect();
+                    serde_json::json!({"address": e.address, "labels": labels, "ready": e.ready, "proxy": e.proxy_id})
+                })
+                .collect();
+            match output {
+                Output::Table => {
+                    out!("{:<22} {:<6} {:<30} LABELS", "ADDRESS", "READY", "PROXY");
+                    for e in &resp.endpoints {
+                        let mut labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        labels.sort();
+                        out!("{:<22} {:<6} {:<30} {}", e.address, e.ready, e.proxy_id, labels.join(","));
+                    }
+                }
+                Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
+                Output::Yaml => out!("{}", serde_yaml::to_string(&rows).unwrap_or_default().trim_end()),
+            }
+            Ok(())
+        }
+        Command::Status { output } => {
+            let mut client = connect(&cli.control).await?;
+            let resp = client.status(pb::StatusRequest {}).await?.into_inner();
+            let rows: Vec<serde_json::Value> = resp
+                .proxies
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "proxy": p.proxy_id, "service": p.service, "address": p.address,
+                        "acked_version": p.acked_version, "nacked_version": p.nacked_version,
+                        "last_nack": p.last_nack, "subscriptions": p.subscriptions, "control": p.control_replica,
+                    })
+                })
+                .collect();
+            match output {
+                Output::Table => {
+                    out!("{:<30} {:<16} {:>8} {:<22} LAST NACK", "PROXY", "SERVICE", "ACKED", "CONTROL");
+                    for p in &resp.proxies {
+                        let nack = if p.last_nack.is_empty() { "-".to_string() } else { format!("v{}: {}", p.nacked_version, p.last_nack) };
+                        out!("{:<30} {:<16} {:>8} {:<22} {}", p.proxy_id, p.service, p.acked_version, p.control_replica, nack);
+                    }
+                }
+                Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
+                Output::Yaml => out!("{}", serde_yaml::to_string(&rows).unwrap_or_default().trim_end()),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Polls status until every sidecar subscribed to one of `services` has
+/// ACKed `revision` or later; reports the ones that did not, and NACKs.
+async fn wait_acked(
+    client: &mut AdminClient<tonic::transport::Channel>,
+    services: &[String],
+    revision: u64,
+    timeout: Duration,
+) -> Result<(), Fail> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = client.status(pb::StatusRequest {}).await?.into_inner();
+        let affected: Vec<&pb::ProxyStatus> = status
+            .proxies
+            .iter()
+            .filter(|p| services.iter().any(|s| s == "*" || p.subscriptions.contains(s)))
+            .collect();
+        let nacked: Vec<&&pb::ProxyStatus> = affected.iter().filter(|p| p.nacked_version >= revision && p.acked_version < revision).collect();
+        let pending: Vec<&&pb::ProxyStatus> = affected.iter().filter(|p| p.acked_version < revision && p.nacked_version < revision).collect();
+        if pending.is_empty() && nacked.is_empty() {
+            out!("{} sidecar(s) ACKed rev {revision}", affected.len());
+            return Ok(());
+        }
+        if pending.is_empty() || Instant::now() >= deadline {
+            let mut msg = Vec::new();
+            for p in nacked {
+                msg.push(format!("{} ({}) NACKed rev {}: {}", p.proxy_id, p.service, p.nacked_version, p.last_nack));
+            }
+            for p in pending {
+                msg.push(format!("{} ({}) has not ACKed rev {revision} (at {})", p.proxy_id, p.service, p.acked_version));
+            }
+            return Err(Fail(1, msg.join("\n")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

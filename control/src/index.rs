@@ -1,0 +1,262 @@
+//! The control plane's in-memory view of etcd, and the immutable snapshots
+//! it publishes to proxy sessions.
+//!
+//! The index is fed key by key from the watcher. After each batch it rebuilds
+//! only the services the batch touched; every service's wire config is an
+//! `Arc`, so sessions find what changed by pointer comparison.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use xds_proto::v1 as pb;
+
+use crate::convert;
+use crate::policy::{Resource, ResourceId};
+use crate::store::{self, EndpointRecord};
+
+/// One published state of the mesh.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The etcd revision this snapshot reflects.
+    pub revision: u64,
+    pub services: HashMap<String, Arc<pb::ServiceConfig>>,
+}
+
+impl Snapshot {
+    /// The config to send for `service`; an unknown service gets a config
+    /// that says so (`known: false`), so the sidecar can answer 503.
+    pub fn service(&self, service: &str) -> Option<&Arc<pb::ServiceConfig>> {
+        self.services.get(service)
+    }
+}
+
+#[derive(Default)]
+pub struct Index {
+    prefix: String,
+    routes: HashMap<String, BTreeMap<String, pb::Route>>,
+    resilience: HashMap<String, pb::Resilience>,
+    /// Keyed by service (or `*`), then tenant.
+    tenant_policies: HashMap<String, BTreeMap<String, pb::TenantPolicy>>,
+    endpoints: HashMap<String, BTreeMap<String, pb::Endpoint>>,
+    built: HashMap<String, Arc<pb::ServiceConfig>>,
+    dirty: HashSet<String>,
+    all_dirty: bool,
+}
+
+impl Index {
+    pub fn new(prefix: &str) -> Index {
+        Index { prefix: format!("{}/", prefix.trim_end_matches('/')), ..Default::default() }
+    }
+
+    /// Applies a put of `key`. Bad values are logged and skipped: the last
+    /// good value of that key (if any) stays in force.
+    pub fn put(&mut self, key: &str, value: &[u8], mod_revision: u64) {
+        let Some(suffix) = key.strip_prefix(&self.prefix) else { return };
+        if let Some(rest) = suffix.strip_prefix("endpoints/") {
+            let Some((service, proxy)) = rest.split_once('/') else { return };
+            match serde_json::from_slice::<EndpointRecord>(value) {
+                Ok(rec) => {
+                    self.endpoints
+                        .entry(service.to_string())
+                        .or_default()
+                        .insert(proxy.to_string(), convert::endpoint(&rec));
+                    self.dirty.insert(service.to_string());
+                }
+                Err(e) => tracing::warn!(key, error = %e, "skipping undecodable endpoint record"),
+            }
+            return;
+        }
+        if suffix.starts_with("proxies/") {
+            return;
+        }
+        let Some(id) = ResourceId::from_key_suffix(suffix) else {
+            tracing::debug!(key, "ignoring unknown key");
+            return;
+        };
+        let resource = match store::decode_resource(value) {
+            Ok(r) if r.id() == id => r,
+            Ok(r) => {
+                tracing::warn!(key, found = %r.id(), "skipping resource stored under the wrong key");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "skipping undecodable resource; its last good value stays in force");
+                return;
+            }
+        };
+        match resource {
+            Resource::Route(r) => match convert::route(&r, mod_revision) {
+                Ok(pr) => {
+                    self.routes
+                        .entry(r.service.clone())
+                        .or_default()
+                        .insert(r.tenant.clone().unwrap_or_default(), pr);
+                    self.dirty.insert(r.service);
+                }
+                Err(e) => tracing::warn!(key, error = %e, "skipping route"),
+            },
+            Resource::Resilience(r) => match convert::resilience(&r, mod_revision) {
+                Ok(pr) => {
+                    self.resilience.insert(r.service.clone(), pr);
+                    self.dirty.insert(r.service);
+                }
+                Err(e) => tracing::warn!(key, error = %e, "skipping resilience"),
+            },
+            Resource::TenantPolicy(t) => {
+                let pt = convert::tenant_policy(&t, mod_revision);
+                self.mark(&t.service);
+                self.tenant_policies.entry(t.service).or_default().insert(t.tenant, pt);
+            }
+        }
+    }
+
+    pub fn delete(&mut self, key: &str) {
+        let Some(suffix) = key.strip_prefix(&self.prefix) else { return };
+        if let Some(rest) = suffix.strip_prefix("endpoints/") {
+            if let Some((service, proxy)) = rest.split_once('/')
+                && let Some(eps) = self.endpoints.get_mut(service)
+            {
+                eps.remove(proxy);
+                if eps.is_empty() {
+                    self.endpoints.remove(service);
+                }
+                self.dirty.insert(service.to_string());
+            }
+            return;
+        }
+        match ResourceId::from_key_suffix(suffix) {
+            Some(ResourceId::Route { service, tenant }) => {
+                if let Some(rs) = self.routes.get_mut(&service) {
+                    rs.remove(&tenant.unwrap_or_default());
+                    if rs.is_empty() {
+                        self.routes.remove(&service);
+                    }
+                }
+                self.dirty.insert(service);
+            }
+            Some(ResourceId::Resilience { service }) => {
+                self.resilience.remove(&service);
+                self.dirty.insert(service);
+            }
+            Some(ResourceId::TenantPolicy { tenant, service }) => {
+                if let Some(ps) = self.tenant_policies.get_mut(&service) {
+                    ps.remove(&tenant);
+                }
+                self.mark(&service);
+            }
+            None => {}
+        }
+    }
+
+    fn mark(&mut self, service: &str) {
+        if service == "*" {
+            self.all_dirty = true;
+        } else {
+            self.dirty.insert(service.to_string());
+        }
+    }
+
+    /// True when something since the last snapshot changes what sidecars see.
+    pub fn is_dirty(&self) -> bool {
+        self.all_dirty || !self.dirty.is_empty()
+    }
+
+    /// Rebuilds the touched services and returns the new snapshot.
+    pub fn snapshot(&mut self, revision: u64) -> Snapshot {
+        let dirty: Vec<String> = if self.all_dirty {
+            let mut all: HashSet<String> = self.built.keys().cloned().collect();
+            all.extend(self.routes.keys().cloned());
+            all.extend(self.endpoints.keys().cloned());
+            all.extend(self.resilience.keys().cloned());
+            all.extend(self.tenant_policies.keys().filter(|k| *k != "*").cloned());
+            all.into_iter().collect()
+        } else {
+            self.dirty.iter().cloned().collect()
+        };
+        self.dirty.clear();
+        self.all_dirty = false;
+        for service in dirty {
+            match self.build(&service) {
+                Some(cfg) => {
+                    let changed = self.built.get(&service).is_none_or(|old| **old != cfg);
+                    if changed {
+                        self.built.insert(service, Arc::new(cfg));
+                    }
+                }
+                None => {
+                    self.built.remove(&service);
+                }
+            }
+        }
+        Snapshot { revision, services: self.built.clone() }
+    }
+
+    fn build(&self, service: &str) -> Option<pb::ServiceConfig> {
+        let routes: Vec<pb::Route> = self.routes.get(service).map(|r| r.values().cloned().collect()).unwrap_or_default();
+        let endpoints: Vec<pb::Endpoint> = self.endpoints.get(service).map(|e| e.values().cloned().collect()).unwrap_or_default();
+        let resilience = self.resilience.get(service).cloned();
+        let mut tenant_policies: Vec<pb::TenantPolicy> =
+            self.tenant_policies.get(service).map(|t| t.values().cloned().collect()).unwrap_or_default();
+        if let Some(global) = self.tenant_policies.get("*") {
+            // A service-specific policy wins over the `*` one for the same tenant.
+            for (tenant, p) in global {
+                if !tenant_policies.iter().any(|t| &t.tenant == tenant) {
+                    tenant_policies.push(p.clone());
+                }
+            }
+        }
+        if routes.is_empty() && endpoints.is_empty() && resilience.is_none() && tenant_policies.is_empty() {
+            return None;
+        }
+        Some(pb::ServiceConfig {
+            name: service.to_string(),
+            known: true,
+            routes,
+            endpoints,
+            resilience,
+            tenant_policies,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy;
+
+    fn route_json(service: &str, weight: u32) -> Vec<u8> {
+        let v = serde_json::json!({"kind":"Route","service":service,"rules":[{"backends":[{"subset":{},"weight":weight}]}]});
+        store::encode_resource(&policy::from_value(v).unwrap()).into_bytes()
+    }
+
+    #[test]
+    fn only_touched_services_are_rebuilt() {
+        let mut idx = Index::new("/weft");
+        idx.put("/weft/routes/a", &route_json("a", 1), 2);
+        idx.put("/weft/routes/b", &route_json("b", 1), 3);
+        let s1 = idx.snapshot(3);
+        idx.put("/weft/routes/b", &route_json("b", 2), 4);
+        let s2 = idx.snapshot(4);
+        assert!(Arc::ptr_eq(&s1.services["a"], &s2.services["a"]));
+        assert!(!Arc::ptr_eq(&s1.services["b"], &s2.services["b"]));
+    }
+
+    #[test]
+    fn bad_value_keeps_last_good() {
+        let mut idx = Index::new("/weft");
+        idx.put("/weft/routes/a", &route_json("a", 1), 2);
+        idx.put("/weft/routes/a", b"{not json", 3);
+        let s = idx.snapshot(3);
+        assert_eq!(s.services["a"].routes[0].revision, 2);
+    }
+
+    #[test]
+    fn endpoints_come_and_go() {
+        let mut idx = Index::new("/weft");
+        let rec = serde_json::json!({"schema":1,"proxy_id":"p1","service":"a","address":"127.0.0.1:1","labels":{},"ready":true});
+        idx.put("/weft/endpoints/a/p1", rec.to_string().as_bytes(), 2);
+        assert_eq!(idx.snapshot(2).services["a"].endpoints.len(), 1);
+        idx.delete("/weft/endpoints/a/p1");
+        assert!(!idx.snapshot(3).services.contains_key("a"));
+    }
+}

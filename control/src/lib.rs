@@ -1,0 +1,19 @@
+//! weft control plane: keeps routing and per-tenant policy in etcd and pushes
+//! it to sidecars over the `weft.v1` discovery stream.
+//!
+//! - [`policy`]: resource types, YAML parsing and validation (shared with weftctl)
+//! - [`store`]: the etcd adapter and key layout
+//! - [`index`] and [`watcher`]: etcd → immutable snapshots
+//! - [`discovery`]: one session per sidecar (registration, push, ACK/NACK)
+//! - [`admin`]: the gRPC API for weftctl
+//! - [`server`]: wiring for the `weft-control` binary
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod convert;
+pub mod discovery;
+pub mod index;
+pub mod policy;
+pub mod server;
+pub mod store;
+pub mod watcher;

@@ -1,0 +1,126 @@
+//! Wiring of `weft-control`: the etcd watcher, the discovery and admin gRPC
+//! services, and the HTTP admin endpoint (`/live`, `/ready`, `/metrics`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use xds_proto::v1::admin_server::AdminServer;
+use xds_proto::v1::discovery_server::DiscoveryServer;
+
+use crate::admin::AdminService;
+use crate::discovery::DiscoveryService;
+use crate::index::Snapshot;
+use crate::store::Store;
+use crate::watcher;
+
+pub struct Config {
+    pub store: Store,
+    /// Names this replica in `weftctl status`.
+    pub replica: String,
+    pub lease_ttl_secs: i64,
+    pub metrics: PrometheusHandle,
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    grpc: TcpListener,
+    admin: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let synced = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    tokio::spawn(watcher::run(config.store.clone(), tx, synced.clone(), stopped(stop_rx.clone())));
+    tokio::spawn(serve_admin(admin, config.store.clone(), synced, config.metrics.clone(), stopped(stop_rx.clone())));
+    let upkeep = config.metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+
+    let discovery = DiscoveryService::new(config.store.clone(), rx, config.replica.clone(), config.lease_ttl_secs);
+    let admin_api = AdminService::new(config.store.clone());
+    let grpc_stop = stopped(stop_rx);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+        .add_service(DiscoveryServer::new(discovery))
+        .add_service(AdminServer::new(admin_api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop)
+        .await?;
+    Ok(())
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    store: Store,
+    synced: Arc<AtomicBool>,
+    metrics: PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+            _ = &mut shutdown => return,
+        };
+        let (store, synced, metrics) = (store.clone(), synced.clone(), metrics.clone());
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let (store, synced, metrics) = (store.clone(), synced.clone(), metrics.clone());
+            async move { Ok::<_, Infallible>(admin_response(req, &store, &synced, &metrics).await) }
+        });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
+
+async fn admin_response(
+    req: Request<hyper::body::Incoming>,
+    store: &Store,
+    synced: &AtomicBool,
+    metrics: &PrometheusHandle,
+) -> Response<Full<Bytes>> {
+    let text = |code: StatusCode, body: String| {
+        Response::builder()
+            .status(code)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        "/ready" => {
+            let ping = tokio::time::timeout(std::time::Duration::from_secs(1), store.ping()).await;
+            match ping {
+                Ok(Ok(_)) if synced.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
+                Ok(Ok(_)) => text(StatusCode::SERVICE_UNAVAILABLE, "etcd reachable, watch not yet synced\n".into()),
+                Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+                Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: etcd did not answer within 1s\n".into()),
+            }
+        }
+        "/metrics" => text(StatusCode::OK, metrics.render()),
+        other => text(StatusCode::NOT_FOUND, format!("no such admin path {other} (try /live, /ready, /metrics)\n")),
+    }
+}

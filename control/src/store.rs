@@ -1,0 +1,311 @@
+//! The etcd adapter: every read and write of weft's state goes through here.
+//!
+//! Layout under the prefix (default `/weft`):
+//! `routes/<service>[/<tenant>]`, `resilience/<service>`,
+//! `tenants/<tenant>/<service|*>`, `endpoints/<service>/<proxy-id>` (leased),
+//! `proxies/<proxy-id>` (leased: what each sidecar last ACKed or NACKed, so
+//! any replica can answer `weftctl status`). Values are JSON with a `schema`
+//! field.
+
+use std::collections::BTreeMap;
+
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{self, Kind, Resource, ResourceId, SCHEMA_VERSION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcd at {endpoints}: {source} (hint: is etcd running and reachable?)")]
+    Etcd {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("{resource} was changed by someone else during this apply; apply again")]
+    Conflict { resource: String },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// An endpoint record: one registered instance of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub schema: u32,
+    pub proxy_id: String,
+    pub service: String,
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub ready: bool,
+}
+
+/// What one sidecar last said to the control plane.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ProxyRecord {
+    pub schema: u32,
+    pub proxy_id: String,
+    pub service: String,
+    pub address: String,
+    #[serde(default)]
+    pub acked_version: u64,
+    #[serde(default)]
+    pub nacked_version: u64,
+    #[serde(default)]
+    pub last_nack: String,
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
+    #[serde(default)]
+    pub control_replica: String,
+}
+
+/// A policy resource as stored: `{"schema":1,"resource":{...}}`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    schema: u32,
+    resource: serde_json::Value,
+}
+
+/// Decodes a stored policy value. Structural problems only; semantic checks
+/// are the sidecar's too, so a value written around weftctl is NACKed there.
+pub fn decode_resource(value: &[u8]) -> std::result::Result<Resource, String> {
+    let stored: Stored = serde_json::from_slice(value).map_err(|e| format!("not weft JSON: {e}"))?;
+    if stored.schema > SCHEMA_VERSION {
+        return Err(format!(
+            "schema {} is newer than this control plane understands ({SCHEMA_VERSION})",
+            stored.schema
+        ));
+    }
+    policy::from_value(stored.resource).map_err(|p| {
+        if p.field.is_empty() {
+            p.message
+        } else {
+            format!("{}: {}", p.field, p.message)
+        }
+    })
+}
+
+pub fn encode_resource(resource: &Resource) -> String {
+    serde_json::to_string(&Stored {
+        schema: SCHEMA_VERSION,
+        resource: policy::to_value(resource),
+    })
+    .expect("serializable")
+}
+
+/// What `apply` did to one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+impl Action {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Action::Created => "created",
+            Action::Configured => "configured",
+            Action::Unchanged => "unchanged",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+}
+
+impl Store {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Store> {
+        let joined = endpoints.join(",");
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(2))
+            .with_timeout(std::time::Duration::from_secs(5))
+            .with_keep_alive(std::time::Duration::from_secs(5), std::time::Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(opts))
+            .await
+            .map_err(|source| StoreError::Etcd { endpoints: joined.clone(), source })?;
+        Ok(Store {
+            client,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            endpoints: joined,
+        })
+    }
+
+    fn err(&self, source: etcd_client::Error) -> StoreError {
+        StoreError::Etcd { endpoints: self.endpoints.clone(), source }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}/{}", self.prefix, suffix)
+    }
+
+    /// Checks that etcd answers.
+    pub async fn ping(&self) -> Result<u64> {
+        let mut c = self.client.clone();
+        let r = c.status().await.map_err(|e| self.err(e))?;
+        Ok(r.header().map(|h| h.revision() as u64).unwrap_or(0))
+    }
+
+    /// Writes all resources in one transaction, or none. Resources that are
+    /// already stored as given are left alone (and reported unchanged).
+    pub async fn apply(&self, resources: &[Resource]) -> Result<(u64, Vec<(ResourceId, Action)>)> {
+        let mut c = self.client.clone();
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        let mut results = Vec::new();
+        for r in resources {
+            let id = r.id();
+            let key = self.key(&id.key_suffix());
+            let current = c.get(key.clone(), None).await.map_err(|e| self.err(e))?;
+            let existing = current.kvs().first();
+            let action = match existing {
+                None => Action::Created,
+                Some(kv) => match decode_resource(kv.value()) {
+                    Ok(old) if old == *r => Action::Unchanged,
+                    _ => Action::Configured,
+                },
+            };
+            let mod_rev = existing.map(|kv| kv.mod_revision()).unwrap_or(0);
+            compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, mod_rev));
+            if action != Action::Unchanged {
+                ops.push(TxnOp::put(key, encode_resource(r), None));
+            }
+            results.push((id, action));
+        }
+        let resp = c
+            .txn(Txn::new().when(compares).and_then(ops))
+            .await
+            .map_err(|e| self.err(e))?;
+        if !resp.succeeded() {
+            return Err(StoreError::Conflict {
+                resource: results.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(", "),
+            });
+        }
+        let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
+        Ok((rev, results))
+    }
+
+    /// Lists stored resources of a kind (all when `id` is None).
+    pub async fn get(&self, kind: Kind, id: Option<&ResourceId>) -> Result<(u64, Vec<(String, Vec<u8>, u64)>)> {
+        let mut c = self.client.clone();
+        let resp = match id {
+            Some(id) => c.get(self.key(&id.key_suffix()), None).await,
+            None => {
+                c.get(
+                    format!("{}/", self.key(kind.key_dir())),
+                    Some(GetOptions::new().with_prefix()),
+                )
+                .await
+            }
+        }
+        .map_err(|e| self.err(e))?;
+        let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
+        let items = resp
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key_str().unwrap_or("").to_string(), kv.value().to_vec(), kv.mod_revision() as u64))
+            .collect();
+        Ok((rev, items))
+    }
+
+    pub async fn delete(&self, id: &ResourceId) -> Result<(u64, bool)> {
+        let mut c = self.client.clone();
+        let resp = c
+            .delete(self.key(&id.key_suffix()), None::<DeleteOptions>)
+            .await
+            .map_err(|e| self.err(e))?;
+        let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
+        Ok((rev, resp.deleted() > 0))
+    }
+
+    /// Everything under the prefix at one revision, for a full (re)sync.
+    pub async fn load_all(&self) -> Result<(u64, Vec<KeyValue>)> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(format!("{}/", self.prefix), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
+        Ok((rev, resp.kvs().to_vec()))
+    }
+
+    pub async fn endpoints(&self, service: &str) -> Result<Vec<EndpointRecord>> {
+        self.list_json(&format!("endpoints/{service}/")).await
+    }
+
+    pub async fn proxies(&self) -> Result<Vec<ProxyRecord>> {
+        self.list_json("proxies/").await
+    }
+
+    async fn list_json<T: serde::de::DeserializeOwned>(&self, dir: &str) -> Result<Vec<T>> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(self.key(dir), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect())
+    }
+
+    pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64> {
+        let mut c = self.client.clone();
+        let r = c.lease_grant(ttl_secs, None).await.map_err(|e| self.err(e))?;
+        Ok(r.id())
+    }
+
+    pub async fn revoke_lease(&self, lease: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        c.lease_revoke(lease).await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Keeps a lease alive until the returned future is dropped or etcd says
+    /// the lease is gone. Returns when the lease can no longer be kept.
+    pub async fn keep_alive(&self, lease: i64, ttl_secs: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        let (mut keeper, mut responses) = c.lease_keep_alive(lease).await.map_err(|e| self.err(e))?;
+        let period = std::time::Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(200));
+        loop {
+            keeper.keep_alive().await.map_err(|e| self.err(e))?;
+            match responses.message().await.map_err(|e| self.err(e))? {
+                Some(r) if r.ttl() > 0 => {}
+                _ => return Ok(()),
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    /// Writes a proxy's endpoint record under its lease.
+    pub async fn put_endpoint(&self, rec: &EndpointRecord, lease: i64) -> Result<u64> {
+        let key = self.key(&format!("endpoints/{}/{}", rec.service, rec.proxy_id));
+        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
+    }
+
+    pub async fn put_proxy(&self, rec: &ProxyRecord, lease: i64) -> Result<u64> {
+        let key = self.key(&format!("proxies/{}", rec.proxy_id));
+        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
+    }
+
+    async fn put_leased(&self, key: String, value: String, lease: i64) -> Result<u64> {
+        let mut c = self.client.clone();
+        let r = c
+            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(r.header().map(|h| h.revision() as u64).unwrap_or(0))
+    }
+}

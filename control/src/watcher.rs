@@ -1,0 +1,156 @@
+//! Follows etcd: a full load, then a watch that resumes from the last
+//! revision seen after any disconnect. A compacted revision means events were
+//! lost, so the index is rebuilt from a fresh full load — never a crash.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+use tokio::sync::watch;
+
+use crate::index::{Index, Snapshot};
+use crate::store::Store;
+
+/// Why the index was rebuilt from a full load.
+fn count_resync(reason: &'static str) {
+    metrics::counter!("weft_control_resyncs_total", "reason" => reason).increment(1);
+}
+
+/// Runs until `shutdown` resolves. `synced` is true while the watch is live.
+pub async fn run(
+    store: Store,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    synced: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = follow(store, snapshots, synced) => {}
+        _ = &mut shutdown => {}
+    }
+}
+
+async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: Arc<AtomicBool>) {
+    let mut backoff = Backoff::new();
+    let mut index = Index::new(store.prefix());
+    // None: a full load is needed before watching.
+    let mut resume_from: Option<u64> = None;
+    let mut first = true;
+    loop {
+        let start = match resume_from {
+            Some(rev) => rev + 1,
+            None => match store.load_all().await {
+                Ok((rev, kvs)) => {
+                    index = Index::new(store.prefix());
+                    for kv in &kvs {
+                        if let Ok(key) = kv.key_str() {
+                            index.put(key, kv.value(), kv.mod_revision() as u64);
+                        }
+                    }
+                    snapshots.send_replace(Arc::new(index.snapshot(rev)));
+                    if !first {
+                        tracing::info!(revision = rev, "resynced from a full load");
+                    }
+                    first = false;
+                    resume_from = Some(rev);
+                    rev + 1
+                }
+                Err(e) => {
+                    synced.store(false, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "full load from etcd failed; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            },
+        };
+        let mut client = store.client();
+        let opts = WatchOptions::new().with_prefix().with_start_revision(start as i64).with_progress_notify();
+        let mut stream = match client.watch(format!("{}/", store.prefix()), Some(opts)).await {
+            Ok(s) => s,
+            Err(e) => {
+                synced.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, from = start, "cannot start the etcd watch; retrying");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.canceled() {
+                        if resp.compact_revision() > 0 {
+                            tracing::warn!(
+                                from = start,
+                                compacted = resp.compact_revision(),
+                                "watch start revision was compacted; doing a full resync"
+                            );
+                            count_resync("compacted");
+                            resume_from = None;
+                        } else {
+                            tracing::warn!(reason = resp.cancel_reason(), "etcd cancelled the watch; resuming");
+                        }
+                        break;
+                    }
+                    synced.store(true, Ordering::Relaxed);
+                    backoff.reset();
+                    let mut last = resume_from.unwrap_or(0);
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let Ok(key) = kv.key_str() else { continue };
+                        match ev.event_type() {
+                            EventType::Put => index.put(key, kv.value(), kv.mod_revision() as u64),
+                            EventType::Delete => index.delete(key),
+                        }
+                        last = last.max(kv.mod_revision() as u64);
+                    }
+                    if let Some(h) = resp.header() {
+                        // Progress notifications move the revision without events.
+                        if resp.events().is_empty() {
+                            last = last.max(h.revision() as u64);
+                        }
+                    }
+                    resume_from = Some(last);
+                    if index.is_dirty() {
+                        snapshots.send_replace(Arc::new(index.snapshot(last)));
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    synced.store(false, Ordering::Relaxed);
+                    tracing::warn!(resume_from = ?resume_from, "etcd watch broke; reconnecting");
+                    backoff.wait().await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter, 100 ms to 5 s.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new() -> Backoff {
+        Backoff { next: Duration::from_millis(100) }
+    }
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+    pub async fn wait(&mut self) {
+        let jitter = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            % 100) as u64;
+        tokio::time::sleep(self.next + Duration::from_millis(jitter)).await;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,39 @@
+//! `weft-example-service`: one instance of an example agent-platform service.
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use weft_examples::{Info, serve_grpc, serve_http};
+
+#[derive(Parser)]
+#[command(about = "An example service for the weft demo: HTTP (and h2c) or gRPC")]
+struct Args {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Service name reported in answers.
+    #[arg(long)]
+    service: String,
+    /// Version reported in answers.
+    #[arg(long, default_value = "v1")]
+    version: String,
+    /// Serve the gRPC inference API instead of plain HTTP.
+    #[arg(long)]
+    grpc: bool,
+    /// The local sidecar's outbound address, for /call/<service>/...
+    #[arg(long)]
+    outbound: Option<String>,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let listener = TcpListener::bind(&a.listen).await?;
+    println!("{} {} listening on {}", a.service, a.version, listener.local_addr()?);
+    let info = Info { service: a.service, version: a.version, outbound: a.outbound };
+    if a.grpc {
+        serve_grpc(listener, info).await?;
+    } else {
+        serve_http(listener, info).await;
+    }
+    Ok(())
+}

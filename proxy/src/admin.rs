@@ -1,0 +1,109 @@
+//! The sidecar's admin endpoint: `/live`, `/ready`, `/metrics`, `/config`,
+//! `POST /drain`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::state::Shared;
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, metrics: PrometheusHandle, drain: watch::Sender<bool>) {
+    let drain = Arc::new(drain);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (shared, metrics, drain) = (shared.clone(), metrics.clone(), drain.clone());
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let resp = respond(&req, &shared, &metrics, &drain);
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
+
+fn respond<B>(req: &Request<B>, shared: &Shared, metrics: &PrometheusHandle, drain: &watch::Sender<bool>) -> Response<Full<Bytes>> {
+    let reply = |code: StatusCode, ctype: &str, body: String| {
+        Response::builder()
+            .status(code)
+            .header("content-type", ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    let text = |code, body: &str| reply(code, "text/plain; charset=utf-8", format!("{body}\n"));
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live"),
+        (&Method::GET, "/ready") => {
+            let config = shared.config_received.load(Ordering::Relaxed);
+            let app = *shared.app_ready.borrow();
+            match (config, app, *drain.borrow()) {
+                (_, _, true) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+                (true, true, false) => text(StatusCode::OK, "ready"),
+                (false, _, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no config received from the control plane yet"),
+                (true, false, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: the local app does not accept connections"),
+            }
+        }
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
+        (&Method::GET, "/config") => reply(StatusCode::OK, "application/json", config_json(shared).to_string()),
+        (&Method::POST, "/drain") => {
+            drain.send_replace(true);
+            text(StatusCode::ACCEPTED, "draining: no new connections; in-flight requests finish; deregistering")
+        }
+        (_, "/drain") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /drain"),
+        (_, path) => text(StatusCode::NOT_FOUND, &format!("no such admin path {path} (try /live, /ready, /metrics, /config, POST /drain)")),
+    }
+}
+
+/// The current table as JSON: per service, its routes (with the revision of
+/// each) and endpoints.
+pub fn config_json(shared: &Shared) -> serde_json::Value {
+    let table = shared.table.load();
+    let mut services = serde_json::Map::new();
+    let mut names: Vec<&String> = table.services.keys().collect();
+    names.sort();
+    for name in names {
+        let s = &table.services[name];
+        let routes: Vec<_> = s
+            .source
+            .routes
+            .iter()
+            .map(|r| {
+                json!({
+                    "tenant": r.tenant,
+                    "revision": r.revision,
+                    "rules": r.rules.iter().map(|rule| {
+                        let m = rule.r#match.clone().unwrap_or_default();
+                        json!({
+                            "match": { "path_prefix": m.path_prefix, "method": m.method, "headers": m.headers },
+                            "backends": rule.backends.iter().map(|b| json!({"subset": b.subset, "weight": b.weight})).collect::<Vec<_>>(),
+                            "timeout_ms": rule.timeout_ms,
+                        })
+                    }).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let endpoints: Vec<_> = s
+            .endpoints
+            .iter()
+            .map(|e| json!({"proxy_id": e.proxy_id, "address": e.addr.to_string(), "labels": e.labels, "ready": e.ready}))
+            .collect();
+        services.insert(name.clone(), json!({"known": s.known, "routes": routes, "endpoints": endpoints}));
+    }
+    json!({
+        "proxy_id": shared.identity.id,
+        "service": shared.identity.service,
+        "version": table.version,
+        "control_connected": shared.control_connected.load(Ordering::Relaxed),
+        "last_nack": *shared.last_nack.lock().expect("lock"),
+        "services": services,
+    })
+}

@@ -1,0 +1,160 @@
+//! Wiring of `weft-proxy`: listeners, discovery client, probe, admin, drain.
+
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::body::BoxResponse;
+use crate::config::Table;
+use crate::inbound::Inbound;
+use crate::outbound::Outbound;
+use crate::state::{Identity, Shared};
+use crate::upstream::Upstream;
+use crate::{admin, discovery, probe};
+
+pub struct Options {
+    pub controls: Vec<String>,
+    pub identity: Identity,
+    pub app: SocketAddr,
+    pub metrics: PrometheusHandle,
+}
+
+pub struct Listeners {
+    pub inbound: TcpListener,
+    pub outbound: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// Runs the sidecar until `shutdown` resolves or `POST /drain` is called;
+/// then stops accepting, deregisters and lets in-flight requests finish.
+pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (subscribe_tx, subscribe_rx) = mpsc::unbounded_channel();
+    let (table_changed, _) = watch::channel(0);
+    let shared = Arc::new(Shared {
+        identity: opts.identity.clone(),
+        table: ArcSwap::from_pointee(Table::default()),
+        table_changed,
+        subscriptions: Mutex::new(HashSet::from([opts.identity.service.clone()])),
+        subscribe_tx,
+        app_ready: ready_rx,
+        config_received: AtomicBool::new(false),
+        control_connected: AtomicBool::new(false),
+        last_nack: Mutex::new(None),
+    });
+    let (drain_tx, mut drain_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let probe = tokio::spawn(probe::run(opts.app, ready_tx));
+    let discovery = tokio::spawn(discovery::run(shared.clone(), opts.controls.clone(), subscribe_rx, stop_rx.clone()));
+    let upkeep_handle = opts.metrics.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep_handle.run_upkeep();
+        }
+    });
+    let admin = tokio::spawn(admin::serve(listeners.admin, shared.clone(), opts.metrics.clone(), drain_tx));
+
+    let outbound = Arc::new(Outbound { shared: shared.clone(), upstream: Upstream::new() });
+    let inbound = Arc::new(Inbound { shared: shared.clone(), app: opts.app, upstream: Upstream::new() });
+    let out_task = tokio::spawn(serve(listeners.outbound, stop_rx.clone(), move |req| {
+        let o = outbound.clone();
+        async move { o.handle(req).await }
+    }));
+    let in_task = tokio::spawn(serve(listeners.inbound, stop_rx.clone(), move |req| {
+        let i = inbound.clone();
+        async move { i.handle(req).await }
+    }));
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        _ = crate::state::stopped(&mut drain_rx) => tracing::info!("draining"),
+    }
+    let _ = stop_tx.send(true);
+    // Deregister first so callers stop picking this instance, then let
+    // in-flight requests finish.
+    let _ = tokio::time::timeout(Duration::from_secs(3), discovery).await;
+    let (out_graceful, in_graceful) = (out_task.await, in_task.await);
+    let finish = async {
+        if let Ok(g) = out_graceful {
+            g.shutdown().await;
+        }
+        if let Ok(g) = in_graceful {
+            g.shutdown().await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), finish).await.is_err() {
+        tracing::warn!("in-flight requests still open after 30s; exiting anyway");
+    }
+    probe.abort();
+    upkeep.abort();
+    admin.abort();
+    tracing::info!("stopped");
+}
+
+/// Accepts HTTP/1.1 and h2c connections until `stop`; returns the handle
+/// that waits for the accepted connections to finish.
+async fn serve<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F) -> GracefulShutdown
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = BoxResponse> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(1024);
+    let builder = Arc::new(builder);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = crate::state::stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let h = handler.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let fut = h(req);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let watched = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    graceful
+}
+
+/// Parses `k=v,k2=v2`.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("label '{part}' is not key=value"))?;
+        if k.is_empty() || v.is_empty() {
+            return Err(format!("label '{part}' has an empty key or value"));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}

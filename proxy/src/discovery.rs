@@ -1,0 +1,155 @@
+//! The discovery client: one stream to a control plane replica at a time.
+//!
+//! It says Hello, subscribes to its own service and to every service the app
+//! has called, applies each update into a new [`Table`] and ACKs or NACKs it.
+//! When the stream breaks, the last table stays in force (static stability)
+//! and the client reconnects with backoff, trying each `--control` URL in turn.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use xds_proto::v1 as pb;
+use xds_proto::v1::discovery_client::DiscoveryClient;
+
+use crate::config::{Table, build_service};
+use crate::state::Shared;
+
+/// Applies one update to the current table. Returns the new table and the
+/// problems (one per rejected resource).
+pub fn apply_update(current: &Table, update: &pb::Update) -> (Table, Vec<pb::ResourceError>) {
+    let mut services = current.services.clone();
+    let mut errors = Vec::new();
+    for cfg in &update.services {
+        let previous = current.services.get(&cfg.name).map(|s| s.as_ref());
+        let (service, problems) = build_service(cfg, previous);
+        errors.extend(problems.into_iter().map(|p| pb::ResourceError { resource: p.resource, message: p.message }));
+        services.insert(cfg.name.clone(), Arc::new(service));
+    }
+    (Table { version: update.version, services }, errors)
+}
+
+/// Runs until `stop` turns true; then deregisters if connected.
+pub async fn run(shared: Arc<Shared>, controls: Vec<String>, mut subscribe_rx: mpsc::UnboundedReceiver<String>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 0usize;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let url = &controls[attempt % controls.len()];
+        attempt += 1;
+        match session(&shared, url, &mut subscribe_rx, &mut stop).await {
+            Ok(Ended::Stopped) => return,
+            Ok(Ended::Lost) => {
+                backoff = Duration::from_millis(100);
+                tracing::warn!(control = %url, "discovery stream ended; keeping the last config and reconnecting");
+            }
+            Err(e) => tracing::warn!(control = %url, error = %e, "discovery stream failed; keeping the last config"),
+        }
+        shared.control_connected.store(false, Ordering::Relaxed);
+        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = crate::state::stopped(&mut stop) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+enum Ended {
+    Stopped,
+    Lost,
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    url: &str,
+    subscribe_rx: &mut mpsc::UnboundedReceiver<String>,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Ended> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect().await?;
+    let mut client = DiscoveryClient::new(channel);
+    let (tx, rx) = mpsc::channel::<pb::ProxyMessage>(64);
+    let send = |msg: pb::proxy_message::Msg| pb::ProxyMessage { msg: Some(msg) };
+    let mut ready_rx = shared.app_ready.clone();
+    let ready = *ready_rx.borrow_and_update();
+    tx.send(send(pb::proxy_message::Msg::Hello(pb::Hello {
+        proxy_id: shared.identity.id.clone(),
+        service: shared.identity.service.clone(),
+        labels: shared.identity.labels.clone().into_iter().collect(),
+        address: shared.identity.advertise.to_string(),
+        ready,
+    })))
+    .await?;
+    let subs: Vec<String> = shared.subscriptions.lock().expect("lock").iter().cloned().collect();
+    if !subs.is_empty() {
+        tx.send(send(pb::proxy_message::Msg::Subscribe(pb::Subscribe { services: subs }))).await?;
+    }
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    shared.control_connected.store(true, Ordering::Relaxed);
+    tracing::info!(control = %url, "discovery stream open");
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg? {
+                None => return Ok(Ended::Lost),
+                Some(pb::ControlMessage { msg: Some(pb::control_message::Msg::Update(update)) }) => {
+                    let reply = apply(shared, &update);
+                    tx.send(send(reply)).await?;
+                }
+                Some(_) => {}
+            },
+            Some(service) = subscribe_rx.recv() => {
+                let mut batch = HashSet::new();
+                batch.insert(service);
+                while let Ok(s) = subscribe_rx.try_recv() {
+                    batch.insert(s);
+                }
+                tx.send(send(pb::proxy_message::Msg::Subscribe(pb::Subscribe { services: batch.into_iter().collect() }))).await?;
+            }
+            changed = ready_rx.changed() => {
+                if changed.is_ok() {
+                    let ready = *ready_rx.borrow_and_update();
+                    tx.send(send(pb::proxy_message::Msg::Readiness(pb::Readiness { ready }))).await?;
+                }
+            }
+            _ = crate::state::stopped(stop) => {
+                let _ = tx.send(send(pb::proxy_message::Msg::Deregister(pb::Deregister {}))).await;
+                // Give the control plane a moment to act on it before the stream closes.
+                let _ = tokio::time::timeout(Duration::from_secs(2), inbound.message()).await;
+                return Ok(Ended::Stopped);
+            }
+        }
+    }
+}
+
+fn apply(shared: &Shared, update: &pb::Update) -> pb::proxy_message::Msg {
+    let current = shared.table.load();
+    let (table, errors) = apply_update(&current, update);
+    shared.table.store(Arc::new(table));
+    shared.config_received.store(true, Ordering::Relaxed);
+    metrics::gauge!("weft_config_version").set(update.version as f64);
+    shared.table_changed.send_replace(update.version);
+    if errors.is_empty() {
+        tracing::debug!(version = update.version, services = update.services.len(), "applied update");
+        pb::proxy_message::Msg::Ack(pb::Ack { version: update.version })
+    } else {
+        for e in &errors {
+            tracing::warn!(version = update.version, resource = %e.resource, reason = %e.message, "rejected resource; keeping its last good version");
+        }
+        *shared.last_nack.lock().expect("lock") = Some(format!(
+            "version {}: {}",
+            update.version,
+            errors.iter().map(|e| format!("{}: {}", e.resource, e.message)).collect::<Vec<_>>().join("; ")
+        ));
+        pb::proxy_message::Msg::Nack(pb::Nack { version: update.version, errors })
+    }
+}

@@ -1,0 +1,108 @@
+//! Errors the sidecar itself answers with, and the one place that maps them
+//! to HTTP and gRPC responses: `x-weft-error: <reason>`, a short body, and
+//! for gRPC callers a trailers-only response with a real `grpc-status`.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::{BoxResponse, full};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("unknown service '{0}': no route and no endpoint is registered for it")]
+    UnknownService(String),
+    #[error("service '{0}' has no ready endpoints")]
+    NoEndpoints(String),
+    #[error("no discovery answer for service '{0}' yet (is the control plane reachable?)")]
+    NoDiscovery(String),
+    #[error("request has no authority: send a Host header or an absolute URI")]
+    NoAuthority,
+    #[error("'{0}' is not a valid service name")]
+    BadAuthority(String),
+    #[error("upstream {addr} timed out after {ms} ms")]
+    Timeout { addr: String, ms: u64 },
+    #[error("cannot reach upstream {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("upstream {addr} failed: {reason}")]
+    Upstream { addr: String, reason: String },
+    #[error("subscription limit reached; cannot route to '{0}'")]
+    TooManyServices(String),
+    #[error("sidecar is draining")]
+    Draining,
+}
+
+impl ProxyError {
+    /// The `x-weft-error` reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownService(_) => "unknown-service",
+            ProxyError::NoEndpoints(_) => "no-endpoints",
+            ProxyError::NoDiscovery(_) => "no-discovery",
+            ProxyError::NoAuthority | ProxyError::BadAuthority(_) => "bad-request",
+            ProxyError::Timeout { .. } => "timeout",
+            ProxyError::Connect { .. } => "connect-failure",
+            ProxyError::Upstream { .. } => "upstream-failure",
+            ProxyError::TooManyServices(_) => "too-many-services",
+            ProxyError::Draining => "draining",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoAuthority | ProxyError::BadAuthority(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The gRPC status code for gRPC callers.
+    pub fn grpc_status(&self) -> u16 {
+        match self {
+            ProxyError::NoAuthority | ProxyError::BadAuthority(_) => 3, // INVALID_ARGUMENT
+            ProxyError::Timeout { .. } => 4,                             // DEADLINE_EXCEEDED
+            ProxyError::UnknownService(_) => 5,                          // NOT_FOUND... but retryable? no
+            _ => 14,                                                     // UNAVAILABLE
+        }
+    }
+
+    pub fn into_response(self, grpc: bool) -> BoxResponse {
+        let message = self.to_string();
+        let mut resp = if grpc {
+            let mut r = Response::new(full(Bytes::new()));
+            let h = r.headers_mut();
+            h.insert("content-type", HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from(self.grpc_status()));
+            if let Ok(v) = HeaderValue::from_str(&percent_encode(&message)) {
+                h.insert("grpc-message", v);
+            }
+            r
+        } else {
+            let mut r = Response::new(full(Bytes::from(format!("weft: {message}\n"))));
+            *r.status_mut() = self.status();
+            r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+            r
+        };
+        resp.headers_mut().insert("x-weft-error", HeaderValue::from_static(self.reason()));
+        resp
+    }
+}
+
+/// gRPC's percent-encoding of grpc-message.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}

@@ -1,0 +1,115 @@
+//! `weft-proxy`: the sidecar.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use weft_proxy::app::{self, Listeners, Options, parse_labels};
+use weft_proxy::state::Identity;
+
+#[derive(Parser, Debug)]
+#[command(name = "weft-proxy", version, about = "weft sidecar proxy")]
+struct Args {
+    /// Control plane URL(s), comma-separated; tried in turn.
+    #[arg(long, env = "WEFT_CONTROL", default_value = "http://127.0.0.1:7070", value_delimiter = ',')]
+    control: Vec<String>,
+    /// The name of the local service.
+    #[arg(long, env = "WEFT_SERVICE")]
+    service: String,
+    /// Instance labels, k=v,... (e.g. region=cn-east,version=v2).
+    #[arg(long, env = "WEFT_LABELS", default_value = "")]
+    labels: String,
+    /// The local app's address.
+    #[arg(long, env = "WEFT_APP")]
+    app: String,
+    #[arg(long, env = "WEFT_INBOUND", default_value = "0.0.0.0:4143")]
+    inbound: String,
+    #[arg(long, env = "WEFT_OUTBOUND", default_value = "127.0.0.1:4140")]
+    outbound: String,
+    #[arg(long, env = "WEFT_ADMIN", default_value = "127.0.0.1:4191")]
+    admin: String,
+    /// The address peers dial (default: the inbound address, or the host's
+    /// primary address when inbound is unspecified).
+    #[arg(long, env = "WEFT_ADVERTISE")]
+    advertise: Option<SocketAddr>,
+    /// Proxy id (default: hostname-pid).
+    #[arg(long, env = "WEFT_ID")]
+    id: Option<String>,
+    /// Runtime worker threads.
+    #[arg(long, env = "WEFT_WORKERS", default_value_t = 1)]
+    workers: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = if args.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.workers).enable_all().build()?
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let labels = parse_labels(&args.labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))?;
+    weft_control_name_check(&args.service)?;
+    let app = args
+        .app
+        .to_socket_addrs()
+        .with_context(|| format!("--app {}: not host:port", args.app))?
+        .next()
+        .with_context(|| format!("--app {}: resolves to no address", args.app))?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    let inbound = TcpListener::bind(&args.inbound).await.with_context(|| format!("binding --inbound {}", args.inbound))?;
+    let outbound = TcpListener::bind(&args.outbound).await.with_context(|| format!("binding --outbound {}", args.outbound))?;
+    let admin = TcpListener::bind(&args.admin).await.with_context(|| format!("binding --admin {}", args.admin))?;
+    let in_addr = inbound.local_addr()?;
+    let advertise = args.advertise.unwrap_or_else(|| {
+        if in_addr.ip().is_unspecified() { SocketAddr::new(primary_ip(), in_addr.port()) } else { in_addr }
+    });
+    let id = args.id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "weft".into());
+        format!("{host}-{}", std::process::id())
+    });
+    println!(
+        "weft-proxy listening inbound={} outbound={} admin={} advertise={advertise} id={id}",
+        in_addr,
+        outbound.local_addr()?,
+        admin.local_addr()?
+    );
+    let identity = Identity { id, service: args.service, labels, advertise };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    app::run(Options { controls: args.control, identity, app, metrics }, Listeners { inbound, outbound, admin }, shutdown).await;
+    Ok(())
+}
+
+fn weft_control_name_check(service: &str) -> anyhow::Result<()> {
+    let ok = !service.is_empty()
+        && service.len() <= 63
+        && service.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
+    anyhow::ensure!(ok, "--service '{service}': use lowercase letters, digits, '-', '_' or '.' (at most 63)");
+    Ok(())
+}
+
+/// The address of the interface that holds the default route; found with a
+/// UDP `connect`, which sends nothing. Loopback when there is none.
+fn primary_ip() -> IpAddr {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect("192.0.2.1:9")?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
