@@ -119,8 +119,10 @@ impl Session {
         self.register().await;
         // The sidecar's own service is always subscribed; push it at once.
         let mut force: Vec<String> = vec![self.hello.service.clone()];
+        let mut changed = true;
         loop {
-            if !force.is_empty() || snapshots.has_changed().unwrap_or(false) {
+            if !force.is_empty() || changed {
+                changed = false;
                 let snap = snapshots.borrow_and_update().clone();
                 if self.push(&snap, std::mem::take(&mut force)).await.is_err() {
                     break;
@@ -136,7 +138,10 @@ impl Session {
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
                 },
-                changed = snapshots.changed() => if changed.is_err() { break },
+                r = snapshots.changed() => match r {
+                    Ok(()) => changed = true,
+                    Err(_) => break,
+                },
                 _ = retry_register.tick(), if self.lease.is_none() && !self.deregistered => self.register().await,
                 _ = wait_finished(&mut self.keepalive), if self.keepalive.is_some() => {
                     tracing::warn!(proxy = %self.hello.proxy_id, "lease keep-alive stopped; registering again");

@@ -32,10 +32,12 @@ impl Upstream {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         connector.set_keepalive(Some(Duration::from_secs(30)));
         let h1 = Client::builder(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
             .http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .pool_idle_timeout(Duration::from_secs(60))

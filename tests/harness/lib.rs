@@ -1,1 +1,532 @@
+//! Test harness: a real `etcd` on a free loopback port with a temp data dir,
+//! the real `weft-control` and `weft-proxy` binaries, in-process example
+//! backends on `127.0.0.1:0`, and helpers that wait on conditions with a
+//! deadline instead of sleeping.
+//!
+//! Binaries are taken from the target directory this test was built into;
+//! `make test` builds them first.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub use weft_examples::{Info, pb as example_pb};
+
+/// The directory holding the workspace binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test-binary>
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first (make test does)", p.display());
+    p
+}
+
+/// A port that was free a moment ago (for etcd, which needs it up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `check` until it returns true, or panics with `what` at the deadline.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Where a child's stderr goes; printed when a test fails.
+struct LogFile {
+    path: PathBuf,
+    name: String,
+}
+
+impl Drop for LogFile {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("---- last lines of {} ----", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> (std::fs::File, LogFile) {
+    let path = dir.join(format!("{name}.log"));
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("log file");
+    (f, LogFile { path, name: name.to_string() })
+}
+
+/// Spawns a binary and waits for its "listening" line on stdout.
+async fn spawn_listening(mut cmd: Command, what: &str, log: std::fs::File) -> (Child, String) {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null()).kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not report its addresses within 20s"))
+        .expect("read stdout")
+        .unwrap_or_else(|| panic!("{what} exited before listening"));
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, line)
+}
+
+fn field(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in '{line}'"))
+        .to_string()
+}
+
+/// A real etcd with its own data dir.
+pub struct Etcd {
+    child: Option<Child>,
+    pub port: u16,
+    peer_port: u16,
+    _log: LogFile,
+    pub dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, log) = log_file(dir.path(), "etcd");
+        let mut etcd = Etcd { child: None, port: free_port(), peer_port: free_port(), dir, _log: log };
+        etcd.spawn().await;
+        etcd
+    }
+
+    async fn spawn(&mut self) {
+        let (file, _) = log_file(self.dir.path(), "etcd");
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .arg("--name")
+            .arg("weft-test")
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("weft-test={peer}"))
+            .arg("--log-level")
+            .arg("warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning etcd (is the etcd-server package installed? make test installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        eventually("etcd answers", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                match etcd_client::Client::connect([url], None).await {
+                    Ok(mut c) => c.status().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.url()], None).await.expect("etcd client")
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Starts etcd again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+}
+
+/// A `weft-control` replica.
+pub struct Control {
+    child: Option<Child>,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    etcd_url: String,
+    lease_ttl: u32,
+    name: String,
+    _log: LogFile,
+    dir: tempfile::TempDir,
+}
+
+impl Control {
+    pub async fn start(etcd: &Etcd, lease_ttl: u32) -> Control {
+        Self::start_at(&etcd.url(), "127.0.0.1:0", "127.0.0.1:0", lease_ttl, "control").await
+    }
+
+    async fn start_at(etcd_url: &str, grpc: &str, admin: &str, lease_ttl: u32, name: &str) -> Control {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, log) = log_file(dir.path(), name);
+        let mut cmd = Command::new(bin("weft-control"));
+        cmd.args(["--etcd", etcd_url, "--listen", grpc, "--admin", admin, "--lease-ttl", &lease_ttl.to_string(), "--replica", name]);
+        cmd.env("WEFT_LOG", "info,weft_control=debug");
+        let (child, line) = spawn_listening(cmd, "weft-control", file).await;
+        let c = Control {
+            child: Some(child),
+            grpc: field(&line, "grpc").parse().unwrap(),
+            admin: field(&line, "admin").parse().unwrap(),
+            etcd_url: etcd_url.to_string(),
+            lease_ttl,
+            dir,
+            name: name.to_string(),
+            _log: log,
+        };
+        c.wait_ready().await;
+        c
+    }
+
+    pub async fn start_named(etcd: &Etcd, lease_ttl: u32, name: &str) -> Control {
+        Self::start_at(&etcd.url(), "127.0.0.1:0", "127.0.0.1:0", lease_ttl, name).await
+    }
+
+    pub async fn wait_ready(&self) {
+        let admin = self.admin;
+        eventually("weft-control /ready", Duration::from_secs(20), || async move {
+            matches!(get(admin, "localhost", "/ready").await, Ok((200, _, _)))
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("running")
+    }
+
+    /// Starts a new process on the same addresses.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let next = Self::start_at(&self.etcd_url, &self.grpc.to_string(), &self.admin.to_string(), self.lease_ttl, &self.name).await;
+        let old = std::mem::replace(self, next);
+        // Keep the old temp dir alive no longer than needed.
+        drop(old.dir);
+    }
+
+    pub async fn metrics(&self) -> String {
+        get(self.admin, "localhost", "/metrics").await.map(|r| r.2).unwrap_or_default()
+    }
+}
+
+/// A `weft-proxy` sidecar.
+pub struct Sidecar {
+    child: Option<Child>,
+    pub id: String,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    _log: LogFile,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Starts a sidecar for `service` in front of `app`, and waits until it
+    /// has its config.
+    pub async fn start(controls: &[String], service: &str, labels: &str, app: SocketAddr, id: &str) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, log) = log_file(dir.path(), &format!("sidecar-{id}"));
+        let mut cmd = Command::new(bin("weft-proxy"));
+        cmd.args([
+            "--control",
+            &controls.join(","),
+            "--service",
+            service,
+            "--labels",
+            labels,
+            "--app",
+            &app.to_string(),
+            "--inbound",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--id",
+            id,
+        ]);
+        cmd.env("WEFT_LOG", "info,weft_proxy=debug");
+        let (child, line) = spawn_listening(cmd, "weft-proxy", file).await;
+        let s = Sidecar {
+            child: Some(child),
+            id: id.to_string(),
+            inbound: field(&line, "inbound").parse().unwrap(),
+            outbound: field(&line, "outbound").parse().unwrap(),
+            admin: field(&line, "admin").parse().unwrap(),
+            _dir: dir,
+            _log: log,
+        };
+        let admin = s.admin;
+        eventually(&format!("sidecar {id} /ready"), Duration::from_secs(20), || async move {
+            matches!(get(admin, "localhost", "/ready").await, Ok((200, _, _)))
+        })
+        .await;
+        s
+    }
+
+    pub async fn config(&self) -> serde_json::Value {
+        let body = get(self.admin, "localhost", "/config").await.expect("GET /config").2;
+        serde_json::from_str(&body).expect("config JSON")
+    }
+
+    pub async fn metrics(&self) -> String {
+        get(self.admin, "localhost", "/metrics").await.map(|r| r.2).unwrap_or_default()
+    }
+
+    /// Addresses of `service`'s endpoints in this sidecar's table.
+    pub async fn endpoint_addrs(&self, service: &str) -> Vec<String> {
+        let cfg = self.config().await;
+        cfg["services"][service]["endpoints"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["address"].as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The revision of `service`'s route for `tenant` ("" = default) in force.
+    pub async fn route_revision(&self, service: &str, tenant: &str) -> Option<u64> {
+        let cfg = self.config().await;
+        cfg["services"][service]["routes"]
+            .as_array()?
+            .iter()
+            .find(|r| r["tenant"].as_str() == Some(tenant))
+            .and_then(|r| r["revision"].as_u64())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("running")
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Waits for the process to exit by itself (after a drain).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        match self.child.as_mut() {
+            Some(c) => tokio::time::timeout(timeout, c.wait()).await.is_ok(),
+            None => true,
+        }
+    }
+}
+
+/// An in-process example HTTP backend on a free port.
+pub struct Backend {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn http(service: &str, version: &str) -> Backend {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let info = Info { service: service.into(), version: version.into(), outbound: None };
+        Backend { addr, task: tokio::spawn(weft_examples::serve_http(l, info)) }
+    }
+
+    pub async fn grpc(service: &str, version: &str) -> Backend {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let info = Info { service: service.into(), version: version.into(), outbound: None };
+        Backend {
+            addr,
+            task: tokio::spawn(async move {
+                let _ = weft_examples::serve_grpc(l, info).await;
+            }),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The result of running weftctl.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `weftctl --control URL ARGS...`, feeding `stdin` if given.
+pub async fn weftctl(control: &str, args: &[&str], stdin: Option<&str>) -> CtlOutput {
+    let mut cmd = Command::new(bin("weftctl"));
+    cmd.arg("--control").arg(control).args(args);
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn weftctl");
+    if let Some(text) = stdin {
+        use tokio::io::AsyncWriteExt;
+        let mut si = child.stdin.take().unwrap();
+        si.write_all(text.as_bytes()).await.unwrap();
+        drop(si);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.expect("weftctl finished").unwrap();
+    CtlOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+/// `weftctl apply -f - --wait`, asserting success.
+pub async fn apply(control: &str, yaml: &str) -> CtlOutput {
+    let out = weftctl(control, &["apply", "-f", "-", "--wait", "--timeout", "20s"], Some(yaml)).await;
+    assert_eq!(out.code, 0, "apply failed: {out:?}");
+    out
+}
+
+pub type Response = (u16, http::HeaderMap, String);
+
+/// One HTTP/1.1 GET to `addr` with the given Host.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Response, String> {
+    request(addr, host, path, &[]).await
+}
+
+/// One HTTP/1.1 GET with extra headers (a new client each time: fine for tests).
+pub async fn request(addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> Result<Response, String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    send(&client, addr, host, path, headers).await
+}
+
+/// Sends with a shared (pooled) client.
+pub async fn send(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Response, String> {
+    let mut b = http::Request::builder().uri(format!("http://{addr}{path}")).header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::new())).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(15), client.request(req))
+        .await
+        .map_err(|_| "request timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into()))
+}
+
+pub fn pooled_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>()
+}
+
+/// Which instance answered, from the example backend's `x-served-by`.
+pub fn served_by(r: &Response) -> String {
+    r.1.get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
+}
+
+/// Sends a signal to a process (SIGSTOP/SIGCONT freeze and thaw it).
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// A mesh for most tests: etcd, one control plane, and `inference` v1 and v2
+/// behind sidecars, plus a `caller` sidecar whose outbound the test uses.
+pub struct Mesh {
+    pub etcd: Etcd,
+    pub control: Control,
+    pub v1: Backend,
+    pub v2: Backend,
+    pub inf_v1: Sidecar,
+    pub inf_v2: Sidecar,
+    pub caller_app: Backend,
+    pub caller: Sidecar,
+}
+
+impl Mesh {
+    pub async fn start(lease_ttl: u32) -> Mesh {
+        let etcd = Etcd::start().await;
+        let control = Control::start(&etcd, lease_ttl).await;
+        let urls = [control.url()];
+        let v1 = Backend::http("inference", "v1").await;
+        let v2 = Backend::http("inference", "v2").await;
+        let caller_app = Backend::http("caller", "v1").await;
+        let (inf_v1, inf_v2, caller) = tokio::join!(
+            Sidecar::start(&urls, "inference", "version=v1,region=east", v1.addr, "inference-v1"),
+            Sidecar::start(&urls, "inference", "version=v2,region=east", v2.addr, "inference-v2"),
+            Sidecar::start(&urls, "caller", "region=east", caller_app.addr, "caller-1"),
+        );
+        let mesh = Mesh { etcd, control, v1, v2, inf_v1, inf_v2, caller_app, caller };
+        mesh.wait_endpoints("inference", 2).await;
+        mesh
+    }
+
+    /// Waits until the caller's sidecar sees `n` endpoints of `service`
+    /// (subscribing it first with one request).
+    pub async fn wait_endpoints(&self, service: &str, n: usize) {
+        let _ = get(self.caller.outbound, service, "/").await;
+        let caller = &self.caller;
+        eventually(&format!("caller sees {n} endpoints of {service}"), Duration::from_secs(20), || async move {
+            caller.endpoint_addrs(service).await.len() == n
+        })
+        .await;
+    }
+
+    pub fn control_url(&self) -> String {
+        self.control.url()
+    }
+}
