@@ -1,0 +1,286 @@
+//! The config path: weftctl → etcd → control plane → sidecars, and what
+//! happens when parts of it fail.
+
+use std::time::{Duration, Instant};
+
+use harness::{Control, Etcd, Mesh, Sidecar, apply, eventually, get, pooled_client, send, served_by, signal, weftctl};
+
+const ALL_V1: &str = "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v1 }, weight: 1 } ]\n";
+const ALL_V2: &str = "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v2 }, weight: 1 } ]\n";
+
+/// The revision printed by `weftctl apply`.
+fn applied_rev(out: &harness::CtlOutput) -> u64 {
+    let line = out.stdout.lines().next().unwrap_or_default();
+    line.rsplit("(rev ").next().and_then(|s| s.trim_end_matches(')').parse().ok()).unwrap_or_else(|| panic!("no revision in {out:?}"))
+}
+
+async fn all_served_by(mesh: &Mesh, n: usize, want: &str) {
+    let client = pooled_client();
+    for _ in 0..n {
+        let r = send(&client, mesh.caller.outbound, "inference", "/", &[]).await.unwrap();
+        assert_eq!(served_by(&r), want, "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_change_reaches_every_subscribed_proxy_and_in_flight_requests_complete() {
+    let mesh = Mesh::start(5).await;
+    apply(&mesh.control_url(), ALL_V1).await;
+    all_served_by(&mesh, 10, "inference/v1").await;
+
+    // Slow requests in flight on v1 while the route moves to v2.
+    let outbound = mesh.caller.outbound;
+    let in_flight: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(async move { get(outbound, "inference", "/?sleep_ms=1500").await }))
+        .collect();
+    let out = apply(&mesh.control_url(), ALL_V2).await;
+    let rev = applied_rev(&out);
+    assert!(out.stdout.contains("3 sidecar(s) ACKed"), "{out:?}");
+    for s in [&mesh.caller, &mesh.inf_v1, &mesh.inf_v2] {
+        assert_eq!(s.route_revision("inference", "").await, Some(rev), "sidecar {}", s.id);
+    }
+    all_served_by(&mesh, 10, "inference/v2").await;
+    for t in in_flight {
+        let r = t.await.unwrap().expect("in-flight request survived the config change");
+        assert_eq!(r.0, 200);
+        assert_eq!(served_by(&r), "inference/v1");
+    }
+
+    // A sidecar that never called inference did not receive it.
+    let other_app = harness::Backend::http("billing", "v1").await;
+    let billing = Sidecar::start(&[mesh.control_url()], "billing", "", other_app.addr, "billing-1").await;
+    let cfg = billing.config().await;
+    assert!(cfg["services"].get("inference").is_none(), "billing got inference's config: {cfg}");
+    assert!(cfg["services"].get("billing").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sidecar_leaves_endpoints_and_pools_within_lease_ttl() {
+    let ttl = 2;
+    let mut mesh = Mesh::start(ttl).await;
+    let url = mesh.control_url();
+    let listed = weftctl(&url, &["endpoints", "inference"], None).await;
+    assert!(listed.stdout.contains("inference-v2") && listed.stdout.contains("inference-v1"), "{listed:?}");
+
+    let killed_at = Instant::now();
+    mesh.inf_v2.kill().await;
+    eventually("weftctl endpoints drops the killed sidecar", Duration::from_secs(ttl as u64 + 3), || {
+        let url = url.clone();
+        async move {
+            let out = weftctl(&url, &["endpoints", "inference"], None).await;
+            out.code == 0 && !out.stdout.contains("inference-v2") && out.stdout.contains("inference-v1")
+        }
+    })
+    .await;
+    let caller = &mesh.caller;
+    eventually("the caller's pool drops it", Duration::from_secs(ttl as u64 + 3), || async move {
+        caller.endpoint_addrs("inference").await.len() == 1
+    })
+    .await;
+    println!("endpoint gone from callers {:?} after SIGKILL", killed_at.elapsed());
+    all_served_by(&mesh, 20, "inference/v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_control_plane_down_traffic_flows_and_proxies_resync_after_restart() {
+    let mut mesh = Mesh::start(10).await;
+    apply(&mesh.control_url(), ALL_V1).await;
+    mesh.control.kill().await;
+    let caller = &mesh.caller;
+    eventually("caller notices the control plane is gone", Duration::from_secs(20), || async move {
+        caller.config().await["control_connected"] == false
+    })
+    .await;
+    all_served_by(&mesh, 20, "inference/v1").await;
+    let ready = get(mesh.caller.admin, "localhost", "/ready").await.unwrap();
+    assert_eq!(ready.0, 200, "a sidecar with a last good config stays ready: {ready:?}");
+
+    // A change made while the control plane is down (straight into etcd).
+    let mut etcd = mesh.etcd.client().await;
+    let value = r#"{"schema":1,"resource":{"kind":"Route","service":"inference","rules":[{"backends":[{"subset":{"version":"v2"},"weight":1}]}]}}"#;
+    let put = etcd.put("/weft/routes/inference", value, None).await.unwrap();
+    let rev = put.header().unwrap().revision() as u64;
+
+    mesh.control.restart().await;
+    for s in [&mesh.caller, &mesh.inf_v1, &mesh.inf_v2] {
+        eventually(&format!("{} resyncs to rev {rev}", s.id), Duration::from_secs(20), || async move {
+            s.route_revision("inference", "").await == Some(rev)
+        })
+        .await;
+    }
+    all_served_by(&mesh, 10, "inference/v2").await;
+    // Sidecars registered again with the new process.
+    let out = weftctl(&mesh.control_url(), &["endpoints", "inference"], None).await;
+    assert_eq!(out.stdout.lines().count(), 3, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_serve_one_mesh_and_sidecars_fail_over() {
+    let etcd = Etcd::start().await;
+    let mut a = Control::start_named(&etcd, 5, "replica-a").await;
+    let b = Control::start_named(&etcd, 5, "replica-b").await;
+    let urls = [a.url(), b.url()];
+    let v1 = harness::Backend::http("inference", "v1").await;
+    let v2 = harness::Backend::http("inference", "v2").await;
+    let app = harness::Backend::http("caller", "v1").await;
+    let (s1, s2, caller) = tokio::join!(
+        Sidecar::start(&urls, "inference", "version=v1", v1.addr, "r-inf-v1"),
+        Sidecar::start(&urls, "inference", "version=v2", v2.addr, "r-inf-v2"),
+        Sidecar::start(&urls, "caller", "", app.addr, "r-caller"),
+    );
+    let _ = get(caller.outbound, "inference", "/").await;
+    // Applied through B, seen by sidecars connected to A.
+    let out = apply(&b.url(), ALL_V2).await;
+    assert!(out.stdout.contains("3 sidecar(s) ACKed"), "{out:?}");
+    let status = weftctl(&b.url(), &["status", "-o", "json"], None).await;
+    assert!(status.stdout.contains("replica-a"), "{status:?}");
+    for _ in 0..10 {
+        assert_eq!(served_by(&get(caller.outbound, "inference", "/").await.unwrap()), "inference/v2");
+    }
+
+    a.kill().await;
+    let burl = b.url();
+    eventually("all sidecars move to replica B", Duration::from_secs(20), || {
+        let burl = burl.clone();
+        async move {
+            let out = weftctl(&burl, &["status", "-o", "json"], None).await;
+            let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            v.as_array().is_some_and(|a| a.len() == 3 && a.iter().all(|p| p["control"] == "replica-b"))
+        }
+    })
+    .await;
+    let out = apply(&b.url(), ALL_V1).await;
+    assert!(out.stdout.contains("3 sidecar(s) ACKed"), "{out:?}");
+    for _ in 0..10 {
+        assert_eq!(served_by(&get(caller.outbound, "inference", "/").await.unwrap()), "inference/v1");
+    }
+    drop((s1, s2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_policy_is_rejected_by_validate_and_apply_and_etcd_is_untouched() {
+    let etcd = Etcd::start().await;
+    let control = Control::start(&etcd, 5).await;
+    let bad = "kind: Route\nservice: inference\nrules:\n  - backends:\n      - { subset: { version: v1 }, weight: 0 }\n---\nkind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 5, base_ejection: 10 }\nbogus: 1\n";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, bad).unwrap();
+    let file = file.to_str().unwrap();
+
+    let v = weftctl("http://127.0.0.1:1", &["validate", "-f", file], None).await;
+    assert_eq!(v.code, 1, "{v:?}");
+    assert!(v.stderr.contains(&format!("{file}:4: route/inference: rules[0].backends: weights sum to 0")), "{v:?}");
+    assert!(v.stderr.contains(&format!("{file}:10: resilience/inference: : unknown field `bogus`")) || v.stderr.contains("unknown field `bogus`"), "{v:?}");
+
+    let mut client = etcd.client().await;
+    let before = client.get("/weft/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    let before_rev = before.header().unwrap().revision();
+
+    let a = weftctl(&control.url(), &["apply", "-f", file], None).await;
+    assert_eq!(a.code, 1, "{a:?}");
+    assert!(a.stderr.contains("weights sum to 0"), "{a:?}");
+    // A good document next to a bad one is not applied either: all or nothing.
+    let mixed = format!("{ALL_V1}---\nkind: Route\nservice: other\nrules: []\n");
+    let a = weftctl(&control.url(), &["apply", "-f", "-"], Some(&mixed)).await;
+    assert_eq!(a.code, 1, "{a:?}");
+    assert!(a.stderr.contains("<stdin>:8: route/other: rules: a route needs at least one rule"), "{a:?}");
+
+    // The control plane checks too, whatever the client sent.
+    let ch = tonic::transport::Endpoint::from_shared(control.url()).unwrap().connect().await.unwrap();
+    let mut admin = xds_proto::v1::admin_client::AdminClient::new(ch);
+    let err = admin
+        .apply(xds_proto::v1::ApplyRequest {
+            resources: vec![xds_proto::v1::ResourceDoc {
+                json: r#"{"kind":"Route","service":"inference","rules":[{"backends":[{"weight":0}]}]}"#.into(),
+                origin: "raw:1".into(),
+            }],
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("raw:1: route/inference: rules[0].backends: weights sum to 0"), "{err:?}");
+
+    let after = client.get("/weft/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(after.header().unwrap().revision(), before_rev, "etcd was written to");
+    assert_eq!(after.kvs().len(), before.kvs().len());
+
+    // No control plane: exit 2.
+    let down = weftctl("http://127.0.0.1:1", &["apply", "-f", "-"], Some(ALL_V1)).await;
+    assert_eq!(down.code, 2, "{down:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_update_leaves_the_proxy_on_its_previous_config_and_shows_in_status() {
+    let mesh = Mesh::start(5).await;
+    let out = apply(&mesh.control_url(), ALL_V2).await;
+    let good_rev = applied_rev(&out);
+    // Written around weftctl: weights that sum to 0.
+    let mut etcd = mesh.etcd.client().await;
+    let bad = r#"{"schema":1,"resource":{"kind":"Route","service":"inference","rules":[{"backends":[{"subset":{"version":"v1"},"weight":0}]}]}}"#;
+    etcd.put("/weft/routes/inference", bad, None).await.unwrap();
+
+    let url = mesh.control_url();
+    eventually("all three sidecars NACK and status shows it", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let out = weftctl(&url, &["status"], None).await;
+            out.stdout.matches("route/inference: rules[0].backends: weights sum to 0").count() == 3
+        }
+    })
+    .await;
+    for s in [&mesh.caller, &mesh.inf_v1, &mesh.inf_v2] {
+        assert_eq!(s.route_revision("inference", "").await, Some(good_rev), "{} left its last good route", s.id);
+    }
+    all_served_by(&mesh, 20, "inference/v2").await;
+    let cfg = mesh.caller.config().await;
+    assert!(cfg["last_nack"].as_str().unwrap_or("").contains("route/inference"), "{cfg}");
+    let m = mesh.control.metrics().await;
+    assert!(m.contains("weft_control_nacks_total"), "{m}");
+
+    // A good update after the bad one applies and is ACKed.
+    let out = apply(&mesh.control_url(), ALL_V1).await;
+    assert!(out.stdout.contains("3 sidecar(s) ACKed"), "{out:?}");
+    all_served_by(&mesh, 10, "inference/v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_compaction_does_not_break_the_watch() {
+    let mut mesh = Mesh::start(10).await;
+    apply(&mesh.control_url(), ALL_V1).await;
+    // Live compaction with the watch caught up.
+    let mut etcd = mesh.etcd.client().await;
+    let rev = etcd.get("/weft/", None).await.unwrap().header().unwrap().revision();
+    etcd.compact(rev, None).await.unwrap();
+    apply(&mesh.control_url(), ALL_V2).await;
+    all_served_by(&mesh, 5, "inference/v2").await;
+
+    // The hard case: the control plane resumes from a revision that has been
+    // compacted away. Freeze it, restart etcd, change and compact, thaw it.
+    let pid = mesh.control.pid();
+    signal(pid, "STOP");
+    mesh.etcd.restart().await;
+    let mut etcd = mesh.etcd.client().await;
+    let value = r#"{"schema":1,"resource":{"kind":"Route","service":"inference","rules":[{"backends":[{"subset":{"version":"v1"},"weight":1}]}]}}"#;
+    let put = etcd.put("/weft/routes/inference", value, None).await.unwrap();
+    let rev = put.header().unwrap().revision();
+    etcd.put("/weft/unrelated", "x", None).await.unwrap();
+    etcd.compact(rev + 1, None).await.unwrap();
+    signal(pid, "CONT");
+
+    let caller = &mesh.caller;
+    eventually("the caller gets the change made during the freeze", Duration::from_secs(30), || async move {
+        caller.route_revision("inference", "").await == Some(rev as u64)
+    })
+    .await;
+    let control = &mesh.control;
+    eventually("the control plane counted a compaction resync", Duration::from_secs(10), || async move {
+        control.metrics().await.contains("weft_control_resyncs_total{reason=\"compacted\"} 1")
+    })
+    .await;
+    all_served_by(&mesh, 5, "inference/v1").await;
+    // And the watch keeps working after the resync.
+    let out = apply(&mesh.control_url(), ALL_V2).await;
+    assert!(out.stdout.contains("ACKed"), "{out:?}");
+    all_served_by(&mesh, 5, "inference/v2").await;
+}
