@@ -76,7 +76,10 @@ impl Admin for AdminService {
             revision,
             results: results
                 .into_iter()
-                .map(|(id, a)| pb::ApplyResult { resource: id.to_string(), action: a.as_str().into() })
+                .map(|(id, a)| pb::ApplyResult {
+                    resource: id.to_string(),
+                    action: a.as_str().into(),
+                })
                 .collect(),
             services,
         }))
@@ -116,8 +119,10 @@ impl Admin for AdminService {
                 revision: rev,
             });
         }
-        if id.is_some() && resources.is_empty() {
-            return Err(Status::not_found(format!("{} not found", id.unwrap())));
+        if let Some(id) = id
+            && resources.is_empty()
+        {
+            return Err(Status::not_found(format!("{id} not found")));
         }
         Ok(Response::new(pb::GetResponse { resources, revision }))
     }
@@ -132,11 +137,16 @@ impl Admin for AdminService {
         Ok(Response::new(pb::DeleteResponse { revision, deleted }))
     }
 
-    async fn endpoints(&self, request: Request<pb::EndpointsRequest>) -> Result<Response<pb::EndpointsResponse>, Status> {
+    async fn endpoints(
+        &self,
+        request: Request<pb::EndpointsRequest>,
+    ) -> Result<Response<pb::EndpointsResponse>, Status> {
         let service = request.into_inner().service;
         policy::check_name("service", &service).map_err(Status::invalid_argument)?;
         let recs = self.store.endpoints(&service).await.map_err(store_status)?;
-        Ok(Response::new(pb::EndpointsResponse { endpoints: recs.iter().map(convert::endpoint).collect() }))
+        Ok(Response::new(pb::EndpointsResponse {
+            endpoints: recs.iter().map(convert::endpoint).collect(),
+        }))
     }
 
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {

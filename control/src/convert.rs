@@ -8,7 +8,9 @@ use crate::store::EndpointRecord;
 fn millis(field: &str, d: &Option<String>) -> Result<u64, String> {
     match d {
         None => Ok(0),
-        Some(s) => parse_duration(s).map(|d| d.as_millis() as u64).map_err(|e| format!("{field}: {e}")),
+        Some(s) => parse_duration(s)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|e| format!("{field}: {e}")),
     }
 }
 

@@ -45,15 +45,22 @@ pub struct Index {
 
 impl Index {
     pub fn new(prefix: &str) -> Index {
-        Index { prefix: format!("{}/", prefix.trim_end_matches('/')), ..Default::default() }
+        Index {
+            prefix: format!("{}/", prefix.trim_end_matches('/')),
+            ..Default::default()
+        }
     }
 
     /// Applies a put of `key`. Bad values are logged and skipped: the last
     /// good value of that key (if any) stays in force.
     pub fn put(&mut self, key: &str, value: &[u8], mod_revision: u64) {
-        let Some(suffix) = key.strip_prefix(&self.prefix) else { return };
+        let Some(suffix) = key.strip_prefix(&self.prefix) else {
+            return;
+        };
         if let Some(rest) = suffix.strip_prefix("endpoints/") {
-            let Some((service, proxy)) = rest.split_once('/') else { return };
+            let Some((service, proxy)) = rest.split_once('/') else {
+                return;
+            };
             match serde_json::from_slice::<EndpointRecord>(value) {
                 Ok(rec) => {
                     self.endpoints
@@ -111,7 +118,9 @@ impl Index {
     }
 
     pub fn delete(&mut self, key: &str) {
-        let Some(suffix) = key.strip_prefix(&self.prefix) else { return };
+        let Some(suffix) = key.strip_prefix(&self.prefix) else {
+            return;
+        };
         if let Some(rest) = suffix.strip_prefix("endpoints/") {
             if let Some((service, proxy)) = rest.split_once('/')
                 && let Some(eps) = self.endpoints.get_mut(service)
@@ -188,15 +197,29 @@ impl Index {
                 }
             }
         }
-        Snapshot { revision, services: self.built.clone() }
+        Snapshot {
+            revision,
+            services: self.built.clone(),
+        }
     }
 
     fn build(&self, service: &str) -> Option<pb::ServiceConfig> {
-        let routes: Vec<pb::Route> = self.routes.get(service).map(|r| r.values().cloned().collect()).unwrap_or_default();
-        let endpoints: Vec<pb::Endpoint> = self.endpoints.get(service).map(|e| e.values().cloned().collect()).unwrap_or_default();
+        let routes: Vec<pb::Route> = self
+            .routes
+            .get(service)
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        let endpoints: Vec<pb::Endpoint> = self
+            .endpoints
+            .get(service)
+            .map(|e| e.values().cloned().collect())
+            .unwrap_or_default();
         let resilience = self.resilience.get(service).cloned();
-        let mut tenant_policies: Vec<pb::TenantPolicy> =
-            self.tenant_policies.get(service).map(|t| t.values().cloned().collect()).unwrap_or_default();
+        let mut tenant_policies: Vec<pb::TenantPolicy> = self
+            .tenant_policies
+            .get(service)
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
         if let Some(global) = self.tenant_policies.get("*") {
             // A service-specific policy wins over the `*` one for the same tenant.
             for (tenant, p) in global {

@@ -157,7 +157,10 @@ impl ResourceId {
     pub fn key_suffix(&self) -> String {
         match self {
             ResourceId::Route { service, tenant: None } => format!("routes/{service}"),
-            ResourceId::Route { service, tenant: Some(t) } => format!("routes/{service}/{t}"),
+            ResourceId::Route {
+                service,
+                tenant: Some(t),
+            } => format!("routes/{service}/{t}"),
             ResourceId::Resilience { service } => format!("resilience/{service}"),
             ResourceId::TenantPolicy { tenant, service } => format!("tenants/{tenant}/{service}"),
         }
@@ -167,7 +170,10 @@ impl ResourceId {
     pub fn from_key_suffix(suffix: &str) -> Option<ResourceId> {
         let parts: Vec<&str> = suffix.split('/').collect();
         match parts.as_slice() {
-            ["routes", s] => Some(ResourceId::Route { service: s.to_string(), tenant: None }),
+            ["routes", s] => Some(ResourceId::Route {
+                service: s.to_string(),
+                tenant: None,
+            }),
             ["routes", s, t] => Some(ResourceId::Route {
                 service: s.to_string(),
                 tenant: Some(t.to_string()),
@@ -200,7 +206,10 @@ impl ResourceId {
             None => (name.to_string(), None),
         };
         match normalize_kind(kind)? {
-            Kind::Route => Ok(ResourceId::Route { service: first, tenant: second }),
+            Kind::Route => Ok(ResourceId::Route {
+                service: first,
+                tenant: second,
+            }),
             Kind::Resilience if second.is_none() => Ok(ResourceId::Resilience { service: first }),
             Kind::TenantPolicy => match second {
                 Some(service) => Ok(ResourceId::TenantPolicy { tenant: first, service }),
@@ -215,7 +224,10 @@ impl fmt::Display for ResourceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ResourceId::Route { service, tenant: None } => write!(f, "route/{service}"),
-            ResourceId::Route { service, tenant: Some(t) } => write!(f, "route/{service}/{t}"),
+            ResourceId::Route {
+                service,
+                tenant: Some(t),
+            } => write!(f, "route/{service}/{t}"),
             ResourceId::Resilience { service } => write!(f, "resilience/{service}"),
             ResourceId::TenantPolicy { tenant, service } => {
                 write!(f, "tenantpolicy/{tenant}/{service}")
@@ -262,7 +274,9 @@ impl Resource {
                 service: r.service.clone(),
                 tenant: r.tenant.clone(),
             },
-            Resource::Resilience(r) => ResourceId::Resilience { service: r.service.clone() },
+            Resource::Resilience(r) => ResourceId::Resilience {
+                service: r.service.clone(),
+            },
             Resource::TenantPolicy(p) => ResourceId::TenantPolicy {
                 tenant: p.tenant.clone(),
                 service: p.service.clone(),
@@ -289,7 +303,10 @@ pub struct Problem {
 
 impl Problem {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Problem {
-        Problem { field: field.into(), message: message.into() }
+        Problem {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -339,9 +356,20 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-const RETRY_ON: &[&str] = &["5xx", "gateway-error", "connect-failure", "reset", "unavailable", "cancelled", "deadline-exceeded", "resource-exhausted"];
+const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "unavailable",
+    "cancelled",
+    "deadline-exceeded",
+    "resource-exhausted",
+];
 
-const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"];
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
+];
 
 /// Checks everything that can be checked of one resource on its own.
 pub fn validate(resource: &Resource) -> Vec<Problem> {
@@ -372,7 +400,10 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
             if let Some(prefix) = &m.path_prefix
                 && !prefix.starts_with('/')
             {
-                p.push(Problem::new(at("match.path_prefix"), format!("'{prefix}' must start with '/'")));
+                p.push(Problem::new(
+                    at("match.path_prefix"),
+                    format!("'{prefix}' must start with '/'"),
+                ));
             }
             if let Some(method) = &m.method
                 && !METHODS.contains(&method.as_str())
@@ -394,7 +425,10 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
         if rule.backends.is_empty() {
             p.push(Problem::new(at("backends"), "a rule needs at least one backend"));
         } else if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() == 0 {
-            p.push(Problem::new(at("backends"), "weights sum to 0: no backend would get traffic"));
+            p.push(Problem::new(
+                at("backends"),
+                "weights sum to 0: no backend would get traffic",
+            ));
         }
         let mut seen: Vec<&BTreeMap<String, String>> = Vec::new();
         for (j, b) in rule.backends.iter().enumerate() {
@@ -407,7 +441,10 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
                 }
             }
             if b.weight > 10_000 {
-                p.push(Problem::new(at(&format!("backends[{j}].weight")), "weight must be at most 10000"));
+                p.push(Problem::new(
+                    at(&format!("backends[{j}].weight")),
+                    "weight must be at most 10000",
+                ));
             }
             if seen.contains(&&b.subset) {
                 p.push(Problem::new(
@@ -439,7 +476,10 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
                         {
                             p.push(Problem::new(
                                 at("retry.per_try_timeout"),
-                                format!("{ptt} is longer than the rule's timeout {}", rule.timeout.as_deref().unwrap_or("")),
+                                format!(
+                                    "{ptt} is longer than the rule's timeout {}",
+                                    rule.timeout.as_deref().unwrap_or("")
+                                ),
                             ));
                         }
                     }
@@ -463,7 +503,10 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
                     if let Err(e) = check_name("fallback service", s) {
                         p.push(Problem::new(at("fallback.service"), e));
                     } else if *s == r.service {
-                        p.push(Problem::new(at("fallback.service"), "a service cannot fall back to itself"));
+                        p.push(Problem::new(
+                            at("fallback.service"),
+                            "a service cannot fall back to itself",
+                        ));
                     }
                     if fb.body.is_some() {
                         p.push(Problem::new(at("fallback.body"), "body goes with status, not service"));
@@ -471,7 +514,10 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
                 }
                 (None, Some(status)) => {
                     if !(100..=599).contains(&status) {
-                        p.push(Problem::new(at("fallback.status"), format!("{status} is not an HTTP status")));
+                        p.push(Problem::new(
+                            at("fallback.status"),
+                            format!("{status} is not an HTTP status"),
+                        ));
                     }
                 }
             }
@@ -485,13 +531,19 @@ fn validate_resilience(r: &Resilience, p: &mut Vec<Problem>) {
     }
     if let Some(cb) = &r.circuit_breaker {
         if cb.consecutive_failures == 0 {
-            p.push(Problem::new("circuit_breaker.consecutive_failures", "must be at least 1"));
+            p.push(Problem::new(
+                "circuit_breaker.consecutive_failures",
+                "must be at least 1",
+            ));
         }
         if let Err(e) = parse_duration(&cb.base_ejection) {
             p.push(Problem::new("circuit_breaker.base_ejection", e));
         }
         if cb.max_ejection_percent > 100 {
-            p.push(Problem::new("circuit_breaker.max_ejection_percent", "must be between 0 and 100"));
+            p.push(Problem::new(
+                "circuit_breaker.max_ejection_percent",
+                "must be between 0 and 100",
+            ));
         }
     }
     if r.max_concurrent_requests == Some(0) {
@@ -522,7 +574,10 @@ fn validate_tenant_policy(t: &TenantPolicy, p: &mut Vec<Problem>) {
         p.push(Problem::new("max_concurrent_requests", "must be at least 1"));
     }
     if t.rate_limit.is_none() && t.max_concurrent_requests.is_none() {
-        p.push(Problem::new("rate_limit", "a tenant policy needs rate_limit or max_concurrent_requests"));
+        p.push(Problem::new(
+            "rate_limit",
+            "a tenant policy needs rate_limit or max_concurrent_requests",
+        ));
     }
 }
 
@@ -594,7 +649,11 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, Vec<Locat
     let mut resources = Vec::new();
     let mut problems = Vec::new();
     for (start_line, doc) in split_documents(text) {
-        if doc.trim().lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        if doc
+            .trim()
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
             continue;
         }
         let problem = |field: String, message: String, resource: String, line: usize| LocatedProblem {
@@ -654,7 +713,11 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, Vec<Locat
             ids.push((id, &r.origin));
         }
     }
-    if problems.is_empty() { Ok(resources) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(resources)
+    } else {
+        Err(problems)
+    }
 }
 
 /// Splits on `---` lines; yields (1-based line of the document's first line, text).
@@ -689,7 +752,11 @@ fn field_line(doc: &str, field: &str) -> usize {
     for seg in &segments {
         let needle = format!("{seg}:");
         if let Some(off) = lines[from..].iter().position(|l| {
-            let t = l.trim_start().trim_start_matches("- ").trim_start_matches('{').trim_start();
+            let t = l
+                .trim_start()
+                .trim_start_matches("- ")
+                .trim_start_matches('{')
+                .trim_start();
             t.starts_with(&needle) || l.contains(&format!(" {needle}")) || l.contains(&format!("{{{needle}"))
         }) {
             from += off;
@@ -733,8 +800,18 @@ mod tests {
         let bad = "kind: Route\nservice: inference\nrules:\n  - backends:\n      - { subset: { version: v1 }, weight: 0 }\n    timeout: 2 seconds\n";
         let errs = parse_documents("bad.yaml", bad).unwrap_err();
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-        assert!(text.contains(&"bad.yaml:4: route/inference: rules[0].backends: weights sum to 0: no backend would get traffic".to_string()), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("bad.yaml:6: route/inference: rules[0].timeout: '2 seconds'")), "{text:?}");
+        assert!(
+            text.contains(
+                &"bad.yaml:4: route/inference: rules[0].backends: weights sum to 0: no backend would get traffic"
+                    .to_string()
+            ),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("bad.yaml:6: route/inference: rules[0].timeout: '2 seconds'")),
+            "{text:?}"
+        );
     }
 
     #[test]
@@ -757,10 +834,19 @@ mod tests {
     #[test]
     fn key_roundtrip() {
         for id in [
-            ResourceId::Route { service: "a".into(), tenant: None },
-            ResourceId::Route { service: "a".into(), tenant: Some("t".into()) },
+            ResourceId::Route {
+                service: "a".into(),
+                tenant: None,
+            },
+            ResourceId::Route {
+                service: "a".into(),
+                tenant: Some("t".into()),
+            },
             ResourceId::Resilience { service: "a".into() },
-            ResourceId::TenantPolicy { tenant: "t".into(), service: "*".into() },
+            ResourceId::TenantPolicy {
+                tenant: "t".into(),
+                service: "*".into(),
+            },
         ] {
             assert_eq!(ResourceId::from_key_suffix(&id.key_suffix()), Some(id));
         }

@@ -9,9 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
-};
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{self, Kind, Resource, ResourceId, SCHEMA_VERSION};
@@ -130,7 +128,10 @@ impl Store {
             .with_keep_alive_while_idle(true);
         let client = Client::connect(endpoints, Some(opts))
             .await
-            .map_err(|source| StoreError::Etcd { endpoints: joined.clone(), source })?;
+            .map_err(|source| StoreError::Etcd {
+                endpoints: joined.clone(),
+                source,
+            })?;
         Ok(Store {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),
@@ -139,7 +140,10 @@ impl Store {
     }
 
     fn err(&self, source: etcd_client::Error) -> StoreError {
-        StoreError::Etcd { endpoints: self.endpoints.clone(), source }
+        StoreError::Etcd {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -193,7 +197,11 @@ impl Store {
             .map_err(|e| self.err(e))?;
         if !resp.succeeded() {
             return Err(StoreError::Conflict {
-                resource: results.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(", "),
+                resource: results
+                    .iter()
+                    .map(|(id, _)| id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
@@ -218,7 +226,13 @@ impl Store {
         let items = resp
             .kvs()
             .iter()
-            .map(|kv| (kv.key_str().unwrap_or("").to_string(), kv.value().to_vec(), kv.mod_revision() as u64))
+            .map(|kv| {
+                (
+                    kv.key_str().unwrap_or("").to_string(),
+                    kv.value().to_vec(),
+                    kv.mod_revision() as u64,
+                )
+            })
             .collect();
         Ok((rev, items))
     }
@@ -258,7 +272,11 @@ impl Store {
             .get(self.key(dir), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| self.err(e))?;
-        Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect())
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
     }
 
     pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64> {
@@ -292,12 +310,14 @@ impl Store {
     /// Writes a proxy's endpoint record under its lease.
     pub async fn put_endpoint(&self, rec: &EndpointRecord, lease: i64) -> Result<u64> {
         let key = self.key(&format!("endpoints/{}/{}", rec.service, rec.proxy_id));
-        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
+        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease)
+            .await
     }
 
     pub async fn put_proxy(&self, rec: &ProxyRecord, lease: i64) -> Result<u64> {
         let key = self.key(&format!("proxies/{}", rec.proxy_id));
-        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
+        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease)
+            .await
     }
 
     async fn put_leased(&self, key: String, value: String, lease: i64) -> Result<u64> {

@@ -65,7 +65,10 @@ async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: A
             },
         };
         let mut client = store.client();
-        let opts = WatchOptions::new().with_prefix().with_start_revision(start as i64).with_progress_notify();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start as i64)
+            .with_progress_notify();
         let mut stream = match client.watch(format!("{}/", store.prefix()), Some(opts)).await {
             Ok(s) => s,
             Err(e) => {
@@ -133,7 +136,9 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new() -> Backoff {
-        Backoff { next: Duration::from_millis(100) }
+        Backoff {
+            next: Duration::from_millis(100),
+        }
     }
     pub fn reset(&mut self) {
         self.next = Duration::from_millis(100);

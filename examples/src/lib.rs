@@ -56,7 +56,9 @@ pub async fn serve_http(listener: TcpListener, info: Info) {
     let info = Arc::new(info);
     let hits = Arc::new(AtomicU64::new(0));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (info, hits) = (info.clone(), hits.clone());
         tokio::spawn(async move {
@@ -89,7 +91,11 @@ async fn handle(req: Request<Incoming>, info: &Info, hits: &AtomicU64) -> Respon
     }
     let mut status = StatusCode::OK;
     if let Some(code) = path.strip_prefix("/status/") {
-        status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+        status = code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::BAD_REQUEST);
     }
     let mut builder = Response::builder()
         .status(status)
@@ -108,23 +114,39 @@ async fn handle(req: Request<Incoming>, info: &Info, hits: &AtomicU64) -> Respon
         let served = info.served_by();
         tokio::spawn(async move {
             for i in 0..chunks {
-                if tx.send(Ok(Frame::data(Bytes::from(format!("chunk {i} from {served}\n"))))).await.is_err() {
+                if tx
+                    .send(Ok(Frame::data(Bytes::from(format!("chunk {i} from {served}\n")))))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 tokio::time::sleep(gap).await;
             }
         });
-        return builder.body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx)))).expect("valid response");
+        return builder
+            .body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx))))
+            .expect("valid response");
     }
     // Drain the request body so the connection can be reused.
     let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-    let body = format!("{{\"served_by\":\"{}\",\"path\":\"{}\",\"request_bytes\":{body_len}}}\n", info.served_by(), path);
-    builder.header("content-type", "application/json").body(full(body)).expect("valid response")
+    let body = format!(
+        "{{\"served_by\":\"{}\",\"path\":\"{}\",\"request_bytes\":{body_len}}}\n",
+        info.served_by(),
+        path
+    );
+    builder
+        .header("content-type", "application/json")
+        .body(full(body))
+        .expect("valid response")
 }
 
 async fn call(info: &Info, rest: &str, req: Request<Incoming>) -> Response<Body> {
     let Some(outbound) = &info.outbound else {
-        return Response::builder().status(500).body(full("no --outbound configured\n")).expect("valid");
+        return Response::builder()
+            .status(500)
+            .body(full("no --outbound configured\n"))
+            .expect("valid");
     };
     let (service, path) = rest.split_once('/').unwrap_or((rest, ""));
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
@@ -136,12 +158,18 @@ async fn call(info: &Info, rest: &str, req: Request<Incoming>) -> Response<Body>
             upstream = upstream.header(k, v);
         }
     }
-    match client.request(upstream.body(Full::new(Bytes::new())).expect("valid")).await {
+    match client
+        .request(upstream.body(Full::new(Bytes::new())).expect("valid"))
+        .await
+    {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             Response::from_parts(parts, body.boxed())
         }
-        Err(e) => Response::builder().status(502).body(full(format!("call to {service} failed: {e}\n"))).expect("valid"),
+        Err(e) => Response::builder()
+            .status(502)
+            .body(full(format!("call to {service} failed: {e}\n")))
+            .expect("valid"),
     }
 }
 
@@ -155,32 +183,52 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::InferReply, tonic::Statu
 
 #[tonic::async_trait]
 impl pb::inference_server::Inference for InferenceService {
-    async fn infer(&self, req: tonic::Request<pb::InferRequest>) -> Result<tonic::Response<pb::InferReply>, tonic::Status> {
+    async fn infer(
+        &self,
+        req: tonic::Request<pb::InferRequest>,
+    ) -> Result<tonic::Response<pb::InferReply>, tonic::Status> {
         let r = req.into_inner();
         if r.prompt == "fail" {
             return Err(tonic::Status::unavailable("asked to fail"));
         }
-        Ok(tonic::Response::new(pb::InferReply { text: format!("echo: {}", r.prompt), served_by: self.info.served_by() }))
+        Ok(tonic::Response::new(pb::InferReply {
+            text: format!("echo: {}", r.prompt),
+            served_by: self.info.served_by(),
+        }))
     }
 
     type GenerateStream = ReplyStream;
 
-    async fn generate(&self, req: tonic::Request<pb::InferRequest>) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+    async fn generate(
+        &self,
+        req: tonic::Request<pb::InferRequest>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
         let r = req.into_inner();
         let served_by = self.info.served_by();
-        let items = (0..r.tokens.max(1)).map(move |i| Ok(pb::InferReply { text: format!("{} #{i}", r.prompt), served_by: served_by.clone() }));
+        let items = (0..r.tokens.max(1)).map(move |i| {
+            Ok(pb::InferReply {
+                text: format!("{} #{i}", r.prompt),
+                served_by: served_by.clone(),
+            })
+        });
         Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
     }
 
     type ChatStream = ReplyStream;
 
-    async fn chat(&self, req: tonic::Request<tonic::Streaming<pb::InferRequest>>) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+    async fn chat(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::InferRequest>>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
         let mut inbound = req.into_inner();
         let served_by = self.info.served_by();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
-                let reply = pb::InferReply { text: format!("re: {}", m.prompt), served_by: served_by.clone() };
+                let reply = pb::InferReply {
+                    text: format!("re: {}", m.prompt),
+                    served_by: served_by.clone(),
+                };
                 if tx.send(Ok(reply)).await.is_err() {
                     return;
                 }
@@ -193,7 +241,9 @@ impl pb::inference_server::Inference for InferenceService {
 /// Serves the gRPC inference API (h2c).
 pub async fn serve_grpc(listener: TcpListener, info: Info) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .add_service(pb::inference_server::InferenceServer::new(InferenceService { info: Arc::new(info) }))
+        .add_service(pb::inference_server::InferenceServer::new(InferenceService {
+            info: Arc::new(info),
+        }))
         .serve_with_incoming(TcpListenerStream::new(listener))
         .await
 }

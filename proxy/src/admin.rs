@@ -18,7 +18,9 @@ use crate::state::Shared;
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, metrics: PrometheusHandle, drain: watch::Sender<bool>) {
     let drain = Arc::new(drain);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let (shared, metrics, drain) = (shared.clone(), metrics.clone(), drain.clone());
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let resp = respond(&req, &shared, &metrics, &drain);
@@ -26,12 +28,19 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, metrics: Promethe
         });
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
         });
     }
 }
 
-fn respond<B>(req: &Request<B>, shared: &Shared, metrics: &PrometheusHandle, drain: &watch::Sender<bool>) -> Response<Full<Bytes>> {
+fn respond<B>(
+    req: &Request<B>,
+    shared: &Shared,
+    metrics: &PrometheusHandle,
+    drain: &watch::Sender<bool>,
+) -> Response<Full<Bytes>> {
     let reply = |code: StatusCode, ctype: &str, body: String| {
         Response::builder()
             .status(code)
@@ -48,18 +57,30 @@ fn respond<B>(req: &Request<B>, shared: &Shared, metrics: &PrometheusHandle, dra
             match (config, app, *drain.borrow()) {
                 (_, _, true) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
                 (true, true, false) => text(StatusCode::OK, "ready"),
-                (false, _, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no config received from the control plane yet"),
-                (true, false, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: the local app does not accept connections"),
+                (false, _, _) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no config received from the control plane yet",
+                ),
+                (true, false, _) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: the local app does not accept connections",
+                ),
             }
         }
         (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
         (&Method::GET, "/config") => reply(StatusCode::OK, "application/json", config_json(shared).to_string()),
         (&Method::POST, "/drain") => {
             drain.send_replace(true);
-            text(StatusCode::ACCEPTED, "draining: no new connections; in-flight requests finish; deregistering")
+            text(
+                StatusCode::ACCEPTED,
+                "draining: no new connections; in-flight requests finish; deregistering",
+            )
         }
         (_, "/drain") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /drain"),
-        (_, path) => text(StatusCode::NOT_FOUND, &format!("no such admin path {path} (try /live, /ready, /metrics, /config, POST /drain)")),
+        (_, path) => text(
+            StatusCode::NOT_FOUND,
+            &format!("no such admin path {path} (try /live, /ready, /metrics, /config, POST /drain)"),
+        ),
     }
 }
 
@@ -96,7 +117,10 @@ pub fn config_json(shared: &Shared) -> serde_json::Value {
             .iter()
             .map(|e| json!({"proxy_id": e.proxy_id, "address": e.addr.to_string(), "labels": e.labels, "ready": e.ready}))
             .collect();
-        services.insert(name.clone(), json!({"known": s.known, "routes": routes, "endpoints": endpoints}));
+        services.insert(
+            name.clone(),
+            json!({"known": s.known, "routes": routes, "endpoints": endpoints}),
+        );
     }
     json!({
         "proxy_id": shared.identity.id,

@@ -107,14 +107,24 @@ impl Service {
 }
 
 fn route_name(service: &str, tenant: &str) -> String {
-    if tenant.is_empty() { format!("route/{service}") } else { format!("route/{service}/{tenant}") }
+    if tenant.is_empty() {
+        format!("route/{service}")
+    } else {
+        format!("route/{service}/{tenant}")
+    }
 }
 
 /// Converts one wire route; `endpoints` are the service's ready endpoints.
 fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> Result<Route, InvalidPolicy> {
-    let bad = |message: String| InvalidPolicy { resource: route_name(service, &r.tenant), message };
+    let bad = |message: String| InvalidPolicy {
+        resource: route_name(service, &r.tenant),
+        message,
+    };
     if r.service != service {
-        return Err(bad(format!("route names service '{}' inside service '{service}'", r.service)));
+        return Err(bad(format!(
+            "route names service '{}' inside service '{service}'",
+            r.service
+        )));
     }
     if r.rules.is_empty() {
         return Err(bad("a route needs at least one rule".into()));
@@ -125,26 +135,36 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
         let method = if m.method.is_empty() {
             None
         } else {
-            Some(Method::from_bytes(m.method.as_bytes()).map_err(|_| bad(format!("rules[{i}].match.method: '{}' is not a method", m.method)))?)
+            Some(
+                Method::from_bytes(m.method.as_bytes())
+                    .map_err(|_| bad(format!("rules[{i}].match.method: '{}' is not a method", m.method)))?,
+            )
         };
         let path_prefix = if m.path_prefix.is_empty() {
             None
         } else if !m.path_prefix.starts_with('/') {
-            return Err(bad(format!("rules[{i}].match.path_prefix: '{}' must start with '/'", m.path_prefix)));
+            return Err(bad(format!(
+                "rules[{i}].match.path_prefix: '{}' must start with '/'",
+                m.path_prefix
+            )));
         } else {
             Some(m.path_prefix.clone())
         };
         let mut headers = Vec::new();
         for (k, v) in &m.headers {
-            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad(format!("rules[{i}].match.headers: '{k}' is not a header name")))?;
-            let value = HeaderValue::from_str(v).map_err(|_| bad(format!("rules[{i}].match.headers.{k}: invalid value")))?;
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| bad(format!("rules[{i}].match.headers: '{k}' is not a header name")))?;
+            let value =
+                HeaderValue::from_str(v).map_err(|_| bad(format!("rules[{i}].match.headers.{k}: invalid value")))?;
             headers.push((name, value));
         }
         if rule.backends.is_empty() {
             return Err(bad(format!("rules[{i}].backends: a rule needs at least one backend")));
         }
         if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() == 0 {
-            return Err(bad(format!("rules[{i}].backends: weights sum to 0: no backend would get traffic")));
+            return Err(bad(format!(
+                "rules[{i}].backends: weights sum to 0: no backend would get traffic"
+            )));
         }
         let backends = rule
             .backends
@@ -156,7 +176,11 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
                     .filter(|e| subset.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
                     .cloned()
                     .collect();
-                Backend { subset, weight: b.weight, endpoints }
+                Backend {
+                    subset,
+                    weight: b.weight,
+                    endpoints,
+                }
             })
             .collect();
         rules.push(Rule {
@@ -167,7 +191,11 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
             timeout: (rule.timeout_ms > 0).then(|| Duration::from_millis(rule.timeout_ms)),
         });
     }
-    Ok(Route { tenant: (!r.tenant.is_empty()).then(|| r.tenant.clone()), revision: r.revision, rules })
+    Ok(Route {
+        tenant: (!r.tenant.is_empty()).then(|| r.tenant.clone()),
+        revision: r.revision,
+        rules,
+    })
 }
 
 /// Builds a service from its wire config. `previous` supplies last good
@@ -225,15 +253,16 @@ pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Se
         source.routes = cfg
             .routes
             .iter()
-            .map(|r| {
+            .filter_map(|r| {
                 let rejected = problems.iter().any(|p| p.resource == route_name(&cfg.name, &r.tenant));
                 if rejected {
-                    previous.and_then(|p| p.source.routes.iter().find(|o| o.tenant == r.tenant)).cloned()
+                    previous
+                        .and_then(|p| p.source.routes.iter().find(|o| o.tenant == r.tenant))
+                        .cloned()
                 } else {
                     Some(r.clone())
                 }
             })
-            .flatten()
             .collect();
     }
     let service = Service {

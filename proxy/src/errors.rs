@@ -60,9 +60,9 @@ impl ProxyError {
     pub fn grpc_status(&self) -> u16 {
         match self {
             ProxyError::NoAuthority | ProxyError::BadAuthority(_) => 3, // INVALID_ARGUMENT
-            ProxyError::Timeout { .. } => 4,                             // DEADLINE_EXCEEDED
-            ProxyError::UnknownService(_) => 5,                          // NOT_FOUND... but retryable? no
-            _ => 14,                                                     // UNAVAILABLE
+            ProxyError::Timeout { .. } => 4,                            // DEADLINE_EXCEEDED
+            ProxyError::UnknownService(_) => 5,                         // NOT_FOUND... but retryable? no
+            _ => 14,                                                    // UNAVAILABLE
         }
     }
 
@@ -80,10 +80,12 @@ impl ProxyError {
         } else {
             let mut r = Response::new(full(Bytes::from(format!("weft: {message}\n"))));
             *r.status_mut() = self.status();
-            r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
             r
         };
-        resp.headers_mut().insert("x-weft-error", HeaderValue::from_static(self.reason()));
+        resp.headers_mut()
+            .insert("x-weft-error", HeaderValue::from_static(self.reason()));
         resp
     }
 }

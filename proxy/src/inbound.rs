@@ -7,12 +7,12 @@ use std::time::Instant;
 use http::Request;
 use hyper::body::Incoming;
 
+use crate::TENANT_HEADER;
 use crate::body::BoxResponse;
 use crate::errors::is_grpc;
 use crate::outbound::finish;
 use crate::state::Shared;
 use crate::upstream::Upstream;
-use crate::TENANT_HEADER;
 
 pub struct Inbound {
     pub shared: Arc<Shared>,

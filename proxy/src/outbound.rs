@@ -45,12 +45,18 @@ impl Outbound {
         finish(result, grpc, "outbound", &service, &tenant, started)
     }
 
-    async fn route_and_forward(&self, service: &str, tenant: &str, req: Request<Incoming>) -> Result<http::Response<Incoming>, ProxyError> {
+    async fn route_and_forward(
+        &self,
+        service: &str,
+        tenant: &str,
+        req: Request<Incoming>,
+    ) -> Result<http::Response<Incoming>, ProxyError> {
         let svc = self.resolve(service).await?;
         if !svc.known {
             return Err(ProxyError::UnknownService(service.to_string()));
         }
-        let (endpoint, timeout) = pick(&svc, tenant, &req).ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
+        let (endpoint, timeout) =
+            pick(&svc, tenant, &req).ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
         let _guard = balance::InFlight::new(&endpoint.stats);
         self.upstream.send(endpoint.addr, req, timeout).await
     }
@@ -86,11 +92,18 @@ impl Outbound {
 /// ready endpoints, then an endpoint. Without a route or a matching rule,
 /// any ready endpoint of the service.
 pub fn pick<B>(svc: &Service, tenant: &str, req: &Request<B>) -> Option<(Arc<Endpoint>, Option<Duration>)> {
-    let rule = svc.route_for(tenant).and_then(|r| r.rules.iter().find(|rule| rule.matches(req)));
+    let rule = svc
+        .route_for(tenant)
+        .and_then(|r| r.rules.iter().find(|rule| rule.matches(req)));
     let Some(rule) = rule else {
         return balance::p2c(&svc.all_ready).map(|e| (e, None));
     };
-    let total: u64 = rule.backends.iter().filter(|b| !b.endpoints.is_empty()).map(|b| u64::from(b.weight)).sum();
+    let total: u64 = rule
+        .backends
+        .iter()
+        .filter(|b| !b.endpoints.is_empty())
+        .map(|b| u64::from(b.weight))
+        .sum();
     if total == 0 {
         return None;
     }
@@ -112,14 +125,21 @@ pub fn service_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
         Some(a) => a.host().to_string(),
         None => {
             let host = req.headers().get(http::header::HOST).ok_or(ProxyError::NoAuthority)?;
-            let host = host.to_str().map_err(|_| ProxyError::BadAuthority(String::from_utf8_lossy(host.as_bytes()).into()))?;
-            host.rsplit_once(':').map(|(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host }).unwrap_or(host).to_string()
+            let host = host
+                .to_str()
+                .map_err(|_| ProxyError::BadAuthority(String::from_utf8_lossy(host.as_bytes()).into()))?;
+            host.rsplit_once(':')
+                .map(|(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host })
+                .unwrap_or(host)
+                .to_string()
         }
     };
     let name = authority.to_ascii_lowercase();
     let valid = !name.is_empty()
         && name.len() <= 253
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if !valid {
         return Err(ProxyError::BadAuthority(authority));
     }
@@ -136,7 +156,8 @@ fn ensure_traceparent<B>(req: &mut Request<B>) {
     let trace: u128 = rng.random::<u128>() | 1;
     let span: u64 = rng.random::<u64>() | 1;
     let v = format!("00-{trace:032x}-{span:016x}-01");
-    req.headers_mut().insert("traceparent", HeaderValue::from_str(&v).expect("hex is a valid header"));
+    req.headers_mut()
+        .insert("traceparent", HeaderValue::from_str(&v).expect("hex is a valid header"));
 }
 
 /// Records the outcome and turns it into the response.
@@ -175,8 +196,14 @@ mod tests {
     fn service_from_host_or_absolute_uri() {
         assert_eq!(service_of(&req("/x", Some("inference:8080"))).unwrap(), "inference");
         assert_eq!(service_of(&req("/x", Some("Inference"))).unwrap(), "inference");
-        assert_eq!(service_of(&req("http://state.default.svc:80/x", None)).unwrap(), "state");
+        assert_eq!(
+            service_of(&req("http://state.default.svc:80/x", None)).unwrap(),
+            "state"
+        );
         assert!(matches!(service_of(&req("/x", None)), Err(ProxyError::NoAuthority)));
-        assert!(matches!(service_of(&req("/x", Some("bad host"))), Err(ProxyError::BadAuthority(_))));
+        assert!(matches!(
+            service_of(&req("/x", Some("bad host"))),
+            Err(ProxyError::BadAuthority(_))
+        ));
     }
 }

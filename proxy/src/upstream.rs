@@ -48,10 +48,16 @@ impl Upstream {
     /// Sends `req` to `addr`, keeping the caller's HTTP version. The timeout,
     /// when set, covers the time to the response head; when it fires, the
     /// upstream request is dropped, which cancels it.
-    pub async fn send(&self, addr: SocketAddr, mut req: Request<Incoming>, timeout: Option<Duration>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Incoming>,
+        timeout: Option<Duration>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let h2 = req.version() == Version::HTTP_2;
         strip_hop_by_hop(req.headers_mut());
-        if !h2 && !req.headers().contains_key(header::HOST)
+        if !h2
+            && !req.headers().contains_key(header::HOST)
             && let Some(a) = req.uri().authority()
             && let Ok(v) = HeaderValue::from_str(a.as_str())
         {
@@ -73,7 +79,12 @@ impl Upstream {
         let result = match timeout {
             Some(t) => match tokio::time::timeout(t, fut).await {
                 Ok(r) => r,
-                Err(_) => return Err(ProxyError::Timeout { addr: addr.to_string(), ms: t.as_millis() as u64 }),
+                Err(_) => {
+                    return Err(ProxyError::Timeout {
+                        addr: addr.to_string(),
+                        ms: t.as_millis() as u64,
+                    });
+                }
             },
             None => fut.await,
         };
@@ -82,8 +93,14 @@ impl Upstream {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)
             }
-            Err(e) if e.is_connect() => Err(ProxyError::Connect { addr: addr.to_string(), reason: error_chain(&e) }),
-            Err(e) => Err(ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(&e) }),
+            Err(e) if e.is_connect() => Err(ProxyError::Connect {
+                addr: addr.to_string(),
+                reason: error_chain(&e),
+            }),
+            Err(e) => Err(ProxyError::Upstream {
+                addr: addr.to_string(),
+                reason: error_chain(&e),
+            }),
         }
     }
 }
@@ -111,7 +128,12 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             }
         }
     }
-    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, header::PROXY_AUTHENTICATE] {
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+    ] {
         h.remove(name);
     }
     h.remove("keep-alive");

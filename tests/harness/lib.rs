@@ -30,13 +30,21 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first (make test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (make test does)",
+        p.display()
+    );
     p
 }
 
 /// A port that was free a moment ago (for etcd, which needs it up front).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` until it returns true, or panics with `what` at the deadline.
@@ -50,7 +58,10 @@ where
         if check().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -76,13 +87,26 @@ impl Drop for LogFile {
 
 fn log_file(dir: &Path, name: &str) -> (std::fs::File, LogFile) {
     let path = dir.join(format!("{name}.log"));
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("log file");
-    (f, LogFile { path, name: name.to_string() })
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("log file");
+    (
+        f,
+        LogFile {
+            path,
+            name: name.to_string(),
+        },
+    )
 }
 
 /// Spawns a binary and waits for its "listening" line on stdout.
 async fn spawn_listening(mut cmd: Command, what: &str, log: std::fs::File) -> (Child, String) {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null()).kill_on_drop(true);
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {what}: {e}"));
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
@@ -116,7 +140,13 @@ impl Etcd {
     pub async fn start() -> Etcd {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_, log) = log_file(dir.path(), "etcd");
-        let mut etcd = Etcd { child: None, port: free_port(), peer_port: free_port(), dir, _log: log };
+        let mut etcd = Etcd {
+            child: None,
+            port: free_port(),
+            peer_port: free_port(),
+            dir,
+            _log: log,
+        };
         etcd.spawn().await;
         etcd
     }
@@ -166,7 +196,9 @@ impl Etcd {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.url()], None).await.expect("etcd client")
+        etcd_client::Client::connect([self.url()], None)
+            .await
+            .expect("etcd client")
     }
 
     pub async fn kill(&mut self) {
@@ -203,7 +235,18 @@ impl Control {
         let dir = tempfile::tempdir().expect("tempdir");
         let (file, log) = log_file(dir.path(), name);
         let mut cmd = Command::new(bin("weft-control"));
-        cmd.args(["--etcd", etcd_url, "--listen", grpc, "--admin", admin, "--lease-ttl", &lease_ttl.to_string(), "--replica", name]);
+        cmd.args([
+            "--etcd",
+            etcd_url,
+            "--listen",
+            grpc,
+            "--admin",
+            admin,
+            "--lease-ttl",
+            &lease_ttl.to_string(),
+            "--replica",
+            name,
+        ]);
         cmd.env("WEFT_LOG", "info,weft_control=debug");
         let (child, line) = spawn_listening(cmd, "weft-control", file).await;
         let c = Control {
@@ -249,14 +292,24 @@ impl Control {
     /// Starts a new process on the same addresses.
     pub async fn restart(&mut self) {
         self.kill().await;
-        let next = Self::start_at(&self.etcd_url, &self.grpc.to_string(), &self.admin.to_string(), self.lease_ttl, &self.name).await;
+        let next = Self::start_at(
+            &self.etcd_url,
+            &self.grpc.to_string(),
+            &self.admin.to_string(),
+            self.lease_ttl,
+            &self.name,
+        )
+        .await;
         let old = std::mem::replace(self, next);
         // Keep the old temp dir alive no longer than needed.
         drop(old.dir);
     }
 
     pub async fn metrics(&self) -> String {
-        get(self.admin, "localhost", "/metrics").await.map(|r| r.2).unwrap_or_default()
+        get(self.admin, "localhost", "/metrics")
+            .await
+            .map(|r| r.2)
+            .unwrap_or_default()
     }
 }
 
@@ -308,9 +361,11 @@ impl Sidecar {
             _log: log,
         };
         let admin = s.admin;
-        eventually(&format!("sidecar {id} /ready"), Duration::from_secs(20), || async move {
-            matches!(get(admin, "localhost", "/ready").await, Ok((200, _, _)))
-        })
+        eventually(
+            &format!("sidecar {id} /ready"),
+            Duration::from_secs(20),
+            || async move { matches!(get(admin, "localhost", "/ready").await, Ok((200, _, _))) },
+        )
         .await;
         s
     }
@@ -321,7 +376,10 @@ impl Sidecar {
     }
 
     pub async fn metrics(&self) -> String {
-        get(self.admin, "localhost", "/metrics").await.map(|r| r.2).unwrap_or_default()
+        get(self.admin, "localhost", "/metrics")
+            .await
+            .map(|r| r.2)
+            .unwrap_or_default()
     }
 
     /// Addresses of `service`'s endpoints in this sidecar's table.
@@ -329,7 +387,11 @@ impl Sidecar {
         let cfg = self.config().await;
         cfg["services"][service]["endpoints"]
             .as_array()
-            .map(|a| a.iter().filter_map(|e| e["address"].as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e["address"].as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -372,14 +434,25 @@ impl Backend {
     pub async fn http(service: &str, version: &str) -> Backend {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let info = Info { service: service.into(), version: version.into(), outbound: None };
-        Backend { addr, task: tokio::spawn(weft_examples::serve_http(l, info)) }
+        let info = Info {
+            service: service.into(),
+            version: version.into(),
+            outbound: None,
+        };
+        Backend {
+            addr,
+            task: tokio::spawn(weft_examples::serve_http(l, info)),
+        }
     }
 
     pub async fn grpc(service: &str, version: &str) -> Backend {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let info = Info { service: service.into(), version: version.into(), outbound: None };
+        let info = Info {
+            service: service.into(),
+            version: version.into(),
+            outbound: None,
+        };
         Backend {
             addr,
             task: tokio::spawn(async move {
@@ -411,7 +484,9 @@ pub struct CtlOutput {
 pub async fn weftctl(control: &str, args: &[&str], stdin: Option<&str>) -> CtlOutput {
     let mut cmd = Command::new(bin("weftctl"));
     cmd.arg("--control").arg(control).args(args);
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn weftctl");
     if let Some(text) = stdin {
         use tokio::io::AsyncWriteExt;
@@ -419,7 +494,10 @@ pub async fn weftctl(control: &str, args: &[&str], stdin: Option<&str>) -> CtlOu
         si.write_all(text.as_bytes()).await.unwrap();
         drop(si);
     }
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.expect("weftctl finished").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("weftctl finished")
+        .unwrap();
     CtlOutput {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into(),
@@ -455,7 +533,9 @@ pub async fn send(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Response, String> {
-    let mut b = http::Request::builder().uri(format!("http://{addr}{path}")).header("host", host);
+    let mut b = http::Request::builder()
+        .uri(format!("http://{addr}{path}"))
+        .header("host", host);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
@@ -466,7 +546,11 @@ pub async fn send(
         .map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into()))
+    Ok((
+        parts.status.as_u16(),
+        parts.headers,
+        String::from_utf8_lossy(&body).into(),
+    ))
 }
 
 pub fn pooled_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
@@ -475,12 +559,20 @@ pub fn pooled_client() -> Client<hyper_util::client::legacy::connect::HttpConnec
 
 /// Which instance answered, from the example backend's `x-served-by`.
 pub fn served_by(r: &Response) -> String {
-    r.1.get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
+    r.1.get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string()
 }
 
 /// Sends a signal to a process (SIGSTOP/SIGCONT freeze and thaw it).
 pub fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().map(|s| s.success()).unwrap_or(false);
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     assert!(ok, "kill -{sig} {pid} failed");
 }
 
@@ -510,7 +602,16 @@ impl Mesh {
             Sidecar::start(&urls, "inference", "version=v2,region=east", v2.addr, "inference-v2"),
             Sidecar::start(&urls, "caller", "region=east", caller_app.addr, "caller-1"),
         );
-        let mesh = Mesh { etcd, control, v1, v2, inf_v1, inf_v2, caller_app, caller };
+        let mesh = Mesh {
+            etcd,
+            control,
+            v1,
+            v2,
+            inf_v1,
+            inf_v2,
+            caller_app,
+            caller,
+        };
         mesh.wait_endpoints("inference", 2).await;
         mesh
     }
@@ -520,9 +621,11 @@ impl Mesh {
     pub async fn wait_endpoints(&self, service: &str, n: usize) {
         let _ = get(self.caller.outbound, service, "/").await;
         let caller = &self.caller;
-        eventually(&format!("caller sees {n} endpoints of {service}"), Duration::from_secs(20), || async move {
-            caller.endpoint_addrs(service).await.len() == n
-        })
+        eventually(
+            &format!("caller sees {n} endpoints of {service}"),
+            Duration::from_secs(20),
+            || async move { caller.endpoint_addrs(service).await.len() == n },
+        )
         .await;
     }
 
