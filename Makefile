@@ -24,7 +24,8 @@ fmt:
 # fmt + clippy, then every unit and integration test (real etcd, real
 # binaries, real sockets). The integration tests run the binaries built here.
 test: lint build
-	$(CARGO) test --workspace
+	@set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test-output.txt
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "weft: %d passed, %d failed\n", p, f }' target/test-output.txt
 
 demo: build
 	bash examples/demo.sh

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# `make bench`: side-by-side HTTP/1.1 throughput and latency, in one run, of
+#   direct       wrk -> backend
+#   weft-1hop    wrk -> weft-proxy (inbound) -> backend
+#   nginx        wrk -> nginx reverse proxy -> backend
+#   haproxy      wrk -> HAProxy -> backend
+#   weft-2hops   wrk -> weft-proxy (outbound) -> weft-proxy (inbound) -> backend
+# The backend is nginx answering `return 200` (one worker). Each proxy gets one
+# worker/thread, pinned to CPU 0; wrk and the backend share CPU 1. Scenarios
+# are interleaved over ROUNDS rounds and the medians reported, since the
+# machine is shared and noisy. Writes BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/release}
+QUICK=${BENCH_QUICK:-0}
+DURATION=${BENCH_DURATION:-$([ "$QUICK" = 1 ] && echo 3 || echo 8)}
+ROUNDS=${BENCH_ROUNDS:-$([ "$QUICK" = 1 ] && echo 1 || echo 3)}
+CONNS=${BENCH_CONNS:-16}
+WORK=$(mktemp -d -t weft-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+start() { local name=$1; shift; "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" & PIDS+=($!); disown $!; }
+wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done; echo "no answer from $1"; exit 1; }
+wait_line() { for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "timed out: $1"; exit 1; }
+addr() { grep -o "$2=[^ ]*" "$WORK/$1.out" | cut -d= -f2; }
+
+BACK=$(port); NGX=$(port); HAP=$(port); EP=$(port); PP=$(port)
+cat >"$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$BACK; location / { return 200 "ok\n"; } }
+}
+NGINX
+cat >"$WORK/nginx-proxy.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $WORK/nginx-proxy.pid;
+error_log $WORK/nginx-proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BACK; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+cat >"$WORK/haproxy.cfg" <<HAPROXY
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:$HAP
+  default_backend be
+backend be
+  http-reuse always
+  server b1 127.0.0.1:$BACK
+HAPROXY
+
+start backend taskset -c 1 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
+start nginx-proxy taskset -c 0 nginx -c "$WORK/nginx-proxy.conf" -e "$WORK/nginx-proxy-error.log"
+start haproxy taskset -c 0 haproxy -f "$WORK/haproxy.cfg"
+start etcd taskset -c 1 etcd --data-dir "$WORK/etcd" --listen-client-urls "http://127.0.0.1:$EP" \
+  --advertise-client-urls "http://127.0.0.1:$EP" --listen-peer-urls "http://127.0.0.1:$PP" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$PP" --initial-cluster "default=http://127.0.0.1:$PP" --log-level warn
+start control taskset -c 1 "$BIN/weft-control" --etcd "http://127.0.0.1:$EP" --listen 127.0.0.1:0 --admin 127.0.0.1:0
+wait_line "$WORK/control.out" listening
+CONTROL="http://$(addr control grpc)"
+start side-in taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service backend --app "127.0.0.1:$BACK" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id bench-in
+start side-out taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service client --app "127.0.0.1:$BACK" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id bench-out
+wait_line "$WORK/side-in.out" listening; wait_line "$WORK/side-out.out" listening
+IN=$(addr side-in inbound); OUT=$(addr side-out outbound)
+wait_http "http://127.0.0.1:$BACK/"; wait_http "http://127.0.0.1:$NGX/"; wait_http "http://127.0.0.1:$HAP/"
+wait_http "http://$(addr side-in admin)/ready"; wait_http "http://$(addr side-out admin)/ready"
+for _ in $(seq 1 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: backend' "http://$OUT/")" = 200 ] && break; sleep 0.1; done
+
+declare -A URL=(
+  [direct]="http://127.0.0.1:$BACK/"
+  [weft-1hop]="http://$IN/"
+  [nginx]="http://127.0.0.1:$NGX/"
+  [haproxy]="http://127.0.0.1:$HAP/"
+  [weft-2hops]="http://$OUT/"
+)
+ORDER=(direct weft-1hop nginx haproxy weft-2hops)
+to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) printf "%.3f", v/1000; else if (v ~ /ms$/) printf "%.3f", v+0; else if (v ~ /s$/) printf "%.3f", v*1000; }'; }
+for r in $(seq 1 "$ROUNDS"); do
+  for s in "${ORDER[@]}"; do
+    taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: backend' "${URL[$s]}" >"$WORK/wrk-$s-$r.txt"
+    rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-$s-$r.txt")
+    p50=$(to_ms "$(awk '$1=="50%" {print $2}' "$WORK/wrk-$s-$r.txt")")
+    p99=$(to_ms "$(awk '$1=="99%" {print $2}' "$WORK/wrk-$s-$r.txt")")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-$s-$r.txt")
+    [ -z "$non2xx" ] || { echo "$s: $non2xx non-2xx answers"; cat "$WORK/wrk-$s-$r.txt"; exit 1; }
+    echo "$s $rps $p50 $p99" >>"$WORK/results.txt"
+    echo "round $r $s: $rps req/s p50 ${p50} ms p99 ${p99} ms"
+  done
+done
+median() { sort -n | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2 }'; }
+declare -A RPS P50 P99
+for s in "${ORDER[@]}"; do
+  RPS[$s]=$(awk -v s="$s" '$1==s {print $2}' "$WORK/results.txt" | median)
+  P50[$s]=$(awk -v s="$s" '$1==s {print $3}' "$WORK/results.txt" | median)
+  P99[$s]=$(awk -v s="$s" '$1==s {print $4}' "$WORK/results.txt" | median)
+done
+rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$(pgrep -f "weft-proxy.*--id $1" | head -1)/status"; }
+{
+  echo "# weft benchmarks"
+  echo
+  echo "Generated by \`make bench\` ($(date -u +%Y-%m-%d), $(nproc) cores, $(uname -r)). Re-run to refresh."
+  echo
+  echo "## Method"
+  echo
+  echo "- HTTP/1.1, \`wrk -t1 -c$CONNS -d${DURATION}s --latency\`, $ROUNDS round(s) with the scenarios interleaved; medians of the rounds."
+  echo "- Backend: nginx \`return 200\`, one worker. Every proxy gets one worker or thread (weft-proxy: current-thread runtime), pinned to CPU 0; wrk and the backend share CPU 1."
+  echo "- nginx and HAProxy are keep-alive reverse proxies to the same backend. weft runs with its control plane and metrics on, release build."
+  echo "- Closed loop: latency includes wrk's own queueing. Open-loop (fixed-rate) figures need the load generator, not written yet."
+  echo
+  echo "## Throughput and latency"
+  echo
+  echo "| path | req/s | vs direct | vs HAProxy | p50 ms | p99 ms |"
+  echo "|---|---|---|---|---|---|"
+  for s in "${ORDER[@]}"; do
+    awk -v s="$s" -v r="${RPS[$s]}" -v d="${RPS[direct]}" -v h="${RPS[haproxy]}" -v a="${P50[$s]}" -v b="${P99[$s]}" \
+      'BEGIN { printf "| %s | %.0f | %.2f× | %.2f× | %s | %s |\n", s, r, r/d, r/h, a, b }'
+  done
+  echo
+  echo "Sidecar RSS after the run: inbound $(rss bench-in) MB, outbound $(rss bench-out) MB."
+} >BENCHMARKS.md
+cat BENCHMARKS.md

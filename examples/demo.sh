@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# `make demo`: a small agent platform behind weft sidecars, on loopback.
+#
+# Starts etcd (temp data dir), weft-control, an `agent-router` and two
+# versions of `inference`, each behind its own weft-proxy; applies
+# examples/policy.yaml; sends traffic through the router's sidecar; shows
+# what happened; then stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/debug}
+WORK=$(mktemp -d -t weft-demo.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.2
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+start() { local name=$1; shift; "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" & PIDS+=($!); disown $!; }
+wait_line() { # file pattern
+  for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
+  echo "timed out waiting for '$2' in $1"; cat "${1%.out}.log" 2>/dev/null | tail -20; exit 1
+}
+wait_ok() { # url
+  for _ in $(seq 1 200); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "timed out waiting for $1"; exit 1
+}
+addr() { grep -o "$2=[^ ]*" "$WORK/$1.out" | cut -d= -f2; }
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "starting etcd, weft-control and the example platform"
+EP=$(port); PP=$(port)
+start etcd etcd --data-dir "$WORK/etcd" --listen-client-urls "http://127.0.0.1:$EP" \
+  --advertise-client-urls "http://127.0.0.1:$EP" --listen-peer-urls "http://127.0.0.1:$PP" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$PP" --initial-cluster "default=http://127.0.0.1:$PP" --log-level warn
+start control "$BIN/weft-control" --etcd "http://127.0.0.1:$EP" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --lease-ttl 3
+wait_line "$WORK/control.out" listening
+CONTROL="http://$(addr control grpc)"
+wait_ok "http://$(addr control admin)/ready"
+export WEFT_CONTROL=$CONTROL
+
+for v in v1 v2; do
+  start "app-$v" "$BIN/weft-example-service" --listen 127.0.0.1:0 --service inference --version $v
+  wait_line "$WORK/app-$v.out" listening
+  APP=$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-$v.out")
+  start "sidecar-$v" "$BIN/weft-proxy" --service inference --labels "version=$v,region=local" --app "$APP" \
+    --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id "inference-$v"
+done
+RO=$(port)
+start app-router "$BIN/weft-example-service" --listen 127.0.0.1:0 --service agent-router --outbound "127.0.0.1:$RO"
+wait_line "$WORK/app-router.out" listening
+ROUTER=$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-router.out")
+start sidecar-router "$BIN/weft-proxy" --service agent-router --labels region=local --app "$ROUTER" \
+  --inbound 127.0.0.1:0 --outbound "127.0.0.1:$RO" --admin 127.0.0.1:0 --id agent-router-1
+for s in v1 v2 router; do wait_line "$WORK/sidecar-$s.out" listening; wait_ok "http://$(addr sidecar-$s admin)/ready"; done
+
+say "weftctl endpoints inference"
+"$BIN/weftctl" endpoints inference
+
+say "weftctl apply -f examples/policy.yaml --wait"
+"$BIN/weftctl" apply -f examples/policy.yaml --wait
+
+say "100 calls: agent-router -> its sidecar -> inference (expect about 90 v1 / 10 v2)"
+for i in $(seq 1 100); do curl -s "http://$ROUTER/call/inference/v1/run"; done | grep -o '"served_by":"[^"]*"' | sort | uniq -c
+
+say "10 calls asking for the large model (x-model: large -> v2 only)"
+for i in $(seq 1 10); do curl -s -H 'x-model: large' "http://$ROUTER/call/inference/v1/run"; done | grep -o '"served_by":"[^"]*"' | sort | uniq -c
+
+say "a call to a service nobody registered"
+curl -s -i -H 'Host: nosuch' "http://127.0.0.1:$RO/" | grep -iE '^(HTTP|x-weft-error)|weft:' || true
+
+say "weftctl status"
+"$BIN/weftctl" status
+
+say "inference v2's sidecar dies; its endpoint goes and traffic moves to v1"
+kill -9 "$(pgrep -f 'weft-proxy.*--id inference-v2')"
+for _ in $(seq 1 100); do
+  "$BIN/weftctl" endpoints inference | grep -q inference-v2 || break; sleep 0.1
+done
+"$BIN/weftctl" endpoints inference
+for i in $(seq 1 20); do curl -s "http://$ROUTER/call/inference/v1/run"; done | grep -o '"served_by":"[^"]*"' | sort | uniq -c
+
+say "done; stopping everything"
