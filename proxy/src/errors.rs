@@ -23,6 +23,8 @@ pub enum ProxyError {
     Timeout { addr: String, ms: u64 },
     #[error("cannot reach upstream {addr}: {reason}")]
     Connect { addr: String, reason: String },
+    #[error("upstream {addr} reset the stream: {reason}")]
+    Reset { addr: String, reason: String },
     #[error("upstream {addr} failed: {reason}")]
     Upstream { addr: String, reason: String },
     #[error("subscription limit reached; cannot route to '{0}'")]
@@ -42,6 +44,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::Upstream { .. } => "upstream-failure",
+            ProxyError::Reset { .. } => "reset",
             ProxyError::TooManyServices(_) => "too-many-services",
             ProxyError::Draining => "draining",
         }
@@ -51,7 +54,9 @@ impl ProxyError {
         match self {
             ProxyError::NoAuthority | ProxyError::BadAuthority(_) => StatusCode::BAD_REQUEST,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Reset { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -61,7 +66,7 @@ impl ProxyError {
         match self {
             ProxyError::NoAuthority | ProxyError::BadAuthority(_) => 3, // INVALID_ARGUMENT
             ProxyError::Timeout { .. } => 4,                            // DEADLINE_EXCEEDED
-            ProxyError::UnknownService(_) => 5,                         // NOT_FOUND... but retryable? no
+            ProxyError::UnknownService(_) => 5,                         // NOT_FOUND
             _ => 14,                                                    // UNAVAILABLE
         }
     }

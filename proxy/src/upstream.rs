@@ -97,12 +97,28 @@ impl Upstream {
                 addr: addr.to_string(),
                 reason: error_chain(&e),
             }),
+            Err(e) if let Some(reason) = h2_reset(&e) => Err(ProxyError::Reset {
+                addr: addr.to_string(),
+                reason: format!("{reason:?}"),
+            }),
             Err(e) => Err(ProxyError::Upstream {
                 addr: addr.to_string(),
                 reason: error_chain(&e),
             }),
         }
     }
+}
+
+/// The HTTP/2 reset code, when the upstream reset the stream or connection.
+fn h2_reset(e: &(dyn std::error::Error + 'static)) -> Option<h2::Reason> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason();
+        }
+        cur = err.source();
+    }
+    None
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -366,3 +366,47 @@ async fn etcd_compaction_does_not_break_the_watch() {
     assert!(out.stdout.contains("ACKed"), "{out:?}");
     all_served_by(&mesh, 5, "inference/v2").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_delete_resources() {
+    let etcd = Etcd::start().await;
+    let control = Control::start(&etcd, 5).await;
+    let url = control.url();
+    let policy = format!(
+        "{ALL_V1}---\nkind: Route\nservice: inference\ntenant: acme\nrules:\n  - backends: [ {{ subset: {{ version: v2 }}, weight: 1 }} ]\n---\nkind: TenantPolicy\ntenant: acme\nservice: '*'\nmax_concurrent_requests: 10\n"
+    );
+    let out = weftctl(&url, &["apply", "-f", "-"], Some(&policy)).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout.lines().filter(|l| l.contains(" created (rev ")).count(),
+        3,
+        "{out:?}"
+    );
+
+    let table = weftctl(&url, &["get", "route"], None).await;
+    assert!(
+        table.stdout.contains("route/inference ") && table.stdout.contains("route/inference/acme"),
+        "{table:?}"
+    );
+    let acme = weftctl(&url, &["get", "route", "--tenant", "acme", "-o", "json"], None).await;
+    let v: serde_json::Value = serde_json::from_str(&acme.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{acme:?}");
+    assert_eq!(v[0]["tenant"], "acme");
+    let yaml = weftctl(&url, &["get", "route", "inference", "-o", "yaml"], None).await;
+    assert!(yaml.stdout.starts_with("kind: Route"), "{yaml:?}");
+    // What `get -o yaml` prints can be applied again unchanged.
+    let again = weftctl(&url, &["apply", "-f", "-"], Some(&yaml.stdout)).await;
+    assert!(again.stdout.contains("route/inference unchanged"), "{again:?}");
+    let tp = weftctl(&url, &["get", "tenantpolicy", "acme/*"], None).await;
+    assert!(tp.stdout.contains("tenantpolicy/acme/*"), "{tp:?}");
+
+    let del = weftctl(&url, &["delete", "route", "inference/acme"], None).await;
+    assert_eq!(del.code, 0, "{del:?}");
+    assert!(del.stdout.starts_with("route/inference/acme deleted (rev "), "{del:?}");
+    let gone = weftctl(&url, &["get", "route", "inference/acme"], None).await;
+    assert_eq!(gone.code, 1, "{gone:?}");
+    assert!(gone.stderr.contains("route/inference/acme not found"), "{gone:?}");
+    let bad = weftctl(&url, &["get", "widget"], None).await;
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("unknown kind 'widget'"), "{bad:?}");
+}
