@@ -29,6 +29,8 @@ pub struct Info {
     pub version: String,
     /// The caller's sidecar outbound address, for `/call/<service>/...`.
     pub outbound: Option<String>,
+    /// Answer every request with this status (a broken instance).
+    pub fail_status: Option<u16>,
 }
 
 impl Info {
@@ -89,7 +91,10 @@ async fn handle(req: Request<Incoming>, info: &Info, hits: &AtomicU64) -> Respon
     if let Some(rest) = path.strip_prefix("/call/") {
         return call(info, rest, req).await;
     }
-    let mut status = StatusCode::OK;
+    let mut status = info
+        .fail_status
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
     if let Some(code) = path.strip_prefix("/status/") {
         status = code
             .parse::<u16>()

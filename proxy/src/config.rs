@@ -8,11 +8,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use xds_proto::v1 as pb;
+
+use crate::resilience::{Health, ServiceStats, Settings};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{resource}: {message}")]
@@ -40,6 +42,9 @@ pub struct Service {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// All ready endpoints, for requests no route rule covers.
     pub all_ready: Arc<Vec<Arc<Endpoint>>>,
+    pub settings: Settings,
+    /// Counters shared across config versions of this service.
+    pub stats: Arc<ServiceStats>,
     /// The wire form this was built from, for `/config` and to rebuild.
     pub source: pb::ServiceConfig,
 }
@@ -58,6 +63,65 @@ pub struct Rule {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub backends: Vec<Backend>,
     pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub fallback: Option<Fallback>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on: RetryOn,
+}
+
+/// Which outcomes are retried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// Any 5xx, and a per-try timeout.
+    pub server_error: bool,
+    /// 502, 503, 504.
+    pub gateway_error: bool,
+    pub connect_failure: bool,
+    pub reset: bool,
+    /// gRPC UNAVAILABLE.
+    pub unavailable: bool,
+}
+
+impl RetryOn {
+    fn parse(conds: &[String]) -> Result<RetryOn, String> {
+        let mut on = RetryOn::default();
+        if conds.is_empty() {
+            return Ok(RetryOn {
+                gateway_error: true,
+                connect_failure: true,
+                reset: true,
+                unavailable: true,
+                ..on
+            });
+        }
+        for c in conds {
+            match c.as_str() {
+                "5xx" => on.server_error = true,
+                "gateway-error" => on.gateway_error = true,
+                "connect-failure" => on.connect_failure = true,
+                "reset" => on.reset = true,
+                "unavailable" => on.unavailable = true,
+                // Known to the control plane, not retried by this sidecar.
+                "cancelled" | "deadline-exceeded" | "resource-exhausted" => {}
+                other => return Err(format!("unknown retry condition '{other}'")),
+            }
+        }
+        Ok(on)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Fallback {
+    /// Send the request to another service.
+    Service(String),
+    /// Answer with a fixed response.
+    Static { status: StatusCode, body: Bytes },
 }
 
 #[derive(Debug)]
@@ -75,12 +139,7 @@ pub struct Endpoint {
     pub labels: BTreeMap<String, String>,
     pub ready: bool,
     /// Shared across config versions for the same address.
-    pub stats: Arc<EndpointStats>,
-}
-
-#[derive(Debug, Default)]
-pub struct EndpointStats {
-    pub in_flight: AtomicUsize,
+    pub health: Arc<Health>,
 }
 
 impl Rule {
@@ -183,12 +242,48 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
                 }
             })
             .collect();
+        let retry = match &rule.retry {
+            Some(r) if r.attempts > 0 => Some(RetryPolicy {
+                attempts: r.attempts.min(10),
+                per_try_timeout: (r.per_try_timeout_ms > 0).then(|| Duration::from_millis(r.per_try_timeout_ms)),
+                on: RetryOn::parse(&r.on).map_err(|e| bad(format!("rules[{i}].retry.on: {e}")))?,
+            }),
+            _ => None,
+        };
+        let fallback = match &rule.fallback {
+            None => None,
+            Some(f) if !f.service.is_empty() => {
+                if f.service == service {
+                    return Err(bad(format!(
+                        "rules[{i}].fallback.service: a service cannot fall back to itself"
+                    )));
+                }
+                Some(Fallback::Service(f.service.clone()))
+            }
+            Some(f) => {
+                let status = u16::try_from(f.status)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "rules[{i}].fallback.status: {} is not an HTTP status",
+                            f.status
+                        ))
+                    })?;
+                Some(Fallback::Static {
+                    status,
+                    body: Bytes::from(f.body.clone()),
+                })
+            }
+        };
         rules.push(Rule {
             path_prefix,
             method,
             headers,
             backends,
             timeout: (rule.timeout_ms > 0).then(|| Duration::from_millis(rule.timeout_ms)),
+            retry,
+            fallback,
         });
     }
     Ok(Route {
@@ -203,8 +298,8 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
 /// versions). Returns the service and the problems found.
 pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Service, Vec<InvalidPolicy>) {
     let mut problems = Vec::new();
-    let old_stats: HashMap<SocketAddr, Arc<EndpointStats>> = previous
-        .map(|p| p.endpoints.iter().map(|e| (e.addr, e.stats.clone())).collect())
+    let old_health: HashMap<SocketAddr, Arc<Health>> = previous
+        .map(|p| p.endpoints.iter().map(|e| (e.addr, e.health.clone())).collect())
         .unwrap_or_default();
     let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
     for e in &cfg.endpoints {
@@ -214,7 +309,7 @@ pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Se
                 addr,
                 labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 ready: e.ready,
-                stats: old_stats.get(&addr).cloned().unwrap_or_default(),
+                health: old_health.get(&addr).cloned().unwrap_or_default(),
             })),
             Err(_) => problems.push(InvalidPolicy {
                 resource: format!("endpoint/{}/{}", cfg.name, e.proxy_id),
@@ -272,6 +367,8 @@ pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Se
         tenant_routes,
         endpoints,
         all_ready: Arc::new(ready),
+        settings: cfg.resilience.as_ref().map(Settings::from).unwrap_or_default(),
+        stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
         source,
     };
     (service, problems)
@@ -336,6 +433,7 @@ mod tests {
     fn endpoint_stats_survive_rebuilds() {
         let (a, _) = build_service(&cfg(1, 1), None);
         let (b, _) = build_service(&cfg(2, 1), Some(&a));
-        assert!(Arc::ptr_eq(&a.endpoints[0].stats, &b.endpoints[0].stats));
+        assert!(Arc::ptr_eq(&a.endpoints[0].health, &b.endpoints[0].health));
+        assert!(Arc::ptr_eq(&a.stats, &b.stats));
     }
 }

@@ -29,6 +29,10 @@ pub enum ProxyError {
     Upstream { addr: String, reason: String },
     #[error("subscription limit reached; cannot route to '{0}'")]
     TooManyServices(String),
+    #[error("service '{0}' is over its max_concurrent_requests")]
+    Overloaded(String),
+    #[error("cannot read the request body: {0}")]
+    BadRequestBody(String),
     #[error("sidecar is draining")]
     Draining,
 }
@@ -47,12 +51,16 @@ impl ProxyError {
             ProxyError::Reset { .. } => "reset",
             ProxyError::TooManyServices(_) => "too-many-services",
             ProxyError::Draining => "draining",
+            ProxyError::Overloaded(_) => "overloaded",
+            ProxyError::BadRequestBody(_) => "bad-request",
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoAuthority | ProxyError::BadAuthority(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoAuthority | ProxyError::BadAuthority(_) | ProxyError::BadRequestBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Reset { .. } => {
                 StatusCode::BAD_GATEWAY

@@ -8,9 +8,9 @@ use http::Request;
 use hyper::body::Incoming;
 
 use crate::TENANT_HEADER;
-use crate::body::BoxResponse;
+use crate::body::{BoxResponse, ProxyBody};
 use crate::errors::is_grpc;
-use crate::outbound::finish;
+use crate::outbound::{Degraded, finish};
 use crate::state::Shared;
 use crate::upstream::Upstream;
 
@@ -31,7 +31,15 @@ impl Inbound {
             .filter(|v| !v.is_empty())
             .unwrap_or("default")
             .to_string();
-        let result = self.upstream.send(self.app, req, None).await;
-        finish(result, grpc, "inbound", &self.shared.identity.service, &tenant, started)
+        let result = self.upstream.send(self.app, req.map(ProxyBody::Left), None).await;
+        finish(
+            result.map(|r| r.map(ProxyBody::Left)),
+            &Degraded::default(),
+            grpc,
+            "inbound",
+            &self.shared.identity.service,
+            &tenant,
+            started,
+        )
     }
 }

@@ -3,6 +3,7 @@
 //! - [`outbound`]: app → service (routing by authority, weighted subsets, timeouts)
 //! - [`inbound`]: peer → local app
 //! - [`balance`]: endpoint choice
+//! - [`resilience`]: circuit breaking, concurrency caps, retry budgets
 //! - [`upstream`]: pooled HTTP/1.1 and h2c clients
 //! - [`config`]: the immutable config table built from discovery updates
 //! - [`discovery`]: the stream to the control plane (ACK/NACK, reconnects)
@@ -20,6 +21,7 @@ pub mod errors;
 pub mod inbound;
 pub mod outbound;
 pub mod probe;
+pub mod resilience;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;

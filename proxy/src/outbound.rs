@@ -9,10 +9,17 @@ use http::{HeaderValue, Request};
 use hyper::body::Incoming;
 use rand::Rng;
 
-use crate::balance;
-use crate::body::{BoxResponse, ProxyBody};
-use crate::config::{Endpoint, Service};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+use crate::balance::{self, InFlight};
+use crate::body::{BoxResponse, ProxyBody, full};
+use crate::config::{Fallback, RetryOn, Rule, Service};
 use crate::errors::{ProxyError, is_grpc};
+use crate::resilience;
 use crate::state::Shared;
 use crate::upstream::Upstream;
 use crate::{TENANT_HEADER, telemetry};
@@ -24,6 +31,65 @@ pub struct Outbound {
     pub shared: Arc<Shared>,
     pub upstream: Upstream,
 }
+
+/// Requests with a declared body up to this size are buffered so they can be
+/// retried or sent to a fallback service.
+pub const MAX_REPLAY_BODY: u64 = 1024 * 1024;
+
+/// Why a call that got an answer is degraded rather than clean.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Degraded {
+    pub retries: u32,
+    pub breaker: bool,
+    pub fallback: Option<String>,
+    pub timeout: bool,
+    pub shed: bool,
+}
+
+impl Degraded {
+    pub fn any(&self) -> bool {
+        self.retries > 0 || self.breaker || self.fallback.is_some() || self.timeout || self.shed
+    }
+
+    /// `retry=2,breaker,fallback=inference-lite` (the `x-weft-degraded` value).
+    pub fn header_value(&self) -> String {
+        let mut parts = Vec::new();
+        if self.retries > 0 {
+            parts.push(format!("retry={}", self.retries));
+        }
+        if self.breaker {
+            parts.push("breaker".to_string());
+        }
+        if let Some(f) = &self.fallback {
+            parts.push(format!("fallback={f}"));
+        }
+        if self.timeout {
+            parts.push("timeout".to_string());
+        }
+        if self.shed {
+            parts.push("shed".to_string());
+        }
+        parts.join(",")
+    }
+}
+
+/// A request body that can be sent more than once, or not.
+enum ReqBody {
+    Buffered(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl ReqBody {
+    fn take(&mut self) -> Option<ProxyBody> {
+        match self {
+            ReqBody::Buffered(b) => Some(full(b.clone())),
+            ReqBody::Stream(s) => s.take().map(ProxyBody::Left),
+        }
+    }
+}
+
+/// What one try produced.
+type Outcome = Result<http::Response<Incoming>, ProxyError>;
 
 impl Outbound {
     pub async fn handle(&self, mut req: Request<Incoming>) -> BoxResponse {
@@ -37,12 +103,13 @@ impl Outbound {
             .unwrap_or("default")
             .to_string();
         ensure_traceparent(&mut req);
+        let mut degraded = Degraded::default();
         let service = match service_of(&req) {
             Ok(s) => s,
-            Err(e) => return finish(Err(e), grpc, "outbound", "-", &tenant, started),
+            Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", &tenant, started),
         };
-        let result = self.route_and_forward(&service, &tenant, req).await;
-        finish(result, grpc, "outbound", &service, &tenant, started)
+        let result = self.route_and_forward(&service, &tenant, req, &mut degraded).await;
+        finish(result, &degraded, grpc, "outbound", &service, &tenant, started)
     }
 
     async fn route_and_forward(
@@ -50,15 +117,182 @@ impl Outbound {
         service: &str,
         tenant: &str,
         req: Request<Incoming>,
-    ) -> Result<http::Response<Incoming>, ProxyError> {
+        degraded: &mut Degraded,
+    ) -> Result<http::Response<ProxyBody>, ProxyError> {
         let svc = self.resolve(service).await?;
         if !svc.known {
             return Err(ProxyError::UnknownService(service.to_string()));
         }
-        let (endpoint, timeout) =
-            pick(&svc, tenant, &req).ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
-        let _guard = balance::InFlight::new(&endpoint.stats);
-        self.upstream.send(endpoint.addr, req, timeout).await
+        let rule = svc
+            .route_for(tenant)
+            .and_then(|r| r.rules.iter().find(|rule| rule.matches(&req)));
+        let fallback = rule.and_then(|r| r.fallback.clone());
+        let retry = rule.and_then(|r| r.retry.clone());
+        let timeout = rule.and_then(|r| r.timeout);
+        let deadline = timeout.map(|t| Instant::now() + t);
+
+        let (parts, body) = req.into_parts();
+        // Buffer only what is known to be small and complete: no body at all,
+        // or a declared length within the limit.
+        let replayable = http_body::Body::is_end_stream(&body)
+            || http_body::Body::size_hint(&body)
+                .upper()
+                .is_some_and(|n| n <= MAX_REPLAY_BODY);
+        let mut body = if replayable && (retry.is_some() || fallback.is_some()) {
+            match body.collect().await {
+                Ok(b) => ReqBody::Buffered(b.to_bytes()),
+                Err(e) => return Err(ProxyError::BadRequestBody(e.to_string())),
+            }
+        } else {
+            ReqBody::Stream(Some(body))
+        };
+        let may_retry = matches!(body, ReqBody::Buffered(_))
+            && (parts.method.is_idempotent() || is_grpc_parts(&parts) || parts.headers.contains_key("idempotency-key"));
+
+        let max_tries = 1 + if may_retry {
+            retry.as_ref().map(|r| r.attempts).unwrap_or(0)
+        } else {
+            0
+        };
+        let settings = &svc.settings;
+        svc.stats.deposit(settings);
+        let _svc_guard = if settings.max_concurrent > 0 {
+            if svc.stats.in_flight.load(Ordering::Relaxed) >= settings.max_concurrent {
+                degraded.shed = true;
+                return self
+                    .fallback_or(
+                        fallback.as_ref(),
+                        &parts,
+                        &mut body,
+                        degraded,
+                        ProxyError::Overloaded(service.to_string()),
+                    )
+                    .await;
+            }
+            Some(InFlight::new(&svc.stats.in_flight))
+        } else {
+            None
+        };
+
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last: Option<Outcome> = None;
+        for attempt in 0..max_tries {
+            let now = resilience::now_ms();
+            let picked = pick_in(&svc, rule, &tried, now);
+            degraded.breaker |= picked.skipped_ejected;
+            let Some(endpoint) = picked.endpoint else {
+                if last.is_none() {
+                    last = Some(Err(ProxyError::NoEndpoints(service.to_string())));
+                }
+                break;
+            };
+            let per_try = retry.as_ref().and_then(|r| r.per_try_timeout);
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let try_timeout = match (per_try.filter(|_| may_retry), remaining) {
+                (Some(p), Some(r)) => Some(p.min(r)),
+                (p, r) => p.or(r),
+            };
+            let Some(b) = body.take() else { break };
+            let mut attempt_req = Request::from_parts(clone_parts(&parts), b);
+            *attempt_req.extensions_mut() = http::Extensions::new();
+            let outcome = {
+                let _guard = InFlight::endpoint(&endpoint.health);
+                self.upstream.send(endpoint.addr, attempt_req, try_timeout).await
+            };
+            tried.push(endpoint.addr);
+            let failed = is_failure(&outcome);
+            if failed {
+                let share = ejected_share(&svc, now);
+                if endpoint.health.record_failure(settings, share) {
+                    metrics::counter!("weft_breaker_ejections_total", "service" => service.to_string()).increment(1);
+                    tracing::info!(service, endpoint = %endpoint.addr, "endpoint ejected");
+                }
+            } else {
+                endpoint.health.record_success();
+            }
+            let retryable = failed
+                && retry.as_ref().is_some_and(|r| should_retry(&r.on, &outcome))
+                && attempt + 1 < max_tries
+                && deadline.is_none_or(|d| Instant::now() < d);
+            last = Some(outcome);
+            if !retryable {
+                break;
+            }
+            if !svc.stats.withdraw(settings) {
+                tracing::debug!(service, "retry budget spent; not retrying");
+                break;
+            }
+            degraded.retries += 1;
+            metrics::counter!("weft_retries_total", "service" => service.to_string()).increment(1);
+            // Exponential backoff with full jitter: up to 25 ms, 50 ms, 100 ms ...
+            let cap = 25u64 << attempt.min(6);
+            let backoff = Duration::from_millis(rand::rng().random_range(0..=cap));
+            tokio::time::sleep(backoff).await;
+        }
+        let last = last.unwrap_or_else(|| Err(ProxyError::NoEndpoints(service.to_string())));
+        if is_failure(&last) {
+            if matches!(last, Err(ProxyError::Timeout { .. })) {
+                degraded.timeout = true;
+            }
+            if fallback.is_some() {
+                let err = match last {
+                    Err(e) => e,
+                    Ok(resp) => ProxyError::Upstream {
+                        addr: service.to_string(),
+                        reason: format!("answered {}", resp.status()),
+                    },
+                };
+                return self
+                    .fallback_or(fallback.as_ref(), &parts, &mut body, degraded, err)
+                    .await;
+            }
+        }
+        last.map(|r| r.map(ProxyBody::Left))
+    }
+
+    /// Answers from the fallback when there is one (and the request can be
+    /// sent again), else with `err`.
+    async fn fallback_or(
+        &self,
+        fallback: Option<&Fallback>,
+        parts: &http::request::Parts,
+        body: &mut ReqBody,
+        degraded: &mut Degraded,
+        err: ProxyError,
+    ) -> Result<http::Response<ProxyBody>, ProxyError> {
+        match fallback {
+            None => Err(err),
+            Some(Fallback::Static { status, body: text }) => {
+                degraded.fallback = Some("static".into());
+                let mut resp = http::Response::new(full(text.clone()));
+                *resp.status_mut() = *status;
+                Ok(resp)
+            }
+            Some(Fallback::Service(name)) => {
+                let Some(b) = body.take() else { return Err(err) };
+                let svc = match self.resolve(name).await {
+                    Ok(s) if s.known => s,
+                    _ => return Err(err),
+                };
+                let tenant = parts
+                    .headers
+                    .get(TENANT_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("default");
+                let req = Request::from_parts(clone_parts(parts), b);
+                let rule = svc
+                    .route_for(tenant)
+                    .and_then(|r| r.rules.iter().find(|rule| rule.matches(&req)));
+                let Some(endpoint) = pick_in(&svc, rule, &[], resilience::now_ms()).endpoint else {
+                    return Err(err);
+                };
+                degraded.fallback = Some(name.clone());
+                let _guard = InFlight::endpoint(&endpoint.health);
+                let timeout = rule.and_then(|r| r.timeout);
+                let resp = self.upstream.send(endpoint.addr, req, timeout).await?;
+                Ok(resp.map(ProxyBody::Left))
+            }
+        }
     }
 
     /// Finds the service in the table, subscribing and waiting on a miss.
@@ -87,35 +321,103 @@ impl Outbound {
     }
 }
 
-/// Chooses the endpoint for a request: the tenant's route (else the default
-/// route), its first matching rule, a backend by weight among those with
-/// ready endpoints, then an endpoint. Without a route or a matching rule,
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.version_mut() = p.version;
+    *req.headers_mut() = p.headers.clone();
+    req.into_parts().0
+}
+
+fn is_grpc_parts(p: &http::request::Parts) -> bool {
+    p.headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// gRPC status of a trailers-only answer, if any.
+fn grpc_status(resp: &http::Response<Incoming>) -> Option<u32> {
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// What counts against an endpoint: 5xx, connect failure, reset, timeout,
+/// gRPC UNAVAILABLE.
+fn is_failure(o: &Outcome) -> bool {
+    match o {
+        Ok(resp) => resp.status().is_server_error() || grpc_status(resp) == Some(14),
+        Err(
+            ProxyError::Connect { .. }
+            | ProxyError::Reset { .. }
+            | ProxyError::Timeout { .. }
+            | ProxyError::Upstream { .. },
+        ) => true,
+        Err(_) => false,
+    }
+}
+
+fn should_retry(on: &RetryOn, o: &Outcome) -> bool {
+    match o {
+        Ok(resp) => {
+            let s = resp.status().as_u16();
+            (on.server_error && resp.status().is_server_error())
+                || (on.gateway_error && matches!(s, 502..=504))
+                || (on.unavailable && grpc_status(resp) == Some(14))
+        }
+        Err(ProxyError::Connect { .. }) => on.connect_failure,
+        Err(ProxyError::Reset { .. }) => on.reset,
+        Err(ProxyError::Timeout { .. }) => on.server_error || on.gateway_error,
+        Err(ProxyError::Upstream { .. }) => on.reset || on.server_error,
+        Err(_) => false,
+    }
+}
+
+fn ejected_share(svc: &Service, now: u64) -> f64 {
+    if svc.endpoints.is_empty() {
+        return 0.0;
+    }
+    let ejected = svc.endpoints.iter().filter(|e| e.health.is_ejected(now)).count();
+    ejected as f64 / svc.endpoints.len() as f64
+}
+
+/// Chooses the endpoint for a request under `rule`: a backend by weight
+/// among those with an eligible endpoint, then an endpoint. Without a rule,
 /// any ready endpoint of the service.
-pub fn pick<B>(svc: &Service, tenant: &str, req: &Request<B>) -> Option<(Arc<Endpoint>, Option<Duration>)> {
-    let rule = svc
-        .route_for(tenant)
-        .and_then(|r| r.rules.iter().find(|rule| rule.matches(req)));
+fn pick_in(svc: &Service, rule: Option<&Rule>, tried: &[SocketAddr], now: u64) -> balance::Picked {
     let Some(rule) = rule else {
-        return balance::p2c(&svc.all_ready).map(|e| (e, None));
+        return balance::p2c(&svc.all_ready, tried, now);
     };
-    let total: u64 = rule
-        .backends
-        .iter()
-        .filter(|b| !b.endpoints.is_empty())
-        .map(|b| u64::from(b.weight))
-        .sum();
+    let mut skipped = false;
+    let eligible = |b: &&crate::config::Backend| balance::any_eligible(&b.endpoints, now);
+    for b in &rule.backends {
+        if !b.endpoints.is_empty() && !balance::any_eligible(&b.endpoints, now) {
+            skipped = true;
+        }
+    }
+    let total: u64 = rule.backends.iter().filter(eligible).map(|b| u64::from(b.weight)).sum();
     if total == 0 {
-        return None;
+        return balance::Picked {
+            endpoint: None,
+            skipped_ejected: skipped,
+        };
     }
     let mut n = rand::rng().random_range(0..total);
-    for b in rule.backends.iter().filter(|b| !b.endpoints.is_empty()) {
+    for b in rule.backends.iter().filter(eligible) {
         let w = u64::from(b.weight);
         if n < w {
-            return balance::p2c(&b.endpoints).map(|e| (e, rule.timeout));
+            let mut p = balance::p2c(&b.endpoints, tried, now);
+            p.skipped_ejected |= skipped;
+            return p;
         }
         n -= w;
     }
-    None
+    balance::Picked {
+        endpoint: None,
+        skipped_ejected: skipped,
+    }
 }
 
 /// The service a request is for: the authority of an absolute-form URI or
@@ -160,23 +462,48 @@ fn ensure_traceparent<B>(req: &mut Request<B>) {
         .insert("traceparent", HeaderValue::from_str(&v).expect("hex is a valid header"));
 }
 
-/// Records the outcome and turns it into the response.
+/// Records the outcome and turns it into the response, marking a degraded
+/// success (`x-weft-degraded`, a `weft=` member in `tracestate`, and the
+/// `degraded` metric label).
 pub fn finish(
-    result: Result<http::Response<Incoming>, ProxyError>,
+    result: Result<http::Response<ProxyBody>, ProxyError>,
+    degraded: &Degraded,
     grpc: bool,
     direction: &'static str,
     service: &str,
     tenant: &str,
     started: Instant,
 ) -> BoxResponse {
-    let resp = match result {
-        Ok(r) => r.map(ProxyBody::Left),
+    let mut resp = match result {
+        Ok(r) => r,
         Err(e) => {
             tracing::debug!(direction, service, error = %e, "request failed in the sidecar");
             e.into_response(grpc)
         }
     };
-    telemetry::record_request(direction, service, tenant, resp.status().as_u16(), started.elapsed());
+    let is_degraded = degraded.any();
+    if is_degraded {
+        let value = degraded.header_value();
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert("x-weft-degraded", v);
+        }
+        let member = format!("weft={}", value.replace(',', ";").replace('=', ":"));
+        let tracestate = match resp.headers().get("tracestate").and_then(|v| v.to_str().ok()) {
+            Some(old) if !old.is_empty() => format!("{member},{old}"),
+            _ => member,
+        };
+        if let Ok(v) = HeaderValue::from_str(&tracestate) {
+            resp.headers_mut().insert("tracestate", v);
+        }
+    }
+    telemetry::record_request(
+        direction,
+        service,
+        tenant,
+        resp.status().as_u16(),
+        is_degraded,
+        started.elapsed(),
+    );
     resp
 }
 

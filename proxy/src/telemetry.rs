@@ -4,13 +4,20 @@
 
 use std::time::Duration;
 
-pub fn record_request(direction: &'static str, service: &str, tenant: &str, code: u16, elapsed: Duration) {
+pub fn record_request(
+    direction: &'static str,
+    service: &str,
+    tenant: &str,
+    code: u16,
+    degraded: bool,
+    elapsed: Duration,
+) {
     let labels = [
         ("direction", direction.to_string()),
         ("service", service.to_string()),
         ("tenant", tenant.to_string()),
         ("code", code.to_string()),
-        ("degraded", "false".to_string()),
+        ("degraded", degraded.to_string()),
     ];
     metrics::counter!("weft_requests_total", &labels).increment(1);
     metrics::histogram!("weft_request_duration_seconds", "direction" => direction, "service" => service.to_string())

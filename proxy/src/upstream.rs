@@ -8,6 +8,8 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
+
+use crate::body::ProxyBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -15,8 +17,8 @@ use hyper_util::rt::TokioExecutor;
 use crate::errors::ProxyError;
 
 pub struct Upstream {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<HttpConnector, ProxyBody>,
+    h2: Client<HttpConnector, ProxyBody>,
 }
 
 impl Default for Upstream {
@@ -51,7 +53,7 @@ impl Upstream {
     pub async fn send(
         &self,
         addr: SocketAddr,
-        mut req: Request<Incoming>,
+        mut req: Request<ProxyBody>,
         timeout: Option<Duration>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let h2 = req.version() == Version::HTTP_2;

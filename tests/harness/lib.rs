@@ -432,12 +432,22 @@ pub struct Backend {
 
 impl Backend {
     pub async fn http(service: &str, version: &str) -> Backend {
+        Self::http_with(service, version, None).await
+    }
+
+    /// An instance that answers every request with `status`.
+    pub async fn failing(service: &str, version: &str, status: u16) -> Backend {
+        Self::http_with(service, version, Some(status)).await
+    }
+
+    async fn http_with(service: &str, version: &str, fail_status: Option<u16>) -> Backend {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let info = Info {
             service: service.into(),
             version: version.into(),
             outbound: None,
+            fail_status,
         };
         Backend {
             addr,
@@ -452,6 +462,7 @@ impl Backend {
             service: service.into(),
             version: version.into(),
             outbound: None,
+            fail_status: None,
         };
         Backend {
             addr,

@@ -22,6 +22,9 @@ struct Args {
     /// The local sidecar's outbound address, for /call/<service>/...
     #[arg(long)]
     outbound: Option<String>,
+    /// Answer every HTTP request with this status (a broken instance).
+    #[arg(long)]
+    fail_status: Option<u16>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -33,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
         service: a.service,
         version: a.version,
         outbound: a.outbound,
+        fail_status: a.fail_status,
     };
     if a.grpc {
         serve_grpc(listener, info).await?;

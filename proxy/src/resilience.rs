@@ -1,0 +1,238 @@
+//! What protects callers from a failing service: per-endpoint circuit
+//! breaking (consecutive failures → ejection for a growing period → one
+//! half-open chance), the service's concurrency cap, and the retry budget that
+//! keeps retries from multiplying an outage.
+
+use std::sync::Mutex;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use xds_proto::v1 as pb;
+
+/// Milliseconds since the process started: the clock of ejection deadlines.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// A service's resilience settings; zero values switch a feature off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+    pub max_concurrent: usize,
+    pub budget_ratio: f64,
+    pub budget_min_per_second: f64,
+}
+
+impl Default for Settings {
+    /// Used when a service has no `Resilience` resource: no breaker, no cap,
+    /// and the default retry budget (20 % of requests, at least 10/s).
+    fn default() -> Self {
+        Settings {
+            consecutive_failures: 0,
+            base_ejection: Duration::from_secs(10),
+            max_ejection_percent: 50,
+            max_concurrent: 0,
+            budget_ratio: 0.2,
+            budget_min_per_second: 10.0,
+        }
+    }
+}
+
+impl From<&pb::Resilience> for Settings {
+    fn from(r: &pb::Resilience) -> Self {
+        let d = Settings::default();
+        Settings {
+            consecutive_failures: r.consecutive_failures,
+            base_ejection: if r.base_ejection_ms > 0 {
+                Duration::from_millis(r.base_ejection_ms)
+            } else {
+                d.base_ejection
+            },
+            max_ejection_percent: if r.consecutive_failures > 0 {
+                r.max_ejection_percent.min(100)
+            } else {
+                d.max_ejection_percent
+            },
+            max_concurrent: r.max_concurrent_requests as usize,
+            budget_ratio: if r.retry_budget_ratio > 0.0 {
+                r.retry_budget_ratio
+            } else {
+                d.budget_ratio
+            },
+            budget_min_per_second: if r.retry_budget_ratio > 0.0 || r.retry_budget_min_per_second > 0 {
+                r.retry_budget_min_per_second as f64
+            } else {
+                d.budget_min_per_second
+            },
+        }
+    }
+}
+
+/// Per-endpoint health, kept across config versions.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub in_flight: AtomicUsize,
+    failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
+    half_open: AtomicBool,
+}
+
+impl Health {
+    pub fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    pub fn record_success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        if self.half_open.swap(false, Ordering::Relaxed) {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failure; returns true when it ejects the endpoint.
+    /// `ejected_share` is the share of the service's endpoints ejected now.
+    pub fn record_failure(&self, s: &Settings, ejected_share: f64) -> bool {
+        if s.consecutive_failures == 0 {
+            return false;
+        }
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        // After an ejection the first answer decides: one failure ejects again.
+        let threshold = if self.half_open.load(Ordering::Relaxed) {
+            1
+        } else {
+            s.consecutive_failures
+        };
+        if failures < threshold || self.is_ejected(now_ms()) {
+            return false;
+        }
+        if ejected_share * 100.0 >= f64::from(s.max_ejection_percent) {
+            return false;
+        }
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        // Linear growth, capped at 5 minutes.
+        let period = (s.base_ejection * n).min(Duration::from_secs(300));
+        self.ejected_until_ms
+            .store(now_ms() + period.as_millis() as u64, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        self.half_open.store(true, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Per-service counters, kept across config versions.
+#[derive(Debug)]
+pub struct ServiceStats {
+    pub in_flight: AtomicUsize,
+    budget: Mutex<Budget>,
+}
+
+impl Default for ServiceStats {
+    fn default() -> Self {
+        ServiceStats {
+            in_flight: AtomicUsize::new(0),
+            budget: Mutex::new(Budget {
+                tokens: 0.0,
+                refilled: Instant::now(),
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Budget {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl ServiceStats {
+    /// Every request deposits `ratio` of a retry; the floor adds
+    /// `min_per_second` per second. Capped at ten seconds' worth.
+    pub fn deposit(&self, s: &Settings) {
+        let mut b = self.budget.lock().expect("lock");
+        Self::refill(&mut b, s);
+        b.tokens = (b.tokens + s.budget_ratio).min(Self::cap(s));
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub fn withdraw(&self, s: &Settings) -> bool {
+        let mut b = self.budget.lock().expect("lock");
+        Self::refill(&mut b, s);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// At most ten seconds of the floor, and never less than ten retries'
+    /// worth, so a long healthy spell cannot bank a burst of retries.
+    fn cap(s: &Settings) -> f64 {
+        (s.budget_min_per_second * 10.0).max(10.0)
+    }
+
+    fn refill(b: &mut Budget, s: &Settings) {
+        let now = Instant::now();
+        let secs = now.duration_since(b.refilled).as_secs_f64();
+        b.refilled = now;
+        b.tokens = (b.tokens + secs * s.budget_min_per_second).min(Self::cap(s));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(n: u32) -> Settings {
+        Settings {
+            consecutive_failures: n,
+            base_ejection: Duration::from_secs(10),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_only() {
+        let h = Health::default();
+        let s = breaker(3);
+        assert!(!h.record_failure(&s, 0.0));
+        assert!(!h.record_failure(&s, 0.0));
+        h.record_success();
+        assert!(!h.record_failure(&s, 0.0));
+        assert!(!h.record_failure(&s, 0.0));
+        assert!(h.record_failure(&s, 0.0));
+        assert!(h.is_ejected(now_ms()));
+    }
+
+    #[test]
+    fn respects_max_ejection_percent() {
+        let h = Health::default();
+        let s = breaker(1);
+        assert!(!h.record_failure(&s, 0.5), "half the service is ejected already");
+        assert!(h.record_failure(&s, 0.0));
+    }
+
+    #[test]
+    fn budget_caps_retries() {
+        let stats = ServiceStats::default();
+        let s = Settings {
+            budget_ratio: 0.1,
+            budget_min_per_second: 0.0,
+            ..Settings::default()
+        };
+        for _ in 0..100 {
+            stats.deposit(&s);
+        }
+        let mut retries = 0;
+        while stats.withdraw(&s) {
+            retries += 1;
+        }
+        assert!(retries <= 10, "{retries}");
+        assert!(retries >= 9, "{retries}");
+    }
+}
