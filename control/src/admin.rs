@@ -76,10 +76,7 @@ impl Admin for AdminService {
             revision,
             results: results
                 .into_iter()
-                .map(|(id, a)| pb::ApplyResult {
-                    resource: id.to_string(),
-                    action: a.as_str().into(),
-                })
+                .map(|(id, a)| pb::ApplyResult { resource: id.to_string(), action: a.as_str().into() })
                 .collect(),
             services,
         }))
@@ -144,9 +141,7 @@ impl Admin for AdminService {
         let service = request.into_inner().service;
         policy::check_name("service", &service).map_err(Status::invalid_argument)?;
         let recs = self.store.endpoints(&service).await.map_err(store_status)?;
-        Ok(Response::new(pb::EndpointsResponse {
-            endpoints: recs.iter().map(convert::endpoint).collect(),
-        }))
+        Ok(Response::new(pb::EndpointsResponse { endpoints: recs.iter().map(convert::endpoint).collect() }))
     }
 
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {

@@ -8,9 +8,7 @@ use crate::store::EndpointRecord;
 fn millis(field: &str, d: &Option<String>) -> Result<u64, String> {
     match d {
         None => Ok(0),
-        Some(s) => parse_duration(s)
-            .map(|d| d.as_millis() as u64)
-            .map_err(|e| format!("{field}: {e}")),
+        Some(s) => parse_duration(s).map(|d| d.as_millis() as u64).map_err(|e| format!("{field}: {e}")),
     }
 }
 
@@ -27,10 +25,7 @@ pub fn route(r: &policy::Route, revision: u64) -> Result<pb::Route, String> {
             backends: rule
                 .backends
                 .iter()
-                .map(|b| pb::WeightedBackend {
-                    subset: b.subset.clone().into_iter().collect(),
-                    weight: b.weight,
-                })
+                .map(|b| pb::WeightedBackend { subset: b.subset.clone().into_iter().collect(), weight: b.weight })
                 .collect(),
             timeout_ms: millis(&format!("rules[{i}].timeout"), &rule.timeout)?,
             retry: match &rule.retry {
@@ -48,12 +43,7 @@ pub fn route(r: &policy::Route, revision: u64) -> Result<pb::Route, String> {
             }),
         });
     }
-    Ok(pb::Route {
-        service: r.service.clone(),
-        tenant: r.tenant.clone().unwrap_or_default(),
-        rules,
-        revision,
-    })
+    Ok(pb::Route { service: r.service.clone(), tenant: r.tenant.clone().unwrap_or_default(), rules, revision })
 }
 
 pub fn resilience(r: &policy::Resilience, revision: u64) -> Result<pb::Resilience, String> {

@@ -37,14 +37,7 @@ struct Shared {
 
 impl DiscoveryService {
     pub fn new(store: Store, snapshots: watch::Receiver<Arc<Snapshot>>, replica: String, lease_ttl: i64) -> Self {
-        DiscoveryService {
-            inner: Arc::new(Shared {
-                store,
-                snapshots,
-                replica,
-                lease_ttl,
-            }),
-        }
+        DiscoveryService { inner: Arc::new(Shared { store, snapshots, replica, lease_ttl }) }
     }
 }
 
@@ -57,22 +50,16 @@ impl Discovery for DiscoveryService {
     async fn stream(&self, request: Request<Streaming<pb::ProxyMessage>>) -> Result<Response<UpdateStream>, Status> {
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
-            Ok(Ok(Some(pb::ProxyMessage {
-                msg: Some(pb::proxy_message::Msg::Hello(h)),
-            }))) => h,
+            Ok(Ok(Some(pb::ProxyMessage { msg: Some(pb::proxy_message::Msg::Hello(h)) }))) => h,
             Ok(Ok(_)) => {
-                return Err(Status::invalid_argument(
-                    "the first message on the stream must be Hello",
-                ));
+                return Err(Status::invalid_argument("the first message on the stream must be Hello"));
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
         };
         check_name("service", &hello.service).map_err(|e| Status::invalid_argument(format!("Hello: {e}")))?;
         if hello.proxy_id.is_empty() || hello.proxy_id.contains('/') {
-            return Err(Status::invalid_argument(
-                "Hello: proxy_id must be non-empty and hold no '/'",
-            ));
+            return Err(Status::invalid_argument("Hello: proxy_id must be non-empty and hold no '/'"));
         }
         if hello.address.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!(
@@ -196,11 +183,7 @@ impl Session {
             }
             Msg::Nack(n) => {
                 metrics::counter!("weft_control_nacks_total").increment(1);
-                let reasons: Vec<String> = n
-                    .errors
-                    .iter()
-                    .map(|e| format!("{}: {}", e.resource, e.message))
-                    .collect();
+                let reasons: Vec<String> = n.errors.iter().map(|e| format!("{}: {}", e.resource, e.message)).collect();
                 tracing::warn!(proxy = %self.hello.proxy_id, version = n.version, reasons = ?reasons, "update NACKed");
                 self.record.nacked_version = n.version;
                 self.record.last_nack = reasons.join("; ");
@@ -251,11 +234,7 @@ impl Session {
                     *sent = Some(cur.clone());
                 }
                 None => {
-                    services.push(pb::ServiceConfig {
-                        name: name.clone(),
-                        known: false,
-                        ..Default::default()
-                    });
+                    services.push(pb::ServiceConfig { name: name.clone(), known: false, ..Default::default() });
                     *sent = None;
                 }
             }
@@ -264,10 +243,7 @@ impl Session {
             return Ok(());
         }
         let msg = pb::ControlMessage {
-            msg: Some(pb::control_message::Msg::Update(pb::Update {
-                version: snap.revision,
-                services,
-            })),
+            msg: Some(pb::control_message::Msg::Update(pb::Update { version: snap.revision, services })),
         };
         let r = self.tx.send(Ok(msg)).await.map_err(|_| ());
         metrics::histogram!("weft_control_push_seconds").record(started.elapsed().as_secs_f64());
@@ -280,12 +256,7 @@ impl Session {
             proxy_id: self.hello.proxy_id.clone(),
             service: self.hello.service.clone(),
             address: self.hello.address.clone(),
-            labels: self
-                .hello
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<BTreeMap<_, _>>(),
+            labels: self.hello.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
             ready: self.ready,
         }
     }

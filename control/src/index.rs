@@ -45,10 +45,7 @@ pub struct Index {
 
 impl Index {
     pub fn new(prefix: &str) -> Index {
-        Index {
-            prefix: format!("{}/", prefix.trim_end_matches('/')),
-            ..Default::default()
-        }
+        Index { prefix: format!("{}/", prefix.trim_end_matches('/')), ..Default::default() }
     }
 
     /// Applies a put of `key`. Bad values are logged and skipped: the last
@@ -94,10 +91,7 @@ impl Index {
         match resource {
             Resource::Route(r) => match convert::route(&r, mod_revision) {
                 Ok(pr) => {
-                    self.routes
-                        .entry(r.service.clone())
-                        .or_default()
-                        .insert(r.tenant.clone().unwrap_or_default(), pr);
+                    self.routes.entry(r.service.clone()).or_default().insert(r.tenant.clone().unwrap_or_default(), pr);
                     self.dirty.insert(r.service);
                 }
                 Err(e) => tracing::warn!(key, error = %e, "skipping route"),
@@ -197,29 +191,17 @@ impl Index {
                 }
             }
         }
-        Snapshot {
-            revision,
-            services: self.built.clone(),
-        }
+        Snapshot { revision, services: self.built.clone() }
     }
 
     fn build(&self, service: &str) -> Option<pb::ServiceConfig> {
-        let routes: Vec<pb::Route> = self
-            .routes
-            .get(service)
-            .map(|r| r.values().cloned().collect())
-            .unwrap_or_default();
-        let endpoints: Vec<pb::Endpoint> = self
-            .endpoints
-            .get(service)
-            .map(|e| e.values().cloned().collect())
-            .unwrap_or_default();
+        let routes: Vec<pb::Route> =
+            self.routes.get(service).map(|r| r.values().cloned().collect()).unwrap_or_default();
+        let endpoints: Vec<pb::Endpoint> =
+            self.endpoints.get(service).map(|e| e.values().cloned().collect()).unwrap_or_default();
         let resilience = self.resilience.get(service).cloned();
-        let mut tenant_policies: Vec<pb::TenantPolicy> = self
-            .tenant_policies
-            .get(service)
-            .map(|t| t.values().cloned().collect())
-            .unwrap_or_default();
+        let mut tenant_policies: Vec<pb::TenantPolicy> =
+            self.tenant_policies.get(service).map(|t| t.values().cloned().collect()).unwrap_or_default();
         if let Some(global) = self.tenant_policies.get("*") {
             // A service-specific policy wins over the `*` one for the same tenant.
             for (tenant, p) in global {

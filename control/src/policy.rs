@@ -157,10 +157,7 @@ impl ResourceId {
     pub fn key_suffix(&self) -> String {
         match self {
             ResourceId::Route { service, tenant: None } => format!("routes/{service}"),
-            ResourceId::Route {
-                service,
-                tenant: Some(t),
-            } => format!("routes/{service}/{t}"),
+            ResourceId::Route { service, tenant: Some(t) } => format!("routes/{service}/{t}"),
             ResourceId::Resilience { service } => format!("resilience/{service}"),
             ResourceId::TenantPolicy { tenant, service } => format!("tenants/{tenant}/{service}"),
         }
@@ -170,19 +167,10 @@ impl ResourceId {
     pub fn from_key_suffix(suffix: &str) -> Option<ResourceId> {
         let parts: Vec<&str> = suffix.split('/').collect();
         match parts.as_slice() {
-            ["routes", s] => Some(ResourceId::Route {
-                service: s.to_string(),
-                tenant: None,
-            }),
-            ["routes", s, t] => Some(ResourceId::Route {
-                service: s.to_string(),
-                tenant: Some(t.to_string()),
-            }),
+            ["routes", s] => Some(ResourceId::Route { service: s.to_string(), tenant: None }),
+            ["routes", s, t] => Some(ResourceId::Route { service: s.to_string(), tenant: Some(t.to_string()) }),
             ["resilience", s] => Some(ResourceId::Resilience { service: s.to_string() }),
-            ["tenants", t, s] => Some(ResourceId::TenantPolicy {
-                tenant: t.to_string(),
-                service: s.to_string(),
-            }),
+            ["tenants", t, s] => Some(ResourceId::TenantPolicy { tenant: t.to_string(), service: s.to_string() }),
             _ => None,
         }
     }
@@ -206,10 +194,7 @@ impl ResourceId {
             None => (name.to_string(), None),
         };
         match normalize_kind(kind)? {
-            Kind::Route => Ok(ResourceId::Route {
-                service: first,
-                tenant: second,
-            }),
+            Kind::Route => Ok(ResourceId::Route { service: first, tenant: second }),
             Kind::Resilience if second.is_none() => Ok(ResourceId::Resilience { service: first }),
             Kind::TenantPolicy => match second {
                 Some(service) => Ok(ResourceId::TenantPolicy { tenant: first, service }),
@@ -224,10 +209,7 @@ impl fmt::Display for ResourceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ResourceId::Route { service, tenant: None } => write!(f, "route/{service}"),
-            ResourceId::Route {
-                service,
-                tenant: Some(t),
-            } => write!(f, "route/{service}/{t}"),
+            ResourceId::Route { service, tenant: Some(t) } => write!(f, "route/{service}/{t}"),
             ResourceId::Resilience { service } => write!(f, "resilience/{service}"),
             ResourceId::TenantPolicy { tenant, service } => {
                 write!(f, "tenantpolicy/{tenant}/{service}")
@@ -261,26 +243,18 @@ pub fn normalize_kind(kind: &str) -> Result<Kind, String> {
         "route" => Ok(Kind::Route),
         "resilience" => Ok(Kind::Resilience),
         "tenantpolicy" | "tenantpolicie" | "tenant" => Ok(Kind::TenantPolicy),
-        _ => Err(format!(
-            "unknown kind '{kind}' (expected Route, Resilience or TenantPolicy)"
-        )),
+        _ => Err(format!("unknown kind '{kind}' (expected Route, Resilience or TenantPolicy)")),
     }
 }
 
 impl Resource {
     pub fn id(&self) -> ResourceId {
         match self {
-            Resource::Route(r) => ResourceId::Route {
-                service: r.service.clone(),
-                tenant: r.tenant.clone(),
-            },
-            Resource::Resilience(r) => ResourceId::Resilience {
-                service: r.service.clone(),
-            },
-            Resource::TenantPolicy(p) => ResourceId::TenantPolicy {
-                tenant: p.tenant.clone(),
-                service: p.service.clone(),
-            },
+            Resource::Route(r) => ResourceId::Route { service: r.service.clone(), tenant: r.tenant.clone() },
+            Resource::Resilience(r) => ResourceId::Resilience { service: r.service.clone() },
+            Resource::TenantPolicy(p) => {
+                ResourceId::TenantPolicy { tenant: p.tenant.clone(), service: p.service.clone() }
+            }
         }
     }
 
@@ -303,10 +277,7 @@ pub struct Problem {
 
 impl Problem {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Problem {
-        Problem {
-            field: field.into(),
-            message: message.into(),
-        }
+        Problem { field: field.into(), message: message.into() }
     }
 }
 
@@ -317,9 +288,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("'{s}' has no unit (use ms, s, m or h)"))?;
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (e.g. 500ms, 2s)"))?;
+    let value: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration (e.g. 500ms, 2s)"))?;
     let secs = match unit {
         "ms" => value / 1000.0,
         "s" => value,
@@ -344,14 +313,10 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.len() > 63 {
         return Err(format!("{what} '{name}' is longer than 63 characters"));
     }
-    let ok = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
+    let ok = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
         && !name.starts_with(['-', '.']);
     if !ok {
-        return Err(format!(
-            "{what} '{name}' may only hold lowercase letters, digits, '-', '_' and '.'"
-        ));
+        return Err(format!("{what} '{name}' may only hold lowercase letters, digits, '-', '_' and '.'"));
     }
     Ok(())
 }
@@ -367,9 +332,7 @@ const RETRY_ON: &[&str] = &[
     "resource-exhausted",
 ];
 
-const METHODS: &[&str] = &[
-    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
-];
+const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"];
 
 /// Checks everything that can be checked of one resource on its own.
 pub fn validate(resource: &Resource) -> Vec<Problem> {
@@ -400,10 +363,7 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
             if let Some(prefix) = &m.path_prefix
                 && !prefix.starts_with('/')
             {
-                p.push(Problem::new(
-                    at("match.path_prefix"),
-                    format!("'{prefix}' must start with '/'"),
-                ));
+                p.push(Problem::new(at("match.path_prefix"), format!("'{prefix}' must start with '/'")));
             }
             if let Some(method) = &m.method
                 && !METHODS.contains(&method.as_str())
@@ -425,10 +385,7 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
         if rule.backends.is_empty() {
             p.push(Problem::new(at("backends"), "a rule needs at least one backend"));
         } else if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() == 0 {
-            p.push(Problem::new(
-                at("backends"),
-                "weights sum to 0: no backend would get traffic",
-            ));
+            p.push(Problem::new(at("backends"), "weights sum to 0: no backend would get traffic"));
         }
         let mut seen: Vec<&BTreeMap<String, String>> = Vec::new();
         for (j, b) in rule.backends.iter().enumerate() {
@@ -441,10 +398,7 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
                 }
             }
             if b.weight > 10_000 {
-                p.push(Problem::new(
-                    at(&format!("backends[{j}].weight")),
-                    "weight must be at most 10000",
-                ));
+                p.push(Problem::new(at(&format!("backends[{j}].weight")), "weight must be at most 10000"));
             }
             if seen.contains(&&b.subset) {
                 p.push(Problem::new(
@@ -503,10 +457,7 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
                     if let Err(e) = check_name("fallback service", s) {
                         p.push(Problem::new(at("fallback.service"), e));
                     } else if *s == r.service {
-                        p.push(Problem::new(
-                            at("fallback.service"),
-                            "a service cannot fall back to itself",
-                        ));
+                        p.push(Problem::new(at("fallback.service"), "a service cannot fall back to itself"));
                     }
                     if fb.body.is_some() {
                         p.push(Problem::new(at("fallback.body"), "body goes with status, not service"));
@@ -514,10 +465,7 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
                 }
                 (None, Some(status)) => {
                     if !(100..=599).contains(&status) {
-                        p.push(Problem::new(
-                            at("fallback.status"),
-                            format!("{status} is not an HTTP status"),
-                        ));
+                        p.push(Problem::new(at("fallback.status"), format!("{status} is not an HTTP status")));
                     }
                 }
             }
@@ -531,19 +479,13 @@ fn validate_resilience(r: &Resilience, p: &mut Vec<Problem>) {
     }
     if let Some(cb) = &r.circuit_breaker {
         if cb.consecutive_failures == 0 {
-            p.push(Problem::new(
-                "circuit_breaker.consecutive_failures",
-                "must be at least 1",
-            ));
+            p.push(Problem::new("circuit_breaker.consecutive_failures", "must be at least 1"));
         }
         if let Err(e) = parse_duration(&cb.base_ejection) {
             p.push(Problem::new("circuit_breaker.base_ejection", e));
         }
         if cb.max_ejection_percent > 100 {
-            p.push(Problem::new(
-                "circuit_breaker.max_ejection_percent",
-                "must be between 0 and 100",
-            ));
+            p.push(Problem::new("circuit_breaker.max_ejection_percent", "must be between 0 and 100"));
         }
     }
     if r.max_concurrent_requests == Some(0) {
@@ -574,10 +516,7 @@ fn validate_tenant_policy(t: &TenantPolicy, p: &mut Vec<Problem>) {
         p.push(Problem::new("max_concurrent_requests", "must be at least 1"));
     }
     if t.rate_limit.is_none() && t.max_concurrent_requests.is_none() {
-        p.push(Problem::new(
-            "rate_limit",
-            "a tenant policy needs rate_limit or max_concurrent_requests",
-        ));
+        p.push(Problem::new("rate_limit", "a tenant policy needs rate_limit or max_concurrent_requests"));
     }
 }
 
@@ -604,10 +543,9 @@ pub fn from_value(value: serde_json::Value) -> Result<Resource, Problem> {
         "Route" => typed(body).map(Resource::Route),
         "Resilience" => typed(body).map(Resource::Resilience),
         "TenantPolicy" => typed(body).map(Resource::TenantPolicy),
-        other => Err(Problem::new(
-            "kind",
-            format!("unknown kind '{other}' (expected Route, Resilience or TenantPolicy)"),
-        )),
+        other => {
+            Err(Problem::new("kind", format!("unknown kind '{other}' (expected Route, Resilience or TenantPolicy)")))
+        }
     }
 }
 
@@ -649,11 +587,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, Vec<Locat
     let mut resources = Vec::new();
     let mut problems = Vec::new();
     for (start_line, doc) in split_documents(text) {
-        if doc
-            .trim()
-            .lines()
-            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
-        {
+        if doc.trim().lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
             continue;
         }
         let problem = |field: String, message: String, resource: String, line: usize| LocatedProblem {
@@ -682,10 +616,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, Vec<Locat
             Ok(resource) => {
                 let found = validate(&resource);
                 if found.is_empty() {
-                    resources.push(Located {
-                        origin: format!("{file}:{start_line}"),
-                        resource,
-                    });
+                    resources.push(Located { origin: format!("{file}:{start_line}"), resource });
                 } else {
                     let label = resource.id().to_string();
                     for e in found {
@@ -713,11 +644,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, Vec<Locat
             ids.push((id, &r.origin));
         }
     }
-    if problems.is_empty() {
-        Ok(resources)
-    } else {
-        Err(problems)
-    }
+    if problems.is_empty() { Ok(resources) } else { Err(problems) }
 }
 
 /// Splits on `---` lines; yields (1-based line of the document's first line, text).
@@ -742,21 +669,14 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
 /// a field path appears as a key; 0 when not found.
 fn field_line(doc: &str, field: &str) -> usize {
     let mut from = 0;
-    let segments: Vec<String> = field
-        .split('.')
-        .map(|s| s.split('[').next().unwrap_or(s).to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let segments: Vec<String> =
+        field.split('.').map(|s| s.split('[').next().unwrap_or(s).to_string()).filter(|s| !s.is_empty()).collect();
     let lines: Vec<&str> = doc.lines().collect();
     let mut found = None;
     for seg in &segments {
         let needle = format!("{seg}:");
         if let Some(off) = lines[from..].iter().position(|l| {
-            let t = l
-                .trim_start()
-                .trim_start_matches("- ")
-                .trim_start_matches('{')
-                .trim_start();
+            let t = l.trim_start().trim_start_matches("- ").trim_start_matches('{').trim_start();
             t.starts_with(&needle) || l.contains(&format!(" {needle}")) || l.contains(&format!("{{{needle}"))
         }) {
             from += off;
@@ -808,8 +728,7 @@ mod tests {
             "{text:?}"
         );
         assert!(
-            text.iter()
-                .any(|t| t.starts_with("bad.yaml:6: route/inference: rules[0].timeout: '2 seconds'")),
+            text.iter().any(|t| t.starts_with("bad.yaml:6: route/inference: rules[0].timeout: '2 seconds'")),
             "{text:?}"
         );
     }
@@ -834,19 +753,10 @@ mod tests {
     #[test]
     fn key_roundtrip() {
         for id in [
-            ResourceId::Route {
-                service: "a".into(),
-                tenant: None,
-            },
-            ResourceId::Route {
-                service: "a".into(),
-                tenant: Some("t".into()),
-            },
+            ResourceId::Route { service: "a".into(), tenant: None },
+            ResourceId::Route { service: "a".into(), tenant: Some("t".into()) },
             ResourceId::Resilience { service: "a".into() },
-            ResourceId::TenantPolicy {
-                tenant: "t".into(),
-                service: "*".into(),
-            },
+            ResourceId::TenantPolicy { tenant: "t".into(), service: "*".into() },
         ] {
             assert_eq!(ResourceId::from_key_suffix(&id.key_suffix()), Some(id));
         }

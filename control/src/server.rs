@@ -43,19 +43,8 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    tokio::spawn(watcher::run(
-        config.store.clone(),
-        tx,
-        synced.clone(),
-        stopped(stop_rx.clone()),
-    ));
-    tokio::spawn(serve_admin(
-        admin,
-        config.store.clone(),
-        synced,
-        config.metrics.clone(),
-        stopped(stop_rx.clone()),
-    ));
+    tokio::spawn(watcher::run(config.store.clone(), tx, synced.clone(), stopped(stop_rx.clone())));
+    tokio::spawn(serve_admin(admin, config.store.clone(), synced, config.metrics.clone(), stopped(stop_rx.clone())));
     let upkeep = config.metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -102,9 +91,7 @@ async fn serve_admin(
         });
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
         });
     }
 }
@@ -128,21 +115,12 @@ async fn admin_response(
             let ping = tokio::time::timeout(std::time::Duration::from_secs(1), store.ping()).await;
             match ping {
                 Ok(Ok(_)) if synced.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
-                Ok(Ok(_)) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "etcd reachable, watch not yet synced\n".into(),
-                ),
+                Ok(Ok(_)) => text(StatusCode::SERVICE_UNAVAILABLE, "etcd reachable, watch not yet synced\n".into()),
                 Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
-                Err(_) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: etcd did not answer within 1s\n".into(),
-                ),
+                Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: etcd did not answer within 1s\n".into()),
             }
         }
         "/metrics" => text(StatusCode::OK, metrics.render()),
-        other => text(
-            StatusCode::NOT_FOUND,
-            format!("no such admin path {other} (try /live, /ready, /metrics)\n"),
-        ),
+        other => text(StatusCode::NOT_FOUND, format!("no such admin path {other} (try /live, /ready, /metrics)\n")),
     }
 }

@@ -76,21 +76,13 @@ pub fn decode_resource(value: &[u8]) -> std::result::Result<Resource, String> {
             stored.schema
         ));
     }
-    policy::from_value(stored.resource).map_err(|p| {
-        if p.field.is_empty() {
-            p.message
-        } else {
-            format!("{}: {}", p.field, p.message)
-        }
-    })
+    policy::from_value(stored.resource)
+        .map_err(|p| if p.field.is_empty() { p.message } else { format!("{}: {}", p.field, p.message) })
 }
 
 pub fn encode_resource(resource: &Resource) -> String {
-    serde_json::to_string(&Stored {
-        schema: SCHEMA_VERSION,
-        resource: policy::to_value(resource),
-    })
-    .expect("serializable")
+    serde_json::to_string(&Stored { schema: SCHEMA_VERSION, resource: policy::to_value(resource) })
+        .expect("serializable")
 }
 
 /// What `apply` did to one resource.
@@ -128,22 +120,12 @@ impl Store {
             .with_keep_alive_while_idle(true);
         let client = Client::connect(endpoints, Some(opts))
             .await
-            .map_err(|source| StoreError::Etcd {
-                endpoints: joined.clone(),
-                source,
-            })?;
-        Ok(Store {
-            client,
-            prefix: prefix.trim_end_matches('/').to_string(),
-            endpoints: joined,
-        })
+            .map_err(|source| StoreError::Etcd { endpoints: joined.clone(), source })?;
+        Ok(Store { client, prefix: prefix.trim_end_matches('/').to_string(), endpoints: joined })
     }
 
     fn err(&self, source: etcd_client::Error) -> StoreError {
-        StoreError::Etcd {
-            endpoints: self.endpoints.clone(),
-            source,
-        }
+        StoreError::Etcd { endpoints: self.endpoints.clone(), source }
     }
 
     pub fn prefix(&self) -> &str {
@@ -191,17 +173,10 @@ impl Store {
             }
             results.push((id, action));
         }
-        let resp = c
-            .txn(Txn::new().when(compares).and_then(ops))
-            .await
-            .map_err(|e| self.err(e))?;
+        let resp = c.txn(Txn::new().when(compares).and_then(ops)).await.map_err(|e| self.err(e))?;
         if !resp.succeeded() {
             return Err(StoreError::Conflict {
-                resource: results
-                    .iter()
-                    .map(|(id, _)| id.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                resource: results.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(", "),
             });
         }
         let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
@@ -213,36 +188,21 @@ impl Store {
         let mut c = self.client.clone();
         let resp = match id {
             Some(id) => c.get(self.key(&id.key_suffix()), None).await,
-            None => {
-                c.get(
-                    format!("{}/", self.key(kind.key_dir())),
-                    Some(GetOptions::new().with_prefix()),
-                )
-                .await
-            }
+            None => c.get(format!("{}/", self.key(kind.key_dir())), Some(GetOptions::new().with_prefix())).await,
         }
         .map_err(|e| self.err(e))?;
         let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
         let items = resp
             .kvs()
             .iter()
-            .map(|kv| {
-                (
-                    kv.key_str().unwrap_or("").to_string(),
-                    kv.value().to_vec(),
-                    kv.mod_revision() as u64,
-                )
-            })
+            .map(|kv| (kv.key_str().unwrap_or("").to_string(), kv.value().to_vec(), kv.mod_revision() as u64))
             .collect();
         Ok((rev, items))
     }
 
     pub async fn delete(&self, id: &ResourceId) -> Result<(u64, bool)> {
         let mut c = self.client.clone();
-        let resp = c
-            .delete(self.key(&id.key_suffix()), None::<DeleteOptions>)
-            .await
-            .map_err(|e| self.err(e))?;
+        let resp = c.delete(self.key(&id.key_suffix()), None::<DeleteOptions>).await.map_err(|e| self.err(e))?;
         let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
         Ok((rev, resp.deleted() > 0))
     }
@@ -250,10 +210,8 @@ impl Store {
     /// Everything under the prefix at one revision, for a full (re)sync.
     pub async fn load_all(&self) -> Result<(u64, Vec<KeyValue>)> {
         let mut c = self.client.clone();
-        let resp = c
-            .get(format!("{}/", self.prefix), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.err(e))?;
+        let resp =
+            c.get(format!("{}/", self.prefix), Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
         let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
         Ok((rev, resp.kvs().to_vec()))
     }
@@ -268,15 +226,8 @@ impl Store {
 
     async fn list_json<T: serde::de::DeserializeOwned>(&self, dir: &str) -> Result<Vec<T>> {
         let mut c = self.client.clone();
-        let resp = c
-            .get(self.key(dir), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
-            .collect())
+        let resp = c.get(self.key(dir), Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
+        Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect())
     }
 
     pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64> {
@@ -310,22 +261,17 @@ impl Store {
     /// Writes a proxy's endpoint record under its lease.
     pub async fn put_endpoint(&self, rec: &EndpointRecord, lease: i64) -> Result<u64> {
         let key = self.key(&format!("endpoints/{}/{}", rec.service, rec.proxy_id));
-        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease)
-            .await
+        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
     }
 
     pub async fn put_proxy(&self, rec: &ProxyRecord, lease: i64) -> Result<u64> {
         let key = self.key(&format!("proxies/{}", rec.proxy_id));
-        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease)
-            .await
+        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
     }
 
     async fn put_leased(&self, key: String, value: String, lease: i64) -> Result<u64> {
         let mut c = self.client.clone();
-        let r = c
-            .put(key, value, Some(PutOptions::new().with_lease(lease)))
-            .await
-            .map_err(|e| self.err(e))?;
+        let r = c.put(key, value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| self.err(e))?;
         Ok(r.header().map(|h| h.revision() as u64).unwrap_or(0))
     }
 }

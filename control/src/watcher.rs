@@ -65,10 +65,7 @@ async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: A
             },
         };
         let mut client = store.client();
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(start as i64)
-            .with_progress_notify();
+        let opts = WatchOptions::new().with_prefix().with_start_revision(start as i64).with_progress_notify();
         let mut stream = match client.watch(format!("{}/", store.prefix()), Some(opts)).await {
             Ok(s) => s,
             Err(e) => {
@@ -136,19 +133,15 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new() -> Backoff {
-        Backoff {
-            next: Duration::from_millis(100),
-        }
+        Backoff { next: Duration::from_millis(100) }
     }
     pub fn reset(&mut self) {
         self.next = Duration::from_millis(100);
     }
     pub async fn wait(&mut self) {
-        let jitter = (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-            % 100) as u64;
+        let jitter =
+            (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+                % 100) as u64;
         tokio::time::sleep(self.next + Duration::from_millis(jitter)).await;
         self.next = (self.next * 2).min(Duration::from_secs(5));
     }

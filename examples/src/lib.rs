@@ -91,24 +91,15 @@ async fn handle(req: Request<Incoming>, info: &Info, hits: &AtomicU64) -> Respon
     if let Some(rest) = path.strip_prefix("/call/") {
         return call(info, rest, req).await;
     }
-    let mut status = info
-        .fail_status
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .unwrap_or(StatusCode::OK);
+    let mut status = info.fail_status.and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::OK);
     if let Some(code) = path.strip_prefix("/status/") {
-        status = code
-            .parse::<u16>()
-            .ok()
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .unwrap_or(StatusCode::BAD_REQUEST);
+        status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
     }
-    let mut builder = Response::builder()
-        .status(status)
-        .header("x-served-by", info.served_by())
-        .header("x-hits", n.to_string());
+    let mut builder =
+        Response::builder().status(status).header("x-served-by", info.served_by()).header("x-hits", n.to_string());
     for (k, v) in req.headers() {
         let name = k.as_str();
-        if name.starts_with("x-") || name == "traceparent" || name == "host" {
+        if name.starts_with("x-") || matches!(name, "traceparent" | "tracestate" | "host" | "idempotency-key") {
             builder = builder.header(format!("echo-{name}"), v.clone());
         }
     }
@@ -119,62 +110,41 @@ async fn handle(req: Request<Incoming>, info: &Info, hits: &AtomicU64) -> Respon
         let served = info.served_by();
         tokio::spawn(async move {
             for i in 0..chunks {
-                if tx
-                    .send(Ok(Frame::data(Bytes::from(format!("chunk {i} from {served}\n")))))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(Frame::data(Bytes::from(format!("chunk {i} from {served}\n"))))).await.is_err() {
                     return;
                 }
                 tokio::time::sleep(gap).await;
             }
         });
-        return builder
-            .body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx))))
-            .expect("valid response");
+        return builder.body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx)))).expect("valid response");
     }
     // Drain the request body so the connection can be reused.
     let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-    let body = format!(
-        "{{\"served_by\":\"{}\",\"path\":\"{}\",\"request_bytes\":{body_len}}}\n",
-        info.served_by(),
-        path
-    );
-    builder
-        .header("content-type", "application/json")
-        .body(full(body))
-        .expect("valid response")
+    let body =
+        format!("{{\"served_by\":\"{}\",\"path\":\"{}\",\"request_bytes\":{body_len}}}\n", info.served_by(), path);
+    builder.header("content-type", "application/json").body(full(body)).expect("valid response")
 }
 
 async fn call(info: &Info, rest: &str, req: Request<Incoming>) -> Response<Body> {
     let Some(outbound) = &info.outbound else {
-        return Response::builder()
-            .status(500)
-            .body(full("no --outbound configured\n"))
-            .expect("valid");
+        return Response::builder().status(500).body(full("no --outbound configured\n")).expect("valid");
     };
     let (service, path) = rest.split_once('/').unwrap_or((rest, ""));
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut upstream = Request::builder()
-        .uri(format!("http://{outbound}/{path}"))
-        .header("host", service);
+    let mut upstream = Request::builder().uri(format!("http://{outbound}/{path}")).header("host", service);
     for (k, v) in req.headers() {
         if k.as_str().starts_with("x-") || k.as_str() == "traceparent" {
             upstream = upstream.header(k, v);
         }
     }
-    match client
-        .request(upstream.body(Full::new(Bytes::new())).expect("valid"))
-        .await
-    {
+    match client.request(upstream.body(Full::new(Bytes::new())).expect("valid")).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             Response::from_parts(parts, body.boxed())
         }
-        Err(e) => Response::builder()
-            .status(502)
-            .body(full(format!("call to {service} failed: {e}\n")))
-            .expect("valid"),
+        Err(e) => {
+            Response::builder().status(502).body(full(format!("call to {service} failed: {e}\n"))).expect("valid")
+        }
     }
 }
 
@@ -210,12 +180,8 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
         let r = req.into_inner();
         let served_by = self.info.served_by();
-        let items = (0..r.tokens.max(1)).map(move |i| {
-            Ok(pb::InferReply {
-                text: format!("{} #{i}", r.prompt),
-                served_by: served_by.clone(),
-            })
-        });
+        let items = (0..r.tokens.max(1))
+            .map(move |i| Ok(pb::InferReply { text: format!("{} #{i}", r.prompt), served_by: served_by.clone() }));
         Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
     }
 
@@ -230,10 +196,7 @@ impl pb::inference_server::Inference for InferenceService {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
-                let reply = pb::InferReply {
-                    text: format!("re: {}", m.prompt),
-                    served_by: served_by.clone(),
-                };
+                let reply = pb::InferReply { text: format!("re: {}", m.prompt), served_by: served_by.clone() };
                 if tx.send(Ok(reply)).await.is_err() {
                     return;
                 }
@@ -246,9 +209,7 @@ impl pb::inference_server::Inference for InferenceService {
 /// Serves the gRPC inference API (h2c).
 pub async fn serve_grpc(listener: TcpListener, info: Info) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .add_service(pb::inference_server::InferenceServer::new(InferenceService {
-            info: Arc::new(info),
-        }))
+        .add_service(pb::inference_server::InferenceServer::new(InferenceService { info: Arc::new(info) }))
         .serve_with_incoming(TcpListenerStream::new(listener))
         .await
 }

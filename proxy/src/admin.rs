@@ -28,9 +28,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, metrics: Promethe
         });
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
         });
     }
 }
@@ -57,24 +55,19 @@ fn respond<B>(
             match (config, app, *drain.borrow()) {
                 (_, _, true) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
                 (true, true, false) => text(StatusCode::OK, "ready"),
-                (false, _, _) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: no config received from the control plane yet",
-                ),
-                (true, false, _) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: the local app does not accept connections",
-                ),
+                (false, _, _) => {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no config received from the control plane yet")
+                }
+                (true, false, _) => {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready: the local app does not accept connections")
+                }
             }
         }
         (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
         (&Method::GET, "/config") => reply(StatusCode::OK, "application/json", config_json(shared).to_string()),
         (&Method::POST, "/drain") => {
             drain.send_replace(true);
-            text(
-                StatusCode::ACCEPTED,
-                "draining: no new connections; in-flight requests finish; deregistering",
-            )
+            text(StatusCode::ACCEPTED, "draining: no new connections; in-flight requests finish; deregistering")
         }
         (_, "/drain") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /drain"),
         (_, path) => text(
@@ -117,10 +110,7 @@ pub fn config_json(shared: &Shared) -> serde_json::Value {
             .iter()
             .map(|e| json!({"proxy_id": e.proxy_id, "address": e.addr.to_string(), "labels": e.labels, "ready": e.ready}))
             .collect();
-        services.insert(
-            name.clone(),
-            json!({"known": s.known, "routes": routes, "endpoints": endpoints}),
-        );
+        services.insert(name.clone(), json!({"known": s.known, "routes": routes, "endpoints": endpoints}));
     }
     json!({
         "proxy_id": shared.identity.id,

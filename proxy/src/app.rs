@@ -58,12 +58,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let probe = tokio::spawn(probe::run(opts.app, ready_tx));
-    let discovery = tokio::spawn(discovery::run(
-        shared.clone(),
-        opts.controls.clone(),
-        subscribe_rx,
-        stop_rx.clone(),
-    ));
+    let discovery = tokio::spawn(discovery::run(shared.clone(), opts.controls.clone(), subscribe_rx, stop_rx.clone()));
     let upkeep_handle = opts.metrics.clone();
     let upkeep = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -72,22 +67,10 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
             upkeep_handle.run_upkeep();
         }
     });
-    let admin = tokio::spawn(admin::serve(
-        listeners.admin,
-        shared.clone(),
-        opts.metrics.clone(),
-        drain_tx,
-    ));
+    let admin = tokio::spawn(admin::serve(listeners.admin, shared.clone(), opts.metrics.clone(), drain_tx));
 
-    let outbound = Arc::new(Outbound {
-        shared: shared.clone(),
-        upstream: Upstream::new(),
-    });
-    let inbound = Arc::new(Inbound {
-        shared: shared.clone(),
-        app: opts.app,
-        upstream: Upstream::new(),
-    });
+    let outbound = Arc::new(Outbound { shared: shared.clone(), upstream: Upstream::new() });
+    let inbound = Arc::new(Inbound { shared: shared.clone(), app: opts.app, upstream: Upstream::new() });
     let out_task = tokio::spawn(serve(listeners.outbound, stop_rx.clone(), move |req| {
         let o = outbound.clone();
         async move { o.handle(req).await }
@@ -167,9 +150,7 @@ where
 pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| format!("label '{part}' is not key=value"))?;
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("label '{part}' is not key=value"))?;
         if k.is_empty() || v.is_empty() {
             return Err(format!("label '{part}' has an empty key or value"));
         }

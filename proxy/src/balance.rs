@@ -49,10 +49,7 @@ pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64) -> Pi
             Some(if lb < la { eb.clone() } else { ea.clone() })
         }
     };
-    Picked {
-        endpoint,
-        skipped_ejected,
-    }
+    Picked { endpoint, skipped_ejected }
 }
 
 /// True when at least one endpoint is not ejected.

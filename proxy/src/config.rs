@@ -92,13 +92,7 @@ impl RetryOn {
     fn parse(conds: &[String]) -> Result<RetryOn, String> {
         let mut on = RetryOn::default();
         if conds.is_empty() {
-            return Ok(RetryOn {
-                gateway_error: true,
-                connect_failure: true,
-                reset: true,
-                unavailable: true,
-                ..on
-            });
+            return Ok(RetryOn { gateway_error: true, connect_failure: true, reset: true, unavailable: true, ..on });
         }
         for c in conds {
             match c.as_str() {
@@ -166,24 +160,14 @@ impl Service {
 }
 
 fn route_name(service: &str, tenant: &str) -> String {
-    if tenant.is_empty() {
-        format!("route/{service}")
-    } else {
-        format!("route/{service}/{tenant}")
-    }
+    if tenant.is_empty() { format!("route/{service}") } else { format!("route/{service}/{tenant}") }
 }
 
 /// Converts one wire route; `endpoints` are the service's ready endpoints.
 fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> Result<Route, InvalidPolicy> {
-    let bad = |message: String| InvalidPolicy {
-        resource: route_name(service, &r.tenant),
-        message,
-    };
+    let bad = |message: String| InvalidPolicy { resource: route_name(service, &r.tenant), message };
     if r.service != service {
-        return Err(bad(format!(
-            "route names service '{}' inside service '{service}'",
-            r.service
-        )));
+        return Err(bad(format!("route names service '{}' inside service '{service}'", r.service)));
     }
     if r.rules.is_empty() {
         return Err(bad("a route needs at least one rule".into()));
@@ -202,10 +186,7 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
         let path_prefix = if m.path_prefix.is_empty() {
             None
         } else if !m.path_prefix.starts_with('/') {
-            return Err(bad(format!(
-                "rules[{i}].match.path_prefix: '{}' must start with '/'",
-                m.path_prefix
-            )));
+            return Err(bad(format!("rules[{i}].match.path_prefix: '{}' must start with '/'", m.path_prefix)));
         } else {
             Some(m.path_prefix.clone())
         };
@@ -221,9 +202,7 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
             return Err(bad(format!("rules[{i}].backends: a rule needs at least one backend")));
         }
         if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() == 0 {
-            return Err(bad(format!(
-                "rules[{i}].backends: weights sum to 0: no backend would get traffic"
-            )));
+            return Err(bad(format!("rules[{i}].backends: weights sum to 0: no backend would get traffic")));
         }
         let backends = rule
             .backends
@@ -235,11 +214,7 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
                     .filter(|e| subset.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
                     .cloned()
                     .collect();
-                Backend {
-                    subset,
-                    weight: b.weight,
-                    endpoints,
-                }
+                Backend { subset, weight: b.weight, endpoints }
             })
             .collect();
         let retry = match &rule.retry {
@@ -254,9 +229,7 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
             None => None,
             Some(f) if !f.service.is_empty() => {
                 if f.service == service {
-                    return Err(bad(format!(
-                        "rules[{i}].fallback.service: a service cannot fall back to itself"
-                    )));
+                    return Err(bad(format!("rules[{i}].fallback.service: a service cannot fall back to itself")));
                 }
                 Some(Fallback::Service(f.service.clone()))
             }
@@ -264,16 +237,8 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
                 let status = u16::try_from(f.status)
                     .ok()
                     .and_then(|s| StatusCode::from_u16(s).ok())
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "rules[{i}].fallback.status: {} is not an HTTP status",
-                            f.status
-                        ))
-                    })?;
-                Some(Fallback::Static {
-                    status,
-                    body: Bytes::from(f.body.clone()),
-                })
+                    .ok_or_else(|| bad(format!("rules[{i}].fallback.status: {} is not an HTTP status", f.status)))?;
+                Some(Fallback::Static { status, body: Bytes::from(f.body.clone()) })
             }
         };
         rules.push(Rule {
@@ -286,11 +251,7 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
             fallback,
         });
     }
-    Ok(Route {
-        tenant: (!r.tenant.is_empty()).then(|| r.tenant.clone()),
-        revision: r.revision,
-        rules,
-    })
+    Ok(Route { tenant: (!r.tenant.is_empty()).then(|| r.tenant.clone()), revision: r.revision, rules })
 }
 
 /// Builds a service from its wire config. `previous` supplies last good
@@ -298,9 +259,8 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
 /// versions). Returns the service and the problems found.
 pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Service, Vec<InvalidPolicy>) {
     let mut problems = Vec::new();
-    let old_health: HashMap<SocketAddr, Arc<Health>> = previous
-        .map(|p| p.endpoints.iter().map(|e| (e.addr, e.health.clone())).collect())
-        .unwrap_or_default();
+    let old_health: HashMap<SocketAddr, Arc<Health>> =
+        previous.map(|p| p.endpoints.iter().map(|e| (e.addr, e.health.clone())).collect()).unwrap_or_default();
     let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
     for e in &cfg.endpoints {
         match e.address.parse::<SocketAddr>() {
@@ -351,9 +311,7 @@ pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Se
             .filter_map(|r| {
                 let rejected = problems.iter().any(|p| p.resource == route_name(&cfg.name, &r.tenant));
                 if rejected {
-                    previous
-                        .and_then(|p| p.source.routes.iter().find(|o| o.tenant == r.tenant))
-                        .cloned()
+                    previous.and_then(|p| p.source.routes.iter().find(|o| o.tenant == r.tenant)).cloned()
                 } else {
                     Some(r.clone())
                 }

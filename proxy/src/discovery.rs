@@ -26,19 +26,10 @@ pub fn apply_update(current: &Table, update: &pb::Update) -> (Table, Vec<pb::Res
     for cfg in &update.services {
         let previous = current.services.get(&cfg.name).map(|s| s.as_ref());
         let (service, problems) = build_service(cfg, previous);
-        errors.extend(problems.into_iter().map(|p| pb::ResourceError {
-            resource: p.resource,
-            message: p.message,
-        }));
+        errors.extend(problems.into_iter().map(|p| pb::ResourceError { resource: p.resource, message: p.message }));
         services.insert(cfg.name.clone(), Arc::new(service));
     }
-    (
-        Table {
-            version: update.version,
-            services,
-        },
-        errors,
-    )
+    (Table { version: update.version, services }, errors)
 }
 
 /// Runs until `stop` turns true; then deregisters if connected.
@@ -106,10 +97,7 @@ async fn session(
     .await?;
     let subs: Vec<String> = shared.subscriptions.lock().expect("lock").iter().cloned().collect();
     if !subs.is_empty() {
-        tx.send(send(pb::proxy_message::Msg::Subscribe(pb::Subscribe {
-            services: subs,
-        })))
-        .await?;
+        tx.send(send(pb::proxy_message::Msg::Subscribe(pb::Subscribe { services: subs }))).await?;
     }
     let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     shared.control_connected.store(true, Ordering::Relaxed);
@@ -156,14 +144,8 @@ fn apply(shared: &Shared, update: &pb::Update) -> pb::proxy_message::Msg {
     metrics::gauge!("weft_config_version").set(update.version as f64);
     shared.table_changed.send_replace(update.version);
     if errors.is_empty() {
-        tracing::debug!(
-            version = update.version,
-            services = update.services.len(),
-            "applied update"
-        );
-        pb::proxy_message::Msg::Ack(pb::Ack {
-            version: update.version,
-        })
+        tracing::debug!(version = update.version, services = update.services.len(), "applied update");
+        pb::proxy_message::Msg::Ack(pb::Ack { version: update.version })
     } else {
         for e in &errors {
             tracing::warn!(version = update.version, resource = %e.resource, reason = %e.message, "rejected resource; keeping its last good version");
@@ -171,15 +153,8 @@ fn apply(shared: &Shared, update: &pb::Update) -> pb::proxy_message::Msg {
         *shared.last_nack.lock().expect("lock") = Some(format!(
             "version {}: {}",
             update.version,
-            errors
-                .iter()
-                .map(|e| format!("{}: {}", e.resource, e.message))
-                .collect::<Vec<_>>()
-                .join("; ")
+            errors.iter().map(|e| format!("{}: {}", e.resource, e.message)).collect::<Vec<_>>().join("; ")
         ));
-        pb::proxy_message::Msg::Nack(pb::Nack {
-            version: update.version,
-            errors,
-        })
+        pb::proxy_message::Msg::Nack(pb::Nack { version: update.version, errors })
     }
 }

@@ -93,12 +93,10 @@ impl ProxyError {
         } else {
             let mut r = Response::new(full(Bytes::from(format!("weft: {message}\n"))));
             *r.status_mut() = self.status();
-            r.headers_mut()
-                .insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+            r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
             r
         };
-        resp.headers_mut()
-            .insert("x-weft-error", HeaderValue::from_static(self.reason()));
+        resp.headers_mut().insert("x-weft-error", HeaderValue::from_static(self.reason()));
         resp
     }
 }
@@ -117,7 +115,5 @@ fn percent_encode(s: &str) -> String {
 }
 
 pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
-    req.headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }

@@ -12,12 +12,7 @@ use weft_proxy::state::Identity;
 #[command(name = "weft-proxy", version, about = "weft sidecar proxy")]
 struct Args {
     /// Control plane URL(s), comma-separated; tried in turn.
-    #[arg(
-        long,
-        env = "WEFT_CONTROL",
-        default_value = "http://127.0.0.1:7070",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "WEFT_CONTROL", default_value = "http://127.0.0.1:7070", value_delimiter = ',')]
     control: Vec<String>,
     /// The name of the local service.
     #[arg(long, env = "WEFT_SERVICE")]
@@ -56,10 +51,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = if args.workers <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.workers)
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.workers).enable_all().build()?
     };
     runtime.block_on(run(args))
 }
@@ -76,22 +68,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let inbound = TcpListener::bind(&args.inbound)
-        .await
-        .with_context(|| format!("binding --inbound {}", args.inbound))?;
-    let outbound = TcpListener::bind(&args.outbound)
-        .await
-        .with_context(|| format!("binding --outbound {}", args.outbound))?;
-    let admin = TcpListener::bind(&args.admin)
-        .await
-        .with_context(|| format!("binding --admin {}", args.admin))?;
+    let inbound =
+        TcpListener::bind(&args.inbound).await.with_context(|| format!("binding --inbound {}", args.inbound))?;
+    let outbound =
+        TcpListener::bind(&args.outbound).await.with_context(|| format!("binding --outbound {}", args.outbound))?;
+    let admin = TcpListener::bind(&args.admin).await.with_context(|| format!("binding --admin {}", args.admin))?;
     let in_addr = inbound.local_addr()?;
     let advertise = args.advertise.unwrap_or_else(|| {
-        if in_addr.ip().is_unspecified() {
-            SocketAddr::new(primary_ip(), in_addr.port())
-        } else {
-            in_addr
-        }
+        if in_addr.ip().is_unspecified() { SocketAddr::new(primary_ip(), in_addr.port()) } else { in_addr }
     });
     let id = args.id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -105,12 +89,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         outbound.local_addr()?,
         admin.local_addr()?
     );
-    let identity = Identity {
-        id,
-        service: args.service,
-        labels,
-        advertise,
-    };
+    let identity = Identity { id, service: args.service, labels, advertise };
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -120,17 +99,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     app::run(
-        Options {
-            controls: args.control,
-            identity,
-            app,
-            metrics,
-        },
-        Listeners {
-            inbound,
-            outbound,
-            admin,
-        },
+        Options { controls: args.control, identity, app, metrics },
+        Listeners { inbound, outbound, admin },
         shutdown,
     )
     .await;
@@ -140,13 +110,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 fn weft_control_name_check(service: &str) -> anyhow::Result<()> {
     let ok = !service.is_empty()
         && service.len() <= 63
-        && service
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
-    anyhow::ensure!(
-        ok,
-        "--service '{service}': use lowercase letters, digits, '-', '_' or '.' (at most 63)"
-    );
+        && service.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
+    anyhow::ensure!(ok, "--service '{service}': use lowercase letters, digits, '-', '_' or '.' (at most 63)");
     Ok(())
 }
 

@@ -123,9 +123,7 @@ impl Outbound {
         if !svc.known {
             return Err(ProxyError::UnknownService(service.to_string()));
         }
-        let rule = svc
-            .route_for(tenant)
-            .and_then(|r| r.rules.iter().find(|rule| rule.matches(&req)));
+        let rule = svc.route_for(tenant).and_then(|r| r.rules.iter().find(|rule| rule.matches(&req)));
         let fallback = rule.and_then(|r| r.fallback.clone());
         let retry = rule.and_then(|r| r.retry.clone());
         let timeout = rule.and_then(|r| r.timeout);
@@ -135,9 +133,7 @@ impl Outbound {
         // Buffer only what is known to be small and complete: no body at all,
         // or a declared length within the limit.
         let replayable = http_body::Body::is_end_stream(&body)
-            || http_body::Body::size_hint(&body)
-                .upper()
-                .is_some_and(|n| n <= MAX_REPLAY_BODY);
+            || http_body::Body::size_hint(&body).upper().is_some_and(|n| n <= MAX_REPLAY_BODY);
         let mut body = if replayable && (retry.is_some() || fallback.is_some()) {
             match body.collect().await {
                 Ok(b) => ReqBody::Buffered(b.to_bytes()),
@@ -149,11 +145,7 @@ impl Outbound {
         let may_retry = matches!(body, ReqBody::Buffered(_))
             && (parts.method.is_idempotent() || is_grpc_parts(&parts) || parts.headers.contains_key("idempotency-key"));
 
-        let max_tries = 1 + if may_retry {
-            retry.as_ref().map(|r| r.attempts).unwrap_or(0)
-        } else {
-            0
-        };
+        let max_tries = 1 + if may_retry { retry.as_ref().map(|r| r.attempts).unwrap_or(0) } else { 0 };
         let settings = &svc.settings;
         svc.stats.deposit(settings);
         let _svc_guard = if settings.max_concurrent > 0 {
@@ -230,7 +222,7 @@ impl Outbound {
             tokio::time::sleep(backoff).await;
         }
         let last = last.unwrap_or_else(|| Err(ProxyError::NoEndpoints(service.to_string())));
-        if is_failure(&last) {
+        if is_failure(&last) || matches!(last, Err(ProxyError::NoEndpoints(_))) {
             if matches!(last, Err(ProxyError::Timeout { .. })) {
                 degraded.timeout = true;
             }
@@ -242,9 +234,7 @@ impl Outbound {
                         reason: format!("answered {}", resp.status()),
                     },
                 };
-                return self
-                    .fallback_or(fallback.as_ref(), &parts, &mut body, degraded, err)
-                    .await;
+                return self.fallback_or(fallback.as_ref(), &parts, &mut body, degraded, err).await;
             }
         }
         last.map(|r| r.map(ProxyBody::Left))
@@ -274,15 +264,9 @@ impl Outbound {
                     Ok(s) if s.known => s,
                     _ => return Err(err),
                 };
-                let tenant = parts
-                    .headers
-                    .get(TENANT_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("default");
+                let tenant = parts.headers.get(TENANT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("default");
                 let req = Request::from_parts(clone_parts(parts), b);
-                let rule = svc
-                    .route_for(tenant)
-                    .and_then(|r| r.rules.iter().find(|rule| rule.matches(&req)));
+                let rule = svc.route_for(tenant).and_then(|r| r.rules.iter().find(|rule| rule.matches(&req)));
                 let Some(endpoint) = pick_in(&svc, rule, &[], resilience::now_ms()).endpoint else {
                     return Err(err);
                 };
@@ -331,17 +315,12 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
 }
 
 fn is_grpc_parts(p: &http::request::Parts) -> bool {
-    p.headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    p.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// gRPC status of a trailers-only answer, if any.
 fn grpc_status(resp: &http::Response<Incoming>) -> Option<u32> {
-    resp.headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
 /// What counts against an endpoint: 5xx, connect failure, reset, timeout,
@@ -390,34 +369,40 @@ fn pick_in(svc: &Service, rule: Option<&Rule>, tried: &[SocketAddr], now: u64) -
     let Some(rule) = rule else {
         return balance::p2c(&svc.all_ready, tried, now);
     };
-    let mut skipped = false;
-    let eligible = |b: &&crate::config::Backend| balance::any_eligible(&b.endpoints, now);
-    for b in &rule.backends {
-        if !b.endpoints.is_empty() && !balance::any_eligible(&b.endpoints, now) {
-            skipped = true;
-        }
-    }
-    let total: u64 = rule.backends.iter().filter(eligible).map(|b| u64::from(b.weight)).sum();
-    if total == 0 {
-        return balance::Picked {
-            endpoint: None,
-            skipped_ejected: skipped,
-        };
-    }
-    let mut n = rand::rng().random_range(0..total);
-    for b in rule.backends.iter().filter(eligible) {
-        let w = u64::from(b.weight);
-        if n < w {
+    let skipped = rule.backends.iter().any(|b| !b.endpoints.is_empty() && !balance::any_eligible(&b.endpoints, now));
+    // A retry prefers backends with an endpoint not tried yet.
+    let untried =
+        |b: &&crate::config::Backend| b.endpoints.iter().any(|e| !e.health.is_ejected(now) && !tried.contains(&e.addr));
+    let any = |b: &&crate::config::Backend| balance::any_eligible(&b.endpoints, now);
+    let backend = choose_weighted(&rule.backends, untried).or_else(|| choose_weighted(&rule.backends, any));
+    match backend {
+        Some(b) => {
             let mut p = balance::p2c(&b.endpoints, tried, now);
             p.skipped_ejected |= skipped;
-            return p;
+            p
+        }
+        None => balance::Picked { endpoint: None, skipped_ejected: skipped },
+    }
+}
+
+/// A backend by weight among those `eligible`.
+fn choose_weighted<'a>(
+    backends: &'a [crate::config::Backend],
+    eligible: impl Fn(&&'a crate::config::Backend) -> bool,
+) -> Option<&'a crate::config::Backend> {
+    let total: u64 = backends.iter().filter(&eligible).map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut n = rand::rng().random_range(0..total);
+    for b in backends.iter().filter(&eligible) {
+        let w = u64::from(b.weight);
+        if n < w {
+            return Some(b);
         }
         n -= w;
     }
-    balance::Picked {
-        endpoint: None,
-        skipped_ejected: skipped,
-    }
+    None
 }
 
 /// The service a request is for: the authority of an absolute-form URI or
@@ -427,9 +412,8 @@ pub fn service_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
         Some(a) => a.host().to_string(),
         None => {
             let host = req.headers().get(http::header::HOST).ok_or(ProxyError::NoAuthority)?;
-            let host = host
-                .to_str()
-                .map_err(|_| ProxyError::BadAuthority(String::from_utf8_lossy(host.as_bytes()).into()))?;
+            let host =
+                host.to_str().map_err(|_| ProxyError::BadAuthority(String::from_utf8_lossy(host.as_bytes()).into()))?;
             host.rsplit_once(':')
                 .map(|(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host })
                 .unwrap_or(host)
@@ -439,9 +423,7 @@ pub fn service_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
     let name = authority.to_ascii_lowercase();
     let valid = !name.is_empty()
         && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if !valid {
         return Err(ProxyError::BadAuthority(authority));
     }
@@ -458,8 +440,7 @@ fn ensure_traceparent<B>(req: &mut Request<B>) {
     let trace: u128 = rng.random::<u128>() | 1;
     let span: u64 = rng.random::<u64>() | 1;
     let v = format!("00-{trace:032x}-{span:016x}-01");
-    req.headers_mut()
-        .insert("traceparent", HeaderValue::from_str(&v).expect("hex is a valid header"));
+    req.headers_mut().insert("traceparent", HeaderValue::from_str(&v).expect("hex is a valid header"));
 }
 
 /// Records the outcome and turns it into the response, marking a degraded
@@ -496,14 +477,7 @@ pub fn finish(
             resp.headers_mut().insert("tracestate", v);
         }
     }
-    telemetry::record_request(
-        direction,
-        service,
-        tenant,
-        resp.status().as_u16(),
-        is_degraded,
-        started.elapsed(),
-    );
+    telemetry::record_request(direction, service, tenant, resp.status().as_u16(), is_degraded, started.elapsed());
     resp
 }
 
@@ -523,14 +497,8 @@ mod tests {
     fn service_from_host_or_absolute_uri() {
         assert_eq!(service_of(&req("/x", Some("inference:8080"))).unwrap(), "inference");
         assert_eq!(service_of(&req("/x", Some("Inference"))).unwrap(), "inference");
-        assert_eq!(
-            service_of(&req("http://state.default.svc:80/x", None)).unwrap(),
-            "state"
-        );
+        assert_eq!(service_of(&req("http://state.default.svc:80/x", None)).unwrap(), "state");
         assert!(matches!(service_of(&req("/x", None)), Err(ProxyError::NoAuthority)));
-        assert!(matches!(
-            service_of(&req("/x", Some("bad host"))),
-            Err(ProxyError::BadAuthority(_))
-        ));
+        assert!(matches!(service_of(&req("/x", Some("bad host"))), Err(ProxyError::BadAuthority(_))));
     }
 }

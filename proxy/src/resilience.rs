@@ -58,11 +58,7 @@ impl From<&pb::Resilience> for Settings {
                 d.max_ejection_percent
             },
             max_concurrent: r.max_concurrent_requests as usize,
-            budget_ratio: if r.retry_budget_ratio > 0.0 {
-                r.retry_budget_ratio
-            } else {
-                d.budget_ratio
-            },
+            budget_ratio: if r.retry_budget_ratio > 0.0 { r.retry_budget_ratio } else { d.budget_ratio },
             budget_min_per_second: if r.retry_budget_ratio > 0.0 || r.retry_budget_min_per_second > 0 {
                 r.retry_budget_min_per_second as f64
             } else {
@@ -102,11 +98,7 @@ impl Health {
         }
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         // After an ejection the first answer decides: one failure ejects again.
-        let threshold = if self.half_open.load(Ordering::Relaxed) {
-            1
-        } else {
-            s.consecutive_failures
-        };
+        let threshold = if self.half_open.load(Ordering::Relaxed) { 1 } else { s.consecutive_failures };
         if failures < threshold || self.is_ejected(now_ms()) {
             return false;
         }
@@ -116,8 +108,7 @@ impl Health {
         let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         // Linear growth, capped at 5 minutes.
         let period = (s.base_ejection * n).min(Duration::from_secs(300));
-        self.ejected_until_ms
-            .store(now_ms() + period.as_millis() as u64, Ordering::Relaxed);
+        self.ejected_until_ms.store(now_ms() + period.as_millis() as u64, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
         self.half_open.store(true, Ordering::Relaxed);
         true
@@ -135,10 +126,7 @@ impl Default for ServiceStats {
     fn default() -> Self {
         ServiceStats {
             in_flight: AtomicUsize::new(0),
-            budget: Mutex::new(Budget {
-                tokens: 0.0,
-                refilled: Instant::now(),
-            }),
+            budget: Mutex::new(Budget { tokens: 0.0, refilled: Instant::now() }),
         }
     }
 }
@@ -189,11 +177,7 @@ mod tests {
     use super::*;
 
     fn breaker(n: u32) -> Settings {
-        Settings {
-            consecutive_failures: n,
-            base_ejection: Duration::from_secs(10),
-            ..Settings::default()
-        }
+        Settings { consecutive_failures: n, base_ejection: Duration::from_secs(10), ..Settings::default() }
     }
 
     #[test]
@@ -220,11 +204,7 @@ mod tests {
     #[test]
     fn budget_caps_retries() {
         let stats = ServiceStats::default();
-        let s = Settings {
-            budget_ratio: 0.1,
-            budget_min_per_second: 0.0,
-            ..Settings::default()
-        };
+        let s = Settings { budget_ratio: 0.1, budget_min_per_second: 0.0, ..Settings::default() };
         for _ in 0..100 {
             stats.deposit(&s);
         }

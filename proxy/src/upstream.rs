@@ -82,10 +82,7 @@ impl Upstream {
             Some(t) => match tokio::time::timeout(t, fut).await {
                 Ok(r) => r,
                 Err(_) => {
-                    return Err(ProxyError::Timeout {
-                        addr: addr.to_string(),
-                        ms: t.as_millis() as u64,
-                    });
+                    return Err(ProxyError::Timeout { addr: addr.to_string(), ms: t.as_millis() as u64 });
                 }
             },
             None => fut.await,
@@ -95,18 +92,11 @@ impl Upstream {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)
             }
-            Err(e) if e.is_connect() => Err(ProxyError::Connect {
-                addr: addr.to_string(),
-                reason: error_chain(&e),
-            }),
-            Err(e) if let Some(reason) = h2_reset(&e) => Err(ProxyError::Reset {
-                addr: addr.to_string(),
-                reason: format!("{reason:?}"),
-            }),
-            Err(e) => Err(ProxyError::Upstream {
-                addr: addr.to_string(),
-                reason: error_chain(&e),
-            }),
+            Err(e) if e.is_connect() => Err(ProxyError::Connect { addr: addr.to_string(), reason: error_chain(&e) }),
+            Err(e) if let Some(reason) = h2_reset(&e) => {
+                Err(ProxyError::Reset { addr: addr.to_string(), reason: format!("{reason:?}") })
+            }
+            Err(e) => Err(ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(&e) }),
         }
     }
 }
@@ -146,12 +136,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             }
         }
     }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-    ] {
+    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, header::PROXY_AUTHENTICATE] {
         h.remove(name);
     }
     h.remove("keep-alive");

@@ -30,21 +30,13 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (make test does)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first (make test does)", p.display());
     p
 }
 
 /// A port that was free a moment ago (for etcd, which needs it up front).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `check` until it returns true, or panics with `what` at the deadline.
@@ -58,10 +50,7 @@ where
         if check().await {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -87,26 +76,13 @@ impl Drop for LogFile {
 
 fn log_file(dir: &Path, name: &str) -> (std::fs::File, LogFile) {
     let path = dir.join(format!("{name}.log"));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .expect("log file");
-    (
-        f,
-        LogFile {
-            path,
-            name: name.to_string(),
-        },
-    )
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("log file");
+    (f, LogFile { path, name: name.to_string() })
 }
 
 /// Spawns a binary and waits for its "listening" line on stdout.
 async fn spawn_listening(mut cmd: Command, what: &str, log: std::fs::File) -> (Child, String) {
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null()).kill_on_drop(true);
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {what}: {e}"));
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
@@ -140,13 +116,7 @@ impl Etcd {
     pub async fn start() -> Etcd {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_, log) = log_file(dir.path(), "etcd");
-        let mut etcd = Etcd {
-            child: None,
-            port: free_port(),
-            peer_port: free_port(),
-            dir,
-            _log: log,
-        };
+        let mut etcd = Etcd { child: None, port: free_port(), peer_port: free_port(), dir, _log: log };
         etcd.spawn().await;
         etcd
     }
@@ -196,9 +166,7 @@ impl Etcd {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.url()], None)
-            .await
-            .expect("etcd client")
+        etcd_client::Client::connect([self.url()], None).await.expect("etcd client")
     }
 
     pub async fn kill(&mut self) {
@@ -292,24 +260,16 @@ impl Control {
     /// Starts a new process on the same addresses.
     pub async fn restart(&mut self) {
         self.kill().await;
-        let next = Self::start_at(
-            &self.etcd_url,
-            &self.grpc.to_string(),
-            &self.admin.to_string(),
-            self.lease_ttl,
-            &self.name,
-        )
-        .await;
+        let next =
+            Self::start_at(&self.etcd_url, &self.grpc.to_string(), &self.admin.to_string(), self.lease_ttl, &self.name)
+                .await;
         let old = std::mem::replace(self, next);
         // Keep the old temp dir alive no longer than needed.
         drop(old.dir);
     }
 
     pub async fn metrics(&self) -> String {
-        get(self.admin, "localhost", "/metrics")
-            .await
-            .map(|r| r.2)
-            .unwrap_or_default()
+        get(self.admin, "localhost", "/metrics").await.map(|r| r.2).unwrap_or_default()
     }
 }
 
@@ -361,11 +321,9 @@ impl Sidecar {
             _log: log,
         };
         let admin = s.admin;
-        eventually(
-            &format!("sidecar {id} /ready"),
-            Duration::from_secs(20),
-            || async move { matches!(get(admin, "localhost", "/ready").await, Ok((200, _, _))) },
-        )
+        eventually(&format!("sidecar {id} /ready"), Duration::from_secs(20), || async move {
+            matches!(get(admin, "localhost", "/ready").await, Ok((200, _, _)))
+        })
         .await;
         s
     }
@@ -376,10 +334,7 @@ impl Sidecar {
     }
 
     pub async fn metrics(&self) -> String {
-        get(self.admin, "localhost", "/metrics")
-            .await
-            .map(|r| r.2)
-            .unwrap_or_default()
+        get(self.admin, "localhost", "/metrics").await.map(|r| r.2).unwrap_or_default()
     }
 
     /// Addresses of `service`'s endpoints in this sidecar's table.
@@ -387,11 +342,7 @@ impl Sidecar {
         let cfg = self.config().await;
         cfg["services"][service]["endpoints"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| e["address"].as_str().map(String::from))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|e| e["address"].as_str().map(String::from)).collect())
             .unwrap_or_default()
     }
 
@@ -443,27 +394,14 @@ impl Backend {
     async fn http_with(service: &str, version: &str, fail_status: Option<u16>) -> Backend {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let info = Info {
-            service: service.into(),
-            version: version.into(),
-            outbound: None,
-            fail_status,
-        };
-        Backend {
-            addr,
-            task: tokio::spawn(weft_examples::serve_http(l, info)),
-        }
+        let info = Info { service: service.into(), version: version.into(), outbound: None, fail_status };
+        Backend { addr, task: tokio::spawn(weft_examples::serve_http(l, info)) }
     }
 
     pub async fn grpc(service: &str, version: &str) -> Backend {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let info = Info {
-            service: service.into(),
-            version: version.into(),
-            outbound: None,
-            fail_status: None,
-        };
+        let info = Info { service: service.into(), version: version.into(), outbound: None, fail_status: None };
         Backend {
             addr,
             task: tokio::spawn(async move {
@@ -544,9 +482,7 @@ pub async fn send(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Response, String> {
-    let mut b = http::Request::builder()
-        .uri(format!("http://{addr}{path}"))
-        .header("host", host);
+    let mut b = http::Request::builder().uri(format!("http://{addr}{path}")).header("host", host);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
@@ -557,11 +493,7 @@ pub async fn send(
         .map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((
-        parts.status.as_u16(),
-        parts.headers,
-        String::from_utf8_lossy(&body).into(),
-    ))
+    Ok((parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into()))
 }
 
 pub fn pooled_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
@@ -570,10 +502,7 @@ pub fn pooled_client() -> Client<hyper_util::client::legacy::connect::HttpConnec
 
 /// Which instance answered, from the example backend's `x-served-by`.
 pub fn served_by(r: &Response) -> String {
-    r.1.get("x-served-by")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string()
+    r.1.get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
 }
 
 /// Sends a signal to a process (SIGSTOP/SIGCONT freeze and thaw it).
@@ -613,16 +542,7 @@ impl Mesh {
             Sidecar::start(&urls, "inference", "version=v2,region=east", v2.addr, "inference-v2"),
             Sidecar::start(&urls, "caller", "region=east", caller_app.addr, "caller-1"),
         );
-        let mesh = Mesh {
-            etcd,
-            control,
-            v1,
-            v2,
-            inf_v1,
-            inf_v2,
-            caller_app,
-            caller,
-        };
+        let mesh = Mesh { etcd, control, v1, v2, inf_v1, inf_v2, caller_app, caller };
         mesh.wait_endpoints("inference", 2).await;
         mesh
     }
@@ -632,11 +552,9 @@ impl Mesh {
     pub async fn wait_endpoints(&self, service: &str, n: usize) {
         let _ = get(self.caller.outbound, service, "/").await;
         let caller = &self.caller;
-        eventually(
-            &format!("caller sees {n} endpoints of {service}"),
-            Duration::from_secs(20),
-            || async move { caller.endpoint_addrs(service).await.len() == n },
-        )
+        eventually(&format!("caller sees {n} endpoints of {service}"), Duration::from_secs(20), || async move {
+            caller.endpoint_addrs(service).await.len() == n
+        })
         .await;
     }
 

@@ -22,9 +22,7 @@ fn applied_rev(out: &harness::CtlOutput) -> u64 {
 async fn all_served_by(mesh: &Mesh, n: usize, want: &str) {
     let client = pooled_client();
     for _ in 0..n {
-        let r = send(&client, mesh.caller.outbound, "inference", "/", &[])
-            .await
-            .unwrap();
+        let r = send(&client, mesh.caller.outbound, "inference", "/", &[]).await.unwrap();
         assert_eq!(served_by(&r), want, "{r:?}");
     }
 }
@@ -37,9 +35,8 @@ async fn policy_change_reaches_every_subscribed_proxy_and_in_flight_requests_com
 
     // Slow requests in flight on v1 while the route moves to v2.
     let outbound = mesh.caller.outbound;
-    let in_flight: Vec<_> = (0..8)
-        .map(|_| tokio::spawn(async move { get(outbound, "inference", "/?sleep_ms=1500").await }))
-        .collect();
+    let in_flight: Vec<_> =
+        (0..8).map(|_| tokio::spawn(async move { get(outbound, "inference", "/?sleep_ms=1500").await })).collect();
     let out = apply(&mesh.control_url(), ALL_V2).await;
     let rev = applied_rev(&out);
     assert!(out.stdout.contains("3 sidecar(s) ACKed"), "{out:?}");
@@ -57,10 +54,7 @@ async fn policy_change_reaches_every_subscribed_proxy_and_in_flight_requests_com
     let other_app = harness::Backend::http("billing", "v1").await;
     let billing = Sidecar::start(&[mesh.control_url()], "billing", "", other_app.addr, "billing-1").await;
     let cfg = billing.config().await;
-    assert!(
-        cfg["services"].get("inference").is_none(),
-        "billing got inference's config: {cfg}"
-    );
+    assert!(cfg["services"].get("inference").is_none(), "billing got inference's config: {cfg}");
     assert!(cfg["services"].get("billing").is_some());
 }
 
@@ -70,31 +64,22 @@ async fn killed_sidecar_leaves_endpoints_and_pools_within_lease_ttl() {
     let mut mesh = Mesh::start(ttl).await;
     let url = mesh.control_url();
     let listed = weftctl(&url, &["endpoints", "inference"], None).await;
-    assert!(
-        listed.stdout.contains("inference-v2") && listed.stdout.contains("inference-v1"),
-        "{listed:?}"
-    );
+    assert!(listed.stdout.contains("inference-v2") && listed.stdout.contains("inference-v1"), "{listed:?}");
 
     let killed_at = Instant::now();
     mesh.inf_v2.kill().await;
-    eventually(
-        "weftctl endpoints drops the killed sidecar",
-        Duration::from_secs(ttl as u64 + 3),
-        || {
-            let url = url.clone();
-            async move {
-                let out = weftctl(&url, &["endpoints", "inference"], None).await;
-                out.code == 0 && !out.stdout.contains("inference-v2") && out.stdout.contains("inference-v1")
-            }
-        },
-    )
+    eventually("weftctl endpoints drops the killed sidecar", Duration::from_secs(ttl as u64 + 3), || {
+        let url = url.clone();
+        async move {
+            let out = weftctl(&url, &["endpoints", "inference"], None).await;
+            out.code == 0 && !out.stdout.contains("inference-v2") && out.stdout.contains("inference-v1")
+        }
+    })
     .await;
     let caller = &mesh.caller;
-    eventually(
-        "the caller's pool drops it",
-        Duration::from_secs(ttl as u64 + 3),
-        || async move { caller.endpoint_addrs("inference").await.len() == 1 },
-    )
+    eventually("the caller's pool drops it", Duration::from_secs(ttl as u64 + 3), || async move {
+        caller.endpoint_addrs("inference").await.len() == 1
+    })
     .await;
     println!("endpoint gone from callers {:?} after SIGKILL", killed_at.elapsed());
     all_served_by(&mesh, 20, "inference/v1").await;
@@ -106,11 +91,9 @@ async fn with_the_control_plane_down_traffic_flows_and_proxies_resync_after_rest
     apply(&mesh.control_url(), ALL_V1).await;
     mesh.control.kill().await;
     let caller = &mesh.caller;
-    eventually(
-        "caller notices the control plane is gone",
-        Duration::from_secs(20),
-        || async move { caller.config().await["control_connected"] == false },
-    )
+    eventually("caller notices the control plane is gone", Duration::from_secs(20), || async move {
+        caller.config().await["control_connected"] == false
+    })
     .await;
     all_served_by(&mesh, 20, "inference/v1").await;
     let ready = get(mesh.caller.admin, "localhost", "/ready").await.unwrap();
@@ -124,11 +107,9 @@ async fn with_the_control_plane_down_traffic_flows_and_proxies_resync_after_rest
 
     mesh.control.restart().await;
     for s in [&mesh.caller, &mesh.inf_v1, &mesh.inf_v2] {
-        eventually(
-            &format!("{} resyncs to rev {rev}", s.id),
-            Duration::from_secs(20),
-            || async move { s.route_revision("inference", "").await == Some(rev) },
-        )
+        eventually(&format!("{} resyncs to rev {rev}", s.id), Duration::from_secs(20), || async move {
+            s.route_revision("inference", "").await == Some(rev)
+        })
         .await;
     }
     all_served_by(&mesh, 10, "inference/v2").await;
@@ -158,10 +139,7 @@ async fn two_replicas_serve_one_mesh_and_sidecars_fail_over() {
     let status = weftctl(&b.url(), &["status", "-o", "json"], None).await;
     assert!(status.stdout.contains("replica-a"), "{status:?}");
     for _ in 0..10 {
-        assert_eq!(
-            served_by(&get(caller.outbound, "inference", "/").await.unwrap()),
-            "inference/v2"
-        );
+        assert_eq!(served_by(&get(caller.outbound, "inference", "/").await.unwrap()), "inference/v2");
     }
 
     a.kill().await;
@@ -171,18 +149,14 @@ async fn two_replicas_serve_one_mesh_and_sidecars_fail_over() {
         async move {
             let out = weftctl(&burl, &["status", "-o", "json"], None).await;
             let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-            v.as_array()
-                .is_some_and(|a| a.len() == 3 && a.iter().all(|p| p["control"] == "replica-b"))
+            v.as_array().is_some_and(|a| a.len() == 3 && a.iter().all(|p| p["control"] == "replica-b"))
         }
     })
     .await;
     let out = apply(&b.url(), ALL_V1).await;
     assert!(out.stdout.contains("3 sidecar(s) ACKed"), "{out:?}");
     for _ in 0..10 {
-        assert_eq!(
-            served_by(&get(caller.outbound, "inference", "/").await.unwrap()),
-            "inference/v1"
-        );
+        assert_eq!(served_by(&get(caller.outbound, "inference", "/").await.unwrap()), "inference/v1");
     }
     drop((s1, s2));
 }
@@ -199,24 +173,15 @@ async fn bad_policy_is_rejected_by_validate_and_apply_and_etcd_is_untouched() {
 
     let v = weftctl("http://127.0.0.1:1", &["validate", "-f", file], None).await;
     assert_eq!(v.code, 1, "{v:?}");
+    assert!(v.stderr.contains(&format!("{file}:4: route/inference: rules[0].backends: weights sum to 0")), "{v:?}");
     assert!(
-        v.stderr.contains(&format!(
-            "{file}:4: route/inference: rules[0].backends: weights sum to 0"
-        )),
-        "{v:?}"
-    );
-    assert!(
-        v.stderr
-            .contains(&format!("{file}:10: resilience/inference: : unknown field `bogus`"))
+        v.stderr.contains(&format!("{file}:10: resilience/inference: : unknown field `bogus`"))
             || v.stderr.contains("unknown field `bogus`"),
         "{v:?}"
     );
 
     let mut client = etcd.client().await;
-    let before = client
-        .get("/weft/", Some(etcd_client::GetOptions::new().with_prefix()))
-        .await
-        .unwrap();
+    let before = client.get("/weft/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
     let before_rev = before.header().unwrap().revision();
 
     let a = weftctl(&control.url(), &["apply", "-f", file], None).await;
@@ -226,18 +191,10 @@ async fn bad_policy_is_rejected_by_validate_and_apply_and_etcd_is_untouched() {
     let mixed = format!("{ALL_V1}---\nkind: Route\nservice: other\nrules: []\n");
     let a = weftctl(&control.url(), &["apply", "-f", "-"], Some(&mixed)).await;
     assert_eq!(a.code, 1, "{a:?}");
-    assert!(
-        a.stderr
-            .contains("<stdin>:8: route/other: rules: a route needs at least one rule"),
-        "{a:?}"
-    );
+    assert!(a.stderr.contains("<stdin>:8: route/other: rules: a route needs at least one rule"), "{a:?}");
 
     // The control plane checks too, whatever the client sent.
-    let ch = tonic::transport::Endpoint::from_shared(control.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(control.url()).unwrap().connect().await.unwrap();
     let mut admin = xds_proto::v1::admin_client::AdminClient::new(ch);
     let err = admin
         .apply(xds_proto::v1::ApplyRequest {
@@ -250,16 +207,9 @@ async fn bad_policy_is_rejected_by_validate_and_apply_and_etcd_is_untouched() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(
-        err.message()
-            .contains("raw:1: route/inference: rules[0].backends: weights sum to 0"),
-        "{err:?}"
-    );
+    assert!(err.message().contains("raw:1: route/inference: rules[0].backends: weights sum to 0"), "{err:?}");
 
-    let after = client
-        .get("/weft/", Some(etcd_client::GetOptions::new().with_prefix()))
-        .await
-        .unwrap();
+    let after = client.get("/weft/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
     assert_eq!(after.header().unwrap().revision(), before_rev, "etcd was written to");
     assert_eq!(after.kvs().len(), before.kvs().len());
 
@@ -279,35 +229,20 @@ async fn nacked_update_leaves_the_proxy_on_its_previous_config_and_shows_in_stat
     etcd.put("/weft/routes/inference", bad, None).await.unwrap();
 
     let url = mesh.control_url();
-    eventually(
-        "all three sidecars NACK and status shows it",
-        Duration::from_secs(20),
-        || {
-            let url = url.clone();
-            async move {
-                let out = weftctl(&url, &["status"], None).await;
-                out.stdout
-                    .matches("route/inference: rules[0].backends: weights sum to 0")
-                    .count()
-                    == 3
-            }
-        },
-    )
+    eventually("all three sidecars NACK and status shows it", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let out = weftctl(&url, &["status"], None).await;
+            out.stdout.matches("route/inference: rules[0].backends: weights sum to 0").count() == 3
+        }
+    })
     .await;
     for s in [&mesh.caller, &mesh.inf_v1, &mesh.inf_v2] {
-        assert_eq!(
-            s.route_revision("inference", "").await,
-            Some(good_rev),
-            "{} left its last good route",
-            s.id
-        );
+        assert_eq!(s.route_revision("inference", "").await, Some(good_rev), "{} left its last good route", s.id);
     }
     all_served_by(&mesh, 20, "inference/v2").await;
     let cfg = mesh.caller.config().await;
-    assert!(
-        cfg["last_nack"].as_str().unwrap_or("").contains("route/inference"),
-        "{cfg}"
-    );
+    assert!(cfg["last_nack"].as_str().unwrap_or("").contains("route/inference"), "{cfg}");
     let m = mesh.control.metrics().await;
     assert!(m.contains("weft_control_nacks_total"), "{m}");
 
@@ -342,23 +277,14 @@ async fn etcd_compaction_does_not_break_the_watch() {
     signal(pid, "CONT");
 
     let caller = &mesh.caller;
-    eventually(
-        "the caller gets the change made during the freeze",
-        Duration::from_secs(30),
-        || async move { caller.route_revision("inference", "").await == Some(rev as u64) },
-    )
+    eventually("the caller gets the change made during the freeze", Duration::from_secs(30), || async move {
+        caller.route_revision("inference", "").await == Some(rev as u64)
+    })
     .await;
     let control = &mesh.control;
-    eventually(
-        "the control plane counted a compaction resync",
-        Duration::from_secs(10),
-        || async move {
-            control
-                .metrics()
-                .await
-                .contains("weft_control_resyncs_total{reason=\"compacted\"} 1")
-        },
-    )
+    eventually("the control plane counted a compaction resync", Duration::from_secs(10), || async move {
+        control.metrics().await.contains("weft_control_resyncs_total{reason=\"compacted\"} 1")
+    })
     .await;
     all_served_by(&mesh, 5, "inference/v1").await;
     // And the watch keeps working after the resync.
@@ -377,17 +303,10 @@ async fn get_and_delete_resources() {
     );
     let out = weftctl(&url, &["apply", "-f", "-"], Some(&policy)).await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(
-        out.stdout.lines().filter(|l| l.contains(" created (rev ")).count(),
-        3,
-        "{out:?}"
-    );
+    assert_eq!(out.stdout.lines().filter(|l| l.contains(" created (rev ")).count(), 3, "{out:?}");
 
     let table = weftctl(&url, &["get", "route"], None).await;
-    assert!(
-        table.stdout.contains("route/inference ") && table.stdout.contains("route/inference/acme"),
-        "{table:?}"
-    );
+    assert!(table.stdout.contains("route/inference ") && table.stdout.contains("route/inference/acme"), "{table:?}");
     let acme = weftctl(&url, &["get", "route", "--tenant", "acme", "-o", "json"], None).await;
     let v: serde_json::Value = serde_json::from_str(&acme.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1, "{acme:?}");

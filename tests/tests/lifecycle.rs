@@ -36,25 +36,20 @@ async fn not_ready_app_gets_no_traffic_and_drain_finishes_in_flight_then_deregis
     .await;
     let client = pooled_client();
     for _ in 0..20 {
-        let r = send(&client, mesh.caller.outbound, "inference", "/", &[])
-            .await
-            .unwrap();
+        let r = send(&client, mesh.caller.outbound, "inference", "/", &[]).await.unwrap();
         assert_eq!(served_by(&r), "inference/v2", "{r:?}");
     }
 
     // Drain v2 with requests in flight.
     let outbound = mesh.caller.outbound;
-    let in_flight: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(async move { get(outbound, "inference", "/?sleep_ms=1000").await }))
-        .collect();
+    let in_flight: Vec<_> =
+        (0..4).map(|_| tokio::spawn(async move { get(outbound, "inference", "/?sleep_ms=1000").await })).collect();
     let inf_v2 = &mesh.inf_v2;
     eventually("requests reach v2", Duration::from_secs(10), || async move {
         inf_v2.metrics().await.contains("direction=\"inbound\"")
     })
     .await;
-    let drain = harness::request(mesh.inf_v2.admin, "localhost", "/drain", &[])
-        .await
-        .unwrap();
+    let drain = harness::request(mesh.inf_v2.admin, "localhost", "/drain", &[]).await.unwrap();
     assert_eq!(drain.0, 405, "GET /drain is refused: {drain:?}");
     let resp = post(mesh.inf_v2.admin, "/drain").await;
     assert_eq!(resp, 202);
@@ -70,20 +65,13 @@ async fn not_ready_app_gets_no_traffic_and_drain_finishes_in_flight_then_deregis
         let r = t.await.unwrap().expect("in-flight request finished during drain");
         assert_eq!(r.0, 200);
     }
-    assert!(
-        mesh.inf_v2.wait_exit(Duration::from_secs(20)).await,
-        "drained sidecar exits"
-    );
+    assert!(mesh.inf_v2.wait_exit(Duration::from_secs(20)).await, "drained sidecar exits");
     // No instance of inference is ready now.
     let caller = &mesh.caller;
-    eventually(
-        "caller has no ready inference endpoint",
-        Duration::from_secs(10),
-        || async move {
-            let r = get(caller.outbound, "inference", "/").await.unwrap();
-            r.0 == 503 && r.1["x-weft-error"] == "no-endpoints"
-        },
-    )
+    eventually("caller has no ready inference endpoint", Duration::from_secs(10), || async move {
+        let r = get(caller.outbound, "inference", "/").await.unwrap();
+        r.0 == 503 && r.1["x-weft-error"] == "no-endpoints"
+    })
     .await;
 }
 

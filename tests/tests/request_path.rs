@@ -10,14 +10,7 @@ use tokio_stream::StreamExt;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_through_two_sidecars() {
     let mesh = Mesh::start(5).await;
-    let r = request(
-        mesh.caller.outbound,
-        "inference:80",
-        "/v1/run?x=1",
-        &[("x-tenant-id", "acme")],
-    )
-    .await
-    .unwrap();
+    let r = request(mesh.caller.outbound, "inference:80", "/v1/run?x=1", &[("x-tenant-id", "acme")]).await.unwrap();
     assert_eq!(r.0, 200, "{r:?}");
     assert!(served_by(&r).starts_with("inference/"), "{r:?}");
     assert!(r.2.contains("\"path\":\"/v1/run\""), "{}", r.2);
@@ -28,9 +21,7 @@ async fn http1_through_two_sidecars() {
     assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
     // A caller's traceparent is kept.
     let mine = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let r = request(mesh.caller.outbound, "inference", "/", &[("traceparent", mine)])
-        .await
-        .unwrap();
+    let r = request(mesh.caller.outbound, "inference", "/", &[("traceparent", mine)]).await.unwrap();
     assert_eq!(r.1["echo-traceparent"], mine);
 
     // Absolute-form (HTTP_PROXY style): the URI's authority names the service.
@@ -48,44 +39,26 @@ async fn http1_through_two_sidecars() {
     // Malformed authority: 400, and the sidecar keeps serving.
     let r = send(&client, mesh.caller.outbound, "bad!host", "/", &[]).await.unwrap();
     assert_eq!(r.0, 400, "{r:?}");
-    let r = send(&client, mesh.caller.outbound, "inference", "/", &[])
-        .await
-        .unwrap();
+    let r = send(&client, mesh.caller.outbound, "inference", "/", &[]).await.unwrap();
     assert_eq!(r.0, 200);
 
     // Streaming bodies pass through chunk by chunk.
-    let r = send(
-        &client,
-        mesh.caller.outbound,
-        "inference",
-        "/stream?chunks=4&gap_ms=5",
-        &[],
-    )
-    .await
-    .unwrap();
+    let r = send(&client, mesh.caller.outbound, "inference", "/stream?chunks=4&gap_ms=5", &[]).await.unwrap();
     assert_eq!(r.0, 200);
     assert_eq!(r.2.lines().count(), 4, "{}", r.2);
 
     // The request shows in the sidecars' metrics.
     let m = mesh.caller.metrics().await;
-    assert!(
-        m.contains("weft_requests_total{direction=\"outbound\",service=\"inference\""),
-        "{m}"
-    );
+    assert!(m.contains("weft_requests_total{direction=\"outbound\",service=\"inference\""), "{m}");
 }
 
 /// Sends a raw absolute-form request line.
 async fn absolute_form_get(addr: std::net::SocketAddr, uri: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {uri} HTTP/1.1\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("GET {uri} HTTP/1.1\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.unwrap().unwrap();
     out
 }
 
@@ -108,37 +81,18 @@ async fn grpc_unary_and_streaming_through_two_sidecars() {
         .unwrap();
     let mut client = example_pb::inference_client::InferenceClient::new(channel);
 
-    let reply = client
-        .infer(example_pb::InferRequest {
-            prompt: "hi".into(),
-            tokens: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = client.infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 }).await.unwrap().into_inner();
     assert_eq!(reply.text, "echo: hi");
     assert_eq!(reply.served_by, "inference/v1");
 
     // An error status in trailers comes through as the app's status.
-    let err = client
-        .infer(example_pb::InferRequest {
-            prompt: "fail".into(),
-            tokens: 1,
-        })
-        .await
-        .unwrap_err();
+    let err = client.infer(example_pb::InferRequest { prompt: "fail".into(), tokens: 1 }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert_eq!(err.message(), "asked to fail");
 
     // Server streaming.
-    let mut stream = client
-        .generate(example_pb::InferRequest {
-            prompt: "tok".into(),
-            tokens: 5,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream =
+        client.generate(example_pb::InferRequest { prompt: "tok".into(), tokens: 5 }).await.unwrap().into_inner();
     let mut got = Vec::new();
     while let Some(m) = stream.next().await {
         got.push(m.unwrap().text);
@@ -147,32 +101,14 @@ async fn grpc_unary_and_streaming_through_two_sidecars() {
 
     // Bidi streaming: each message answered while the stream stays open.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut replies = client
-        .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut replies = client.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     for i in 0..3 {
-        tx.send(example_pb::InferRequest {
-            prompt: format!("m{i}"),
-            tokens: 1,
-        })
-        .await
-        .unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(10), replies.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        tx.send(example_pb::InferRequest { prompt: format!("m{i}"), tokens: 1 }).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), replies.next()).await.unwrap().unwrap().unwrap();
         assert_eq!(r.text, format!("re: m{i}"));
     }
     drop(tx);
-    assert!(
-        tokio::time::timeout(Duration::from_secs(10), replies.next())
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(tokio::time::timeout(Duration::from_secs(10), replies.next()).await.unwrap().is_none());
 
     // A gRPC call to an unknown service gets a real grpc-status.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", caller.outbound))
@@ -182,10 +118,7 @@ async fn grpc_unary_and_streaming_through_two_sidecars() {
         .await
         .unwrap();
     let err = example_pb::inference_client::InferenceClient::new(channel)
-        .infer(example_pb::InferRequest {
-            prompt: "x".into(),
-            tokens: 1,
-        })
+        .infer(example_pb::InferRequest { prompt: "x".into(), tokens: 1 })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
@@ -218,9 +151,7 @@ rules:
     const N: usize = 1000;
     let mut v2 = 0;
     for _ in 0..N {
-        let r = send(&client, mesh.caller.outbound, "inference", "/split", &[])
-            .await
-            .unwrap();
+        let r = send(&client, mesh.caller.outbound, "inference", "/split", &[]).await.unwrap();
         assert_eq!(r.0, 200);
         if served_by(&r) == "inference/v2" {
             v2 += 1;
@@ -230,23 +161,13 @@ rules:
     assert!((62..=138).contains(&v2), "v2 got {v2} of {N}, expected about 100");
 
     for _ in 0..20 {
-        let r = send(
-            &client,
-            mesh.caller.outbound,
-            "inference",
-            "/canary/x",
-            &[("x-model", "large")],
-        )
-        .await
-        .unwrap();
+        let r = send(&client, mesh.caller.outbound, "inference", "/canary/x", &[("x-model", "large")]).await.unwrap();
         assert_eq!(served_by(&r), "inference/v2");
     }
     // Header absent: the catch-all rule, so v1 most of the time; never a 404.
     let mut seen_v1 = false;
     for _ in 0..20 {
-        let r = send(&client, mesh.caller.outbound, "inference", "/canary/x", &[])
-            .await
-            .unwrap();
+        let r = send(&client, mesh.caller.outbound, "inference", "/canary/x", &[]).await.unwrap();
         seen_v1 |= served_by(&r) == "inference/v1";
     }
     assert!(seen_v1);
@@ -254,34 +175,19 @@ rules:
     // A subset with no ready endpoints gets no traffic: its weight goes to the others.
     mesh.v2.stop();
     let caller = &mesh.caller;
-    harness::eventually(
-        "v2 marked not ready in the caller",
-        Duration::from_secs(20),
-        || async move {
-            let cfg = caller.config().await;
-            cfg["services"]["inference"]["endpoints"].as_array().is_some_and(|eps| {
-                eps.iter()
-                    .any(|e| e["labels"]["version"] == "v2" && e["ready"] == false)
-            })
-        },
-    )
+    harness::eventually("v2 marked not ready in the caller", Duration::from_secs(20), || async move {
+        let cfg = caller.config().await;
+        cfg["services"]["inference"]["endpoints"]
+            .as_array()
+            .is_some_and(|eps| eps.iter().any(|e| e["labels"]["version"] == "v2" && e["ready"] == false))
+    })
     .await;
     for _ in 0..30 {
-        let r = send(&client, mesh.caller.outbound, "inference", "/split", &[])
-            .await
-            .unwrap();
+        let r = send(&client, mesh.caller.outbound, "inference", "/split", &[]).await.unwrap();
         assert_eq!(served_by(&r), "inference/v1", "{r:?}");
     }
     // Only v2 matches this rule and it has no ready endpoint: 503 no-endpoints.
-    let r = send(
-        &client,
-        mesh.caller.outbound,
-        "inference",
-        "/canary/x",
-        &[("x-model", "large")],
-    )
-    .await
-    .unwrap();
+    let r = send(&client, mesh.caller.outbound, "inference", "/canary/x", &[("x-model", "large")]).await.unwrap();
     assert_eq!(r.0, 503);
     assert_eq!(r.1["x-weft-error"], "no-endpoints");
 }

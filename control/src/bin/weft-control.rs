@@ -7,19 +7,10 @@ use weft_control::server::{self, Config};
 use weft_control::store::Store;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "weft-control",
-    version,
-    about = "weft control plane: etcd-backed policy, pushed to sidecars"
-)]
+#[command(name = "weft-control", version, about = "weft control plane: etcd-backed policy, pushed to sidecars")]
 struct Args {
     /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "WEFT_ETCD",
-        default_value = "http://127.0.0.1:2379",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "WEFT_ETCD", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     etcd: Vec<String>,
     /// gRPC address for sidecars and weftctl.
     #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:7070")]
@@ -50,21 +41,11 @@ async fn main() -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let grpc = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("binding --listen {}", args.listen))?;
-    let admin = TcpListener::bind(&args.admin)
-        .await
-        .with_context(|| format!("binding --admin {}", args.admin))?;
+    let grpc = TcpListener::bind(&args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
+    let admin = TcpListener::bind(&args.admin).await.with_context(|| format!("binding --admin {}", args.admin))?;
     let store = Store::connect(&args.etcd, &args.prefix).await?;
-    let replica = args
-        .replica
-        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
-    println!(
-        "weft-control listening grpc={} admin={}",
-        grpc.local_addr()?,
-        admin.local_addr()?
-    );
+    let replica = args.replica.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    println!("weft-control listening grpc={} admin={}", grpc.local_addr()?, admin.local_addr()?);
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -73,22 +54,9 @@ async fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    server::run(
-        Config {
-            store,
-            replica,
-            lease_ttl_secs: args.lease_ttl,
-            metrics,
-        },
-        grpc,
-        admin,
-        shutdown,
-    )
-    .await
+    server::run(Config { store, replica, lease_ttl_secs: args.lease_ttl, metrics }, grpc, admin, shutdown).await
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "weft".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "weft".into())
 }

@@ -87,10 +87,7 @@ impl From<tonic::Status> for Fail {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail(code, msg)) => {
@@ -125,9 +122,7 @@ async fn connect(url: &str) -> Result<AdminClient<tonic::transport::Channel>, Fa
 fn read_input(file: &str) -> Result<(String, String), Fail> {
     if file == "-" {
         let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .map_err(|e| Fail(1, format!("reading stdin: {e}")))?;
+        std::io::stdin().read_to_string(&mut s).map_err(|e| Fail(1, format!("reading stdin: {e}")))?;
         Ok(("<stdin>".into(), s))
     } else {
         let s = std::fs::read_to_string(file).map_err(|e| Fail(1, format!("{file}: {e}")))?;
@@ -140,10 +135,7 @@ fn parse(file: &str) -> Result<Vec<policy::Located>, Fail> {
     match policy::parse_documents(&name, &text) {
         Ok(r) if r.is_empty() => Err(Fail(1, format!("{name}: no resources found"))),
         Ok(r) => Ok(r),
-        Err(problems) => Err(Fail(
-            1,
-            problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"),
-        )),
+        Err(problems) => Err(Fail(1, problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))),
     }
 }
 
@@ -179,20 +171,11 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             }
             Ok(())
         }
-        Command::Get {
-            kind,
-            name,
-            tenant,
-            output,
-        } => {
+        Command::Get { kind, name, tenant, output } => {
             policy::normalize_kind(&kind).map_err(|e| Fail(1, e))?;
             let mut client = connect(&cli.control).await?;
             let resp = client
-                .get(pb::GetRequest {
-                    kind,
-                    name: name.unwrap_or_default(),
-                    tenant: tenant.unwrap_or_default(),
-                })
+                .get(pb::GetRequest { kind, name: name.unwrap_or_default(), tenant: tenant.unwrap_or_default() })
                 .await?
                 .into_inner();
             let values: Vec<serde_json::Value> = resp
@@ -209,10 +192,8 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 }
                 Output::Json => out!("{}", serde_json::to_string_pretty(&values).unwrap_or_default()),
                 Output::Yaml => {
-                    let docs: Vec<String> = values
-                        .iter()
-                        .map(|v| serde_yaml::to_string(v).unwrap_or_default())
-                        .collect();
+                    let docs: Vec<String> =
+                        values.iter().map(|v| serde_yaml::to_string(v).unwrap_or_default()).collect();
                     out!("{}", docs.join("---\n").trim_end());
                 }
             }
@@ -242,13 +223,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     for e in &resp.endpoints {
                         let mut labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         labels.sort();
-                        out!(
-                            "{:<22} {:<6} {:<30} {}",
-                            e.address,
-                            e.ready,
-                            e.proxy_id,
-                            labels.join(",")
-                        );
+                        out!("{:<22} {:<6} {:<30} {}", e.address, e.ready, e.proxy_id, labels.join(","));
                     }
                 }
                 Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
@@ -272,13 +247,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 .collect();
             match output {
                 Output::Table => {
-                    out!(
-                        "{:<30} {:<16} {:>8} {:<22} LAST NACK",
-                        "PROXY",
-                        "SERVICE",
-                        "ACKED",
-                        "CONTROL"
-                    );
+                    out!("{:<30} {:<16} {:>8} {:<22} LAST NACK", "PROXY", "SERVICE", "ACKED", "CONTROL");
                     for p in &resp.proxies {
                         let nack = if p.last_nack.is_empty() {
                             "-".to_string()
@@ -319,14 +288,10 @@ async fn wait_acked(
             .iter()
             .filter(|p| services.iter().any(|s| s == "*" || p.subscriptions.contains(s)))
             .collect();
-        let nacked: Vec<&&pb::ProxyStatus> = affected
-            .iter()
-            .filter(|p| p.nacked_version >= revision && p.acked_version < revision)
-            .collect();
-        let pending: Vec<&&pb::ProxyStatus> = affected
-            .iter()
-            .filter(|p| p.acked_version < revision && p.nacked_version < revision)
-            .collect();
+        let nacked: Vec<&&pb::ProxyStatus> =
+            affected.iter().filter(|p| p.nacked_version >= revision && p.acked_version < revision).collect();
+        let pending: Vec<&&pb::ProxyStatus> =
+            affected.iter().filter(|p| p.acked_version < revision && p.nacked_version < revision).collect();
         if pending.is_empty() && nacked.is_empty() {
             out!("{} sidecar(s) ACKed rev {revision}", affected.len());
             return Ok(());
@@ -334,10 +299,7 @@ async fn wait_acked(
         if pending.is_empty() || Instant::now() >= deadline {
             let mut msg = Vec::new();
             for p in nacked {
-                msg.push(format!(
-                    "{} ({}) NACKed rev {}: {}",
-                    p.proxy_id, p.service, p.nacked_version, p.last_nack
-                ));
+                msg.push(format!("{} ({}) NACKed rev {}: {}", p.proxy_id, p.service, p.nacked_version, p.last_nack));
             }
             for p in pending {
                 msg.push(format!(

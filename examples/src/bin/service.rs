@@ -32,12 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let listener = TcpListener::bind(&a.listen).await?;
     println!("{} {} listening on {}", a.service, a.version, listener.local_addr()?);
-    let info = Info {
-        service: a.service,
-        version: a.version,
-        outbound: a.outbound,
-        fail_status: a.fail_status,
-    };
+    let info = Info { service: a.service, version: a.version, outbound: a.outbound, fail_status: a.fail_status };
     if a.grpc {
         serve_grpc(listener, info).await?;
     } else {

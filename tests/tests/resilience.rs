@@ -1,0 +1,216 @@
+//! Resilience in the sidecar, on real sockets: retries (and when not to),
+//! the retry budget, circuit breaking, the concurrency cap, fallback, and the
+//! degraded marks a call that succeeded that way carries.
+
+use std::time::Duration;
+
+use harness::{Backend, Control, Etcd, Sidecar, apply, eventually, pooled_client, send, served_by};
+
+/// etcd, a control plane, `inference` v1 (healthy) and v2 (answers 503),
+/// `inference-lite`, and a caller sidecar.
+struct Bed {
+    _etcd: Etcd,
+    control: Control,
+    _apps: Vec<Backend>,
+    _sidecars: Vec<Sidecar>,
+    caller: Sidecar,
+}
+
+impl Bed {
+    async fn start() -> Bed {
+        let etcd = Etcd::start().await;
+        let control = Control::start(&etcd, 5).await;
+        let urls = [control.url()];
+        let v1 = Backend::http("inference", "v1").await;
+        let v2 = Backend::failing("inference", "v2", 503).await;
+        let lite = Backend::http("inference-lite", "v1").await;
+        let app = Backend::http("agent", "v1").await;
+        let (s1, s2, s3, caller) = tokio::join!(
+            Sidecar::start(&urls, "inference", "version=v1", v1.addr, "res-v1"),
+            Sidecar::start(&urls, "inference", "version=v2", v2.addr, "res-v2"),
+            Sidecar::start(&urls, "inference-lite", "version=v1", lite.addr, "res-lite"),
+            Sidecar::start(&urls, "agent", "", app.addr, "res-agent"),
+        );
+        let _ = send(&pooled_client(), caller.outbound, "inference", "/", &[]).await;
+        let _ = send(&pooled_client(), caller.outbound, "inference-lite", "/", &[]).await;
+        let c = &caller;
+        eventually("caller sees inference v1 and v2", Duration::from_secs(20), || async move {
+            c.endpoint_addrs("inference").await.len() == 2 && c.endpoint_addrs("inference-lite").await.len() == 1
+        })
+        .await;
+        Bed { _etcd: etcd, control, _apps: vec![v1, v2, lite, app], _sidecars: vec![s1, s2, s3], caller }
+    }
+
+    async fn call(&self, method: &str, headers: &[(&str, &str)]) -> harness::Response {
+        let client = pooled_client();
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/run", self.caller.outbound))
+            .header("host", "inference");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(http_body_util::Full::new(bytes::Bytes::from_static(b"{\"prompt\":\"hi\"}"))).unwrap();
+        let resp = client.request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+        (parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into())
+    }
+}
+
+fn degraded(r: &harness::Response) -> String {
+    r.1.get("x-weft-degraded").and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+}
+
+/// The value of a Prometheus counter line that contains every `needle`.
+fn counter(metrics: &str, name: &str, needles: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+const SPLIT_WITH_RETRY: &str = "kind: Route\nservice: inference\nrules:\n  - backends:\n      - { subset: { version: v1 }, weight: 50 }\n      - { subset: { version: v2 }, weight: 50 }\n    retry: { attempts: 2, on: [5xx] }\n---\nkind: Resilience\nservice: inference\nretry_budget: { ratio: 1.0, min_per_second: 100 }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_turn_failures_into_degraded_successes_only_when_safe() {
+    let bed = Bed::start().await;
+    apply(&bed.control.url(), SPLIT_WITH_RETRY).await;
+
+    let mut retried = 0;
+    for _ in 0..40 {
+        let r = bed.call("GET", &[]).await;
+        assert_eq!(r.0, 200, "a GET is retried onto the healthy instance: {r:?}");
+        assert_eq!(served_by(&r), "inference/v1");
+        if degraded(&r) == "retry=1" {
+            retried += 1;
+            let ts = r.1["tracestate"].to_str().unwrap();
+            assert!(ts.starts_with("weft=retry:1"), "{ts}");
+        }
+    }
+    // v2 gets half the first tries: Binomial(40, 0.5) is below 8 with p < 1e-4.
+    assert!(retried >= 8, "only {retried} of 40 calls were retried");
+
+    // A POST is not idempotent: no retry, the 503 reaches the caller.
+    let mut failed = 0;
+    for _ in 0..30 {
+        let r = bed.call("POST", &[]).await;
+        if r.0 == 503 {
+            failed += 1;
+            assert_eq!(degraded(&r), "", "{r:?}");
+        }
+    }
+    assert!(failed >= 5, "POSTs should not be retried, yet {failed} of 30 failed");
+    // With an idempotency-key it is retried, the key and body kept.
+    for _ in 0..20 {
+        let r = bed.call("POST", &[("idempotency-key", "k-123")]).await;
+        assert_eq!(r.0, 200, "{r:?}");
+        assert_eq!(r.1["echo-idempotency-key"], "k-123", "the key is kept on every try");
+        assert!(r.2.contains("\"request_bytes\":15"), "body replayed whole: {}", r.2);
+    }
+
+    let m = bed.caller.metrics().await;
+    assert!(counter(&m, "weft_retries_total", &["service=\"inference\""]) >= 8.0, "{m}");
+    assert!(counter(&m, "weft_requests_total", &["degraded=\"true\"", "code=\"200\""]) >= 8.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_budget_caps_retries_during_an_outage() {
+    let bed = Bed::start().await;
+    // Only the failing v2; a budget of 10 % of requests and no floor.
+    apply(
+        &bed.control.url(),
+        "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v2 }, weight: 1 } ]\n    retry: { attempts: 3, on: [5xx] }\n---\nkind: Resilience\nservice: inference\nretry_budget: { ratio: 0.1, min_per_second: 0 }\n",
+    )
+    .await;
+    for _ in 0..100 {
+        let r = bed.call("GET", &[]).await;
+        assert_eq!(r.0, 503);
+    }
+    let m = bed.caller.metrics().await;
+    let retries = counter(&m, "weft_retries_total", &["service=\"inference\""]);
+    // Without a budget this would be 300 retries (3 per call).
+    assert!(retries <= 12.0, "retries {retries} exceed 10% of 100 calls");
+    println!("retries during the outage: {retries} for 100 calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_ejects_the_failing_instance_and_fallback_answers_when_nothing_is_left() {
+    let bed = Bed::start().await;
+    apply(
+        &bed.control.url(),
+        "kind: Route\nservice: inference\nrules:\n  - backends:\n      - { subset: { version: v1 }, weight: 50 }\n      - { subset: { version: v2 }, weight: 50 }\n    retry: { attempts: 1, on: [5xx] }\n---\nkind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 3, base_ejection: 30s, max_ejection_percent: 50 }\nretry_budget: { ratio: 1.0, min_per_second: 100 }\n",
+    )
+    .await;
+    let b = &bed;
+    eventually("v2 is ejected", Duration::from_secs(20), || async move {
+        let r = b.call("GET", &[]).await;
+        assert_eq!(r.0, 200, "{r:?}");
+        counter(&b.caller.metrics().await, "weft_breaker_ejections_total", &["service=\"inference\""]) >= 1.0
+    })
+    .await;
+    // While v2 is out, every call goes straight to v1: no retry, marked breaker.
+    for _ in 0..20 {
+        let r = bed.call("GET", &[]).await;
+        assert_eq!(r.0, 200);
+        assert_eq!(degraded(&r), "breaker", "{r:?}");
+    }
+
+    // Only v2 (ejected) behind the route now, with a fallback service.
+    apply(
+        &bed.control.url(),
+        "kind: Route\nservice: inference\nrules:\n  - match: { path_prefix: /run }\n    backends: [ { subset: { version: v2 }, weight: 1 } ]\n    fallback: { service: inference-lite }\n  - backends: [ { subset: { version: v2 }, weight: 1 } ]\n    fallback: { status: 200, body: 'cached answer' }\n",
+    )
+    .await;
+    for _ in 0..5 {
+        let r = bed.call("POST", &[]).await;
+        assert_eq!(r.0, 200, "{r:?}");
+        assert_eq!(served_by(&r), "inference-lite/v1");
+        assert!(degraded(&r).contains("fallback=inference-lite"), "{r:?}");
+    }
+    let r = harness::get(bed.caller.outbound, "inference", "/other").await.unwrap();
+    assert_eq!(r.0, 200);
+    assert_eq!(r.2, "cached answer");
+    assert!(degraded(&r).contains("fallback=static"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_concurrent_requests_calls_fail_fast_as_shed() {
+    let bed = Bed::start().await;
+    apply(
+        &bed.control.url(),
+        "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v1 }, weight: 1 } ]\n---\nkind: Resilience\nservice: inference\nmax_concurrent_requests: 2\n",
+    )
+    .await;
+    let outbound = bed.caller.outbound;
+    let slow: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { harness::get(outbound, "inference", "/?sleep_ms=1500").await }))
+        .collect();
+    // Shed calls are looked for while the slow ones are in flight. (A fast
+    // call may race ahead of a slow one and push that one out instead.)
+    let mut shed = 0;
+    let client = pooled_client();
+    let mut seen = Vec::new();
+    // Until the first shed, or until the slow calls are done (then the cap
+    // was never hit while they were in flight, and the test fails).
+    while shed == 0 && !slow.iter().all(|t| t.is_finished()) {
+        let r = send(&client, outbound, "inference", "/", &[]).await.unwrap();
+        seen.push(r.0);
+        if r.0 == 503 {
+            assert_eq!(r.1["x-weft-error"], "overloaded");
+            assert_eq!(degraded(&r), "shed");
+            shed += 1;
+        }
+    }
+    let mut slow_ok = 0;
+    for t in slow {
+        let r = t.await.unwrap().unwrap();
+        assert!(r.0 == 200 || (r.0 == 503 && degraded(&r) == "shed"), "{r:?}");
+        slow_ok += usize::from(r.0 == 200);
+    }
+    assert!(slow_ok >= 1, "no slow call was admitted");
+    assert!(shed >= 1, "no call was shed while two slow calls were in flight: {seen:?}");
+    let r = send(&client, outbound, "inference", "/", &[]).await.unwrap();
+    assert_eq!(r.0, 200, "capacity is back once the slow calls finish");
+}
