@@ -5,18 +5,23 @@ use tonic::{Request, Response, Status};
 use xds_proto::v1 as pb;
 use xds_proto::v1::admin_server::Admin;
 
+use std::sync::Arc;
+
 use crate::convert;
+use crate::traces::TraceLog;
 use crate::policy::{self, ResourceId, normalize_kind};
 use crate::store::{Action, Store, StoreError, decode_resource};
 
 #[derive(Clone)]
 pub struct AdminService {
     store: Store,
+    traces: Arc<TraceLog>,
+    replica: String,
 }
 
 impl AdminService {
-    pub fn new(store: Store) -> Self {
-        AdminService { store }
+    pub fn new(store: Store, traces: Arc<TraceLog>, replica: String) -> Self {
+        AdminService { store, traces, replica }
     }
 }
 
@@ -162,6 +167,24 @@ impl Admin for AdminService {
                     control_replica: r.control_replica,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn traces(&self, request: Request<pb::TracesRequest>) -> Result<Response<pb::TracesResponse>, Status> {
+        let req = request.into_inner();
+        let since_ms = if req.since_secs == 0 {
+            0
+        } else {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            now.saturating_sub(req.since_secs * 1000)
+        };
+        let limit = if req.limit == 0 { 100 } else { req.limit as usize };
+        Ok(Response::new(pb::TracesResponse {
+            calls: self.traces.query(&req.service, since_ms, limit),
+            replica: self.replica.clone(),
         }))
     }
 }

@@ -19,6 +19,7 @@ use xds_proto::v1::discovery_server::Discovery;
 use crate::index::Snapshot;
 use crate::policy::check_name;
 use crate::store::{EndpointRecord, ProxyRecord, Store};
+use crate::traces::TraceLog;
 
 /// How many services one sidecar may subscribe to.
 pub const MAX_SUBSCRIPTIONS: usize = 1024;
@@ -33,11 +34,18 @@ struct Shared {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     replica: String,
     lease_ttl: i64,
+    traces: Arc<TraceLog>,
 }
 
 impl DiscoveryService {
-    pub fn new(store: Store, snapshots: watch::Receiver<Arc<Snapshot>>, replica: String, lease_ttl: i64) -> Self {
-        DiscoveryService { inner: Arc::new(Shared { store, snapshots, replica, lease_ttl }) }
+    pub fn new(
+        store: Store,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        replica: String,
+        lease_ttl: i64,
+        traces: Arc<TraceLog>,
+    ) -> Self {
+        DiscoveryService { inner: Arc::new(Shared { store, snapshots, replica, lease_ttl, traces }) }
     }
 }
 
@@ -202,6 +210,13 @@ impl Session {
             Msg::Deregister(_) => {
                 self.deregistered = true;
                 self.unregister().await;
+            }
+            Msg::Degraded(d) => {
+                if d.dropped > 0 {
+                    metrics::counter!("weft_control_degraded_dropped_total").increment(d.dropped);
+                }
+                metrics::counter!("weft_control_degraded_reports_total").increment(d.calls.len() as u64);
+                self.shared.traces.record(d.calls);
             }
             Msg::Hello(_) => {}
         }

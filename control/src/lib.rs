@@ -6,6 +6,7 @@
 //! - [`index`] and [`watcher`]: etcd → immutable snapshots
 //! - [`discovery`]: one session per sidecar (registration, push, ACK/NACK)
 //! - [`admin`]: the gRPC API for weftctl
+//! - [`traces`]: recent degraded calls reported by sidecars
 //! - [`server`]: wiring for the `weft-control` binary
 #![forbid(unsafe_code)]
 
@@ -16,4 +17,5 @@ pub mod index;
 pub mod policy;
 pub mod server;
 pub mod store;
+pub mod traces;
 pub mod watcher;

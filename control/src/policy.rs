@@ -44,6 +44,38 @@ pub struct Rule {
     pub retry: Option<Retry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Fallback>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+/// Faults the caller's sidecar injects, to exercise resilience.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Only requests carrying this header are affected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    pub percent: f64,
+    pub duration: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    pub percent: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -449,6 +481,9 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
                 }
             }
         }
+        if let Some(f) = &rule.fault {
+            validate_fault(f, &at, p);
+        }
         if let Some(fb) = &rule.fallback {
             match (&fb.service, fb.status) {
                 (Some(_), Some(_)) => p.push(Problem::new(at("fallback"), "set either service or status, not both")),
@@ -469,6 +504,41 @@ fn validate_route(r: &Route, p: &mut Vec<Problem>) {
                     }
                 }
             }
+        }
+    }
+}
+
+fn validate_fault(f: &Fault, at: &dyn Fn(&str) -> String, p: &mut Vec<Problem>) {
+    if f.delay.is_none() && f.abort.is_none() {
+        p.push(Problem::new(at("fault"), "set delay, abort or both"));
+    }
+    if let Some(h) = &f.header
+        && (http::HeaderName::from_bytes(h.as_bytes()).is_err() || h.to_ascii_lowercase() != *h)
+    {
+        p.push(Problem::new(at("fault.header"), format!("'{h}' is not a valid lowercase header name")));
+    }
+    let percent_ok = |v: f64| (0.0..=100.0).contains(&v);
+    if let Some(d) = &f.delay {
+        if !percent_ok(d.percent) {
+            p.push(Problem::new(at("fault.delay.percent"), "must be between 0 and 100"));
+        }
+        if let Err(e) = parse_duration(&d.duration) {
+            p.push(Problem::new(at("fault.delay.duration"), e));
+        }
+    }
+    if let Some(a) = &f.abort {
+        if !percent_ok(a.percent) {
+            p.push(Problem::new(at("fault.abort.percent"), "must be between 0 and 100"));
+        }
+        match (a.status, a.grpc_status) {
+            (None, None) => p.push(Problem::new(at("fault.abort"), "set status (HTTP) and/or grpc_status")),
+            (Some(s), _) if !(200..=599).contains(&s) => {
+                p.push(Problem::new(at("fault.abort.status"), format!("{s} is not an HTTP status")))
+            }
+            (_, Some(g)) if !(1..=16).contains(&g) => {
+                p.push(Problem::new(at("fault.abort.grpc_status"), format!("{g} is not a gRPC error code (1-16)")))
+            }
+            _ => {}
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::admin::AdminService;
 use crate::discovery::DiscoveryService;
 use crate::index::Snapshot;
 use crate::store::Store;
+use crate::traces::TraceLog;
 use crate::watcher;
 
 pub struct Config {
@@ -54,8 +55,10 @@ pub async fn run(
         }
     });
 
-    let discovery = DiscoveryService::new(config.store.clone(), rx, config.replica.clone(), config.lease_ttl_secs);
-    let admin_api = AdminService::new(config.store.clone());
+    let traces = Arc::new(TraceLog::new(10_000));
+    let discovery =
+        DiscoveryService::new(config.store.clone(), rx, config.replica.clone(), config.lease_ttl_secs, traces.clone());
+    let admin_api = AdminService::new(config.store.clone(), traces, config.replica.clone());
     let grpc_stop = stopped(stop_rx);
     tokio::spawn(async move {
         shutdown.await;

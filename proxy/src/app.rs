@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +43,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let (ready_tx, ready_rx) = watch::channel(false);
     let (subscribe_tx, subscribe_rx) = mpsc::unbounded_channel();
     let (table_changed, _) = watch::channel(0);
+    let (reports, reports_rx) = mpsc::channel(crate::state::REPORT_QUEUE);
     let shared = Arc::new(Shared {
         identity: opts.identity.clone(),
         table: ArcSwap::from_pointee(Table::default()),
@@ -53,12 +54,14 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         config_received: AtomicBool::new(false),
         control_connected: AtomicBool::new(false),
         last_nack: Mutex::new(None),
+        reports,
+        reports_dropped: AtomicU64::new(0),
     });
     let (drain_tx, mut drain_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let probe = tokio::spawn(probe::run(opts.app, ready_tx));
-    let discovery = tokio::spawn(discovery::run(shared.clone(), opts.controls.clone(), subscribe_rx, stop_rx.clone()));
+    let discovery = tokio::spawn(discovery::run(shared.clone(), opts.controls.clone(), subscribe_rx, reports_rx, stop_rx.clone()));
     let upkeep_handle = opts.metrics.clone();
     let upkeep = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));

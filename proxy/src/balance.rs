@@ -1,5 +1,6 @@
-//! Endpoint choice: power of two choices over in-flight requests, skipping
-//! ejected endpoints and, for a retry, the endpoints already tried.
+//! Endpoint choice: power of two choices over peak-EWMA latency × load,
+//! preferring endpoints in the caller's region, skipping ejected endpoints
+//! and, for a retry, the endpoints already tried.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,9 +18,13 @@ pub struct Picked {
     pub skipped_ejected: bool,
 }
 
-/// Picks two eligible endpoints at random and takes the less loaded one.
-/// Endpoints in `tried` are used only when nothing else is eligible.
-pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64) -> Picked {
+/// A local endpoint is kept unless it costs more than this many times the
+/// best remote one.
+const SPILLOVER_FACTOR: f64 = 2.0;
+
+/// Picks among the eligible endpoints. `region` is the caller's region:
+/// endpoints there are preferred while they are healthy and not overloaded.
+pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64, region: Option<&str>) -> Picked {
     let mut skipped_ejected = false;
     let mut fresh: Vec<&Arc<Endpoint>> = Vec::with_capacity(endpoints.len());
     let mut retried: Vec<&Arc<Endpoint>> = Vec::new();
@@ -33,7 +38,23 @@ pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64) -> Pi
         }
     }
     let pool = if fresh.is_empty() { retried } else { fresh };
-    let endpoint = match pool.len() {
+    let endpoint = match region {
+        Some(r) if pool.iter().any(|e| e.labels.get("region").is_some_and(|l| l == r)) => {
+            let (local, remote): (Vec<&Arc<Endpoint>>, Vec<&Arc<Endpoint>>) =
+                pool.into_iter().partition(|e| e.labels.get("region").is_some_and(|l| l == r));
+            let l = best_of_two(&local, now_ms);
+            match (l, best_of_two(&remote, now_ms)) {
+                (Some(l), Some(rm)) if l.health.cost(now_ms) > SPILLOVER_FACTOR * rm.health.cost(now_ms) => Some(rm),
+                (l, _) => l,
+            }
+        }
+        _ => best_of_two(&pool, now_ms),
+    };
+    Picked { endpoint, skipped_ejected }
+}
+
+fn best_of_two(pool: &[&Arc<Endpoint>], now_ms: u64) -> Option<Arc<Endpoint>> {
+    match pool.len() {
         0 => None,
         1 => Some(pool[0].clone()),
         n => {
@@ -44,12 +65,9 @@ pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64) -> Pi
                 b += 1;
             }
             let (ea, eb) = (pool[a], pool[b]);
-            let la = ea.health.in_flight.load(Ordering::Relaxed);
-            let lb = eb.health.in_flight.load(Ordering::Relaxed);
-            Some(if lb < la { eb.clone() } else { ea.clone() })
+            Some(if eb.health.cost(now_ms) < ea.health.cost(now_ms) { eb.clone() } else { ea.clone() })
         }
-    };
-    Picked { endpoint, skipped_ejected }
+    }
 }
 
 /// True when at least one endpoint is not ejected.
@@ -74,5 +92,50 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn ep(port: u16, region: &str) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            proxy_id: format!("p{port}"),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            labels: BTreeMap::from([("region".to_string(), region.to_string())]),
+            ready: true,
+            health: Arc::new(Health::default()),
+        })
+    }
+
+    #[test]
+    fn prefers_the_callers_region() {
+        let eps = vec![ep(1, "east"), ep(2, "west"), ep(3, "west")];
+        for _ in 0..50 {
+            let p = p2c(&eps, &[], crate::resilience::now_ms(), Some("east"));
+            assert_eq!(p.endpoint.unwrap().addr.port(), 1);
+        }
+    }
+
+    #[test]
+    fn spills_over_when_the_local_endpoint_is_slow() {
+        let eps = vec![ep(1, "east"), ep(2, "west")];
+        eps[0].health.observe_rtt(Duration::from_millis(100));
+        eps[1].health.observe_rtt(Duration::from_millis(1));
+        let p = p2c(&eps, &[], crate::resilience::now_ms(), Some("east"));
+        assert_eq!(p.endpoint.unwrap().addr.port(), 2);
+    }
+
+    #[test]
+    fn avoids_the_slower_of_two() {
+        let eps = vec![ep(1, "x"), ep(2, "x")];
+        eps[0].health.observe_rtt(Duration::from_millis(50));
+        eps[1].health.observe_rtt(Duration::from_millis(1));
+        for _ in 0..20 {
+            assert_eq!(p2c(&eps, &[], crate::resilience::now_ms(), None).endpoint.unwrap().addr.port(), 2);
+        }
     }
 }

@@ -65,6 +65,24 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub fallback: Option<Fallback>,
+    pub fault: Option<Fault>,
+}
+
+/// Faults injected on each try of matching requests.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Only requests carrying this header are affected.
+    pub header: Option<HeaderName>,
+    /// (probability 0..=1, delay)
+    pub delay: Option<(f64, Duration)>,
+    /// (probability 0..=1, HTTP status, gRPC status for gRPC callers)
+    pub abort: Option<(f64, StatusCode, Option<u16>)>,
+}
+
+impl Fault {
+    pub fn applies<B>(&self, req: &http::Request<B>) -> bool {
+        self.header.as_ref().is_none_or(|h| req.headers().contains_key(h))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -241,7 +259,34 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
                 Some(Fallback::Static { status, body: Bytes::from(f.body.clone()) })
             }
         };
+        let fault = match &rule.fault {
+            None => None,
+            Some(f) => {
+                let header = if f.header.is_empty() {
+                    None
+                } else {
+                    Some(HeaderName::from_bytes(f.header.as_bytes()).map_err(|_| bad(format!("rules[{i}].fault.header: '{}' is not a header name", f.header)))?)
+                };
+                let pct = |v: f64, what: &str| {
+                    if (0.0..=100.0).contains(&v) { Ok(v / 100.0) } else { Err(bad(format!("rules[{i}].fault.{what}.percent: {v} is not 0-100"))) }
+                };
+                let delay = if f.delay_ms > 0 { Some((pct(f.delay_percent, "delay")?, Duration::from_millis(f.delay_ms))) } else { None };
+                let abort = if f.abort_status > 0 || f.abort_grpc_status > 0 {
+                    let status = if f.abort_status > 0 {
+                        u16::try_from(f.abort_status).ok().and_then(|s| StatusCode::from_u16(s).ok()).ok_or_else(|| bad(format!("rules[{i}].fault.abort.status: {} is not an HTTP status", f.abort_status)))?
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    let grpc = (f.abort_grpc_status > 0).then_some(f.abort_grpc_status.min(16) as u16);
+                    Some((pct(f.abort_percent, "abort")?, status, grpc))
+                } else {
+                    None
+                };
+                Some(Fault { header, delay, abort })
+            }
+        };
         rules.push(Rule {
+            fault,
             path_prefix,
             method,
             headers,

@@ -37,6 +37,7 @@ pub async fn run(
     shared: Arc<Shared>,
     controls: Vec<String>,
     mut subscribe_rx: mpsc::UnboundedReceiver<String>,
+    mut reports_rx: mpsc::Receiver<pb::DegradedCall>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -47,7 +48,7 @@ pub async fn run(
         }
         let url = &controls[attempt % controls.len()];
         attempt += 1;
-        match session(&shared, url, &mut subscribe_rx, &mut stop).await {
+        match session(&shared, url, &mut subscribe_rx, &mut reports_rx, &mut stop).await {
             Ok(Ended::Stopped) => return,
             Ok(Ended::Lost) => {
                 backoff = Duration::from_millis(100);
@@ -74,6 +75,7 @@ async fn session(
     shared: &Arc<Shared>,
     url: &str,
     subscribe_rx: &mut mpsc::UnboundedReceiver<String>,
+    reports_rx: &mut mpsc::Receiver<pb::DegradedCall>,
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Ended> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
@@ -119,6 +121,18 @@ async fn session(
                     batch.insert(s);
                 }
                 tx.send(send(pb::proxy_message::Msg::Subscribe(pb::Subscribe { services: batch.into_iter().collect() }))).await?;
+            }
+            Some(first) = reports_rx.recv() => {
+                // Batch what is queued; the request path never waits on this.
+                let mut calls = vec![first];
+                while calls.len() < 256 {
+                    match reports_rx.try_recv() {
+                        Ok(c) => calls.push(c),
+                        Err(_) => break,
+                    }
+                }
+                let dropped = shared.reports_dropped.swap(0, Ordering::Relaxed);
+                tx.send(send(pb::proxy_message::Msg::Degraded(pb::DegradedReports { calls, dropped }))).await?;
             }
             changed = ready_rx.changed() => {
                 if changed.is_ok() {

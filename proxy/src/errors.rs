@@ -33,6 +33,8 @@ pub enum ProxyError {
     Overloaded(String),
     #[error("cannot read the request body: {0}")]
     BadRequestBody(String),
+    #[error("fault injected by route policy")]
+    FaultAbort { status: StatusCode, grpc_status: Option<u16> },
     #[error("sidecar is draining")]
     Draining,
 }
@@ -52,12 +54,14 @@ impl ProxyError {
             ProxyError::TooManyServices(_) => "too-many-services",
             ProxyError::Draining => "draining",
             ProxyError::Overloaded(_) => "overloaded",
+            ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::BadRequestBody(_) => "bad-request",
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::NoAuthority | ProxyError::BadAuthority(_) | ProxyError::BadRequestBody(_) => {
                 StatusCode::BAD_REQUEST
             }
@@ -72,6 +76,7 @@ impl ProxyError {
     /// The gRPC status code for gRPC callers.
     pub fn grpc_status(&self) -> u16 {
         match self {
+            ProxyError::FaultAbort { grpc_status: Some(g), .. } => *g,
             ProxyError::NoAuthority | ProxyError::BadAuthority(_) => 3, // INVALID_ARGUMENT
             ProxyError::Timeout { .. } => 4,                            // DEADLINE_EXCEEDED
             ProxyError::UnknownService(_) => 5,                         // NOT_FOUND

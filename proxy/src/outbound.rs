@@ -44,11 +44,13 @@ pub struct Degraded {
     pub fallback: Option<String>,
     pub timeout: bool,
     pub shed: bool,
+    /// Served while the control plane is unreachable, on the last config.
+    pub stale_config: bool,
 }
 
 impl Degraded {
     pub fn any(&self) -> bool {
-        self.retries > 0 || self.breaker || self.fallback.is_some() || self.timeout || self.shed
+        self.retries > 0 || self.breaker || self.fallback.is_some() || self.timeout || self.shed || self.stale_config
     }
 
     /// `retry=2,breaker,fallback=inference-lite` (the `x-weft-degraded` value).
@@ -68,6 +70,9 @@ impl Degraded {
         }
         if self.shed {
             parts.push("shed".to_string());
+        }
+        if self.stale_config {
+            parts.push("stale-config".to_string());
         }
         parts.join(",")
     }
@@ -108,8 +113,30 @@ impl Outbound {
             Ok(s) => s,
             Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", &tenant, started),
         };
+        let trace_id = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.get(3..35))
+            .unwrap_or("")
+            .to_string();
         let result = self.route_and_forward(&service, &tenant, req, &mut degraded).await;
-        finish(result, &degraded, grpc, "outbound", &service, &tenant, started)
+        let resp = finish(result, &degraded, grpc, "outbound", &service, &tenant, started);
+        if degraded.any() {
+            tracing::info!(trace_id, service, tenant, reasons = %degraded.header_value(), status = resp.status().as_u16(), "degraded call");
+            self.shared.report_degraded(xds_proto::v1::DegradedCall {
+                trace_id,
+                service,
+                reasons: degraded.header_value(),
+                unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+                tenant,
+                status: u32::from(resp.status().as_u16()),
+            });
+        }
+        resp
     }
 
     async fn route_and_forward(
@@ -120,6 +147,7 @@ impl Outbound {
         degraded: &mut Degraded,
     ) -> Result<http::Response<ProxyBody>, ProxyError> {
         let svc = self.resolve(service).await?;
+        degraded.stale_config = !self.shared.control_connected.load(Ordering::Relaxed);
         if !svc.known {
             return Err(ProxyError::UnknownService(service.to_string()));
         }
@@ -170,7 +198,7 @@ impl Outbound {
         let mut last: Option<Outcome> = None;
         for attempt in 0..max_tries {
             let now = resilience::now_ms();
-            let picked = pick_in(&svc, rule, &tried, now);
+            let picked = pick_in(&svc, rule, &tried, now, self.region());
             degraded.breaker |= picked.skipped_ejected;
             let Some(endpoint) = picked.endpoint else {
                 if last.is_none() {
@@ -187,13 +215,28 @@ impl Outbound {
             let Some(b) = body.take() else { break };
             let mut attempt_req = Request::from_parts(clone_parts(&parts), b);
             *attempt_req.extensions_mut() = http::Extensions::new();
-            let outcome = {
-                let _guard = InFlight::endpoint(&endpoint.health);
-                self.upstream.send(endpoint.addr, attempt_req, try_timeout).await
+            let fault = rule.and_then(|r| r.fault.as_ref()).filter(|f| f.applies(&attempt_req));
+            if let Some((p, d)) = fault.and_then(|f| f.delay)
+                && rand::rng().random_bool(p)
+            {
+                tokio::time::sleep(d).await;
+            }
+            let injected = fault.and_then(|f| f.abort).filter(|(p, _, _)| rand::rng().random_bool(*p));
+            let outcome = match injected {
+                Some((_, status, grpc_status)) => Err(ProxyError::FaultAbort { status, grpc_status }),
+                None => {
+                    let _guard = InFlight::endpoint(&endpoint.health);
+                    let sent = Instant::now();
+                    let r = self.upstream.send(endpoint.addr, attempt_req, try_timeout).await;
+                    endpoint.health.observe_rtt(sent.elapsed());
+                    r
+                }
             };
             tried.push(endpoint.addr);
             let failed = is_failure(&outcome);
-            if failed {
+            if injected.is_some() {
+                // Not the endpoint's fault: its health is left alone.
+            } else if failed {
                 let share = ejected_share(&svc, now);
                 if endpoint.health.record_failure(settings, share) {
                     metrics::counter!("weft_breaker_ejections_total", "service" => service.to_string()).increment(1);
@@ -267,7 +310,7 @@ impl Outbound {
                 let tenant = parts.headers.get(TENANT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("default");
                 let req = Request::from_parts(clone_parts(parts), b);
                 let rule = svc.route_for(tenant).and_then(|r| r.rules.iter().find(|rule| rule.matches(&req)));
-                let Some(endpoint) = pick_in(&svc, rule, &[], resilience::now_ms()).endpoint else {
+                let Some(endpoint) = pick_in(&svc, rule, &[], resilience::now_ms(), self.region()).endpoint else {
                     return Err(err);
                 };
                 degraded.fallback = Some(name.clone());
@@ -277,6 +320,11 @@ impl Outbound {
                 Ok(resp.map(ProxyBody::Left))
             }
         }
+    }
+
+    /// The caller's region label, which endpoints are preferred in.
+    fn region(&self) -> Option<&str> {
+        self.shared.identity.labels.get("region").map(String::as_str)
     }
 
     /// Finds the service in the table, subscribing and waiting on a miss.
@@ -346,6 +394,11 @@ fn should_retry(on: &RetryOn, o: &Outcome) -> bool {
                 || (on.gateway_error && matches!(s, 502..=504))
                 || (on.unavailable && grpc_status(resp) == Some(14))
         }
+        Err(ProxyError::FaultAbort { status, grpc_status }) => {
+            (on.server_error && status.is_server_error())
+                || (on.gateway_error && matches!(status.as_u16(), 502..=504))
+                || (on.unavailable && *grpc_status == Some(14))
+        }
         Err(ProxyError::Connect { .. }) => on.connect_failure,
         Err(ProxyError::Reset { .. }) => on.reset,
         Err(ProxyError::Timeout { .. }) => on.server_error || on.gateway_error,
@@ -365,9 +418,9 @@ fn ejected_share(svc: &Service, now: u64) -> f64 {
 /// Chooses the endpoint for a request under `rule`: a backend by weight
 /// among those with an eligible endpoint, then an endpoint. Without a rule,
 /// any ready endpoint of the service.
-fn pick_in(svc: &Service, rule: Option<&Rule>, tried: &[SocketAddr], now: u64) -> balance::Picked {
+fn pick_in(svc: &Service, rule: Option<&Rule>, tried: &[SocketAddr], now: u64, region: Option<&str>) -> balance::Picked {
     let Some(rule) = rule else {
-        return balance::p2c(&svc.all_ready, tried, now);
+        return balance::p2c(&svc.all_ready, tried, now, region);
     };
     let skipped = rule.backends.iter().any(|b| !b.endpoints.is_empty() && !balance::any_eligible(&b.endpoints, now));
     // A retry prefers backends with an endpoint not tried yet.
@@ -377,7 +430,7 @@ fn pick_in(svc: &Service, rule: Option<&Rule>, tried: &[SocketAddr], now: u64) -
     let backend = choose_weighted(&rule.backends, untried).or_else(|| choose_weighted(&rule.backends, any));
     match backend {
         Some(b) => {
-            let mut p = balance::p2c(&b.endpoints, tried, now);
+            let mut p = balance::p2c(&b.endpoints, tried, now, region);
             p.skipped_ejected |= skipped;
             p
         }

@@ -68,17 +68,78 @@ impl From<&pb::Resilience> for Settings {
     }
 }
 
-/// Per-endpoint health, kept across config versions.
-#[derive(Debug, Default)]
+/// Per-endpoint health and load, kept across config versions.
+#[derive(Debug)]
 pub struct Health {
     pub in_flight: AtomicUsize,
     failures: AtomicU32,
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
     half_open: AtomicBool,
+    /// Peak-EWMA of the time to response head, in microseconds (f64 bits).
+    rtt_us: AtomicU64,
+    /// When `rtt_us` was last updated (`now_ms`).
+    rtt_at_ms: AtomicU64,
+    /// When this endpoint was first seen (`now_ms`), for warm-up.
+    born_ms: u64,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            in_flight: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            half_open: AtomicBool::new(false),
+            rtt_us: AtomicU64::new(DEFAULT_RTT_US.to_bits()),
+            rtt_at_ms: AtomicU64::new(now_ms()),
+            born_ms: now_ms(),
+        }
+    }
+}
+
+/// The latency assumed for an endpoint not measured yet.
+const DEFAULT_RTT_US: f64 = 1_000.0;
+/// Decay time of the latency estimate.
+const RTT_DECAY_MS: f64 = 10_000.0;
+/// New endpoints take traffic gradually over this long.
+pub const WARMUP_MS: u64 = 10_000;
+
 impl Health {
+    /// Records the time to response head of one request (peak-EWMA: a
+    /// slower answer is taken at once, a faster one blends in over time).
+    pub fn observe_rtt(&self, rtt: Duration) {
+        let now = now_ms();
+        let sample = rtt.as_secs_f64() * 1e6;
+        let old = self.decayed_rtt(now);
+        let elapsed = now.saturating_sub(self.rtt_at_ms.swap(now, Ordering::Relaxed)) as f64;
+        let next = if sample > old {
+            sample
+        } else {
+            let w = (-elapsed / RTT_DECAY_MS).exp();
+            old * w + sample * (1.0 - w)
+        };
+        self.rtt_us.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The estimate decays while the endpoint is idle, so an endpoint that
+    /// was slow once gets tried again.
+    fn decayed_rtt(&self, now: u64) -> f64 {
+        let rtt = f64::from_bits(self.rtt_us.load(Ordering::Relaxed));
+        let idle = now.saturating_sub(self.rtt_at_ms.load(Ordering::Relaxed)) as f64;
+        (rtt * (-idle / RTT_DECAY_MS).exp()).max(1.0)
+    }
+
+    /// Expected cost of one more request: latency × (in flight + 1),
+    /// up to 4× higher while the endpoint warms up.
+    pub fn cost(&self, now: u64) -> f64 {
+        let load = (self.in_flight.load(Ordering::Relaxed) + 1) as f64;
+        let age = now.saturating_sub(self.born_ms) as f64;
+        let warm = (age / WARMUP_MS as f64).clamp(0.25, 1.0);
+        self.decayed_rtt(now) * load / warm
+    }
+
     pub fn is_ejected(&self, now: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now
     }
@@ -199,6 +260,17 @@ mod tests {
         let s = breaker(1);
         assert!(!h.record_failure(&s, 0.5), "half the service is ejected already");
         assert!(h.record_failure(&s, 0.0));
+    }
+
+    #[test]
+    fn peak_ewma_takes_slow_answers_at_once() {
+        let h = Health::default();
+        h.observe_rtt(Duration::from_millis(50));
+        let slow = h.cost(now_ms());
+        assert!(slow >= 40_000.0, "{slow}");
+        let g = Health::default();
+        g.observe_rtt(Duration::from_micros(200));
+        assert!(g.cost(now_ms()) < slow);
     }
 
     #[test]

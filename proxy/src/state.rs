@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
@@ -32,9 +32,24 @@ pub struct Shared {
     pub config_received: AtomicBool,
     pub control_connected: AtomicBool,
     pub last_nack: Mutex<Option<String>>,
+    /// Degraded calls waiting to be reported to the control plane.
+    pub reports: mpsc::Sender<xds_proto::v1::DegradedCall>,
+    pub reports_dropped: AtomicU64,
 }
 
+/// How many degraded-call reports wait for the control plane at most.
+pub const REPORT_QUEUE: usize = 4096;
+
 impl Shared {
+    /// Queues a report without waiting; when the queue is full the report is
+    /// dropped and counted.
+    pub fn report_degraded(&self, call: xds_proto::v1::DegradedCall) {
+        if self.reports.try_send(call).is_err() {
+            self.reports_dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("weft_degraded_reports_dropped_total").increment(1);
+        }
+    }
+
     /// Subscribes to `service` unless already subscribed. Returns false when
     /// the subscription cap is reached.
     pub fn subscribe(&self, service: &str) -> bool {

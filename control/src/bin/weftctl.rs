@@ -57,6 +57,22 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Recent degraded calls (retry, fallback, breaker, timeout, shed) that
+    /// this control plane replica's sidecars reported.
+    Traces {
+        /// Only degraded calls (the only kind kept today).
+        #[arg(long, default_value_t = true)]
+        degraded: bool,
+        #[arg(long)]
+        service: Option<String>,
+        /// Only calls newer than this (e.g. 30s, 5m).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Connected sidecars: service, ACKed version, last NACK.
     Status {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
@@ -224,6 +240,43 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                         let mut labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         labels.sort();
                         out!("{:<22} {:<6} {:<30} {}", e.address, e.ready, e.proxy_id, labels.join(","));
+                    }
+                }
+                Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
+                Output::Yaml => out!("{}", serde_yaml::to_string(&rows).unwrap_or_default().trim_end()),
+            }
+            Ok(())
+        }
+        Command::Traces { degraded: _, service, since, limit, output } => {
+            let since_secs = match since {
+                Some(s) => policy::parse_duration(&s).map_err(|e| Fail(1, format!("--since: {e}")))?.as_secs().max(1),
+                None => 0,
+            };
+            let mut client = connect(&cli.control).await?;
+            let resp = client
+                .traces(pb::TracesRequest { service: service.unwrap_or_default(), since_secs, limit })
+                .await?
+                .into_inner();
+            let rows: Vec<serde_json::Value> = resp
+                .calls
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "trace_id": c.trace_id, "service": c.service, "tenant": c.tenant,
+                        "status": c.status, "reasons": c.reasons, "unix_ms": c.unix_ms,
+                    })
+                })
+                .collect();
+            match output {
+                Output::Table => {
+                    out!("{:<34} {:<16} {:<10} {:>6} {:>8} REASONS", "TRACE", "SERVICE", "TENANT", "STATUS", "AGE");
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0);
+                    for c in &resp.calls {
+                        let age = format!("{:.1}s", now.saturating_sub(c.unix_ms) as f64 / 1000.0);
+                        out!("{:<34} {:<16} {:<10} {:>6} {:>8} {}", c.trace_id, c.service, c.tenant, c.status, age, c.reasons);
                     }
                 }
                 Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
