@@ -8,9 +8,9 @@ use xds_proto::v1::admin_server::Admin;
 use std::sync::Arc;
 
 use crate::convert;
-use crate::traces::TraceLog;
 use crate::policy::{self, ResourceId, normalize_kind};
 use crate::store::{Action, Store, StoreError, decode_resource};
+use crate::traces::TraceLog;
 
 #[derive(Clone)]
 pub struct AdminService {

@@ -40,7 +40,10 @@ pub fn route(r: &policy::Route, revision: u64) -> Result<pb::Route, String> {
                 Some(f) => Some(pb::Fault {
                     header: f.header.clone().unwrap_or_default(),
                     delay_percent: f.delay.as_ref().map(|d| d.percent).unwrap_or(0.0),
-                    delay_ms: millis(&format!("rules[{i}].fault.delay.duration"), &f.delay.as_ref().map(|d| d.duration.clone()))?,
+                    delay_ms: millis(
+                        &format!("rules[{i}].fault.delay.duration"),
+                        &f.delay.as_ref().map(|d| d.duration.clone()),
+                    )?,
                     abort_percent: f.abort.as_ref().map(|a| a.percent).unwrap_or(0.0),
                     abort_status: f.abort.as_ref().and_then(|a| a.status).map(u32::from).unwrap_or(0),
                     abort_grpc_status: f.abort.as_ref().and_then(|a| a.grpc_status).map(u32::from).unwrap_or(0),

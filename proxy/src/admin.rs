@@ -100,6 +100,9 @@ pub fn config_json(shared: &Shared) -> serde_json::Value {
                             "match": { "path_prefix": m.path_prefix, "method": m.method, "headers": m.headers },
                             "backends": rule.backends.iter().map(|b| json!({"subset": b.subset, "weight": b.weight})).collect::<Vec<_>>(),
                             "timeout_ms": rule.timeout_ms,
+                            "retry": rule.retry.as_ref().map(|r| json!({"attempts": r.attempts, "per_try_timeout_ms": r.per_try_timeout_ms, "on": r.on})),
+                            "fault": rule.fault.as_ref().map(|f| json!({"header": f.header, "delay_percent": f.delay_percent, "delay_ms": f.delay_ms, "abort_percent": f.abort_percent, "abort_status": f.abort_status, "abort_grpc_status": f.abort_grpc_status})),
+                            "fallback": rule.fallback.as_ref().map(|f| json!({"service": f.service, "status": f.status})),
                         })
                     }).collect::<Vec<_>>(),
                 })

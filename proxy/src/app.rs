@@ -61,7 +61,8 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let probe = tokio::spawn(probe::run(opts.app, ready_tx));
-    let discovery = tokio::spawn(discovery::run(shared.clone(), opts.controls.clone(), subscribe_rx, reports_rx, stop_rx.clone()));
+    let discovery =
+        tokio::spawn(discovery::run(shared.clone(), opts.controls.clone(), subscribe_rx, reports_rx, stop_rx.clone()));
     let upkeep_handle = opts.metrics.clone();
     let upkeep = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));

@@ -18,9 +18,17 @@ pub struct Picked {
     pub skipped_ejected: bool,
 }
 
-/// A local endpoint is kept unless it costs more than this many times the
-/// best remote one.
-const SPILLOVER_FACTOR: f64 = 2.0;
+/// A local endpoint is kept unless it has more than this many times the
+/// requests in flight of the best remote one (plus one).
+const SPILLOVER_FACTOR: usize = 2;
+
+/// Load, not latency, decides spill-over: remote endpoints are seldom used,
+/// so their latency estimates are stale.
+fn overloaded(local: &Endpoint, remote: &Endpoint) -> bool {
+    let l = local.health.in_flight.load(Ordering::Relaxed);
+    let r = remote.health.in_flight.load(Ordering::Relaxed);
+    l > SPILLOVER_FACTOR * (r + 1)
+}
 
 /// Picks among the eligible endpoints. `region` is the caller's region:
 /// endpoints there are preferred while they are healthy and not overloaded.
@@ -44,7 +52,7 @@ pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64, regio
                 pool.into_iter().partition(|e| e.labels.get("region").is_some_and(|l| l == r));
             let l = best_of_two(&local, now_ms);
             match (l, best_of_two(&remote, now_ms)) {
-                (Some(l), Some(rm)) if l.health.cost(now_ms) > SPILLOVER_FACTOR * rm.health.cost(now_ms) => Some(rm),
+                (Some(l), Some(rm)) if overloaded(&l, &rm) => Some(rm),
                 (l, _) => l,
             }
         }
@@ -121,12 +129,14 @@ mod tests {
     }
 
     #[test]
-    fn spills_over_when_the_local_endpoint_is_slow() {
+    fn spills_over_when_the_local_endpoint_is_overloaded() {
         let eps = vec![ep(1, "east"), ep(2, "west")];
-        eps[0].health.observe_rtt(Duration::from_millis(100));
-        eps[1].health.observe_rtt(Duration::from_millis(1));
-        let p = p2c(&eps, &[], crate::resilience::now_ms(), Some("east"));
-        assert_eq!(p.endpoint.unwrap().addr.port(), 2);
+        eps[0].health.observe_rtt(Duration::from_millis(1));
+        let now = crate::resilience::now_ms();
+        let _busy: Vec<_> = (0..2).map(|_| InFlight::endpoint(&eps[0].health)).collect();
+        assert_eq!(p2c(&eps, &[], now, Some("east")).endpoint.unwrap().addr.port(), 1, "2 in flight is not overloaded");
+        let _more = InFlight::endpoint(&eps[0].health);
+        assert_eq!(p2c(&eps, &[], now, Some("east")).endpoint.unwrap().addr.port(), 2);
     }
 
     #[test]

@@ -262,18 +262,31 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
         let fault = match &rule.fault {
             None => None,
             Some(f) => {
-                let header = if f.header.is_empty() {
-                    None
-                } else {
-                    Some(HeaderName::from_bytes(f.header.as_bytes()).map_err(|_| bad(format!("rules[{i}].fault.header: '{}' is not a header name", f.header)))?)
-                };
+                let header =
+                    if f.header.is_empty() {
+                        None
+                    } else {
+                        Some(HeaderName::from_bytes(f.header.as_bytes()).map_err(|_| {
+                            bad(format!("rules[{i}].fault.header: '{}' is not a header name", f.header))
+                        })?)
+                    };
                 let pct = |v: f64, what: &str| {
-                    if (0.0..=100.0).contains(&v) { Ok(v / 100.0) } else { Err(bad(format!("rules[{i}].fault.{what}.percent: {v} is not 0-100"))) }
+                    if (0.0..=100.0).contains(&v) {
+                        Ok(v / 100.0)
+                    } else {
+                        Err(bad(format!("rules[{i}].fault.{what}.percent: {v} is not 0-100")))
+                    }
                 };
-                let delay = if f.delay_ms > 0 { Some((pct(f.delay_percent, "delay")?, Duration::from_millis(f.delay_ms))) } else { None };
+                let delay = if f.delay_ms > 0 {
+                    Some((pct(f.delay_percent, "delay")?, Duration::from_millis(f.delay_ms)))
+                } else {
+                    None
+                };
                 let abort = if f.abort_status > 0 || f.abort_grpc_status > 0 {
                     let status = if f.abort_status > 0 {
-                        u16::try_from(f.abort_status).ok().and_then(|s| StatusCode::from_u16(s).ok()).ok_or_else(|| bad(format!("rules[{i}].fault.abort.status: {} is not an HTTP status", f.abort_status)))?
+                        u16::try_from(f.abort_status).ok().and_then(|s| StatusCode::from_u16(s).ok()).ok_or_else(
+                            || bad(format!("rules[{i}].fault.abort.status: {} is not an HTTP status", f.abort_status)),
+                        )?
                     } else {
                         StatusCode::SERVICE_UNAVAILABLE
                     };

@@ -206,23 +206,37 @@ impl Outbound {
                 }
                 break;
             };
-            let per_try = retry.as_ref().and_then(|r| r.per_try_timeout);
-            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let try_timeout = match (per_try.filter(|_| may_retry), remaining) {
-                (Some(p), Some(r)) => Some(p.min(r)),
-                (p, r) => p.or(r),
-            };
             let Some(b) = body.take() else { break };
             let mut attempt_req = Request::from_parts(clone_parts(&parts), b);
             *attempt_req.extensions_mut() = http::Extensions::new();
             let fault = rule.and_then(|r| r.fault.as_ref()).filter(|f| f.applies(&attempt_req));
-            if let Some((p, d)) = fault.and_then(|f| f.delay)
-                && rand::rng().random_bool(p)
-            {
-                tokio::time::sleep(d).await;
-            }
+            let delay = fault.and_then(|f| f.delay).filter(|(p, _)| rand::rng().random_bool(*p)).map(|(_, d)| d);
             let injected = fault.and_then(|f| f.abort).filter(|(p, _, _)| rand::rng().random_bool(*p));
+            // An injected delay counts against the timeouts like a slow upstream.
+            let per_try = retry.as_ref().and_then(|r| r.per_try_timeout).filter(|_| may_retry);
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let mut try_timeout = match (per_try, remaining) {
+                (Some(p), Some(r)) => Some(p.min(r)),
+                (p, r) => p.or(r),
+            };
+            let mut timed_out = false;
+            if let Some(d) = delay {
+                match try_timeout {
+                    Some(t) if d >= t => {
+                        tokio::time::sleep(t).await;
+                        timed_out = true;
+                    }
+                    t => {
+                        tokio::time::sleep(d).await;
+                        try_timeout = t.map(|t| t - d);
+                    }
+                }
+            }
             let outcome = match injected {
+                _ if timed_out => Err(ProxyError::Timeout {
+                    addr: endpoint.addr.to_string(),
+                    ms: try_timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+                }),
                 Some((_, status, grpc_status)) => Err(ProxyError::FaultAbort { status, grpc_status }),
                 None => {
                     let _guard = InFlight::endpoint(&endpoint.health);
@@ -234,7 +248,7 @@ impl Outbound {
             };
             tried.push(endpoint.addr);
             let failed = is_failure(&outcome);
-            if injected.is_some() {
+            if injected.is_some() || timed_out {
                 // Not the endpoint's fault: its health is left alone.
             } else if failed {
                 let share = ejected_share(&svc, now);
@@ -249,6 +263,9 @@ impl Outbound {
                 && retry.as_ref().is_some_and(|r| should_retry(&r.on, &outcome))
                 && attempt + 1 < max_tries
                 && deadline.is_none_or(|d| Instant::now() < d);
+            if failed && !retryable {
+                tracing::debug!(service, attempt, max_tries, may_retry, replayable = matches!(body, ReqBody::Buffered(_)), retry = ?retry, "not retrying");
+            }
             last = Some(outcome);
             if !retryable {
                 break;
@@ -380,7 +397,8 @@ fn is_failure(o: &Outcome) -> bool {
             ProxyError::Connect { .. }
             | ProxyError::Reset { .. }
             | ProxyError::Timeout { .. }
-            | ProxyError::Upstream { .. },
+            | ProxyError::Upstream { .. }
+            | ProxyError::FaultAbort { .. },
         ) => true,
         Err(_) => false,
     }
@@ -418,7 +436,13 @@ fn ejected_share(svc: &Service, now: u64) -> f64 {
 /// Chooses the endpoint for a request under `rule`: a backend by weight
 /// among those with an eligible endpoint, then an endpoint. Without a rule,
 /// any ready endpoint of the service.
-fn pick_in(svc: &Service, rule: Option<&Rule>, tried: &[SocketAddr], now: u64, region: Option<&str>) -> balance::Picked {
+fn pick_in(
+    svc: &Service,
+    rule: Option<&Rule>,
+    tried: &[SocketAddr],
+    now: u64,
+    region: Option<&str>,
+) -> balance::Picked {
     let Some(rule) = rule else {
         return balance::p2c(&svc.all_ready, tried, now, region);
     };

@@ -65,7 +65,8 @@ impl Drop for LogFile {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let text = std::fs::read_to_string(&self.path).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            let lines = std::env::var("WEFT_TEST_LOG_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
             eprintln!("---- last lines of {} ----", self.name);
             for l in tail.iter().rev() {
                 eprintln!("{l}");

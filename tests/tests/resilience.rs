@@ -208,3 +208,136 @@ async fn over_max_concurrent_requests_calls_fail_fast_as_shed() {
     let r = send(&client, outbound, "inference", "/", &[]).await.unwrap();
     assert_eq!(r.0, 200, "capacity is back once the slow calls finish");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_are_retried_or_time_out_and_degraded_calls_are_listed_by_weftctl_traces() {
+    let bed = Bed::start().await;
+    apply(
+        &bed.control.url(),
+        r#"
+kind: Route
+service: inference
+rules:
+  - match: { path_prefix: /flaky }
+    backends: [ { subset: { version: v1 }, weight: 1 } ]
+    retry: { attempts: 5, on: [5xx] }
+    fault: { header: x-chaos, abort: { percent: 50, status: 503 } }
+  - match: { path_prefix: /slow }
+    backends: [ { subset: { version: v1 }, weight: 1 } ]
+    timeout: 200ms
+    fault: { delay: { percent: 100, duration: 1s } }
+  - backends: [ { subset: { version: v1 }, weight: 1 } ]
+---
+kind: Resilience
+service: inference
+retry_budget: { ratio: 1.0, min_per_second: 100 }
+"#,
+    )
+    .await;
+    let client = pooled_client();
+    // Without the header: no fault.
+    for _ in 0..10 {
+        let r = send(&client, bed.caller.outbound, "inference", "/flaky", &[]).await.unwrap();
+        assert_eq!((r.0, degraded(&r).as_str()), (200, ""), "{r:?}");
+    }
+    // With it, half the tries abort; retries turn them into successes.
+    let mut retried_traces = Vec::new();
+    for i in 0..30 {
+        let trace = format!("{:032x}", 0xabc000 + i);
+        let tp = format!("00-{trace}-00f067aa0ba902b7-01");
+        let r = send(&client, bed.caller.outbound, "inference", "/flaky", &[("x-chaos", "1"), ("traceparent", &tp)])
+            .await
+            .unwrap();
+        assert_eq!(r.0, 200, "{r:?} {}", bed.caller.config().await);
+        if degraded(&r).starts_with("retry=") {
+            retried_traces.push(trace);
+        }
+    }
+    assert!(retried_traces.len() >= 5, "only {} of 30 calls needed a retry", retried_traces.len());
+    // A delay longer than the route timeout: 504, marked timeout.
+    let r = send(&client, bed.caller.outbound, "inference", "/slow", &[]).await.unwrap();
+    assert_eq!(r.0, 504, "{r:?}");
+    assert_eq!(degraded(&r), "timeout");
+
+    let url = bed.control.url();
+    let first = retried_traces[0].clone();
+    eventually("weftctl traces lists the retried calls", Duration::from_secs(10), || {
+        let (url, first) = (url.clone(), first.clone());
+        async move {
+            let out =
+                harness::weftctl(&url, &["traces", "--degraded", "--service", "inference", "--since", "5m"], None)
+                    .await;
+            out.code == 0 && out.stdout.contains(&first) && out.stdout.contains("timeout")
+        }
+    })
+    .await;
+    let json = harness::weftctl(&url, &["traces", "--service", "inference", "-o", "json"], None).await;
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let listed: Vec<&str> = v.as_array().unwrap().iter().filter_map(|c| c["trace_id"].as_str()).collect();
+    for t in &retried_traces {
+        assert!(listed.contains(&t.as_str()), "{t} missing from {listed:?}");
+    }
+    let other = harness::weftctl(&url, &["traces", "--service", "billing"], None).await;
+    assert_eq!(other.stdout.lines().count(), 1, "only the header line: {other:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_prefer_their_region_and_spill_over_when_it_has_no_ready_endpoint() {
+    let etcd = Etcd::start().await;
+    let control = Control::start(&etcd, 5).await;
+    let urls = [control.url()];
+    let east = Backend::http("inference", "east").await;
+    let west = Backend::http("inference", "west").await;
+    let app = Backend::http("agent", "v1").await;
+    let (_e, _w, caller) = tokio::join!(
+        Sidecar::start(&urls, "inference", "region=east", east.addr, "reg-east"),
+        Sidecar::start(&urls, "inference", "region=west", west.addr, "reg-west"),
+        Sidecar::start(&urls, "agent", "region=east", app.addr, "reg-agent"),
+    );
+    let _ = send(&pooled_client(), caller.outbound, "inference", "/", &[]).await;
+    let c = &caller;
+    eventually("caller sees both regions", Duration::from_secs(20), || async move {
+        c.endpoint_addrs("inference").await.len() == 2
+    })
+    .await;
+    let client = pooled_client();
+    for _ in 0..30 {
+        let r = send(&client, caller.outbound, "inference", "/", &[]).await.unwrap();
+        assert_eq!(served_by(&r), "inference/east");
+    }
+    east.stop();
+    eventually("east marked not ready", Duration::from_secs(20), || async move {
+        let cfg = c.config().await;
+        cfg["services"]["inference"]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["proxy_id"] == "reg-east" && e["ready"] == false))
+    })
+    .await;
+    for _ in 0..10 {
+        let r = send(&client, caller.outbound, "inference", "/", &[]).await.unwrap();
+        assert_eq!(served_by(&r), "inference/west");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_served_while_the_control_plane_is_away_are_marked_stale_config() {
+    let mut bed = Bed::start().await;
+    apply(
+        &bed.control.url(),
+        "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v1 }, weight: 1 } ]\n",
+    )
+    .await;
+    let r = harness::get(bed.caller.outbound, "inference", "/").await.unwrap();
+    assert_eq!(degraded(&r), "");
+    bed.control.kill().await;
+    let c = &bed.caller;
+    eventually(
+        "caller notices",
+        Duration::from_secs(20),
+        || async move { c.config().await["control_connected"] == false },
+    )
+    .await;
+    let r = harness::get(bed.caller.outbound, "inference", "/").await.unwrap();
+    assert_eq!(r.0, 200);
+    assert_eq!(degraded(&r), "stale-config");
+}

@@ -276,7 +276,15 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                         .unwrap_or(0);
                     for c in &resp.calls {
                         let age = format!("{:.1}s", now.saturating_sub(c.unix_ms) as f64 / 1000.0);
-                        out!("{:<34} {:<16} {:<10} {:>6} {:>8} {}", c.trace_id, c.service, c.tenant, c.status, age, c.reasons);
+                        out!(
+                            "{:<34} {:<16} {:<10} {:>6} {:>8} {}",
+                            c.trace_id,
+                            c.service,
+                            c.tenant,
+                            c.status,
+                            age,
+                            c.reasons
+                        );
                     }
                 }
                 Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
