@@ -3,10 +3,9 @@
 //! another service through its sidecar), and a gRPC inference service.
 #![forbid(unsafe_code)]
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,9 +28,62 @@ pub struct Info {
     pub version: String,
     /// The caller's sidecar outbound address, for `/call/<service>/...`.
     pub outbound: Option<String>,
-    /// Answer every request with this status (a broken instance).
-    pub fail_status: Option<u16>,
+    /// How the instance misbehaves; changeable while it runs.
+    pub mode: Arc<Mode>,
 }
+
+/// Failures on command, for demos and tests.
+#[derive(Debug, Default)]
+pub struct Mode {
+    /// Share of requests (0-100) answered with `fail_status`.
+    pub fail_percent: AtomicU32,
+    /// The failure status (default 503).
+    pub fail_status: AtomicU32,
+    /// Added before answering.
+    pub latency_ms: AtomicU64,
+    /// Never answer.
+    pub hang: AtomicBool,
+    /// Drop the connection instead of answering.
+    pub reset: AtomicBool,
+    /// Requests received (every try counts).
+    pub hits: AtomicU64,
+}
+
+impl Mode {
+    /// Healthy again.
+    pub fn heal(&self) {
+        self.fail_percent.store(0, Ordering::Relaxed);
+        self.latency_ms.store(0, Ordering::Relaxed);
+        self.hang.store(false, Ordering::Relaxed);
+        self.reset.store(false, Ordering::Relaxed);
+    }
+
+    pub fn fail(&self, percent: u32, status: u16) {
+        self.fail_status.store(u32::from(status), Ordering::Relaxed);
+        self.fail_percent.store(percent.min(100), Ordering::Relaxed);
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+/// FNV-1a, so a test can tell a body arrived byte-identical.
+pub fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+/// The error that makes the server drop the connection (a "reset").
+#[derive(Debug)]
+struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reset on command")
+    }
+}
+
+impl std::error::Error for Reset {}
 
 impl Info {
     fn served_by(&self) -> String {
@@ -56,17 +108,30 @@ fn full(s: impl Into<Bytes>) -> Body {
 ///   sidecar's outbound address and returns its answer
 pub async fn serve_http(listener: TcpListener, info: Info) {
     let info = Arc::new(info);
-    let hits = Arc::new(AtomicU64::new(0));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (info, hits) = (info.clone(), hits.clone());
+        let info = info.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let (info, hits) = (info.clone(), hits.clone());
-                async move { Ok::<_, Infallible>(handle(req, &info, &hits).await) }
+                let info = info.clone();
+                async move {
+                    let mode = &info.mode;
+                    mode.hits.fetch_add(1, Ordering::Relaxed);
+                    if mode.hang.load(Ordering::Relaxed) {
+                        std::future::pending::<()>().await;
+                    }
+                    let latency = mode.latency_ms.load(Ordering::Relaxed);
+                    if latency > 0 {
+                        tokio::time::sleep(Duration::from_millis(latency)).await;
+                    }
+                    if mode.reset.load(Ordering::Relaxed) {
+                        return Err(Reset);
+                    }
+                    Ok(handle(req, &info).await)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -82,8 +147,8 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     })
 }
 
-async fn handle(req: Request<Incoming>, info: &Info, hits: &AtomicU64) -> Response<Body> {
-    let n = hits.fetch_add(1, Ordering::Relaxed) + 1;
+async fn handle(req: Request<Incoming>, info: &Info) -> Response<Body> {
+    let n = info.mode.hits();
     if let Some(ms) = query(&req, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -91,7 +156,15 @@ async fn handle(req: Request<Incoming>, info: &Info, hits: &AtomicU64) -> Respon
     if let Some(rest) = path.strip_prefix("/call/") {
         return call(info, rest, req).await;
     }
-    let mut status = info.fail_status.and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::OK);
+    let failing = info.mode.fail_percent.load(Ordering::Relaxed);
+    let mut status = StatusCode::OK;
+    if failing > 0 && (failing >= 100 || u64::from(failing) > (fnv1a(&n.to_le_bytes()) % 100)) {
+        let code = info.mode.fail_status.load(Ordering::Relaxed);
+        status = u16::try_from(code)
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
     }
@@ -118,11 +191,16 @@ async fn handle(req: Request<Incoming>, info: &Info, hits: &AtomicU64) -> Respon
         });
         return builder.body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx)))).expect("valid response");
     }
-    // Drain the request body so the connection can be reused.
-    let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    // Read the whole request body: its length and hash go back to the caller.
+    let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body_len = bytes.len();
     let body =
         format!("{{\"served_by\":\"{}\",\"path\":\"{}\",\"request_bytes\":{body_len}}}\n", info.served_by(), path);
-    builder.header("content-type", "application/json").body(full(body)).expect("valid response")
+    builder
+        .header("content-type", "application/json")
+        .header("x-body-fnv", format!("{:016x}", fnv1a(&bytes)))
+        .body(full(body))
+        .expect("valid response")
 }
 
 async fn call(info: &Info, rest: &str, req: Request<Incoming>) -> Response<Body> {

@@ -187,7 +187,7 @@ impl Default for ServiceStats {
     fn default() -> Self {
         ServiceStats {
             in_flight: AtomicUsize::new(0),
-            budget: Mutex::new(Budget { tokens: 0.0, refilled: Instant::now() }),
+            budget: Mutex::new(Budget { tokens: 0.0, refilled: Instant::now(), primed: false }),
         }
     }
 }
@@ -196,6 +196,9 @@ impl Default for ServiceStats {
 struct Budget {
     tokens: f64,
     refilled: Instant,
+    /// The floor is available from the start: a service that fails on its
+    /// first call can still be retried.
+    primed: bool,
 }
 
 impl ServiceStats {
@@ -226,6 +229,10 @@ impl ServiceStats {
     }
 
     fn refill(b: &mut Budget, s: &Settings) {
+        if !b.primed {
+            b.primed = true;
+            b.tokens = s.budget_min_per_second.min(Self::cap(s));
+        }
         let now = Instant::now();
         let secs = now.duration_since(b.refilled).as_secs_f64();
         b.refilled = now;

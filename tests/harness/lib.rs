@@ -376,35 +376,38 @@ impl Sidecar {
     }
 }
 
-/// An in-process example HTTP backend on a free port.
+/// An in-process example HTTP backend on a free port, failing on command
+/// through `mode`.
 pub struct Backend {
     pub addr: SocketAddr,
+    pub mode: std::sync::Arc<weft_examples::Mode>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Backend {
     pub async fn http(service: &str, version: &str) -> Backend {
-        Self::http_with(service, version, None).await
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mode = std::sync::Arc::new(weft_examples::Mode::default());
+        let info = Info { service: service.into(), version: version.into(), outbound: None, mode: mode.clone() };
+        Backend { addr, mode, task: tokio::spawn(weft_examples::serve_http(l, info)) }
     }
 
     /// An instance that answers every request with `status`.
     pub async fn failing(service: &str, version: &str, status: u16) -> Backend {
-        Self::http_with(service, version, Some(status)).await
-    }
-
-    async fn http_with(service: &str, version: &str, fail_status: Option<u16>) -> Backend {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let info = Info { service: service.into(), version: version.into(), outbound: None, fail_status };
-        Backend { addr, task: tokio::spawn(weft_examples::serve_http(l, info)) }
+        let b = Self::http(service, version).await;
+        b.mode.fail(100, status);
+        b
     }
 
     pub async fn grpc(service: &str, version: &str) -> Backend {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let info = Info { service: service.into(), version: version.into(), outbound: None, fail_status: None };
+        let mode = std::sync::Arc::new(weft_examples::Mode::default());
+        let info = Info { service: service.into(), version: version.into(), outbound: None, mode: mode.clone() };
         Backend {
             addr,
+            mode,
             task: tokio::spawn(async move {
                 let _ = weft_examples::serve_grpc(l, info).await;
             }),

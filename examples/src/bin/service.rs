@@ -22,9 +22,15 @@ struct Args {
     /// The local sidecar's outbound address, for /call/<service>/...
     #[arg(long)]
     outbound: Option<String>,
-    /// Answer every HTTP request with this status (a broken instance).
-    #[arg(long)]
-    fail_status: Option<u16>,
+    /// Answer this share (0-100) of HTTP requests with --fail-status.
+    #[arg(long, default_value_t = 0)]
+    fail_percent: u32,
+    /// The status of failed answers.
+    #[arg(long, default_value_t = 503)]
+    fail_status: u16,
+    /// Added latency per request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -32,7 +38,9 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let listener = TcpListener::bind(&a.listen).await?;
     println!("{} {} listening on {}", a.service, a.version, listener.local_addr()?);
-    let info = Info { service: a.service, version: a.version, outbound: a.outbound, fail_status: a.fail_status };
+    let info = Info { service: a.service, version: a.version, outbound: a.outbound, mode: Default::default() };
+    info.mode.fail(a.fail_percent, a.fail_status);
+    info.mode.latency_ms.store(a.latency_ms, std::sync::atomic::Ordering::Relaxed);
     if a.grpc {
         serve_grpc(listener, info).await?;
     } else {

@@ -1,0 +1,284 @@
+//! The resilience scenarios an operator cares about, with backends that fail
+//! on command: one bad endpoint of three, a full outage, hanging and slow
+//! endpoints, byte-identical replays, and gRPC status mapping.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use harness::{Backend, Control, Etcd, Sidecar, apply, eventually, example_pb, pooled_client, send, served_by};
+
+/// etcd, a control plane, `inference` instances behind sidecars, a caller.
+struct Bed {
+    _etcd: Etcd,
+    control: Control,
+    apps: Vec<Backend>,
+    _sidecars: Vec<Sidecar>,
+    caller: Sidecar,
+    _caller_app: Backend,
+}
+
+impl Bed {
+    async fn start(versions: &[&str]) -> Bed {
+        let etcd = Etcd::start().await;
+        let control = Control::start(&etcd, 5).await;
+        let urls = [control.url()];
+        let mut apps = Vec::new();
+        for v in versions {
+            apps.push(Backend::http("inference", v).await);
+        }
+        let caller_app = Backend::http("agent", "v1").await;
+        let mut sidecars = Vec::new();
+        for (v, app) in versions.iter().zip(&apps) {
+            sidecars
+                .push(Sidecar::start(&urls, "inference", &format!("version={v}"), app.addr, &format!("sc-{v}")).await);
+        }
+        let caller = Sidecar::start(&urls, "agent", "", caller_app.addr, "sc-agent").await;
+        let _ = send(&pooled_client(), caller.outbound, "inference", "/", &[]).await;
+        let (c, n) = (&caller, versions.len());
+        eventually("caller sees every inference instance", Duration::from_secs(20), || async move {
+            c.endpoint_addrs("inference").await.len() == n
+        })
+        .await;
+        Bed { _etcd: etcd, control, apps, _sidecars: sidecars, caller, _caller_app: caller_app }
+    }
+
+    fn hits(&self) -> u64 {
+        self.apps.iter().map(|a| a.mode.hits()).sum()
+    }
+}
+
+fn degraded(r: &harness::Response) -> String {
+    r.1.get("x-weft-degraded").and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+}
+
+fn counter(metrics: &str, name: &str, needle: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_endpoint_of_three_is_ejected_callers_still_succeed_and_it_is_probed_back_when_healed() {
+    let bed = Bed::start(&["a", "b", "c"]).await;
+    bed.apps[2].mode.fail(100, 503);
+    apply(
+        &bed.control.url(),
+        r#"
+kind: Route
+service: inference
+rules:
+  - backends: [ { subset: {}, weight: 1 } ]
+    retry: { attempts: 2, on: [5xx, connect-failure, reset] }
+---
+kind: Resilience
+service: inference
+circuit_breaker: { consecutive_failures: 3, base_ejection: 1s, max_ejection_percent: 50 }
+retry_budget: { ratio: 0.2, min_per_second: 10 }
+"#,
+    )
+    .await;
+    let client = pooled_client();
+    let (mut ok, total) = (0, 1000);
+    let mut failures = Vec::new();
+    for _ in 0..total {
+        let r = send(&client, bed.caller.outbound, "inference", "/", &[]).await.unwrap();
+        if r.0 == 200 {
+            ok += 1;
+        } else {
+            failures.push(r);
+        }
+    }
+    println!("one bad endpoint of three: {ok}/{total} succeeded; failures: {failures:?}");
+    assert!(ok * 1000 >= total * 999, "{ok}/{total} succeeded; want at least 99.9%");
+    let m = bed.caller.metrics().await;
+    assert!(counter(&m, "weft_breaker_ejections_total", "inference") >= 1.0, "{m}");
+
+    // Healed: after its ejection ends it gets a probe, and then traffic again.
+    bed.apps[2].mode.heal();
+    let before = bed.apps[2].mode.hits();
+    eventually("the healed endpoint serves again", Duration::from_secs(20), || {
+        let client = client.clone();
+        let outbound = bed.caller.outbound;
+        async move {
+            for _ in 0..20 {
+                let r = send(&client, outbound, "inference", "/", &[]).await.unwrap();
+                if served_by(&r) == "inference/c" {
+                    return true;
+                }
+            }
+            false
+        }
+    })
+    .await;
+    assert!(bed.apps[2].mode.hits() > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_full_outage_upstream_attempts_stay_within_the_retry_budget() {
+    let bed = Bed::start(&["a", "b", "c"]).await;
+    for a in &bed.apps {
+        a.mode.fail(100, 503);
+    }
+    apply(
+        &bed.control.url(),
+        "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    retry: { attempts: 3, on: [5xx] }\n---\nkind: Resilience\nservice: inference\nretry_budget: { ratio: 0.2, min_per_second: 0 }\n",
+    )
+    .await;
+    let start = bed.hits();
+    let client = pooled_client();
+    let calls = 200;
+    for _ in 0..calls {
+        let r = send(&client, bed.caller.outbound, "inference", "/", &[]).await.unwrap();
+        assert_eq!(r.0, 503);
+    }
+    let attempts = bed.hits() - start;
+    println!("full outage: {attempts} upstream attempts for {calls} calls");
+    // Without a budget: 800 (4 tries each). With it: the calls, plus 20 %,
+    // plus the budget's initial allowance of 10.
+    assert!(attempts >= calls, "{attempts}");
+    assert!(attempts <= calls + calls / 5 + 10, "{attempts} attempts for {calls} calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_are_retried_only_with_an_idempotency_key_and_arrive_byte_identical() {
+    let bed = Bed::start(&["good", "bad"]).await;
+    bed.apps[1].mode.fail(100, 503);
+    apply(
+        &bed.control.url(),
+        "kind: Route\nservice: inference\nrules:\n  - backends:\n      - { subset: { version: good }, weight: 1 }\n      - { subset: { version: bad }, weight: 1 }\n    retry: { attempts: 2, on: [5xx] }\n---\nkind: Resilience\nservice: inference\nretry_budget: { ratio: 1.0, min_per_second: 100 }\n",
+    )
+    .await;
+    let client = pooled_client();
+    let body: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let want = format!("{:016x}", weft_examples::fnv1a(&body));
+    let post = |key: Option<&'static str>| {
+        let mut b = http::Request::post(format!("http://{}/run", bed.caller.outbound)).header("host", "inference");
+        if let Some(k) = key {
+            b = b.header("idempotency-key", k);
+        }
+        b.body(http_body_util::Full::new(bytes::Bytes::from(body.clone()))).unwrap()
+    };
+
+    let start = bed.hits();
+    let mut failed = 0;
+    for _ in 0..30 {
+        let r = client.request(post(None)).await.unwrap();
+        if r.status() == 503 {
+            failed += 1;
+        }
+        assert!(r.headers().get("x-weft-degraded").is_none(), "a POST without a key was retried");
+    }
+    assert_eq!(bed.hits() - start, 30, "each POST without a key reached exactly one upstream");
+    assert!(failed > 0, "the bad instance got none of 30 POSTs");
+
+    let mut retried = 0;
+    let mut seen = Vec::new();
+    for _ in 0..30 {
+        let r = client.request(post(Some("order-42"))).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-body-fnv"], want.as_str(), "body changed on the way");
+        assert_eq!(r.headers()["echo-idempotency-key"], "order-42");
+        if r.headers().get("x-weft-degraded").is_some_and(|v| v == "retry=1") {
+            retried += 1;
+        }
+        seen.push((r.headers().get("x-served-by").cloned(), r.headers().get("x-weft-degraded").cloned()));
+    }
+    assert!(retried > 0, "no keyed POST needed a retry: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_moves_a_call_off_a_hanging_endpoint() {
+    let bed = Bed::start(&["good", "hung"]).await;
+    bed.apps[1].mode.hang.store(true, Ordering::Relaxed);
+    apply(
+        &bed.control.url(),
+        "kind: Route\nservice: inference\nrules:\n  - backends:\n      - { subset: { version: good }, weight: 1 }\n      - { subset: { version: hung }, weight: 1 }\n    timeout: 5s\n    retry: { attempts: 2, per_try_timeout: 200ms, on: [5xx] }\n---\nkind: Resilience\nservice: inference\nretry_budget: { ratio: 1.0, min_per_second: 100 }\n",
+    )
+    .await;
+    let client = pooled_client();
+    let mut moved = 0;
+    for _ in 0..20 {
+        let r = send(&client, bed.caller.outbound, "inference", "/", &[]).await.unwrap();
+        assert_eq!(r.0, 200, "{r:?}");
+        assert_eq!(served_by(&r), "inference/good");
+        if degraded(&r).starts_with("retry=") {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "no call hit the hanging endpoint first");
+    assert!(bed.apps[1].mode.hits() >= moved, "the hung endpoint was tried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_sends_most_traffic_away_from_a_slow_endpoint() {
+    let bed = Bed::start(&["fast", "slow"]).await;
+    bed.apps[1].mode.latency_ms.store(40, Ordering::Relaxed);
+    let client = pooled_client();
+    let mut slow = 0;
+    let n = 200;
+    for _ in 0..n {
+        let r = send(&client, bed.caller.outbound, "inference", "/", &[]).await.unwrap();
+        if served_by(&r) == "inference/slow" {
+            slow += 1;
+        }
+    }
+    println!("slow endpoint got {slow} of {n}");
+    assert!(slow * 10 < n, "the slow endpoint got {slow} of {n} calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_callers_get_grpc_statuses_for_the_sidecars_own_errors() {
+    let etcd = Etcd::start().await;
+    let control = Control::start(&etcd, 5).await;
+    let urls = [control.url()];
+    let backend = Backend::grpc("inference", "v1").await;
+    let app = Backend::http("agent", "v1").await;
+    let (_inf, caller) = tokio::join!(
+        Sidecar::start(&urls, "inference", "version=v1", backend.addr, "g-inf"),
+        Sidecar::start(&urls, "agent", "", app.addr, "g-agent"),
+    );
+    apply(
+        &control.url(),
+        r#"
+kind: Route
+service: inference
+rules:
+  - match: { headers: { x-case: slow } }
+    backends: [ { subset: { version: v1 }, weight: 1 } ]
+    timeout: 200ms
+    fault: { delay: { percent: 100, duration: 2s } }
+  - match: { headers: { x-case: abort } }
+    backends: [ { subset: { version: v1 }, weight: 1 } ]
+    fault: { abort: { percent: 100, grpc_status: 8 } }
+  - match: { headers: { x-case: none } }
+    backends: [ { subset: { version: v9 }, weight: 1 } ]
+  - backends: [ { subset: { version: v1 }, weight: 1 } ]
+"#,
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", caller.outbound))
+        .unwrap()
+        .origin("http://inference".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut client = example_pb::inference_client::InferenceClient::new(channel);
+    let call = |case: &'static str| {
+        let mut req = tonic::Request::new(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 });
+        req.metadata_mut().insert("x-case", case.parse().unwrap());
+        req
+    };
+    assert_eq!(client.infer(call("ok")).await.unwrap().into_inner().text, "echo: hi");
+    let e = client.infer(call("slow")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    let e = client.infer(call("abort")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    let e = client.infer(call("none")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("no ready endpoints"), "{e:?}");
+    // The app's own error status passes through untouched.
+    let e = client.infer(example_pb::InferRequest { prompt: "fail".into(), tokens: 1 }).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (tonic::Code::Unavailable, "asked to fail"));
+}
