@@ -29,6 +29,7 @@ pub struct Options {
     pub identity: Identity,
     pub app: SocketAddr,
     pub metrics: PrometheusHandle,
+    pub replay_limit: u64,
 }
 
 pub struct Listeners {
@@ -73,7 +74,8 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     });
     let admin = tokio::spawn(admin::serve(listeners.admin, shared.clone(), opts.metrics.clone(), drain_tx));
 
-    let outbound = Arc::new(Outbound { shared: shared.clone(), upstream: Upstream::new() });
+    let outbound =
+        Arc::new(Outbound { shared: shared.clone(), upstream: Upstream::new(), replay_limit: opts.replay_limit });
     let inbound = Arc::new(Inbound { shared: shared.clone(), app: opts.app, upstream: Upstream::new() });
     let out_task = tokio::spawn(serve(listeners.outbound, stop_rx.clone(), move |req| {
         let o = outbound.clone();

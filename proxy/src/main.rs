@@ -36,6 +36,10 @@ struct Args {
     /// Proxy id (default: hostname-pid).
     #[arg(long, env = "WEFT_ID")]
     id: Option<String>,
+    /// Largest request body (bytes) buffered for retries and fallback;
+    /// larger bodies stream through and are not retried.
+    #[arg(long, env = "WEFT_RETRY_BODY_LIMIT", default_value_t = weft_proxy::outbound::DEFAULT_REPLAY_LIMIT)]
+    retry_body_limit: u64,
     /// Runtime worker threads.
     #[arg(long, env = "WEFT_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -99,7 +103,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     app::run(
-        Options { controls: args.control, identity, app, metrics },
+        Options { controls: args.control, identity, app, metrics, replay_limit: args.retry_body_limit },
         Listeners { inbound, outbound, admin },
         shutdown,
     )

@@ -30,11 +30,13 @@ const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
 pub struct Outbound {
     pub shared: Arc<Shared>,
     pub upstream: Upstream,
+    /// Request bodies with a declared length up to this are buffered so they
+    /// can be retried or sent to a fallback; larger ones stream through.
+    pub replay_limit: u64,
 }
 
-/// Requests with a declared body up to this size are buffered so they can be
-/// retried or sent to a fallback service.
-pub const MAX_REPLAY_BODY: u64 = 1024 * 1024;
+/// The default of `--retry-body-limit`.
+pub const DEFAULT_REPLAY_LIMIT: u64 = 1024 * 1024;
 
 /// Why a call that got an answer is degraded rather than clean.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -161,7 +163,7 @@ impl Outbound {
         // Buffer only what is known to be small and complete: no body at all,
         // or a declared length within the limit.
         let replayable = http_body::Body::is_end_stream(&body)
-            || http_body::Body::size_hint(&body).upper().is_some_and(|n| n <= MAX_REPLAY_BODY);
+            || http_body::Body::size_hint(&body).upper().is_some_and(|n| n <= self.replay_limit);
         let mut body = if replayable && (retry.is_some() || fallback.is_some()) {
             match body.collect().await {
                 Ok(b) => ReqBody::Buffered(b.to_bytes()),

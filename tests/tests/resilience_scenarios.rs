@@ -186,6 +186,27 @@ async fn posts_are_retried_only_with_an_idempotency_key_and_arrive_byte_identica
         seen.push((r.headers().get("x-served-by").cloned(), r.headers().get("x-weft-degraded").cloned()));
     }
     assert!(retried > 0, "no keyed POST needed a retry: {seen:?}");
+
+    // Over the 1 MiB replay limit: streamed through whole, never retried.
+    let big: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let big_fnv = format!("{:016x}", weft_examples::fnv1a(&big));
+    let start = bed.hits();
+    let (mut ok, n) = (0, 10);
+    for _ in 0..n {
+        let req = http::Request::post(format!("http://{}/run", bed.caller.outbound))
+            .header("host", "inference")
+            .header("idempotency-key", "big-1")
+            .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
+            .unwrap();
+        let r = client.request(req).await.unwrap();
+        assert!(r.headers().get("x-weft-degraded").is_none(), "a 2 MiB body was retried");
+        if r.status() == 200 {
+            assert_eq!(r.headers()["x-body-fnv"], big_fnv.as_str());
+            ok += 1;
+        }
+    }
+    assert_eq!(bed.hits() - start, n, "one upstream try per large POST");
+    assert!(ok > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
