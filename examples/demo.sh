@@ -74,6 +74,37 @@ curl -s -i -H 'Host: nosuch' "http://127.0.0.1:$RO/" | grep -iE '^(HTTP|x-weft-e
 say "weftctl status"
 "$BIN/weftctl" status
 
+say "resilience: a broken inference v3 (every call 503) and an inference-lite fallback"
+start app-v3 "$BIN/weft-example-service" --listen 127.0.0.1:0 --service inference --version v3 --fail-percent 100
+wait_line "$WORK/app-v3.out" listening
+start sidecar-v3 "$BIN/weft-proxy" --service inference --labels "version=v3,region=local" \
+  --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-v3.out")" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id inference-v3
+start app-lite "$BIN/weft-example-service" --listen 127.0.0.1:0 --service inference-lite --version v1
+wait_line "$WORK/app-lite.out" listening
+start sidecar-lite "$BIN/weft-proxy" --service inference-lite --labels "region=local" \
+  --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-lite.out")" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id inference-lite-1
+for s in v3 lite; do wait_line "$WORK/sidecar-$s.out" listening; done
+wait_ok "http://$(addr sidecar-lite admin)/ready"
+for _ in $(seq 1 100); do [ "$("$BIN/weftctl" endpoints inference | grep -c true)" = 3 ] && break; sleep 0.1; done
+"$BIN/weftctl" apply -f examples/resilience.yaml --wait
+
+say "200 calls with v3 taking 10 % of first tries: outcome and x-weft-degraded"
+for i in $(seq 1 200); do
+  curl -s -o /dev/null -w '%{http_code} ' -D "$WORK/h" "http://$ROUTER/call/inference/v1/run"
+  grep -i '^x-weft-degraded' "$WORK/h" | tr -d '\r' | cut -d' ' -f2 || echo clean
+done | sort | uniq -c
+echo "breaker ejections: $(curl -s "http://$(addr sidecar-router admin)/metrics" | awk '/^weft_breaker_ejections_total/ {s+=$2} END {print s+0}')"
+
+say "large-model calls: only v3 could serve them, so they fall back to inference-lite"
+for i in $(seq 1 3); do curl -s -D "$WORK/h" -H 'x-model: large' "http://$ROUTER/call/inference/v1/run"; grep -i '^x-weft-degraded' "$WORK/h"; done
+
+say "chaos: x-chaos aborts half of the tries; retries absorb it"
+for i in $(seq 1 20); do curl -s -o /dev/null -w '%{http_code}\n' -H 'x-chaos: 1' "http://$ROUTER/call/inference/v1/run"; done | sort | uniq -c
+
+say "weftctl traces --degraded --since 5m (most recent first)"
+sleep 1.2 # reports are batched by the sidecars
+"$BIN/weftctl" traces --degraded --since 5m --limit 8
+
 say "inference v2's sidecar dies; its endpoint goes and traffic moves to v1"
 kill -9 "$(pgrep -f 'weft-proxy.*--id inference-v2')"
 for _ in $(seq 1 100); do

@@ -33,18 +33,21 @@ fn overloaded(local: &Endpoint, remote: &Endpoint) -> bool {
 /// Picks among the eligible endpoints. `region` is the caller's region:
 /// endpoints there are preferred while they are healthy and not overloaded.
 pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64, region: Option<&str>) -> Picked {
-    let mut skipped_ejected = false;
+    let mut ejected = 0;
     let mut fresh: Vec<&Arc<Endpoint>> = Vec::with_capacity(endpoints.len());
     let mut retried: Vec<&Arc<Endpoint>> = Vec::new();
     for e in endpoints {
         if e.health.is_ejected(now_ms) {
-            skipped_ejected = true;
+            ejected += 1;
         } else if tried.contains(&e.addr) {
             retried.push(e);
         } else {
             fresh.push(e);
         }
     }
+    // The breaker changed this call's course when a draw over all endpoints
+    // would have hit an ejected one (and this is not already a retry).
+    let skipped_ejected = ejected > 0 && tried.is_empty() && rand::rng().random_range(0..endpoints.len()) < ejected;
     let pool = if fresh.is_empty() { retried } else { fresh };
     let endpoint = match region {
         Some(r) if pool.iter().any(|e| e.labels.get("region").is_some_and(|l| l == r)) => {

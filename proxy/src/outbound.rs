@@ -448,7 +448,11 @@ fn pick_in(
     let Some(rule) = rule else {
         return balance::p2c(&svc.all_ready, tried, now, region);
     };
-    let skipped = rule.backends.iter().any(|b| !b.endpoints.is_empty() && !balance::any_eligible(&b.endpoints, now));
+    // "breaker" marks a call only when the breaker changed its course: the
+    // weighted draw, as if nothing were ejected, landed on an ejected backend.
+    let with_ejected = |b: &&crate::config::Backend| !b.endpoints.is_empty();
+    let skipped = tried.is_empty()
+        && choose_weighted(&rule.backends, with_ejected).is_some_and(|b| !balance::any_eligible(&b.endpoints, now));
     // A retry prefers backends with an endpoint not tried yet.
     let untried =
         |b: &&crate::config::Backend| b.endpoints.iter().any(|e| !e.health.is_ejected(now) && !tried.contains(&e.addr));

@@ -151,12 +151,19 @@ async fn breaker_ejects_the_failing_instance_and_fallback_answers_when_nothing_i
         counter(&b.caller.metrics().await, "weft_breaker_ejections_total", &["service=\"inference\""]) >= 1.0
     })
     .await;
-    // While v2 is out, every call goes straight to v1: no retry, marked breaker.
-    for _ in 0..20 {
+    // While v2 is out, every call goes straight to v1 with no retry; those the
+    // 50/50 split would have sent to v2 are marked "breaker".
+    let mut marked = 0;
+    for _ in 0..40 {
         let r = bed.call("GET", &[]).await;
-        assert_eq!(r.0, 200);
-        assert_eq!(degraded(&r), "breaker", "{r:?}");
+        assert_eq!((r.0, served_by(&r).as_str()), (200, "inference/v1"));
+        match degraded(&r).as_str() {
+            "breaker" => marked += 1,
+            "" => {}
+            other => panic!("unexpected degraded marks {other}"),
+        }
     }
+    assert!((5..=35).contains(&marked), "{marked} of 40 calls marked breaker, expected about half");
 
     // Only v2 (ejected) behind the route now, with a fallback service.
     apply(
