@@ -30,7 +30,7 @@ wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; s
 wait_line() { for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "timed out: $1"; exit 1; }
 addr() { grep -o "$2=[^ ]*" "$WORK/$1.out" | cut -d= -f2; }
 
-BACK=$(port); NGX=$(port); HAP=$(port); EP=$(port); PP=$(port)
+BACK=$(port); BAD=$(port); NGX=$(port); HAP=$(port); EP=$(port); PP=$(port)
 cat >"$WORK/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -41,6 +41,7 @@ http {
   access_log off;
   keepalive_requests 1000000;
   server { listen 127.0.0.1:$BACK; location / { return 200 "ok\n"; } }
+  server { listen 127.0.0.1:$BAD; location / { return 503 "broken\n"; } }
 }
 NGINX
 cat >"$WORK/nginx-proxy.conf" <<NGINX
@@ -89,11 +90,42 @@ start side-in taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service back
   --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id bench-in
 start side-out taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service client --app "127.0.0.1:$BACK" \
   --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id bench-out
+# Resilience scenarios: `flaky` has three instances, one answering 503;
+# `guarded` is the same healthy backend as `backend`, with a resilience policy.
+start flaky-a taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service flaky --labels i=a --app "127.0.0.1:$BACK" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id flaky-a
+start flaky-b taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service flaky --labels i=b --app "127.0.0.1:$BACK" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id flaky-b
+start flaky-c taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service flaky --labels i=c --app "127.0.0.1:$BAD" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id flaky-c
+start guarded taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service guarded --app "127.0.0.1:$BACK" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id guarded
 wait_line "$WORK/side-in.out" listening; wait_line "$WORK/side-out.out" listening
+for s in flaky-a flaky-b flaky-c guarded; do wait_line "$WORK/$s.out" listening; done
 IN=$(addr side-in inbound); OUT=$(addr side-out outbound)
 wait_http "http://127.0.0.1:$BACK/"; wait_http "http://127.0.0.1:$NGX/"; wait_http "http://127.0.0.1:$HAP/"
 wait_http "http://$(addr side-in admin)/ready"; wait_http "http://$(addr side-out admin)/ready"
 for _ in $(seq 1 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: backend' "http://$OUT/")" = 200 ] && break; sleep 0.1; done
+
+"$BIN/weftctl" --control "$CONTROL" apply --wait -f - >/dev/null <<POLICY
+kind: Route
+service: guarded
+rules:
+  - backends: [ { subset: {}, weight: 1 } ]
+    timeout: 2s
+    retry: { attempts: 2, on: [5xx, connect-failure, reset] }
+---
+kind: Resilience
+service: guarded
+circuit_breaker: { consecutive_failures: 5, base_ejection: 10s, max_ejection_percent: 50 }
+retry_budget: { ratio: 0.2, min_per_second: 10 }
+POLICY
+for h in flaky guarded; do
+  for _ in $(seq 1 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Host: $h" "http://$OUT/")" = 200 ] && break; sleep 0.1; done
+done
+for _ in $(seq 1 100); do
+  [ "$(curl -s "http://$(addr side-out admin)/config" | grep -o '"proxy_id":"flaky-[abc]"' | wc -l)" -ge 3 ] && break; sleep 0.1
+done
 
 declare -A URL=(
   [direct]="http://127.0.0.1:$BACK/"
@@ -101,12 +133,14 @@ declare -A URL=(
   [nginx]="http://127.0.0.1:$NGX/"
   [haproxy]="http://127.0.0.1:$HAP/"
   [weft-2hops]="http://$OUT/"
+  [weft-2hops-guarded]="http://$OUT/"
 )
-ORDER=(direct weft-1hop nginx haproxy weft-2hops)
+declare -A HOST=([weft-2hops-guarded]=guarded)
+ORDER=(direct weft-1hop nginx haproxy weft-2hops weft-2hops-guarded)
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) printf "%.3f", v/1000; else if (v ~ /ms$/) printf "%.3f", v+0; else if (v ~ /s$/) printf "%.3f", v*1000; }'; }
 for r in $(seq 1 "$ROUNDS"); do
   for s in "${ORDER[@]}"; do
-    taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: backend' "${URL[$s]}" >"$WORK/wrk-$s-$r.txt"
+    taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Host: ${HOST[$s]:-backend}" "${URL[$s]}" >"$WORK/wrk-$s-$r.txt"
     rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-$s-$r.txt")
     p50=$(to_ms "$(awk '$1=="50%" {print $2}' "$WORK/wrk-$s-$r.txt")")
     p99=$(to_ms "$(awk '$1=="99%" {print $2}' "$WORK/wrk-$s-$r.txt")")
@@ -116,6 +150,35 @@ for r in $(seq 1 "$ROUNDS"); do
     echo "round $r $s: $rps req/s p50 ${p50} ms p99 ${p99} ms"
   done
 done
+# One bad instance of three, without and then with a resilience policy.
+flaky_run() { # name
+  taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: flaky' "http://$OUT/" >"$WORK/wrk-flaky-$1.txt"
+  local total bad p50 p99
+  total=$(awk '/requests in/ {print $1}' "$WORK/wrk-flaky-$1.txt")
+  bad=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-flaky-$1.txt"); bad=${bad:-0}
+  p50=$(to_ms "$(awk '$1=="50%" {print $2}' "$WORK/wrk-flaky-$1.txt")")
+  p99=$(to_ms "$(awk '$1=="99%" {print $2}' "$WORK/wrk-flaky-$1.txt")")
+  local rps; rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-flaky-$1.txt")
+  echo "$1 $total $bad $rps $p50 $p99" >>"$WORK/flaky.txt"
+  echo "flaky $1: $bad of $total failed, $rps req/s, p50 $p50 ms, p99 $p99 ms"
+}
+flaky_run no-policy
+"$BIN/weftctl" --control "$CONTROL" apply --wait -f - >/dev/null <<POLICY
+kind: Route
+service: flaky
+rules:
+  - backends: [ { subset: {}, weight: 1 } ]
+    timeout: 2s
+    retry: { attempts: 2, on: [5xx, connect-failure, reset] }
+---
+kind: Resilience
+service: flaky
+circuit_breaker: { consecutive_failures: 5, base_ejection: 10s, max_ejection_percent: 50 }
+retry_budget: { ratio: 0.2, min_per_second: 10 }
+POLICY
+flaky_run with-policy
+EJECTIONS=$(curl -s "http://$(addr side-out admin)/metrics" | awk '/^weft_breaker_ejections_total/ {s+=$2} END {print s+0}')
+
 median() { sort -n | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2 }'; }
 declare -A RPS P50 P99
 for s in "${ORDER[@]}"; do
@@ -145,6 +208,21 @@ rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$(pgrep -f "weft-proxy.*--
       'BEGIN { printf "| %s | %.0f | %.2f× | %.2f× | %s | %s |\n", s, r, r/d, r/h, a, b }'
   done
   echo
+  echo "\`weft-2hops-guarded\` is the same healthy call with a resilience policy on the route (timeout, 2 retries on 5xx/connect-failure/reset, breaker, retry budget): the cost of the resilience path when nothing fails."
+  echo
   echo "Sidecar RSS after the run: inbound $(rss bench-in) MB, outbound $(rss bench-out) MB."
+  echo
+  echo "## One bad instance of three"
+  echo
+  echo "Service \`flaky\` has three instances behind weft sidecars; one answers every call with 503. Same wrk settings, through the caller's sidecar, one run each."
+  echo
+  echo "| policy | calls | failed | success | req/s | p50 ms | p99 ms |"
+  echo "|---|---|---|---|---|---|---|"
+  while read -r name total bad rps p50 p99; do
+    awk -v n="$name" -v t="$total" -v b="$bad" -v r="$rps" -v a="$p50" -v c="$p99" \
+      'BEGIN { printf "| %s | %d | %d | %.3f %% | %.0f | %s | %s |\n", n, t, b, 100*(t-b)/t, r, a, c }'
+  done <"$WORK/flaky.txt"
+  echo
+  echo "With the policy: retries (budget 20 % + 10/s) and a breaker (5 consecutive failures, 10 s base ejection); breaker ejections during the run: $EJECTIONS."
 } >BENCHMARKS.md
 cat BENCHMARKS.md

@@ -82,6 +82,7 @@ pub fn tenant_policy(t: &policy::TenantPolicy, revision: u64) -> pb::TenantPolic
         burst: t.rate_limit.as_ref().map(|r| r.burst).unwrap_or(0),
         max_concurrent_requests: t.max_concurrent_requests.unwrap_or(0),
         revision,
+        tokens_per_minute: t.tokens_per_minute.unwrap_or(0),
     }
 }
 

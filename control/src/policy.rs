@@ -166,6 +166,9 @@ pub struct TenantPolicy {
     pub rate_limit: Option<RateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_requests: Option<u32>,
+    /// Inference tokens per minute, counted from `x-weft-usage-tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -585,8 +588,14 @@ fn validate_tenant_policy(t: &TenantPolicy, p: &mut Vec<Problem>) {
     if t.max_concurrent_requests == Some(0) {
         p.push(Problem::new("max_concurrent_requests", "must be at least 1"));
     }
-    if t.rate_limit.is_none() && t.max_concurrent_requests.is_none() {
-        p.push(Problem::new("rate_limit", "a tenant policy needs rate_limit or max_concurrent_requests"));
+    if t.tokens_per_minute == Some(0) {
+        p.push(Problem::new("tokens_per_minute", "must be at least 1"));
+    }
+    if t.rate_limit.is_none() && t.max_concurrent_requests.is_none() && t.tokens_per_minute.is_none() {
+        p.push(Problem::new(
+            "rate_limit",
+            "a tenant policy needs rate_limit, max_concurrent_requests or tokens_per_minute",
+        ));
     }
 }
 

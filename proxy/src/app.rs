@@ -30,6 +30,7 @@ pub struct Options {
     pub app: SocketAddr,
     pub metrics: PrometheusHandle,
     pub replay_limit: u64,
+    pub tenant_header: http::HeaderName,
 }
 
 pub struct Listeners {
@@ -47,6 +48,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let (reports, reports_rx) = mpsc::channel(crate::state::REPORT_QUEUE);
     let shared = Arc::new(Shared {
         identity: opts.identity.clone(),
+        tenant_header: opts.tenant_header.clone(),
         table: ArcSwap::from_pointee(Table::default()),
         table_changed,
         subscriptions: Mutex::new(HashSet::from([opts.identity.service.clone()])),

@@ -1,13 +1,73 @@
 //! Body types: upstream bodies stream through untouched; the sidecar's own
 //! answers are small full bodies. `Either` avoids boxing on the hot path.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+use crate::tenancy::{self, TenantGuard};
+
+pub type ProxyBody = Either<Tapped, Full<Bytes>>;
 pub type BoxResponse = http::Response<ProxyBody>;
 
 pub fn full(b: impl Into<Bytes>) -> ProxyBody {
     Either::Right(Full::new(b.into()))
+}
+
+/// A streamed body passed through as is.
+pub fn stream(b: Incoming) -> ProxyBody {
+    Either::Left(Tapped { inner: b, guard: None, usage: None })
+}
+
+/// A streamed response body that keeps its tenant's request counted in
+/// flight until the body ends, and adds the inference tokens reported in a
+/// `x-weft-usage-tokens` trailer to the tenant's quota.
+pub struct Tapped {
+    inner: Incoming,
+    guard: Option<TenantGuard>,
+    usage: Option<Arc<tenancy::State>>,
+}
+
+impl Tapped {
+    pub fn new(inner: Incoming, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
+        Tapped { inner, guard, usage }
+    }
+}
+
+impl Body for Tapped {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(t), Some(state)) = (frame.trailers_ref(), &this.usage)
+                    && let Some(n) = t.get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
+                {
+                    state.add_usage(n);
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                this.guard = None;
+                this.usage = None;
+            }
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -43,6 +43,9 @@ pub struct Service {
     /// All ready endpoints, for requests no route rule covers.
     pub all_ready: Arc<Vec<Arc<Endpoint>>>,
     pub settings: Settings,
+    /// Per-tenant limits (global figures) and this instance's counters,
+    /// enforced by the inbound sidecar of this service.
+    pub tenants: HashMap<String, (crate::tenancy::Limits, Arc<crate::tenancy::State>)>,
     /// Counters shared across config versions of this service.
     pub stats: Arc<ServiceStats>,
     /// The wire form this was built from, for `/config` and to rebuild.
@@ -384,6 +387,15 @@ pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Se
         endpoints,
         all_ready: Arc::new(ready),
         settings: cfg.resilience.as_ref().map(Settings::from).unwrap_or_default(),
+        tenants: cfg
+            .tenant_policies
+            .iter()
+            .map(|p| {
+                let state =
+                    previous.and_then(|s| s.tenants.get(&p.tenant)).map(|(_, st)| st.clone()).unwrap_or_default();
+                (p.tenant.clone(), (crate::tenancy::Limits::from(p), state))
+            })
+            .collect(),
         stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
         source,
     };

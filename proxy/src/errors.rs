@@ -33,6 +33,8 @@ pub enum ProxyError {
     Overloaded(String),
     #[error("cannot read the request body: {0}")]
     BadRequestBody(String),
+    #[error("tenant '{tenant}' is over its {} share at this instance of '{service}'", shed_what(.reason))]
+    Shed { reason: crate::tenancy::Shed, tenant: String, service: String },
     #[error("fault injected by route policy")]
     FaultAbort { status: StatusCode, grpc_status: Option<u16> },
     #[error("sidecar is draining")]
@@ -55,6 +57,7 @@ impl ProxyError {
             ProxyError::Draining => "draining",
             ProxyError::Overloaded(_) => "overloaded",
             ProxyError::FaultAbort { .. } => "fault-injected",
+            ProxyError::Shed { reason, .. } => reason.reason(),
             ProxyError::BadRequestBody(_) => "bad-request",
         }
     }
@@ -62,6 +65,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::FaultAbort { status, .. } => *status,
+            ProxyError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoAuthority | ProxyError::BadAuthority(_) | ProxyError::BadRequestBody(_) => {
                 StatusCode::BAD_REQUEST
             }
@@ -77,10 +81,11 @@ impl ProxyError {
     pub fn grpc_status(&self) -> u16 {
         match self {
             ProxyError::FaultAbort { grpc_status: Some(g), .. } => *g,
+            ProxyError::Shed { .. } => 8, // RESOURCE_EXHAUSTED
             ProxyError::NoAuthority | ProxyError::BadAuthority(_) => 3, // INVALID_ARGUMENT
-            ProxyError::Timeout { .. } => 4,                            // DEADLINE_EXCEEDED
-            ProxyError::UnknownService(_) => 5,                         // NOT_FOUND
-            _ => 14,                                                    // UNAVAILABLE
+            ProxyError::Timeout { .. } => 4, // DEADLINE_EXCEEDED
+            ProxyError::UnknownService(_) => 5, // NOT_FOUND
+            _ => 14,                      // UNAVAILABLE
         }
     }
 
@@ -103,6 +108,14 @@ impl ProxyError {
         };
         resp.headers_mut().insert("x-weft-error", HeaderValue::from_static(self.reason()));
         resp
+    }
+}
+
+fn shed_what(reason: &crate::tenancy::Shed) -> &'static str {
+    match reason {
+        crate::tenancy::Shed::RateLimited => "rate limit",
+        crate::tenancy::Shed::Concurrency => "concurrency",
+        crate::tenancy::Shed::TokenQuota => "token quota",
     }
 }
 

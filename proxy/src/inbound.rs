@@ -7,11 +7,14 @@ use std::time::Instant;
 use http::Request;
 use hyper::body::Incoming;
 
-use crate::TENANT_HEADER;
-use crate::body::{BoxResponse, ProxyBody};
-use crate::errors::is_grpc;
+use http_body_util::Either;
+
+use crate::body::{BoxResponse, Tapped, stream};
+use crate::errors::{ProxyError, is_grpc};
 use crate::outbound::{Degraded, finish};
 use crate::state::Shared;
+use crate::tenancy;
+use crate::tenant_of;
 use crate::upstream::Upstream;
 
 pub struct Inbound {
@@ -24,22 +27,38 @@ impl Inbound {
     pub async fn handle(&self, req: Request<Incoming>) -> BoxResponse {
         let started = Instant::now();
         let grpc = is_grpc(&req);
-        let tenant = req
-            .headers()
-            .get(TENANT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .unwrap_or("default")
-            .to_string();
-        let result = self.upstream.send(self.app, req.map(ProxyBody::Left), None).await;
-        finish(
-            result.map(|r| r.map(ProxyBody::Left)),
-            &Degraded::default(),
-            grpc,
-            "inbound",
-            &self.shared.identity.service,
-            &tenant,
-            started,
-        )
+        let tenant = tenant_of(&req, &self.shared.tenant_header);
+        let service = &self.shared.identity.service;
+        let mut degraded = Degraded::default();
+        // The tenant's limits on this service, if it has any.
+        let own = self.shared.table.load().services.get(service).cloned();
+        let limits = own.as_ref().and_then(|s| s.tenants.get(&tenant).map(|t| (s.all_ready.len(), t)));
+        let (mut guard, mut usage) = (None, None);
+        if let Some((instances, (limits, state))) = limits {
+            match state.admit(limits, instances) {
+                Ok(g) => {
+                    guard = g;
+                    if limits.tokens_per_minute > 0 {
+                        usage = Some(state.clone());
+                    }
+                }
+                Err(reason) => {
+                    metrics::counter!("weft_tenant_shed_total", "service" => service.clone(), "tenant" => tenant.clone(), "reason" => reason.reason())
+                        .increment(1);
+                    degraded.shed = true;
+                    let err = ProxyError::Shed { reason, tenant: tenant.clone(), service: service.clone() };
+                    return finish(Err(err), &degraded, grpc, "inbound", service, &tenant, started);
+                }
+            }
+        }
+        let result = self.upstream.send(self.app, req.map(stream), None).await.map(|resp| {
+            if let Some(state) = &usage
+                && let Some(n) = resp.headers().get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
+            {
+                state.add_usage(n);
+            }
+            resp.map(|b| Either::Left(Tapped::new(b, guard, usage)))
+        });
+        finish(result, &degraded, grpc, "inbound", service, &tenant, started)
     }
 }

@@ -40,6 +40,9 @@ struct Args {
     /// larger bodies stream through and are not retried.
     #[arg(long, env = "WEFT_RETRY_BODY_LIMIT", default_value_t = weft_proxy::outbound::DEFAULT_REPLAY_LIMIT)]
     retry_body_limit: u64,
+    /// The request header that names the tenant (absent = `default`).
+    #[arg(long, env = "WEFT_TENANT_HEADER", default_value = weft_proxy::TENANT_HEADER)]
+    tenant_header: String,
     /// Runtime worker threads.
     #[arg(long, env = "WEFT_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -62,6 +65,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let labels = parse_labels(&args.labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))?;
+    let tenant_header = http::HeaderName::from_bytes(args.tenant_header.to_ascii_lowercase().as_bytes())
+        .map_err(|_| anyhow::anyhow!("--tenant-header '{}' is not a header name", args.tenant_header))?;
     weft_control_name_check(&args.service)?;
     let app = args
         .app
@@ -103,7 +108,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     app::run(
-        Options { controls: args.control, identity, app, metrics, replay_limit: args.retry_body_limit },
+        Options { controls: args.control, identity, app, metrics, replay_limit: args.retry_body_limit, tenant_header },
         Listeners { inbound, outbound, admin },
         shutdown,
     )

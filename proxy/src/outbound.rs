@@ -21,8 +21,8 @@ use crate::config::{Fallback, RetryOn, Rule, Service};
 use crate::errors::{ProxyError, is_grpc};
 use crate::resilience;
 use crate::state::Shared;
+use crate::telemetry;
 use crate::upstream::Upstream;
-use crate::{TENANT_HEADER, telemetry};
 
 /// How long a request for a service never seen before waits for discovery.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
@@ -90,7 +90,7 @@ impl ReqBody {
     fn take(&mut self) -> Option<ProxyBody> {
         match self {
             ReqBody::Buffered(b) => Some(full(b.clone())),
-            ReqBody::Stream(s) => s.take().map(ProxyBody::Left),
+            ReqBody::Stream(s) => s.take().map(crate::body::stream),
         }
     }
 }
@@ -102,13 +102,7 @@ impl Outbound {
     pub async fn handle(&self, mut req: Request<Incoming>) -> BoxResponse {
         let started = Instant::now();
         let grpc = is_grpc(&req);
-        let tenant = req
-            .headers()
-            .get(TENANT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .unwrap_or("default")
-            .to_string();
+        let tenant = crate::tenant_of(&req, &self.shared.tenant_header);
         ensure_traceparent(&mut req);
         let mut degraded = Degraded::default();
         let service = match service_of(&req) {
@@ -284,6 +278,20 @@ impl Outbound {
             tokio::time::sleep(backoff).await;
         }
         let last = last.unwrap_or_else(|| Err(ProxyError::NoEndpoints(service.to_string())));
+        // The callee's sidecar shed the call for the tenant's limits.
+        if let Ok(resp) = &last
+            && resp.status() == http::StatusCode::TOO_MANY_REQUESTS
+            && resp
+                .headers()
+                .get("x-weft-error")
+                .is_some_and(|v| matches!(v.as_bytes(), b"rate-limited" | b"tenant-concurrency" | b"token-quota"))
+        {
+            degraded.shed = true;
+            if fallback.is_some() {
+                let err = ProxyError::Upstream { addr: service.to_string(), reason: "shed by the callee".into() };
+                return self.fallback_or(fallback.as_ref(), &parts, &mut body, degraded, err).await;
+            }
+        }
         if is_failure(&last) || matches!(last, Err(ProxyError::NoEndpoints(_))) {
             if matches!(last, Err(ProxyError::Timeout { .. })) {
                 degraded.timeout = true;
@@ -299,7 +307,7 @@ impl Outbound {
                 return self.fallback_or(fallback.as_ref(), &parts, &mut body, degraded, err).await;
             }
         }
-        last.map(|r| r.map(ProxyBody::Left))
+        last.map(|r| r.map(crate::body::stream))
     }
 
     /// Answers from the fallback when there is one (and the request can be
@@ -326,7 +334,12 @@ impl Outbound {
                     Ok(s) if s.known => s,
                     _ => return Err(err),
                 };
-                let tenant = parts.headers.get(TENANT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("default");
+                let tenant = parts
+                    .headers
+                    .get(&self.shared.tenant_header)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or("default");
                 let req = Request::from_parts(clone_parts(parts), b);
                 let rule = svc.route_for(tenant).and_then(|r| r.rules.iter().find(|rule| rule.matches(&req)));
                 let Some(endpoint) = pick_in(&svc, rule, &[], resilience::now_ms(), self.region()).endpoint else {
@@ -336,7 +349,7 @@ impl Outbound {
                 let _guard = InFlight::endpoint(&endpoint.health);
                 let timeout = rule.and_then(|r| r.timeout);
                 let resp = self.upstream.send(endpoint.addr, req, timeout).await?;
-                Ok(resp.map(ProxyBody::Left))
+                Ok(resp.map(crate::body::stream))
             }
         }
     }

@@ -21,6 +21,8 @@ pub struct Identity {
 
 pub struct Shared {
     pub identity: Identity,
+    /// The request header that names the tenant.
+    pub tenant_header: http::HeaderName,
     /// The live config; requests load it without locking.
     pub table: ArcSwap<Table>,
     /// Bumped (to the table version) whenever a new table is stored.

@@ -1,0 +1,210 @@
+//! Per-tenant limits enforced by the inbound sidecar: a rate limit, a cap on
+//! concurrent requests and an inference-token quota per minute. Each is a
+//! global figure for the whole service; every instance enforces its share
+//! (the figure divided by the service's ready instances, so the shares follow
+//! instances as they come and go).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use xds_proto::v1 as pb;
+
+/// Response header (or gRPC trailer) in which a service reports the
+/// inference tokens a call used.
+pub const USAGE_HEADER: &str = "x-weft-usage-tokens";
+
+/// One tenant's limits on this service, as global figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub requests_per_second: f64,
+    pub burst: f64,
+    pub max_concurrent: usize,
+    pub tokens_per_minute: u64,
+}
+
+impl From<&pb::TenantPolicy> for Limits {
+    fn from(p: &pb::TenantPolicy) -> Self {
+        Limits {
+            requests_per_second: p.requests_per_second.max(0.0),
+            burst: f64::from(p.burst),
+            max_concurrent: p.max_concurrent_requests as usize,
+            tokens_per_minute: p.tokens_per_minute,
+        }
+    }
+}
+
+/// Why a request was shed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    RateLimited,
+    Concurrency,
+    TokenQuota,
+}
+
+impl Shed {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Shed::RateLimited => "rate-limited",
+            Shed::Concurrency => "tenant-concurrency",
+            Shed::TokenQuota => "token-quota",
+        }
+    }
+}
+
+/// One tenant's counters at this instance, kept across config versions.
+#[derive(Debug)]
+pub struct State {
+    pub in_flight: AtomicUsize,
+    bucket: Mutex<Bucket>,
+    window: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+    primed: bool,
+}
+
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    used: u64,
+}
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl Default for State {
+    fn default() -> Self {
+        let now = Instant::now();
+        State {
+            in_flight: AtomicUsize::new(0),
+            bucket: Mutex::new(Bucket { tokens: 0.0, refilled: now, primed: false }),
+            window: Mutex::new(Window { start: now, used: 0 }),
+        }
+    }
+}
+
+impl State {
+    /// Admits a request or says why not. `instances` is the number of ready
+    /// instances the figures are shared across. On success the returned guard
+    /// counts the request in flight until dropped.
+    pub fn admit(self: &Arc<Self>, limits: &Limits, instances: usize) -> Result<Option<TenantGuard>, Shed> {
+        let n = instances.max(1) as f64;
+        if limits.tokens_per_minute > 0 {
+            let share = (limits.tokens_per_minute as f64 / n).ceil() as u64;
+            let mut w = self.window.lock().expect("lock");
+            if w.start.elapsed() >= WINDOW {
+                w.start = Instant::now();
+                w.used = 0;
+            }
+            if w.used >= share {
+                return Err(Shed::TokenQuota);
+            }
+        }
+        let mut guard = None;
+        if limits.max_concurrent > 0 {
+            let share = (limits.max_concurrent as f64 / n).ceil() as usize;
+            let now = self.in_flight.fetch_add(1, Ordering::Relaxed);
+            guard = Some(TenantGuard(self.clone()));
+            if now >= share {
+                return Err(Shed::Concurrency);
+            }
+        }
+        if limits.requests_per_second > 0.0 {
+            let rate = limits.requests_per_second / n;
+            // A bucket holds at least one request, so small shares still pass.
+            let capacity = (limits.burst / n).max(1.0);
+            let mut b = self.bucket.lock().expect("lock");
+            let now = Instant::now();
+            if !b.primed {
+                b.primed = true;
+                b.tokens = capacity;
+            } else {
+                let refill = now.duration_since(b.refilled).as_secs_f64() * rate;
+                b.tokens = (b.tokens + refill).min(capacity);
+            }
+            b.refilled = now;
+            if b.tokens < 1.0 {
+                return Err(Shed::RateLimited);
+            }
+            b.tokens -= 1.0;
+        }
+        Ok(guard)
+    }
+
+    /// Adds the tokens a call reported.
+    pub fn add_usage(&self, tokens: u64) {
+        let mut w = self.window.lock().expect("lock");
+        if w.start.elapsed() >= WINDOW {
+            w.start = Instant::now();
+            w.used = 0;
+        }
+        w.used = w.used.saturating_add(tokens);
+    }
+}
+
+/// Counts a request in flight for a tenant until dropped (the response body
+/// holds it, so a streamed answer counts until it ends).
+#[derive(Debug)]
+pub struct TenantGuard(Arc<State>);
+
+impl TenantGuard {
+    pub fn state(&self) -> &Arc<State> {
+        &self.0
+    }
+}
+
+impl Drop for TenantGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Parses a usage header value.
+pub fn parse_usage(v: &http::HeaderValue) -> Option<u64> {
+    v.to_str().ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rps: f64, burst: f64, conc: usize, tpm: u64) -> Limits {
+        Limits { requests_per_second: rps, burst, max_concurrent: conc, tokens_per_minute: tpm }
+    }
+
+    #[test]
+    fn rate_share_is_divided_by_instances() {
+        let s = Arc::new(State::default());
+        // 100 rps, burst 20 over 4 instances: a bucket of 5.
+        let admitted = (0..50).filter(|_| s.admit(&limits(100.0, 20.0, 0, 0), 4).is_ok()).count();
+        assert!((5..=6).contains(&admitted), "{admitted}");
+    }
+
+    #[test]
+    fn concurrency_share_and_release() {
+        let s = Arc::new(State::default());
+        let l = limits(0.0, 0.0, 4, 0);
+        let a = s.admit(&l, 2).unwrap();
+        let b = s.admit(&l, 2).unwrap();
+        assert_eq!(s.admit(&l, 2).unwrap_err(), Shed::Concurrency);
+        drop(a);
+        assert!(s.admit(&l, 2).is_ok());
+        drop(b);
+        assert_eq!(s.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn token_quota() {
+        let s = Arc::new(State::default());
+        let l = limits(0.0, 0.0, 0, 100);
+        assert!(s.admit(&l, 1).is_ok());
+        s.add_usage(60);
+        assert!(s.admit(&l, 1).is_ok());
+        s.add_usage(60);
+        assert_eq!(s.admit(&l, 1).unwrap_err(), Shed::TokenQuota);
+    }
+}
