@@ -47,6 +47,11 @@ pub struct Mode {
     pub reset: AtomicBool,
     /// Requests received (every try counts).
     pub hits: AtomicU64,
+    /// Inference tokens reported per answer in `x-weft-usage-tokens`
+    /// (a header, or a trailer on `/stream`); 0 = none.
+    pub usage_tokens: AtomicU64,
+    /// How many requests are served at once (like a GPU); unset = no limit.
+    gate: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Mode {
@@ -65,6 +70,11 @@ impl Mode {
 
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Serves at most `n` requests at once; the rest queue. Set once.
+    pub fn set_capacity(&self, n: usize) {
+        let _ = self.gate.set(Arc::new(tokio::sync::Semaphore::new(n)));
     }
 }
 
@@ -120,6 +130,10 @@ pub async fn serve_http(listener: TcpListener, info: Info) {
                 async move {
                     let mode = &info.mode;
                     mode.hits.fetch_add(1, Ordering::Relaxed);
+                    let _permit = match mode.gate.get() {
+                        Some(g) => Some(g.clone().acquire_owned().await.expect("never closed")),
+                        None => None,
+                    };
                     if mode.hang.load(Ordering::Relaxed) {
                         std::future::pending::<()>().await;
                     }
@@ -170,6 +184,10 @@ async fn handle(req: Request<Incoming>, info: &Info) -> Response<Body> {
     }
     let mut builder =
         Response::builder().status(status).header("x-served-by", info.served_by()).header("x-hits", n.to_string());
+    let usage = info.mode.usage_tokens.load(Ordering::Relaxed);
+    if usage > 0 && path != "/stream" {
+        builder = builder.header("x-weft-usage-tokens", usage.to_string());
+    }
     for (k, v) in req.headers() {
         let name = k.as_str();
         if name.starts_with("x-") || matches!(name, "traceparent" | "tracestate" | "host" | "idempotency-key") {
@@ -187,6 +205,11 @@ async fn handle(req: Request<Incoming>, info: &Info) -> Response<Body> {
                     return;
                 }
                 tokio::time::sleep(gap).await;
+            }
+            if usage > 0 {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-weft-usage-tokens", usage.into());
+                let _ = tx.send(Ok(Frame::trailers(trailers))).await;
             }
         });
         return builder.body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx)))).expect("valid response");

@@ -158,7 +158,10 @@ impl Outbound {
         // or a declared length within the limit.
         let replayable = http_body::Body::is_end_stream(&body)
             || http_body::Body::size_hint(&body).upper().is_some_and(|n| n <= self.replay_limit);
-        let mut body = if replayable && (retry.is_some() || fallback.is_some()) {
+        // A request without a body is always kept: a call shed by the callee's
+        // sidecar can then go to another instance even without a retry policy.
+        let empty = http_body::Body::is_end_stream(&body);
+        let mut body = if replayable && (retry.is_some() || fallback.is_some() || empty) {
             match body.collect().await {
                 Ok(b) => ReqBody::Buffered(b.to_bytes()),
                 Err(e) => return Err(ProxyError::BadRequestBody(e.to_string())),
@@ -192,7 +195,14 @@ impl Outbound {
 
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last: Option<Outcome> = None;
-        for attempt in 0..max_tries {
+        // One extra try for a call the callee's sidecar shed: it never reached
+        // the app, so it is safe to send elsewhere whatever its method.
+        let mut shed_retried = false;
+        let mut extra_try = false;
+        for attempt in 0..=max_tries {
+            if attempt == max_tries && !extra_try {
+                break;
+            }
             let now = resilience::now_ms();
             let picked = pick_in(&svc, rule, &tried, now, self.region());
             degraded.breaker |= picked.skipped_ejected;
@@ -255,16 +265,31 @@ impl Outbound {
             } else {
                 endpoint.health.record_success();
             }
+            let shed = matches!(&outcome, Ok(r) if is_callee_shed(r));
+            if shed {
+                // Steer later picks away from an instance that is shedding.
+                endpoint.health.observe_rtt(SHED_PENALTY);
+            }
+            let in_time = deadline.is_none_or(|d| Instant::now() < d);
             let retryable = failed
                 && retry.as_ref().is_some_and(|r| should_retry(&r.on, &outcome))
                 && attempt + 1 < max_tries
-                && deadline.is_none_or(|d| Instant::now() < d);
+                && in_time;
+            let shed_retry = shed
+                && !shed_retried
+                && in_time
+                && matches!(body, ReqBody::Buffered(_))
+                && svc.all_ready.iter().any(|e| !tried.contains(&e.addr));
             if failed && !retryable {
-                tracing::debug!(service, attempt, max_tries, may_retry, replayable = matches!(body, ReqBody::Buffered(_)), retry = ?retry, "not retrying");
+                tracing::debug!(service, attempt, max_tries, may_retry, "not retrying");
             }
             last = Some(outcome);
-            if !retryable {
+            if !retryable && !shed_retry {
                 break;
+            }
+            if shed_retry {
+                shed_retried = true;
+                extra_try = attempt + 1 >= max_tries;
             }
             if !svc.stats.withdraw(settings) {
                 tracing::debug!(service, "retry budget spent; not retrying");
@@ -280,11 +305,7 @@ impl Outbound {
         let last = last.unwrap_or_else(|| Err(ProxyError::NoEndpoints(service.to_string())));
         // The callee's sidecar shed the call for the tenant's limits.
         if let Ok(resp) = &last
-            && resp.status() == http::StatusCode::TOO_MANY_REQUESTS
-            && resp
-                .headers()
-                .get("x-weft-error")
-                .is_some_and(|v| matches!(v.as_bytes(), b"rate-limited" | b"tenant-concurrency" | b"token-quota"))
+            && is_callee_shed(resp)
         {
             degraded.shed = true;
             if fallback.is_some() {
@@ -383,6 +404,18 @@ impl Outbound {
             _ => Err(ProxyError::NoDiscovery(service.to_string())),
         }
     }
+}
+
+/// What an instance that sheds a call counts as, latency-wise.
+const SHED_PENALTY: Duration = Duration::from_millis(50);
+
+/// A 429 from the callee's sidecar for a tenant limit (the app never saw it).
+fn is_callee_shed(resp: &http::Response<Incoming>) -> bool {
+    resp.status() == http::StatusCode::TOO_MANY_REQUESTS
+        && resp
+            .headers()
+            .get("x-weft-error")
+            .is_some_and(|v| matches!(v.as_bytes(), b"rate-limited" | b"tenant-concurrency" | b"token-quota"))
 }
 
 fn clone_parts(p: &http::request::Parts) -> http::request::Parts {

@@ -289,6 +289,18 @@ impl Sidecar {
     /// Starts a sidecar for `service` in front of `app`, and waits until it
     /// has its config.
     pub async fn start(controls: &[String], service: &str, labels: &str, app: SocketAddr, id: &str) -> Sidecar {
+        Self::start_with(controls, service, labels, app, id, &[]).await
+    }
+
+    /// Like [`Sidecar::start`], with extra command-line arguments.
+    pub async fn start_with(
+        controls: &[String],
+        service: &str,
+        labels: &str,
+        app: SocketAddr,
+        id: &str,
+        extra: &[&str],
+    ) -> Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
         let (file, log) = log_file(dir.path(), &format!("sidecar-{id}"));
         let mut cmd = Command::new(bin("weft-proxy"));
@@ -310,6 +322,7 @@ impl Sidecar {
             "--id",
             id,
         ]);
+        cmd.args(extra);
         cmd.env("WEFT_LOG", "info,weft_proxy=debug");
         let (child, line) = spawn_listening(cmd, "weft-proxy", file).await;
         let s = Sidecar {
@@ -565,4 +578,28 @@ impl Mesh {
     pub fn control_url(&self) -> String {
         self.control.url()
     }
+}
+
+/// One h2c (prior knowledge) request to `addr` with `:authority` = `authority`,
+/// the way gRPC and HTTP/2 clients name a service.
+pub async fn h2_send(
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Response, String> {
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut b = http::Request::builder().uri(format!("http://{authority}{path}")).version(http::Version::HTTP_2);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = sender.send_request(b.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into()))
 }

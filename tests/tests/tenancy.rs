@@ -1,0 +1,258 @@
+//! Tenants as a first-class key: tenant routes, global rate limits shared out
+//! across instances, concurrency isolation, and inference-token quotas.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use harness::{Backend, Control, Etcd, Sidecar, apply, eventually, pooled_client, send, served_by};
+
+struct Bed {
+    _etcd: Etcd,
+    control: Control,
+    urls: Vec<String>,
+    apps: Vec<Backend>,
+    sidecars: Vec<Sidecar>,
+    caller: Sidecar,
+    _caller_app: Backend,
+}
+
+impl Bed {
+    async fn start(versions: &[&str], caller_args: &[&str]) -> Bed {
+        let etcd = Etcd::start().await;
+        let control = Control::start(&etcd, 5).await;
+        let urls = vec![control.url()];
+        let caller_app = Backend::http("agent", "v1").await;
+        let caller = Sidecar::start_with(&urls, "agent", "", caller_app.addr, "t-agent", caller_args).await;
+        let mut bed =
+            Bed { _etcd: etcd, control, urls, apps: Vec::new(), sidecars: Vec::new(), caller, _caller_app: caller_app };
+        for v in versions {
+            bed.add_instance(v).await;
+        }
+        bed
+    }
+
+    /// Starts one more `inference` instance and waits until the caller and
+    /// every inference sidecar see all instances ready.
+    async fn add_instance(&mut self, version: &str) {
+        let app = Backend::http("inference", version).await;
+        let id = format!("t-inf-{}", self.apps.len());
+        self.sidecars.push(Sidecar::start(&self.urls, "inference", &format!("version={version}"), app.addr, &id).await);
+        self.apps.push(app);
+        let _ = send(&pooled_client(), self.caller.outbound, "inference", "/", &[]).await;
+        let n = self.apps.len();
+        for s in self.sidecars.iter().chain(std::iter::once(&self.caller)) {
+            eventually(
+                &format!("{} sees {n} ready inference instances", s.id),
+                Duration::from_secs(20),
+                || async move {
+                    let cfg = s.config().await;
+                    cfg["services"]["inference"]["endpoints"]
+                        .as_array()
+                        .is_some_and(|e| e.iter().filter(|e| e["ready"] == true).count() == n)
+                },
+            )
+            .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_route_pins_the_tenant_to_a_canary_by_a_configurable_header() {
+    let bed = Bed::start(&["v1", "v2"], &["--tenant-header", "x-org"]).await;
+    apply(
+        &bed.control.url(),
+        "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v1 }, weight: 1 } ]\n---\nkind: Route\nservice: inference\ntenant: acme\nrules:\n  - match: { headers: { x-model: large } }\n    backends: [ { subset: { version: v2 }, weight: 1 } ]\n  - backends: [ { subset: { version: v1 }, weight: 1 } ]\n",
+    )
+    .await;
+    let client = pooled_client();
+    for _ in 0..10 {
+        let acme = send(&client, bed.caller.outbound, "inference", "/", &[("x-org", "acme"), ("x-model", "large")])
+            .await
+            .unwrap();
+        assert_eq!(served_by(&acme), "inference/v2");
+        let acme_small = send(&client, bed.caller.outbound, "inference", "/", &[("x-org", "acme")]).await.unwrap();
+        assert_eq!(served_by(&acme_small), "inference/v1");
+        let globex = send(&client, bed.caller.outbound, "inference", "/", &[("x-org", "globex"), ("x-model", "large")])
+            .await
+            .unwrap();
+        assert_eq!(served_by(&globex), "inference/v1");
+        // x-tenant-id is not the tenant header of this sidecar.
+        let other =
+            send(&client, bed.caller.outbound, "inference", "/", &[("x-tenant-id", "acme"), ("x-model", "large")])
+                .await
+                .unwrap();
+        assert_eq!(served_by(&other), "inference/v1");
+    }
+    let m = bed.caller.metrics().await;
+    assert!(m.contains("tenant=\"acme\"") && m.contains("tenant=\"globex\""), "{m}");
+}
+
+/// Offers `rate` calls per second for `secs` seconds as tenant `tenant`;
+/// returns (admitted, shed).
+async fn offer(outbound: std::net::SocketAddr, tenant: &'static str, rate: u64, secs: u64) -> (u64, u64) {
+    let client = pooled_client();
+    let ok = Arc::new(AtomicU64::new(0));
+    let shed = Arc::new(AtomicU64::new(0));
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    let mut tasks = Vec::new();
+    for _ in 0..rate * secs {
+        tick.tick().await;
+        let (client, ok, shed) = (client.clone(), ok.clone(), shed.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = send(&client, outbound, "inference", "/", &[("x-tenant-id", tenant)]).await.unwrap();
+            match r.0 {
+                200 => ok.fetch_add(1, Ordering::Relaxed),
+                429 => {
+                    assert_eq!(r.1["x-weft-error"], "rate-limited");
+                    assert!(r.1["x-weft-degraded"].to_str().unwrap().contains("shed"), "{r:?}");
+                    shed.fetch_add(1, Ordering::Relaxed)
+                }
+                other => panic!("unexpected status {other}: {r:?}"),
+            };
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (ok.load(Ordering::Relaxed), shed.load(Ordering::Relaxed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_is_a_global_figure_shared_out_across_1_3_and_5_instances() {
+    let mut bed = Bed::start(&["v1"], &[]).await;
+    apply(
+        &bed.control.url(),
+        "kind: TenantPolicy\ntenant: acme\nservice: inference\nrate_limit: { requests_per_second: 40, burst: 10 }\n",
+    )
+    .await;
+    let (rate, secs, limit, burst) = (120, 4, 40.0, 10.0);
+    let mut report = Vec::new();
+    for target in [1usize, 3, 5] {
+        while bed.apps.len() < target {
+            bed.add_instance("v1").await;
+        }
+        // Let every bucket refill before measuring.
+        let started = Instant::now();
+        let (ok, shed) = offer(bed.caller.outbound, "acme", rate, secs).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        // What a perfect limiter admits: the rate over the run plus one burst.
+        let ideal = limit * elapsed + burst;
+        let error = (ok as f64 - ideal) / ideal;
+        report.push(format!(
+            "{target} instance(s): admitted {ok} (shed {shed}) in {elapsed:.2}s, ideal {ideal:.0}, error {:+.1}%",
+            error * 100.0
+        ));
+        assert!(error.abs() <= 0.25, "{}", report.join("; "));
+        // Another tenant is not limited.
+        let (other_ok, other_shed) = offer(bed.caller.outbound, "globex", 60, 1).await;
+        assert_eq!((other_ok, other_shed), (60, 0));
+        tokio::time::sleep(Duration::from_millis(300)).await; // buckets refill (a simulated pause, not a wait)
+    }
+    println!("{}", report.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_flood_does_not_hurt_another_tenant() {
+    let bed = Bed::start(&["gpu"], &[]).await;
+    // A model server that runs 4 calls at once, 30 ms each.
+    bed.apps[0].mode.set_capacity(4);
+    bed.apps[0].mode.latency_ms.store(30, Ordering::Relaxed);
+    apply(&bed.control.url(), "kind: TenantPolicy\ntenant: tenant-a\nservice: inference\nmax_concurrent_requests: 2\n")
+        .await;
+    let outbound = bed.caller.outbound;
+    let b_calls = |n: usize| async move {
+        let client = pooled_client();
+        let mut lat = Vec::new();
+        let mut ok = 0;
+        for _ in 0..n {
+            let t = Instant::now();
+            let r = send(&client, outbound, "inference", "/", &[("x-tenant-id", "tenant-b")]).await.unwrap();
+            lat.push(t.elapsed());
+            ok += usize::from(r.0 == 200);
+        }
+        lat.sort();
+        (ok, lat[(lat.len() * 99).div_ceil(100) - 1])
+    };
+    let (alone_ok, alone_p99) = b_calls(60).await;
+
+    // Tenant A floods with 20 callers: 10 × its limit.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (a_ok, a_shed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let flood: Vec<_> = (0..20)
+        .map(|_| {
+            let (stop, a_ok, a_shed) = (stop.clone(), a_ok.clone(), a_shed.clone());
+            tokio::spawn(async move {
+                let client = pooled_client();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = send(&client, outbound, "inference", "/", &[("x-tenant-id", "tenant-a")]).await.unwrap();
+                    match r.0 {
+                        200 => a_ok.fetch_add(1, Ordering::Relaxed),
+                        429 => a_shed.fetch_add(1, Ordering::Relaxed),
+                        other => panic!("tenant-a got {other}"),
+                    };
+                }
+            })
+        })
+        .collect();
+    let a = a_shed.clone();
+    eventually("tenant A is being shed", Duration::from_secs(10), || {
+        let a = a.clone();
+        async move { a.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    let (flood_ok, flood_p99) = b_calls(60).await;
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    println!(
+        "tenant B alone: {alone_ok}/60 ok, p99 {alone_p99:?}; under A's flood: {flood_ok}/60 ok, p99 {flood_p99:?} ({:.2}x); A admitted {}, shed {}",
+        flood_p99.as_secs_f64() / alone_p99.as_secs_f64(),
+        a_ok.load(Ordering::Relaxed),
+        a_shed.load(Ordering::Relaxed)
+    );
+    assert_eq!((alone_ok, flood_ok), (60, 60), "tenant B's success rate changed");
+    assert!(flood_p99 <= alone_p99 * 4, "tenant B's p99 went from {alone_p99:?} to {flood_p99:?}");
+    let m = bed.sidecars[0].metrics().await;
+    assert!(
+        m.contains("weft_tenant_shed_total{service=\"inference\",tenant=\"tenant-a\",reason=\"tenant-concurrency\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_quota_sheds_once_the_tenants_tokens_for_the_minute_are_spent() {
+    let bed = Bed::start(&["llm"], &[]).await;
+    bed.apps[0].mode.usage_tokens.store(30, Ordering::Relaxed);
+    apply(&bed.control.url(), "kind: TenantPolicy\ntenant: acme\nservice: inference\ntokens_per_minute: 100\n---\nkind: TenantPolicy\ntenant: initech\nservice: '*'\ntokens_per_minute: 50\n").await;
+    let client = pooled_client();
+    // 30 tokens a call: 0, 30, 60, 90 used before calls 1-4; the 5th is shed.
+    for i in 0..4 {
+        let r = send(&client, bed.caller.outbound, "inference", "/", &[("x-tenant-id", "acme")]).await.unwrap();
+        assert_eq!(r.0, 200, "call {i}: {r:?}");
+    }
+    let r = send(&client, bed.caller.outbound, "inference", "/", &[("x-tenant-id", "acme")]).await.unwrap();
+    assert_eq!(r.0, 429, "{r:?}");
+    assert_eq!(r.1["x-weft-error"], "token-quota");
+    assert_eq!(r.1["x-weft-degraded"], "shed");
+    // Other tenants are unaffected.
+    let r = send(&client, bed.caller.outbound, "inference", "/", &[("x-tenant-id", "globex")]).await.unwrap();
+    assert_eq!(r.0, 200);
+
+    // Usage reported in a trailer (HTTP/2, streamed answer) counts too.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = harness::h2_send(
+            bed.caller.outbound,
+            "inference",
+            "/stream?chunks=2&gap_ms=1",
+            &[("x-tenant-id", "initech")],
+        )
+        .await
+        .unwrap();
+        statuses.push(r.0);
+    }
+    // initech's '*' policy: 50 tokens; 30 per streamed call via trailer.
+    assert_eq!(statuses, vec![200, 200, 429], "usage from trailers was not counted");
+}
