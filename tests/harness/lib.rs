@@ -122,7 +122,27 @@ impl Etcd {
         etcd
     }
 
+    /// Starts etcd and waits until it answers. A port picked up front can be
+    /// taken by someone else before etcd binds it: then, on a first start,
+    /// new ports are tried (a restart must keep its port).
     async fn spawn(&mut self) {
+        let first_start = self.child.is_none() && !self.dir.path().join("data").exists();
+        for attempt in 0..4 {
+            if attempt > 0 && first_start {
+                self.port = free_port();
+                self.peer_port = free_port();
+            }
+            if self.try_spawn().await {
+                return;
+            }
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill().await;
+            }
+        }
+        panic!("etcd did not start on 127.0.0.1:{} after 4 tries (see its log)", self.port);
+    }
+
+    async fn try_spawn(&mut self) -> bool {
         let (file, _) = log_file(self.dir.path(), "etcd");
         let client = format!("http://127.0.0.1:{}", self.port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -150,16 +170,29 @@ impl Etcd {
             .expect("spawning etcd (is the etcd-server package installed? make test installs it)");
         self.child = Some(child);
         let url = self.url();
-        eventually("etcd answers", Duration::from_secs(20), || {
-            let url = url.clone();
-            async move {
-                match etcd_client::Client::connect([url], None).await {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                eprintln!("etcd on port {} exited with {status}; retrying", self.port);
+                return false;
+            }
+            let answered = tokio::time::timeout(Duration::from_secs(2), async {
+                match etcd_client::Client::connect([url.clone()], None).await {
                     Ok(mut c) => c.status().await.is_ok(),
                     Err(_) => false,
                 }
+            })
+            .await
+            .unwrap_or(false);
+            if answered {
+                return true;
             }
-        })
-        .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("etcd on port {} did not answer within 15s; retrying", self.port);
+        false
     }
 
     pub fn url(&self) -> String {
