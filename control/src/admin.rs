@@ -187,4 +187,59 @@ impl Admin for AdminService {
             replica: self.replica.clone(),
         }))
     }
+
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let req = request.into_inner();
+        let id = ResourceId::parse(&req.kind, &req.name).map_err(Status::invalid_argument)?;
+        let limit = if req.limit == 0 { 20 } else { req.limit.min(1000) as usize };
+        let (versions, truncated) = self.store.history(&id, limit).await.map_err(store_status)?;
+        if versions.is_empty() {
+            return Err(Status::not_found(format!("{id} not found")));
+        }
+        let entries = versions
+            .into_iter()
+            .map(|(revision, value)| pb::HistoryEntry {
+                revision,
+                applied_unix_ms: crate::store::applied_at(&value),
+                json: decode_resource(&value).map(|r| policy::to_value(&r).to_string()).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::HistoryResponse { resource: id.to_string(), entries, truncated }))
+    }
+
+    async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let req = request.into_inner();
+        let id = ResourceId::parse(&req.kind, &req.name).map_err(Status::invalid_argument)?;
+        let (found_rev, value) = self
+            .store
+            .get_at(&id, req.to_revision)
+            .await
+            .map_err(|e| match e {
+                StoreError::Etcd { ref source, .. } if source.to_string().contains("compacted") => {
+                    Status::failed_precondition(format!("revision {} of {id} was compacted away", req.to_revision))
+                }
+                other => store_status(other),
+            })?
+            .ok_or_else(|| Status::not_found(format!("{id} did not exist at revision {}", req.to_revision)))?;
+        let resource = decode_resource(&value)
+            .map_err(|e| Status::failed_precondition(format!("{id} at revision {found_rev} cannot be read: {e}")))?;
+        let problems = policy::validate(&resource);
+        if !problems.is_empty() {
+            let text: Vec<String> = problems.iter().map(|p| format!("{id}: {}: {}", p.field, p.message)).collect();
+            return Err(Status::invalid_argument(format!(
+                "{id} at revision {found_rev} no longer passes validation:\n{}",
+                text.join("\n")
+            )));
+        }
+        let (revision, results) = self.store.apply(std::slice::from_ref(&resource)).await.map_err(store_status)?;
+        let changed = results.iter().any(|(_, a)| *a != Action::Unchanged);
+        Ok(Response::new(pb::ApplyResponse {
+            revision,
+            results: results
+                .into_iter()
+                .map(|(id, a)| pb::ApplyResult { resource: id.to_string(), action: a.as_str().into() })
+                .collect(),
+            services: if changed { vec![id.service().unwrap_or("*").to_string()] } else { vec![] },
+        }))
+    }
 }

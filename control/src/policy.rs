@@ -628,6 +628,48 @@ pub fn from_value(value: serde_json::Value) -> Result<Resource, Problem> {
     }
 }
 
+/// Field-by-field differences between two JSON values, as
+/// `path: old → new` lines (`path: + new` for added, `path: - old` for
+/// removed), in a stable order.
+pub fn diff_values(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    diff_at("", old, new, &mut out);
+    out
+}
+
+fn diff_at(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => diff_at(&join(k), x, y, out),
+                    (Some(x), None) => out.push(format!("{}: - {x}", join(k))),
+                    (None, Some(y)) => out.push(format!("{}: + {y}", join(k))),
+                    (None, None) => {}
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for i in 0..a.len().max(b.len()) {
+                let p = format!("{path}[{i}]");
+                match (a.get(i), b.get(i)) {
+                    (Some(x), Some(y)) => diff_at(&p, x, y, out),
+                    (Some(x), None) => out.push(format!("{p}: - {x}")),
+                    (None, Some(y)) => out.push(format!("{p}: + {y}")),
+                    (None, None) => {}
+                }
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path}: {a} → {b}")),
+        _ => {}
+    }
+}
+
 /// The JSON form of a resource, with its kind.
 pub fn to_value(resource: &Resource) -> serde_json::Value {
     serde_json::to_value(resource).expect("policy types always serialize")
@@ -818,6 +860,21 @@ mod tests {
         let errs = parse_documents("x.yaml", bad).unwrap_err();
         assert!(errs[0].message.contains("unknown field `backend`"), "{errs:?}");
         assert_eq!(errs[0].line, 4);
+    }
+
+    #[test]
+    fn diffs_name_the_changed_fields() {
+        let a = serde_json::json!({"rules":[{"backends":[{"weight":90},{"weight":10}]}],"service":"x"});
+        let b = serde_json::json!({"rules":[{"backends":[{"weight":80},{"weight":20}],"timeout":"2s"}],"service":"x"});
+        assert_eq!(
+            diff_values(&a, &b),
+            vec![
+                "rules[0].backends[0].weight: 90 → 80".to_string(),
+                "rules[0].backends[1].weight: 10 → 20".to_string(),
+                "rules[0].timeout: + \"2s\"".to_string(),
+            ]
+        );
+        assert!(diff_values(&a, &a).is_empty());
     }
 
     #[test]

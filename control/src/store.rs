@@ -64,6 +64,22 @@ pub struct ProxyRecord {
 struct Stored {
     schema: u32,
     resource: serde_json::Value,
+    /// When it was applied, Unix ms (for `weftctl history`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    applied_at: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// When a stored value was applied (0 when it does not say).
+pub fn applied_at(value: &[u8]) -> u64 {
+    serde_json::from_slice::<Stored>(value).map(|s| s.applied_at).unwrap_or(0)
 }
 
 /// Decodes a stored policy value. Structural problems only; semantic checks
@@ -81,8 +97,12 @@ pub fn decode_resource(value: &[u8]) -> std::result::Result<Resource, String> {
 }
 
 pub fn encode_resource(resource: &Resource) -> String {
-    serde_json::to_string(&Stored { schema: SCHEMA_VERSION, resource: policy::to_value(resource) })
-        .expect("serializable")
+    serde_json::to_string(&Stored {
+        schema: SCHEMA_VERSION,
+        resource: policy::to_value(resource),
+        applied_at: unix_ms(),
+    })
+    .expect("serializable")
 }
 
 /// What `apply` did to one resource.
@@ -198,6 +218,41 @@ impl Store {
             .map(|kv| (kv.key_str().unwrap_or("").to_string(), kv.value().to_vec(), kv.mod_revision() as u64))
             .collect();
         Ok((rev, items))
+    }
+
+    /// The stored versions of one resource, newest first: (mod revision,
+    /// value). Follows the key back through etcd's history until its
+    /// creation, a compaction, or `limit`. The flag is true when compaction
+    /// cut the history short.
+    pub async fn history(&self, id: &ResourceId, limit: usize) -> Result<(Vec<(u64, Vec<u8>)>, bool)> {
+        let mut c = self.client.clone();
+        let key = self.key(&id.key_suffix());
+        let mut out = Vec::new();
+        let mut at: Option<i64> = None;
+        loop {
+            let opts = at.map(|rev| GetOptions::new().with_revision(rev));
+            let resp = match c.get(key.clone(), opts).await {
+                Ok(r) => r,
+                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => return Ok((out, true)),
+                Err(e) => return Err(self.err(e)),
+            };
+            let Some(kv) = resp.kvs().first() else { return Ok((out, false)) };
+            out.push((kv.mod_revision() as u64, kv.value().to_vec()));
+            if out.len() >= limit || kv.version() <= 1 {
+                return Ok((out, false));
+            }
+            at = Some(kv.mod_revision() - 1);
+        }
+    }
+
+    /// The value of a resource as of `revision`.
+    pub async fn get_at(&self, id: &ResourceId, revision: u64) -> Result<Option<(u64, Vec<u8>)>> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(self.key(&id.key_suffix()), Some(GetOptions::new().with_revision(revision as i64)))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.kvs().first().map(|kv| (kv.mod_revision() as u64, kv.value().to_vec())))
     }
 
     pub async fn delete(&self, id: &ResourceId) -> Result<(u64, bool)> {

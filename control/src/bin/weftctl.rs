@@ -35,6 +35,33 @@ enum Command {
         #[arg(long, default_value = "30s")]
         timeout: String,
     },
+    /// What `apply -f FILE` would change, field by field.
+    Diff {
+        #[arg(short = 'f', long = "file")]
+        file: String,
+    },
+    /// A resource's revisions (newest first), when each was applied, and
+    /// what each changed.
+    History {
+        kind: String,
+        name: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Apply a resource as it was at an earlier revision (a new revision).
+    Rollback {
+        kind: String,
+        name: String,
+        #[arg(long = "to")]
+        to: u64,
+        /// Block until every affected sidecar has ACKed.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
     /// Check a file offline, with the same checks as apply.
     Validate {
         #[arg(short = 'f', long = "file")]
@@ -187,6 +214,87 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             }
             Ok(())
         }
+        Command::Diff { file } => {
+            let resources = parse(&file)?;
+            let mut client = connect(&cli.control).await?;
+            for l in &resources {
+                let id = l.resource.id();
+                let (kind, name) = kind_and_name(&id);
+                let new = policy::to_value(&l.resource);
+                match client.get(pb::GetRequest { kind, name, tenant: String::new() }).await {
+                    Ok(resp) => {
+                        let current = resp.into_inner().resources.into_iter().next();
+                        let old: serde_json::Value =
+                            current.as_ref().and_then(|c| serde_json::from_str(&c.json).ok()).unwrap_or_default();
+                        let changes = policy::diff_values(&old, &new);
+                        if changes.is_empty() {
+                            out!("{id} unchanged");
+                        } else {
+                            out!("{id} would be configured:");
+                            for c in changes {
+                                out!("  {c}");
+                            }
+                        }
+                    }
+                    Err(s) if s.code() == Code::NotFound => out!("{id} would be created"),
+                    Err(s) => return Err(s.into()),
+                }
+            }
+            Ok(())
+        }
+        Command::History { kind, name, limit, output } => {
+            let mut client = connect(&cli.control).await?;
+            let resp = client.history(pb::HistoryRequest { kind, name, limit }).await?.into_inner();
+            let values: Vec<serde_json::Value> =
+                resp.entries.iter().map(|e| serde_json::from_str(&e.json).unwrap_or_default()).collect();
+            match output {
+                Output::Table => {
+                    out!("{:>9}  {:<20}  CHANGE", "REVISION", "APPLIED (UTC)");
+                    for (i, e) in resp.entries.iter().enumerate() {
+                        let change = match values.get(i + 1) {
+                            Some(older) => {
+                                let d = policy::diff_values(older, &values[i]);
+                                if d.is_empty() { "no change".to_string() } else { d.join("; ") }
+                            }
+                            None if resp.truncated => "(older revisions compacted)".to_string(),
+                            None => "created".to_string(),
+                        };
+                        let change = if change.chars().count() > 120 {
+                            format!("{}…", change.chars().take(119).collect::<String>())
+                        } else {
+                            change
+                        };
+                        out!("{:>9}  {:<20}  {}", e.revision, format_time(e.applied_unix_ms), change);
+                    }
+                }
+                Output::Json | Output::Yaml => {
+                    let rows: Vec<serde_json::Value> = resp
+                        .entries
+                        .iter()
+                        .zip(&values)
+                        .map(|(e, v)| serde_json::json!({"revision": e.revision, "applied_unix_ms": e.applied_unix_ms, "resource": v}))
+                        .collect();
+                    match output {
+                        Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
+                        _ => out!("{}", serde_yaml::to_string(&rows).unwrap_or_default().trim_end()),
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Rollback { kind, name, to, wait, timeout } => {
+            let timeout = policy::parse_duration(&timeout).map_err(|e| Fail(1, format!("--timeout: {e}")))?;
+            let mut client = connect(&cli.control).await?;
+            let resp = client.rollback(pb::RollbackRequest { kind, name, to_revision: to }).await?.into_inner();
+            for r in &resp.results {
+                let action = if r.action == "unchanged" { "unchanged" } else { "rolled back" };
+                out!("{} {action} to rev {to} (rev {})", r.resource, resp.revision);
+            }
+            if wait && !resp.services.is_empty() {
+                wait_acked(&mut client, &resp.services, resp.revision, timeout).await?;
+            }
+            Ok(())
+        }
         Command::Get { kind, name, tenant, output } => {
             policy::normalize_kind(&kind).map_err(|e| Fail(1, e))?;
             let mut client = connect(&cli.control).await?;
@@ -331,6 +439,36 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             Ok(())
         }
     }
+}
+
+/// The `KIND NAME` form of a resource id, as the admin API takes it.
+fn kind_and_name(id: &policy::ResourceId) -> (String, String) {
+    match id {
+        policy::ResourceId::Route { service, tenant: None } => ("route".into(), service.clone()),
+        policy::ResourceId::Route { service, tenant: Some(t) } => ("route".into(), format!("{service}/{t}")),
+        policy::ResourceId::Resilience { service } => ("resilience".into(), service.clone()),
+        policy::ResourceId::TenantPolicy { tenant, service } => ("tenantpolicy".into(), format!("{tenant}/{service}")),
+    }
+}
+
+/// `2026-11-25 21:14:05` from Unix milliseconds (UTC).
+fn format_time(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "-".into();
+    }
+    let secs = unix_ms / 1000;
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Polls status until every sidecar subscribed to one of `services` has
