@@ -7,6 +7,7 @@ use xds_proto::v1::admin_server::Admin;
 
 use std::sync::Arc;
 
+use crate::auth;
 use crate::convert;
 use crate::policy::{self, ResourceId, normalize_kind};
 use crate::store::{Action, Store, StoreError, decode_resource};
@@ -35,6 +36,7 @@ fn store_status(e: StoreError) -> Status {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let role = auth::role(&request);
         let req = request.into_inner();
         let mut resources = Vec::new();
         let mut problems = Vec::new();
@@ -63,6 +65,9 @@ impl Admin for AdminService {
         if !problems.is_empty() {
             return Err(Status::invalid_argument(problems.join("\n")));
         }
+        for r in &resources {
+            auth::may_modify(&role, &r.id())?;
+        }
         let mut ids: Vec<ResourceId> = resources.iter().map(|r| r.id()).collect();
         ids.sort();
         if ids.windows(2).any(|w| w[0] == w[1]) {
@@ -88,6 +93,7 @@ impl Admin for AdminService {
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let role = auth::role(&request);
         let req = request.into_inner();
         let kind = normalize_kind(&req.kind).map_err(Status::invalid_argument)?;
         let id = if req.name.is_empty() {
@@ -105,6 +111,9 @@ impl Admin for AdminService {
                     continue;
                 }
             };
+            if !auth::may_read(&role, &resource.id()) {
+                continue;
+            }
             if !req.tenant.is_empty() {
                 let tenant = match &resource {
                     policy::Resource::Route(r) => r.tenant.clone(),
@@ -130,8 +139,10 @@ impl Admin for AdminService {
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let role = auth::role(&request);
         let req = request.into_inner();
         let id = ResourceId::parse(&req.kind, &req.name).map_err(Status::invalid_argument)?;
+        auth::may_modify(&role, &id)?;
         let (revision, deleted) = self.store.delete(&id).await.map_err(store_status)?;
         if !deleted {
             return Err(Status::not_found(format!("{id} not found")));
@@ -149,7 +160,8 @@ impl Admin for AdminService {
         Ok(Response::new(pb::EndpointsResponse { endpoints: recs.iter().map(convert::endpoint).collect() }))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        auth::require_admin(&auth::role(&request), "see the status of every sidecar")?;
         let revision = self.store.ping().await.map_err(store_status)?;
         let recs = self.store.proxies().await.map_err(store_status)?;
         Ok(Response::new(pb::StatusResponse {
@@ -171,6 +183,7 @@ impl Admin for AdminService {
     }
 
     async fn traces(&self, request: Request<pb::TracesRequest>) -> Result<Response<pb::TracesResponse>, Status> {
+        let role = auth::role(&request);
         let req = request.into_inner();
         let since_ms = if req.since_secs == 0 {
             0
@@ -182,15 +195,22 @@ impl Admin for AdminService {
             now.saturating_sub(req.since_secs * 1000)
         };
         let limit = if req.limit == 0 { 100 } else { req.limit as usize };
-        Ok(Response::new(pb::TracesResponse {
-            calls: self.traces.query(&req.service, since_ms, limit),
-            replica: self.replica.clone(),
-        }))
+        let mut calls = self.traces.query(&req.service, since_ms, limit);
+        match &role {
+            auth::Role::Admin => {}
+            auth::Role::Tenant(t) => calls.retain(|c| &c.tenant == t),
+            auth::Role::Proxy => return Err(Status::permission_denied("403: a proxy token cannot read traces")),
+        }
+        Ok(Response::new(pb::TracesResponse { calls, replica: self.replica.clone() }))
     }
 
     async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let role = auth::role(&request);
         let req = request.into_inner();
         let id = ResourceId::parse(&req.kind, &req.name).map_err(Status::invalid_argument)?;
+        if !auth::may_read(&role, &id) {
+            return Err(Status::permission_denied(format!("403: this token cannot read {id}")));
+        }
         let limit = if req.limit == 0 { 20 } else { req.limit.min(1000) as usize };
         let (versions, truncated) = self.store.history(&id, limit).await.map_err(store_status)?;
         if versions.is_empty() {
@@ -208,8 +228,10 @@ impl Admin for AdminService {
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let role = auth::role(&request);
         let req = request.into_inner();
         let id = ResourceId::parse(&req.kind, &req.name).map_err(Status::invalid_argument)?;
+        auth::may_modify(&role, &id)?;
         let (found_rev, value) = self
             .store
             .get_at(&id, req.to_revision)

@@ -56,6 +56,9 @@ impl Discovery for DiscoveryService {
     type StreamStream = UpdateStream;
 
     async fn stream(&self, request: Request<Streaming<pb::ProxyMessage>>) -> Result<Response<UpdateStream>, Status> {
+        if let crate::auth::Role::Tenant(t) = crate::auth::role(&request) {
+            return Err(Status::permission_denied(format!("403: token for tenant {t} cannot open a discovery stream")));
+        }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Ok(Ok(Some(pb::ProxyMessage { msg: Some(pb::proxy_message::Msg::Hello(h)) }))) => h,

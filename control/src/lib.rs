@@ -6,11 +6,13 @@
 //! - [`index`] and [`watcher`]: etcd → immutable snapshots
 //! - [`discovery`]: one session per sidecar (registration, push, ACK/NACK)
 //! - [`admin`]: the gRPC API for weftctl
+//! - [`auth`]: bearer tokens and tenant-scoped access
 //! - [`traces`]: recent degraded calls reported by sidecars
 //! - [`server`]: wiring for the `weft-control` binary
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod convert;
 pub mod discovery;
 pub mod index;

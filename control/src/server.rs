@@ -28,6 +28,8 @@ pub struct Config {
     pub replica: String,
     pub lease_ttl_secs: i64,
     pub metrics: PrometheusHandle,
+    /// Bearer tokens; `None` = open API.
+    pub tokens: Option<Arc<crate::auth::Tokens>>,
 }
 
 /// Serves until `shutdown` resolves.
@@ -67,8 +69,8 @@ pub async fn run(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-        .add_service(DiscoveryServer::new(discovery))
-        .add_service(AdminServer::new(admin_api))
+        .add_service(DiscoveryServer::with_interceptor(discovery, crate::auth::interceptor(config.tokens.clone())))
+        .add_service(AdminServer::with_interceptor(admin_api, crate::auth::interceptor(config.tokens.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop)
         .await?;
     Ok(())

@@ -31,6 +31,7 @@ pub struct Options {
     pub metrics: PrometheusHandle,
     pub replay_limit: u64,
     pub tenant_header: http::HeaderName,
+    pub token: Option<String>,
 }
 
 pub struct Listeners {
@@ -49,6 +50,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let shared = Arc::new(Shared {
         identity: opts.identity.clone(),
         tenant_header: opts.tenant_header.clone(),
+        token: opts.token.clone(),
         table: ArcSwap::from_pointee(Table::default()),
         table_changed,
         subscriptions: Mutex::new(HashSet::from([opts.identity.service.clone()])),

@@ -84,7 +84,16 @@ async fn session(
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     let channel = endpoint.connect().await?;
-    let mut client = DiscoveryClient::new(channel);
+    let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = match &shared.token {
+        Some(t) => Some(format!("Bearer {t}").parse()?),
+        None => None,
+    };
+    let mut client = DiscoveryClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(v) = &bearer {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    });
     let (tx, rx) = mpsc::channel::<pb::ProxyMessage>(64);
     let send = |msg: pb::proxy_message::Msg| pb::ProxyMessage { msg: Some(msg) };
     let mut ready_rx = shared.app_ready.clone();

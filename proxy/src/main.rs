@@ -43,6 +43,9 @@ struct Args {
     /// The request header that names the tenant (absent = `default`).
     #[arg(long, env = "WEFT_TENANT_HEADER", default_value = weft_proxy::TENANT_HEADER)]
     tenant_header: String,
+    /// Bearer token for a control plane started with --tokens (role proxy).
+    #[arg(long, env = "WEFT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Runtime worker threads.
     #[arg(long, env = "WEFT_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -108,7 +111,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     app::run(
-        Options { controls: args.control, identity, app, metrics, replay_limit: args.retry_body_limit, tenant_header },
+        Options {
+            controls: args.control,
+            identity,
+            app,
+            metrics,
+            replay_limit: args.retry_body_limit,
+            tenant_header,
+            token: args.token,
+        },
         Listeners { inbound, outbound, admin },
         shutdown,
     )

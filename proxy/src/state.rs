@@ -23,6 +23,8 @@ pub struct Shared {
     pub identity: Identity,
     /// The request header that names the tenant.
     pub tenant_header: http::HeaderName,
+    /// Bearer token for the control plane.
+    pub token: Option<String>,
     /// The live config; requests load it without locking.
     pub table: ArcSwap<Table>,
     /// Bumped (to the table version) whenever a new table is stored.

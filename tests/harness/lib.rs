@@ -233,7 +233,16 @@ impl Control {
         Self::start_at(&etcd.url(), "127.0.0.1:0", "127.0.0.1:0", lease_ttl, "control").await
     }
 
+    /// A replica with extra command-line arguments (e.g. `--tokens FILE`).
+    pub async fn start_with(etcd: &Etcd, lease_ttl: u32, extra: &[&str]) -> Control {
+        Self::spawn_at(&etcd.url(), "127.0.0.1:0", "127.0.0.1:0", lease_ttl, "control", extra).await
+    }
+
     async fn start_at(etcd_url: &str, grpc: &str, admin: &str, lease_ttl: u32, name: &str) -> Control {
+        Self::spawn_at(etcd_url, grpc, admin, lease_ttl, name, &[]).await
+    }
+
+    async fn spawn_at(etcd_url: &str, grpc: &str, admin: &str, lease_ttl: u32, name: &str, extra: &[&str]) -> Control {
         let dir = tempfile::tempdir().expect("tempdir");
         let (file, log) = log_file(dir.path(), name);
         let mut cmd = Command::new(bin("weft-control"));
@@ -249,6 +258,7 @@ impl Control {
             "--replica",
             name,
         ]);
+        cmd.args(extra);
         cmd.env("WEFT_LOG", "info,weft_control=debug");
         let (child, line) = spawn_listening(cmd, "weft-control", file).await;
         let c = Control {

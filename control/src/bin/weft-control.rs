@@ -12,9 +12,14 @@ struct Args {
     /// etcd endpoints, comma-separated.
     #[arg(long, env = "WEFT_ETCD", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     etcd: Vec<String>,
-    /// gRPC address for sidecars and weftctl.
-    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:7070")]
-    listen: String,
+    /// gRPC address for sidecars and weftctl (default: 0.0.0.0:7070 with
+    /// --tokens, else 127.0.0.1:7070, since the API is then open).
+    #[arg(long, env = "WEFT_LISTEN")]
+    listen: Option<String>,
+    /// Bearer tokens file: a YAML map of token to role (admin, proxy or
+    /// tenant:<name>).
+    #[arg(long, env = "WEFT_TOKENS")]
+    tokens: Option<String>,
     /// HTTP admin address (/live, /ready, /metrics).
     #[arg(long, env = "WEFT_ADMIN", default_value = "0.0.0.0:7071")]
     admin: String,
@@ -41,7 +46,22 @@ async fn main() -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let grpc = TcpListener::bind(&args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
+    let tokens = match &args.tokens {
+        Some(path) => Some(std::sync::Arc::new(weft_control::auth::Tokens::load(path).map_err(anyhow::Error::msg)?)),
+        None => None,
+    };
+    let listen = args
+        .listen
+        .clone()
+        .unwrap_or_else(|| if tokens.is_some() { "0.0.0.0:7070".into() } else { "127.0.0.1:7070".into() });
+    if tokens.is_none()
+        && !listen.starts_with("127.")
+        && !listen.starts_with("[::1]")
+        && !listen.starts_with("localhost")
+    {
+        tracing::warn!(%listen, "the API is open to anyone who can reach it: no --tokens file");
+    }
+    let grpc = TcpListener::bind(&listen).await.with_context(|| format!("binding --listen {listen}"))?;
     let admin = TcpListener::bind(&args.admin).await.with_context(|| format!("binding --admin {}", args.admin))?;
     let store = Store::connect(&args.etcd, &args.prefix).await?;
     let replica = args.replica.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
@@ -54,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    server::run(Config { store, replica, lease_ttl_secs: args.lease_ttl, metrics }, grpc, admin, shutdown).await
+    server::run(Config { store, replica, lease_ttl_secs: args.lease_ttl, metrics, tokens }, grpc, admin, shutdown).await
 }
 
 fn hostname() -> String {

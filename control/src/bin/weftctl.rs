@@ -18,6 +18,9 @@ struct Cli {
     /// Control plane gRPC URL.
     #[arg(long, global = true, env = "WEFT_CONTROL", default_value = "http://127.0.0.1:7070")]
     control: String,
+    /// Bearer token for a control plane started with --tokens.
+    #[arg(long, global = true, env = "WEFT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -150,7 +153,32 @@ macro_rules! out {
     }};
 }
 
-async fn connect(url: &str) -> Result<AdminClient<tonic::transport::Channel>, Fail> {
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+async fn connect(url: &str) -> Result<Client, Fail> {
+    let bearer = match TOKEN.get().cloned().flatten() {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| Fail(1, "--token holds characters a header cannot carry".into()))?,
+        ),
+        None => None,
+    };
     let ep = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| Fail(1, format!("--control {url}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
@@ -159,7 +187,7 @@ async fn connect(url: &str) -> Result<AdminClient<tonic::transport::Channel>, Fa
         .connect()
         .await
         .map_err(|e| Fail(2, format!("cannot reach the control plane at {url}: {e} (hint: is weft-control running? set --control or WEFT_CONTROL)")))?;
-    Ok(AdminClient::new(ch))
+    Ok(AdminClient::with_interceptor(ch, Bearer(bearer)))
 }
 
 fn read_input(file: &str) -> Result<(String, String), Fail> {
@@ -183,6 +211,7 @@ fn parse(file: &str) -> Result<Vec<policy::Located>, Fail> {
 }
 
 async fn run(cli: Cli) -> Result<(), Fail> {
+    let _ = TOKEN.set(cli.token.clone());
     match cli.command {
         Command::Validate { file } => {
             let r = parse(&file)?;
@@ -473,12 +502,7 @@ fn format_time(unix_ms: u64) -> String {
 
 /// Polls status until every sidecar subscribed to one of `services` has
 /// ACKed `revision` or later; reports the ones that did not, and NACKs.
-async fn wait_acked(
-    client: &mut AdminClient<tonic::transport::Channel>,
-    services: &[String],
-    revision: u64,
-    timeout: Duration,
-) -> Result<(), Fail> {
+async fn wait_acked(client: &mut Client, services: &[String], revision: u64, timeout: Duration) -> Result<(), Fail> {
     let deadline = Instant::now() + timeout;
     loop {
         let status = client.status(pb::StatusRequest {}).await?.into_inner();

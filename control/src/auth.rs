@@ -1,0 +1,153 @@
+//! Bearer tokens for the control plane's gRPC API (`--tokens FILE`).
+//!
+//! The file is a YAML map from token to role: `admin` (everything), `proxy`
+//! (the discovery stream only) or `tenant:<name>` (read and change only that
+//! tenant's resources). Without a tokens file the API is open and every
+//! caller is an admin; `weft-control` then listens on loopback by default.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+
+use crate::policy::ResourceId;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Proxy,
+    Tenant(String),
+}
+
+impl Role {
+    fn parse(s: &str) -> Result<Role, String> {
+        match s.trim() {
+            "admin" => Ok(Role::Admin),
+            "proxy" => Ok(Role::Proxy),
+            other => match other.strip_prefix("tenant:") {
+                Some(t) if !t.is_empty() => {
+                    crate::policy::check_name("tenant", t)?;
+                    Ok(Role::Tenant(t.to_string()))
+                }
+                _ => Err(format!("role '{other}' is not admin, proxy or tenant:<name>")),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Tokens {
+    roles: HashMap<String, Role>,
+}
+
+impl Tokens {
+    /// Reads a tokens file, naming the file and entry on error.
+    pub fn load(path: &str) -> Result<Tokens, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        let map: HashMap<String, String> =
+            serde_yaml::from_str(&text).map_err(|e| format!("{path}: not a YAML map of token: role ({e})"))?;
+        let mut roles = HashMap::new();
+        for (token, role) in map {
+            if token.len() < 16 {
+                return Err(format!("{path}: a token must be at least 16 characters (one for role '{role}' is not)"));
+            }
+            roles.insert(token, Role::parse(&role).map_err(|e| format!("{path}: {e}"))?);
+        }
+        if roles.is_empty() {
+            return Err(format!("{path}: no tokens"));
+        }
+        Ok(Tokens { roles })
+    }
+}
+
+/// A tonic interceptor: puts the caller's [`Role`] in the request's
+/// extensions, or refuses the call.
+pub fn interceptor(tokens: Option<Arc<Tokens>>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut req: Request<()>| {
+        let role = match &tokens {
+            None => Role::Admin,
+            Some(t) => {
+                let token = req
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .ok_or_else(|| Status::unauthenticated("401: a bearer token is required (weftctl --token)"))?;
+                t.roles.get(token.trim()).cloned().ok_or_else(|| Status::unauthenticated("401: unknown token"))?
+            }
+        };
+        req.extensions_mut().insert(role);
+        Ok(req)
+    }
+}
+
+/// The caller's role (admin when the request did not pass the interceptor,
+/// as in unit tests of the handlers).
+pub fn role<T>(req: &Request<T>) -> Role {
+    req.extensions().get::<Role>().cloned().unwrap_or(Role::Admin)
+}
+
+/// The tenant a resource belongs to; `None` for resources every tenant
+/// shares (default routes, resilience, `*`-less service policies are per
+/// tenant so always have one).
+pub fn owner(id: &ResourceId) -> Option<&str> {
+    match id {
+        ResourceId::Route { tenant, .. } => tenant.as_deref(),
+        ResourceId::TenantPolicy { tenant, .. } => Some(tenant),
+        ResourceId::Resilience { .. } => None,
+    }
+}
+
+/// May `role` change `id`?
+pub fn may_modify(role: &Role, id: &ResourceId) -> Result<(), Status> {
+    match role {
+        Role::Admin => Ok(()),
+        Role::Proxy => Err(Status::permission_denied("403: a proxy token cannot change policy")),
+        Role::Tenant(t) => match owner(id) {
+            Some(o) if o == t => Ok(()),
+            Some(o) => Err(Status::permission_denied(format!("403: token for tenant {t} cannot modify tenant {o}"))),
+            None => Err(Status::permission_denied(format!(
+                "403: token for tenant {t} cannot modify {id}, which every tenant shares"
+            ))),
+        },
+    }
+}
+
+/// May `role` read `id`?
+pub fn may_read(role: &Role, id: &ResourceId) -> bool {
+    match role {
+        Role::Admin => true,
+        Role::Proxy => false,
+        Role::Tenant(t) => owner(id) == Some(t.as_str()),
+    }
+}
+
+/// Only admins see the whole mesh (status).
+pub fn require_admin(role: &Role, what: &str) -> Result<(), Status> {
+    match role {
+        Role::Admin => Ok(()),
+        Role::Proxy => Err(Status::permission_denied(format!("403: a proxy token cannot {what}"))),
+        Role::Tenant(t) => Err(Status::permission_denied(format!("403: token for tenant {t} cannot {what}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_change_only_their_own() {
+        let acme = Role::Tenant("acme".into());
+        let own = ResourceId::Route { service: "inference".into(), tenant: Some("acme".into()) };
+        let other = ResourceId::TenantPolicy { tenant: "globex".into(), service: "inference".into() };
+        let shared = ResourceId::Route { service: "inference".into(), tenant: None };
+        assert!(may_modify(&acme, &own).is_ok());
+        assert_eq!(
+            may_modify(&acme, &other).unwrap_err().message(),
+            "403: token for tenant acme cannot modify tenant globex"
+        );
+        assert!(may_modify(&acme, &shared).unwrap_err().message().contains("every tenant shares"));
+        assert!(may_modify(&Role::Admin, &shared).is_ok());
+        assert!(!may_read(&acme, &shared) && may_read(&acme, &own));
+    }
+}
