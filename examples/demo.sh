@@ -105,6 +105,18 @@ say "weftctl traces --degraded --since 5m (most recent first)"
 sleep 1.2 # reports are batched by the sidecars
 "$BIN/weftctl" traces --degraded --since 5m --limit 8
 
+say "tenants: acme pinned to the v2 canary, globex throttled to 5 calls/s"
+"$BIN/weftctl" apply -f examples/tenants.yaml --wait
+echo "acme, 10 calls:"
+for i in $(seq 1 10); do curl -s -H 'x-tenant-id: acme' "http://$ROUTER/call/inference/v1/run"; done | grep -o '"served_by":"[^"]*"' | sort | uniq -c
+echo "globex, 40 calls as fast as curl goes (HTTP status, then x-weft-degraded):"
+for i in $(seq 1 40); do
+  curl -s -o /dev/null -w '%{http_code} ' -D "$WORK/h" -H 'x-tenant-id: globex' "http://$ROUTER/call/inference/v1/run"
+  grep -i '^x-weft-degraded' "$WORK/h" | tr -d '\r' | cut -d' ' -f2 || echo -
+done | sort | uniq -c
+echo "weftctl history route inference:"
+"$BIN/weftctl" history route inference
+
 say "inference v2's sidecar dies; its endpoint goes and traffic moves to v1"
 kill -9 "$(pgrep -f 'weft-proxy.*--id inference-v2')"
 for _ in $(seq 1 100); do
