@@ -1,0 +1,179 @@
+//! `weft-load`: an open-loop HTTP load generator.
+//!
+//! Requests are dispatched at a fixed rate, whatever the server does; each
+//! request's latency is measured from its dispatch, including any wait behind
+//! earlier requests on its connection, so a slow server cannot hide queueing
+//! by slowing the generator down (no coordinated omission). (Dispatch rather
+//! than the ideal schedule: tokio's timer has millisecond granularity, and its
+//! lag is the generator's, not the server's.) HTTP/1.1
+//! keeps `--connections` keep-alive connections, each sending one request at
+//! a time; `--h2` multiplexes on `--connections` h2c connections.
+//! Prints one JSON object with the counts and the latency percentiles.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{Mutex, mpsc};
+
+#[derive(Parser)]
+#[command(about = "Open-loop HTTP/1.1 and h2c load generator (latency from the intended send time)")]
+struct Args {
+    /// host:port to connect to.
+    #[arg(long)]
+    addr: String,
+    /// The Host / :authority to send.
+    #[arg(long, default_value = "backend")]
+    host: String,
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Requests per second.
+    #[arg(long)]
+    rate: u64,
+    /// Seconds of measured load (after --warmup).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// h2c (prior knowledge) instead of HTTP/1.1.
+    #[arg(long)]
+    h2: bool,
+}
+
+struct Shot {
+    intended: Instant,
+    measured: bool,
+}
+
+#[derive(Default)]
+struct Tally {
+    hist: Option<Histogram<u64>>,
+    ok: u64,
+    errors: u64,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    anyhow::ensure!(a.rate > 0 && a.connections > 0, "--rate and --connections must be positive");
+    let tally =
+        Arc::new(Mutex::new(Tally { hist: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?), ..Default::default() }));
+    let uri: http::Uri = format!("http://{}{}", a.host, a.path).parse()?;
+    let mut queues = Vec::new();
+    let mut workers = Vec::new();
+    for _ in 0..a.connections {
+        let (tx, rx) = mpsc::unbounded_channel::<Shot>();
+        queues.push(tx);
+        let stream = tokio::net::TcpStream::connect(&a.addr).await?;
+        stream.set_nodelay(true)?;
+        let tally = tally.clone();
+        let uri = uri.clone();
+        if a.h2 {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            workers.push(tokio::spawn(h2_worker(sender, rx, uri, tally)));
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            workers.push(tokio::spawn(h1_worker(sender, rx, uri, a.host.clone(), tally)));
+        }
+    }
+    let total = ((a.warmup + a.duration) * a.rate as f64) as u64;
+    let warm = (a.warmup * a.rate as f64) as u64;
+    let period = Duration::from_nanos(1_000_000_000 / a.rate);
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + Duration::from_nanos(period.as_nanos() as u64 * i);
+        tokio::time::sleep_until(due.into()).await;
+        let _ = queues[(i as usize) % queues.len()].send(Shot { intended: Instant::now(), measured: i >= warm });
+    }
+    let sent_for = start.elapsed().as_secs_f64();
+    drop(queues);
+    for w in workers {
+        let _ = w.await;
+    }
+    let t = tally.lock().await;
+    let h = t.hist.as_ref().expect("histogram");
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "rate": a.rate, "h2": a.h2, "connections": a.connections,
+            "ok": t.ok, "errors": t.errors, "achieved_rate": (total as f64) / sent_for,
+            "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
+            "max_ms": h.max() as f64 / 1000.0,
+        })
+    );
+    Ok(())
+}
+
+async fn record(tally: &Mutex<Tally>, shot: &Shot, ok: bool) {
+    if !shot.measured {
+        return;
+    }
+    let us = shot.intended.elapsed().as_micros() as u64;
+    let mut t = tally.lock().await;
+    if ok {
+        t.ok += 1;
+    } else {
+        t.errors += 1;
+    }
+    if let Some(h) = t.hist.as_mut() {
+        let _ = h.record(us.max(1));
+    }
+}
+
+async fn h1_worker(
+    mut sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    mut rx: mpsc::UnboundedReceiver<Shot>,
+    uri: http::Uri,
+    host: String,
+    tally: Arc<Mutex<Tally>>,
+) {
+    let path = uri.path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    while let Some(shot) = rx.recv().await {
+        let req = http::Request::get(&path).header("host", &host).body(Full::new(Bytes::new())).expect("request");
+        let ok = match sender.send_request(req).await {
+            Ok(resp) => {
+                let status = resp.status();
+                resp.into_body().collect().await.is_ok() && status.is_success()
+            }
+            Err(_) => false,
+        };
+        record(&tally, &shot, ok).await;
+    }
+}
+
+async fn h2_worker(
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    mut rx: mpsc::UnboundedReceiver<Shot>,
+    uri: http::Uri,
+    tally: Arc<Mutex<Tally>>,
+) {
+    let mut inflight = tokio::task::JoinSet::new();
+    while let Some(shot) = rx.recv().await {
+        let mut sender = sender.clone();
+        let (uri, tally) = (uri.clone(), tally.clone());
+        inflight.spawn(async move {
+            let req =
+                http::Request::get(uri).version(http::Version::HTTP_2).body(Full::new(Bytes::new())).expect("request");
+            let ok = match sender.send_request(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    resp.into_body().collect().await.is_ok() && status.is_success()
+                }
+                Err(_) => false,
+            };
+            record(&tally, &shot, ok).await;
+        });
+        while inflight.try_join_next().is_some() {}
+    }
+    while inflight.join_next().await.is_some() {}
+}
