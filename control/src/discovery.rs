@@ -31,6 +31,8 @@ pub struct DiscoveryService {
 
 struct Shared {
     store: Store,
+    /// Coalesces ACK/NACK records into batched etcd writes.
+    records: mpsc::UnboundedSender<(ProxyRecord, i64)>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     replica: String,
     lease_ttl: i64,
@@ -45,7 +47,9 @@ impl DiscoveryService {
         lease_ttl: i64,
         traces: Arc<TraceLog>,
     ) -> Self {
-        DiscoveryService { inner: Arc::new(Shared { store, snapshots, replica, lease_ttl, traces }) }
+        let (records, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_records(store.clone(), rx));
+        DiscoveryService { inner: Arc::new(Shared { store, records, snapshots, replica, lease_ttl, traces }) }
     }
 }
 
@@ -311,11 +315,11 @@ impl Session {
         self.lease = Some(lease);
     }
 
+    /// Queues the record for the batched writer: with thousands of sidecars
+    /// ACKing one update, one put each would crowd etcd.
     async fn save_record(&mut self) {
-        if let Some(lease) = self.lease
-            && let Err(e) = self.shared.store.put_proxy(&self.record, lease).await
-        {
-            tracing::warn!(error = %e, "cannot record proxy status");
+        if let Some(lease) = self.lease {
+            let _ = self.shared.records.send((self.record.clone(), lease));
         }
     }
 
@@ -328,6 +332,25 @@ impl Session {
             && let Err(e) = self.shared.store.revoke_lease(lease).await
         {
             tracing::warn!(error = %e, lease, "cannot revoke lease; the endpoint goes at lease expiry");
+        }
+    }
+}
+
+/// Writes queued proxy records every 50 ms, the latest per proxy, up to 128
+/// per transaction.
+async fn write_records(store: Store, mut rx: mpsc::UnboundedReceiver<(ProxyRecord, i64)>) {
+    while let Some(first) = rx.recv().await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut latest: HashMap<String, (ProxyRecord, i64)> = HashMap::new();
+        latest.insert(first.0.proxy_id.clone(), first);
+        while let Ok(r) = rx.try_recv() {
+            latest.insert(r.0.proxy_id.clone(), r);
+        }
+        let batch: Vec<(ProxyRecord, i64)> = latest.into_values().collect();
+        for chunk in batch.chunks(128) {
+            if let Err(e) = store.put_proxies(chunk).await {
+                tracing::warn!(error = %e, "cannot record proxy status");
+            }
         }
     }
 }

@@ -324,6 +324,35 @@ impl Store {
         self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
     }
 
+    /// Writes many proxy records in one transaction. When it fails (a lease
+    /// revoked meanwhile makes the whole transaction fail), falls back to one
+    /// put each, skipping those that fail.
+    pub async fn put_proxies(&self, recs: &[(ProxyRecord, i64)]) -> Result<()> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let ops: Vec<TxnOp> = recs
+            .iter()
+            .map(|(rec, lease)| {
+                TxnOp::put(
+                    self.key(&format!("proxies/{}", rec.proxy_id)),
+                    serde_json::to_string(rec).expect("serializable"),
+                    Some(PutOptions::new().with_lease(*lease)),
+                )
+            })
+            .collect();
+        let mut c = self.client.clone();
+        if c.txn(Txn::new().and_then(ops)).await.is_ok() {
+            return Ok(());
+        }
+        for (rec, lease) in recs {
+            if let Err(e) = self.put_proxy(rec, *lease).await {
+                tracing::debug!(proxy = %rec.proxy_id, error = %e, "proxy record not written");
+            }
+        }
+        Ok(())
+    }
+
     async fn put_leased(&self, key: String, value: String, lease: i64) -> Result<u64> {
         let mut c = self.client.clone();
         let r = c.put(key, value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| self.err(e))?;
