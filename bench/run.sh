@@ -135,30 +135,72 @@ declare -A URL=(
   [weft-2hops]="http://$OUT/"
   [weft-2hops-guarded]="http://$OUT/"
 )
+declare -A ADDR=(
+  [direct]="127.0.0.1:$BACK" [weft-1hop]="$IN" [nginx]="127.0.0.1:$NGX" [haproxy]="127.0.0.1:$HAP"
+  [weft-2hops]="$OUT" [weft-2hops-guarded]="$OUT"
+)
 declare -A HOST=([weft-2hops-guarded]=guarded)
 ORDER=(direct weft-1hop nginx haproxy weft-2hops weft-2hops-guarded)
+NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx-proxy.pid")" | head -1)
+pid_of() { pgrep -f "weft-proxy.*--id $1\$" | head -1; }
+declare -A PIDS_OF=(
+  [direct]="" [weft-1hop]="$(pid_of bench-in)" [nginx]="$NGINX_WORKER" [haproxy]="$(pgrep -f "haproxy -f $WORK/haproxy.cfg" | head -1)"
+  [weft-2hops]="$(pid_of bench-in) $(pid_of bench-out)" [weft-2hops-guarded]="$(pid_of guarded) $(pid_of bench-out)"
+)
+# CPU time (ms) used so far by the given pids.
+cpu_ms() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat") * 1000 / $(getconf CLK_TCK))); done; echo $t; }
+rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+RSS_IDLE_IN=$(rss_mb "$(pid_of bench-in)"); RSS_IDLE_OUT=$(rss_mb "$(pid_of bench-out)")
+
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) printf "%.3f", v/1000; else if (v ~ /ms$/) printf "%.3f", v+0; else if (v ~ /s$/) printf "%.3f", v*1000; }'; }
+wrk_run() { # scenario conns out-file
+  local s=$1
+  taskset -c 1 wrk -t1 -c"$2" -d"${DURATION}s" --latency -H "Host: ${HOST[$s]:-backend}" "${URL[$s]}" >"$3"
+  if grep -q Non-2xx "$3"; then echo "$s: non-2xx answers"; cat "$3"; exit 1; fi
+}
+# Closed loop, 16 connections, interleaved rounds; CPU per 1000 requests.
 for r in $(seq 1 "$ROUNDS"); do
   for s in "${ORDER[@]}"; do
-    taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Host: ${HOST[$s]:-backend}" "${URL[$s]}" >"$WORK/wrk-$s-$r.txt"
+    pids=${PIDS_OF[$s]}
+    before=$( [ -n "$pids" ] && cpu_ms $pids || echo 0)
+    wrk_run "$s" "$CONNS" "$WORK/wrk-$s-$r.txt"
+    after=$( [ -n "$pids" ] && cpu_ms $pids || echo 0)
+    total=$(awk '/requests in/ {print $1}' "$WORK/wrk-$s-$r.txt")
     rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-$s-$r.txt")
     p50=$(to_ms "$(awk '$1=="50%" {print $2}' "$WORK/wrk-$s-$r.txt")")
     p99=$(to_ms "$(awk '$1=="99%" {print $2}' "$WORK/wrk-$s-$r.txt")")
-    non2xx=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-$s-$r.txt")
-    [ -z "$non2xx" ] || { echo "$s: $non2xx non-2xx answers"; cat "$WORK/wrk-$s-$r.txt"; exit 1; }
-    echo "$s $rps $p50 $p99" >>"$WORK/results.txt"
-    echo "round $r $s: $rps req/s p50 ${p50} ms p99 ${p99} ms"
+    cpu=$(awk -v c=$((after - before)) -v n="$total" 'BEGIN { printf "%.1f", c * 1000 / n }')
+    echo "$s $rps $p50 $p99 $cpu" >>"$WORK/results.txt"
+    echo "round $r $s: $rps req/s p50 ${p50} ms p99 ${p99} ms, proxy CPU ${cpu} ms per 1000 requests"
   done
 done
+# Closed loop, 64 connections, one round.
+for s in "${ORDER[@]}"; do
+  wrk_run "$s" 64 "$WORK/wrk64-$s.txt"
+  echo "$s $(awk '/Requests\/sec/ {print $2}' "$WORK/wrk64-$s.txt")" >>"$WORK/results64.txt"
+  echo "64 connections $s: $(awk '/Requests\/sec/ {print $2}' "$WORK/wrk64-$s.txt") req/s"
+done
+RSS_LOAD_IN=$(rss_mb "$(pid_of bench-in)"); RSS_LOAD_OUT=$(rss_mb "$(pid_of bench-out)")
+# Open loop: fixed rates, latency from dispatch (weft-load).
+OPEN_ORDER=(direct weft-1hop nginx haproxy weft-2hops)
+for rate in 1000 5000; do
+  conns=$([ "$rate" = 1000 ] && echo 16 || echo 64)
+  for s in "${OPEN_ORDER[@]}"; do
+    taskset -c 1 "$BIN/weft-load" --addr "${ADDR[$s]}" --host "${HOST[$s]:-backend}" --rate "$rate" \
+      --duration "$DURATION" --warmup 1 --connections "$conns" >"$WORK/open-$s-$rate.json"
+    echo "open loop $rate/s $s: $(cat "$WORK/open-$s-$rate.json")"
+  done
+done
+
 # One bad instance of three, without and then with a resilience policy.
 flaky_run() { # name
   taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: flaky' "http://$OUT/" >"$WORK/wrk-flaky-$1.txt"
-  local total bad p50 p99
+  local total bad p50 p99 rps
   total=$(awk '/requests in/ {print $1}' "$WORK/wrk-flaky-$1.txt")
   bad=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-flaky-$1.txt"); bad=${bad:-0}
   p50=$(to_ms "$(awk '$1=="50%" {print $2}' "$WORK/wrk-flaky-$1.txt")")
   p99=$(to_ms "$(awk '$1=="99%" {print $2}' "$WORK/wrk-flaky-$1.txt")")
-  local rps; rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-flaky-$1.txt")
+  rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-flaky-$1.txt")
   echo "$1 $total $bad $rps $p50 $p99" >>"$WORK/flaky.txt"
   echo "flaky $1: $bad of $total failed, $rps req/s, p50 $p50 ms, p99 $p99 ms"
 }
@@ -179,42 +221,72 @@ POLICY
 flaky_run with-policy
 EJECTIONS=$(curl -s "http://$(addr side-out admin)/metrics" | awk '/^weft_breaker_ejections_total/ {s+=$2} END {print s+0}')
 
+# Control plane scale: simulated sidecars against a fresh control plane.
+SIM_SIZES=${BENCH_SIM:-$([ "$QUICK" = 1 ] && echo "100 1000" || echo "100 1000 10000")}
+for n in $SIM_SIZES; do
+  start sim-control-$n taskset -c 1 "$BIN/weft-control" --etcd "http://127.0.0.1:$EP" --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
+    --prefix "/weft-sim-$n"
+  wait_line "$WORK/sim-control-$n.out" listening
+  SIMC="http://$(addr sim-control-$n grpc)"
+  SIMPID=$(pgrep -f "weft-sim-$n\$" | head -1)
+  wait_http "http://$(addr sim-control-$n admin)/ready"
+  taskset -c 0 "$BIN/weft-sim" --control "$SIMC" --proxies "$n" --control-pid "$SIMPID" --timeout-secs 90 >"$WORK/sim-$n.json"
+  echo "control plane with $n simulated sidecars: $(cat "$WORK/sim-$n.json")"
+  kill "$SIMPID" 2>/dev/null || true
+done
+
 median() { sort -n | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2 }'; }
-declare -A RPS P50 P99
+declare -A RPS P50 P99 CPU RPS64
 for s in "${ORDER[@]}"; do
   RPS[$s]=$(awk -v s="$s" '$1==s {print $2}' "$WORK/results.txt" | median)
   P50[$s]=$(awk -v s="$s" '$1==s {print $3}' "$WORK/results.txt" | median)
   P99[$s]=$(awk -v s="$s" '$1==s {print $4}' "$WORK/results.txt" | median)
+  CPU[$s]=$(awk -v s="$s" '$1==s {print $5}' "$WORK/results.txt" | median)
+  RPS64[$s]=$(awk -v s="$s" '$1==s {print $2}' "$WORK/results64.txt")
 done
-rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$(pgrep -f "weft-proxy.*--id $1" | head -1)/status"; }
+jq_get() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); v=d
+for k in sys.argv[2].split('.'):
+    v = v.get(k) if isinstance(v, dict) else None
+print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "$2"; }
 {
   echo "# weft benchmarks"
   echo
-  echo "Generated by \`make bench\` ($(date -u +%Y-%m-%d), $(nproc) cores, $(uname -r)). Re-run to refresh."
+  echo "Generated by \`make bench\`$([ "$QUICK" = 1 ] && echo " (BENCH_QUICK=1)") on $(date -u +%Y-%m-%d), $(nproc) cores, $(uname -r). Re-run to refresh; the machine is shared, so compare rows of one run, not runs."
   echo
   echo "## Method"
   echo
-  echo "- HTTP/1.1, \`wrk -t1 -c$CONNS -d${DURATION}s --latency\`, $ROUNDS round(s) with the scenarios interleaved; medians of the rounds."
-  echo "- Backend: nginx \`return 200\`, one worker. Every proxy gets one worker or thread (weft-proxy: current-thread runtime), pinned to CPU 0; wrk and the backend share CPU 1."
-  echo "- nginx and HAProxy are keep-alive reverse proxies to the same backend. weft runs with its control plane and metrics on, release build."
-  echo "- Closed loop: latency includes wrk's own queueing. Open-loop (fixed-rate) figures need the load generator, not written yet."
+  echo "- Backend: nginx \`return 200\`, one worker, on CPU 1. Every proxy has one worker or thread (weft-proxy: current-thread runtime), pinned to CPU 0; load generators run on CPU 1. nginx and HAProxy are keep-alive reverse proxies to the same backend. weft runs release builds with its control plane, metrics and admin on."
+  echo "- Paths: \`direct\` (no proxy), \`weft-1hop\` (the callee's inbound sidecar), \`nginx\`, \`haproxy\`, \`weft-2hops\` (caller's outbound sidecar → callee's inbound sidecar: the mesh shape), \`weft-2hops-guarded\` (the same with a resilience policy on the route: timeout, 2 retries, breaker, retry budget)."
+  echo "- Closed loop: \`wrk -t1 -c$CONNS -d${DURATION}s\`, $ROUNDS round(s), scenarios interleaved, medians; then one \`-c64\` run each. Proxy CPU is utime+stime of the proxy processes from /proc over the \`-c$CONNS\` runs, per 1000 requests."
+  echo "- Open loop: \`weft-load\` dispatches at a fixed rate (1000/s on 16 connections, 5000/s on 64) for ${DURATION}s after 1 s of warm-up; latency runs from dispatch, including any wait behind earlier requests on the connection."
   echo
-  echo "## Throughput and latency"
+  echo "## Throughput, latency and CPU (closed loop)"
   echo
-  echo "| path | req/s | vs direct | vs HAProxy | p50 ms | p99 ms |"
-  echo "|---|---|---|---|---|---|"
+  echo "| path | req/s (-c$CONNS) | vs direct | vs HAProxy | p50 ms | p99 ms | req/s (-c64) | proxy CPU ms / 1000 req |"
+  echo "|---|---|---|---|---|---|---|---|"
   for s in "${ORDER[@]}"; do
-    awk -v s="$s" -v r="${RPS[$s]}" -v d="${RPS[direct]}" -v h="${RPS[haproxy]}" -v a="${P50[$s]}" -v b="${P99[$s]}" \
-      'BEGIN { printf "| %s | %.0f | %.2f× | %.2f× | %s | %s |\n", s, r, r/d, r/h, a, b }'
+    awk -v s="$s" -v r="${RPS[$s]}" -v d="${RPS[direct]}" -v h="${RPS[haproxy]}" -v a="${P50[$s]}" -v b="${P99[$s]}" -v r64="${RPS64[$s]}" -v c="${CPU[$s]}" \
+      'BEGIN { printf "| %s | %.0f | %.2f× | %.2f× | %s | %s | %.0f | %s |\n", s, r, r/d, r/h, a, b, r64, (s=="direct" ? "-" : c) }'
   done
   echo
-  echo "\`weft-2hops-guarded\` is the same healthy call with a resilience policy on the route (timeout, 2 retries on 5xx/connect-failure/reset, breaker, retry budget): the cost of the resilience path when nothing fails."
+  echo "Proxy CPU for the two-hop rows is both sidecars together."
   echo
-  echo "Sidecar RSS after the run: inbound $(rss bench-in) MB, outbound $(rss bench-out) MB."
+  echo "## Fixed rate (open loop)"
+  echo
+  echo "| path | 1000/s p50 ms | p99 ms | p99.9 ms | 5000/s p50 ms | p99 ms | p99.9 ms | errors |"
+  echo "|---|---|---|---|---|---|---|---|"
+  for s in "${OPEN_ORDER[@]}"; do
+    a="$WORK/open-$s-1000.json"; b="$WORK/open-$s-5000.json"
+    echo "| $s | $(jq_get "$a" p50_ms) | $(jq_get "$a" p99_ms) | $(jq_get "$a" p999_ms) | $(jq_get "$b" p50_ms) | $(jq_get "$b" p99_ms) | $(jq_get "$b" p999_ms) | $(( $(jq_get "$a" errors) + $(jq_get "$b" errors) )) |"
+  done
+  echo
+  echo "## Memory"
+  echo
+  echo "Sidecar RSS: inbound $RSS_IDLE_IN MB and outbound $RSS_IDLE_OUT MB idle (connected, config received); $RSS_LOAD_IN MB and $RSS_LOAD_OUT MB after the 64-connection runs."
   echo
   echo "## One bad instance of three"
   echo
-  echo "Service \`flaky\` has three instances behind weft sidecars; one answers every call with 503. Same wrk settings, through the caller's sidecar, one run each."
+  echo "Service \`flaky\` has three instances behind weft sidecars; one answers every call with 503. \`wrk -c$CONNS\` through the caller's sidecar, one run each."
   echo
   echo "| policy | calls | failed | success | req/s | p50 ms | p99 ms |"
   echo "|---|---|---|---|---|---|---|"
@@ -224,5 +296,16 @@ rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$(pgrep -f "weft-proxy.*--
   done <"$WORK/flaky.txt"
   echo
   echo "With the policy: retries (budget 20 % + 10/s) and a breaker (5 consecutive failures, 10 s base ejection); breaker ejections during the run: $EJECTIONS."
+  echo
+  echo "## Control plane at scale"
+  echo
+  echo "\`weft-sim\` opens N discovery streams (each a sidecar of its own small service, subscribed to \`target\`) to a fresh \`weft-control\` on CPU 1 (with etcd), plus one instance of \`target\`. Apply → update: from the start of the \`Apply\` RPC of a \`target\` route until each stream receives the update (it ACKs at once). Churn: the \`target\` instance deregisters → each stream's update without it. RSS per proxy: the control plane's RSS growth over N."
+  echo
+  echo "| sidecars | registered | in (s) | apply RPC ms | apply→update p50 ms | p99 ms | max ms | churn p50 ms | p99 ms | max ms | control RSS KB / sidecar |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  for n in $SIM_SIZES; do
+    j="$WORK/sim-$n.json"
+    echo "| $n | $(jq_get "$j" connected) | $(jq_get "$j" connect_secs) | $(jq_get "$j" apply_rpc_ms) | $(jq_get "$j" apply_to_ack.p50_ms) | $(jq_get "$j" apply_to_ack.p99_ms) | $(jq_get "$j" apply_to_ack.max_ms) | $(jq_get "$j" churn.p50_ms) | $(jq_get "$j" churn.p99_ms) | $(jq_get "$j" churn.max_ms) | $(jq_get "$j" control_kb_per_proxy) |"
+  done
 } >BENCHMARKS.md
 cat BENCHMARKS.md
