@@ -109,16 +109,13 @@ impl Outbound {
             Ok(s) => s,
             Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", &tenant, started),
         };
-        let trace_id = req
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.get(3..35))
-            .unwrap_or("")
-            .to_string();
+        // A cheap clone (shared bytes); parsed only if the call is degraded.
+        let traceparent = req.headers().get("traceparent").cloned();
         let result = self.route_and_forward(&service, &tenant, req, &mut degraded).await;
         let resp = finish(result, &degraded, grpc, "outbound", &service, &tenant, started);
         if degraded.any() {
+            let trace_id =
+                traceparent.as_ref().and_then(|v| v.to_str().ok()).and_then(|v| v.get(3..35)).unwrap_or("").to_string();
             tracing::info!(trace_id, service, tenant, reasons = %degraded.header_value(), status = resp.status().as_u16(), "degraded call");
             self.shared.report_degraded(xds_proto::v1::DegradedCall {
                 trace_id,
@@ -193,6 +190,12 @@ impl Outbound {
             None
         };
 
+        // The request head is cloned per try only when another try or a
+        // fallback may need it: a retry policy, a fallback, or tenant limits
+        // at the callee (which may shed).
+        let may_shed = !svc.tenants.is_empty();
+        let reuse = max_tries > 1 || fallback.is_some() || may_shed;
+        let mut head = Some(parts);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last: Option<Outcome> = None;
         // One extra try for a call the callee's sidecar shed: it never reached
@@ -213,7 +216,14 @@ impl Outbound {
                 break;
             };
             let Some(b) = body.take() else { break };
-            let mut attempt_req = Request::from_parts(clone_parts(&parts), b);
+            let attempt_head = match &head {
+                Some(p) if reuse => clone_parts(p),
+                _ => match head.take() {
+                    Some(p) => p,
+                    None => break,
+                },
+            };
+            let mut attempt_req = Request::from_parts(attempt_head, b);
             *attempt_req.extensions_mut() = http::Extensions::new();
             let fault = rule.and_then(|r| r.fault.as_ref()).filter(|f| f.applies(&attempt_req));
             let delay = fault.and_then(|f| f.delay).filter(|(p, _)| rand::rng().random_bool(*p)).map(|(_, d)| d);
@@ -247,7 +257,7 @@ impl Outbound {
                 None => {
                     let _guard = InFlight::endpoint(&endpoint.health);
                     let sent = Instant::now();
-                    let r = self.upstream.send(endpoint.addr, attempt_req, try_timeout).await;
+                    let r = self.upstream.send(endpoint.addr, &endpoint.authority, attempt_req, try_timeout).await;
                     endpoint.health.observe_rtt(sent.elapsed());
                     r
                 }
@@ -276,6 +286,7 @@ impl Outbound {
                 && attempt + 1 < max_tries
                 && in_time;
             let shed_retry = shed
+                && reuse
                 && !shed_retried
                 && in_time
                 && matches!(body, ReqBody::Buffered(_))
@@ -310,7 +321,9 @@ impl Outbound {
             degraded.shed = true;
             if fallback.is_some() {
                 let err = ProxyError::Upstream { addr: service.to_string(), reason: "shed by the callee".into() };
-                return self.fallback_or(fallback.as_ref(), &parts, &mut body, degraded, err).await;
+                if let Some(parts) = &head {
+                    return self.fallback_or(fallback.as_ref(), parts, &mut body, degraded, err).await;
+                }
             }
         }
         if is_failure(&last) || matches!(last, Err(ProxyError::NoEndpoints(_))) {
@@ -325,7 +338,10 @@ impl Outbound {
                         reason: format!("answered {}", resp.status()),
                     },
                 };
-                return self.fallback_or(fallback.as_ref(), &parts, &mut body, degraded, err).await;
+                if let Some(parts) = &head {
+                    return self.fallback_or(fallback.as_ref(), parts, &mut body, degraded, err).await;
+                }
+                return Err(err);
             }
         }
         last.map(|r| r.map(crate::body::stream))
@@ -369,7 +385,7 @@ impl Outbound {
                 degraded.fallback = Some(name.clone());
                 let _guard = InFlight::endpoint(&endpoint.health);
                 let timeout = rule.and_then(|r| r.timeout);
-                let resp = self.upstream.send(endpoint.addr, req, timeout).await?;
+                let resp = self.upstream.send(endpoint.addr, &endpoint.authority, req, timeout).await?;
                 Ok(resp.map(crate::body::stream))
             }
         }

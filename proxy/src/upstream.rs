@@ -53,6 +53,7 @@ impl Upstream {
     pub async fn send(
         &self,
         addr: SocketAddr,
+        authority: &Authority,
         mut req: Request<ProxyBody>,
         timeout: Option<Duration>,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -65,9 +66,9 @@ impl Upstream {
         {
             req.headers_mut().insert(header::HOST, v);
         }
-        let mut parts = req.uri().clone().into_parts();
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(Authority::try_from(addr.to_string()).expect("socket address is an authority"));
+        parts.authority = Some(authority.clone());
         if parts.path_and_query.is_none() {
             parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
@@ -99,6 +100,11 @@ impl Upstream {
             Err(e) => Err(ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(&e) }),
         }
     }
+}
+
+/// A socket address as a URI authority.
+pub fn authority(addr: SocketAddr) -> Authority {
+    Authority::try_from(addr.to_string()).expect("a socket address is an authority")
 }
 
 /// The HTTP/2 reset code, when the upstream reset the stream or connection.
