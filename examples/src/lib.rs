@@ -47,6 +47,9 @@ pub struct Mode {
     pub reset: AtomicBool,
     /// Requests received (every try counts).
     pub hits: AtomicU64,
+    /// Requests whose handling was dropped before an answer was made: the
+    /// caller went away (e.g. its sidecar timed out and cancelled).
+    pub cancelled: AtomicU64,
     /// Inference tokens reported per answer in `x-weft-usage-tokens`
     /// (a header, or a trailer on `/stream`); 0 = none.
     pub usage_tokens: AtomicU64,
@@ -81,6 +84,20 @@ impl Mode {
 /// FNV-1a, so a test can tell a body arrived byte-identical.
 pub fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+/// Counts a request whose handling is dropped before it answers.
+struct CancelWatch {
+    mode: Arc<Mode>,
+    answered: bool,
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.mode.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The error that makes the server drop the connection (a "reset").
@@ -130,6 +147,7 @@ pub async fn serve_http(listener: TcpListener, info: Info) {
                 async move {
                     let mode = &info.mode;
                     mode.hits.fetch_add(1, Ordering::Relaxed);
+                    let mut watch = CancelWatch { mode: mode.clone(), answered: false };
                     let _permit = match mode.gate.get() {
                         Some(g) => Some(g.clone().acquire_owned().await.expect("never closed")),
                         None => None,
@@ -142,9 +160,12 @@ pub async fn serve_http(listener: TcpListener, info: Info) {
                         tokio::time::sleep(Duration::from_millis(latency)).await;
                     }
                     if mode.reset.load(Ordering::Relaxed) {
+                        watch.answered = true;
                         return Err(Reset);
                     }
-                    Ok(handle(req, &info).await)
+                    let resp = handle(req, &info).await;
+                    watch.answered = true;
+                    Ok(resp)
                 }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

@@ -86,6 +86,13 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
+        Health::born_at(now_ms())
+    }
+}
+
+impl Health {
+    /// A new endpoint first seen at `born_ms` (`now_ms` clock).
+    pub fn born_at(born_ms: u64) -> Self {
         Health {
             in_flight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
@@ -94,7 +101,7 @@ impl Default for Health {
             half_open: AtomicBool::new(false),
             rtt_us: AtomicU64::new(DEFAULT_RTT_US.to_bits()),
             rtt_at_ms: AtomicU64::new(now_ms()),
-            born_ms: now_ms(),
+            born_ms,
         }
     }
 }
@@ -278,6 +285,17 @@ mod tests {
         let g = Health::default();
         g.observe_rtt(Duration::from_micros(200));
         assert!(g.cost(now_ms()) < slow);
+    }
+
+    #[test]
+    fn new_endpoints_warm_up() {
+        let now = now_ms() + 20 * WARMUP_MS;
+        let old = Health::born_at(now - 2 * WARMUP_MS);
+        let young = Health::born_at(now - WARMUP_MS / 2);
+        let newborn = Health::born_at(now);
+        let (o, y, n) = (old.cost(now), young.cost(now), newborn.cost(now));
+        assert!((n / o - 4.0).abs() < 0.01, "a new endpoint costs 4x: {n} vs {o}");
+        assert!(y > o && y < n, "{o} < {y} < {n}");
     }
 
     #[test]

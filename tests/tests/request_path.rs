@@ -203,6 +203,18 @@ async fn route_timeout_answers_504() {
     let r = get(mesh.caller.outbound, "inference", "/?sleep_ms=3000").await.unwrap();
     assert_eq!(r.0, 504, "{r:?}");
     assert_eq!(r.1["x-weft-error"], "timeout");
+    assert_eq!(r.1["x-weft-degraded"], "timeout");
+    // The timed-out request was cancelled all the way to the app.
+    let (v1, v2) = (mesh.v1.mode.clone(), mesh.v2.mode.clone());
+    harness::eventually("the app saw the request cancelled", Duration::from_secs(10), || {
+        let (v1, v2) = (v1.clone(), v2.clone());
+        async move {
+            v1.cancelled.load(std::sync::atomic::Ordering::Relaxed)
+                + v2.cancelled.load(std::sync::atomic::Ordering::Relaxed)
+                == 1
+        }
+    })
+    .await;
     let r = get(mesh.caller.outbound, "inference", "/?sleep_ms=10").await.unwrap();
     assert_eq!(r.0, 200);
 }
