@@ -107,19 +107,23 @@ wait_http "http://127.0.0.1:$BACK/"; wait_http "http://127.0.0.1:$NGX/"; wait_ht
 wait_http "http://$(addr side-in admin)/ready"; wait_http "http://$(addr side-out admin)/ready"
 for _ in $(seq 1 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: backend' "http://$OUT/")" = 200 ] && break; sleep 0.1; done
 
-"$BIN/weftctl" --control "$CONTROL" apply --wait -f - >/dev/null <<POLICY
+# The resilience policy of the guarded and flaky scenarios.
+guard() { # service
+  "$BIN/weftctl" --control "$CONTROL" apply --wait -f - >/dev/null <<POLICY
 kind: Route
-service: guarded
+service: $1
 rules:
   - backends: [ { subset: {}, weight: 1 } ]
     timeout: 2s
     retry: { attempts: 2, on: [5xx, connect-failure, reset] }
 ---
 kind: Resilience
-service: guarded
+service: $1
 circuit_breaker: { consecutive_failures: 5, base_ejection: 10s, max_ejection_percent: 50 }
 retry_budget: { ratio: 0.2, min_per_second: 10 }
 POLICY
+}
+guard guarded
 for h in flaky guarded; do
   for _ in $(seq 1 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Host: $h" "http://$OUT/")" = 200 ] && break; sleep 0.1; done
 done
@@ -205,19 +209,7 @@ flaky_run() { # name
   echo "flaky $1: $bad of $total failed, $rps req/s, p50 $p50 ms, p99 $p99 ms"
 }
 flaky_run no-policy
-"$BIN/weftctl" --control "$CONTROL" apply --wait -f - >/dev/null <<POLICY
-kind: Route
-service: flaky
-rules:
-  - backends: [ { subset: {}, weight: 1 } ]
-    timeout: 2s
-    retry: { attempts: 2, on: [5xx, connect-failure, reset] }
----
-kind: Resilience
-service: flaky
-circuit_breaker: { consecutive_failures: 5, base_ejection: 10s, max_ejection_percent: 50 }
-retry_budget: { ratio: 0.2, min_per_second: 10 }
-POLICY
+guard flaky
 flaky_run with-policy
 EJECTIONS=$(curl -s "http://$(addr side-out admin)/metrics" | awk '/^weft_breaker_ejections_total/ {s+=$2} END {print s+0}')
 

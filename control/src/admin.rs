@@ -26,6 +26,26 @@ impl AdminService {
     }
 }
 
+/// The answer to a write: one result per resource, and the services whose
+/// sidecars must hear of it (for `--wait`).
+fn apply_response(revision: u64, results: Vec<(ResourceId, Action)>) -> pb::ApplyResponse {
+    let mut services: Vec<String> = results
+        .iter()
+        .filter(|(_, a)| *a != Action::Unchanged)
+        .map(|(id, _)| id.service().unwrap_or("*").to_string())
+        .collect();
+    services.sort();
+    services.dedup();
+    pb::ApplyResponse {
+        revision,
+        results: results
+            .into_iter()
+            .map(|(id, a)| pb::ApplyResult { resource: id.to_string(), action: a.as_str().into() })
+            .collect(),
+        services,
+    }
+}
+
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Conflict { .. } => Status::aborted(e.to_string()),
@@ -74,22 +94,7 @@ impl Admin for AdminService {
             return Err(Status::invalid_argument("the same resource is given twice"));
         }
         let (revision, results) = self.store.apply(&resources).await.map_err(store_status)?;
-        let mut services: Vec<String> = Vec::new();
-        for (id, action) in &results {
-            if *action != Action::Unchanged {
-                services.push(id.service().unwrap_or("*").to_string());
-            }
-        }
-        services.sort();
-        services.dedup();
-        Ok(Response::new(pb::ApplyResponse {
-            revision,
-            results: results
-                .into_iter()
-                .map(|(id, a)| pb::ApplyResult { resource: id.to_string(), action: a.as_str().into() })
-                .collect(),
-            services,
-        }))
+        Ok(Response::new(apply_response(revision, results)))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
@@ -254,14 +259,6 @@ impl Admin for AdminService {
             )));
         }
         let (revision, results) = self.store.apply(std::slice::from_ref(&resource)).await.map_err(store_status)?;
-        let changed = results.iter().any(|(_, a)| *a != Action::Unchanged);
-        Ok(Response::new(pb::ApplyResponse {
-            revision,
-            results: results
-                .into_iter()
-                .map(|(id, a)| pb::ApplyResult { resource: id.to_string(), action: a.as_str().into() })
-                .collect(),
-            services: if changed { vec![id.service().unwrap_or("*").to_string()] } else { vec![] },
-        }))
+        Ok(Response::new(apply_response(revision, results)))
     }
 }
