@@ -267,6 +267,8 @@ impl Outbound {
             if injected.is_some() || timed_out {
                 // Not the endpoint's fault: its health is left alone.
             } else if failed {
+                // A fast failure must not make the endpoint look cheap to P2C.
+                endpoint.health.observe_rtt(FAILURE_PENALTY);
                 let share = ejected_share(&svc, now);
                 if endpoint.health.record_failure(settings, share) {
                     metrics::counter!("weft_breaker_ejections_total", "service" => service.to_string()).increment(1);
@@ -424,6 +426,10 @@ impl Outbound {
 
 /// What an instance that sheds a call counts as, latency-wise.
 const SHED_PENALTY: Duration = Duration::from_millis(50);
+
+/// What a failed try counts as, latency-wise (peak-EWMA takes it at once and
+/// lets it fade over seconds).
+const FAILURE_PENALTY: Duration = Duration::from_millis(50);
 
 /// A 429 from the callee's sidecar for a tenant limit (the app never saw it).
 fn is_callee_shed(resp: &http::Response<Incoming>) -> bool {

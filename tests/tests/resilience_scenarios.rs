@@ -69,7 +69,10 @@ async fn one_bad_endpoint_of_three_is_ejected_callers_still_succeed_and_it_is_pr
 kind: Route
 service: inference
 rules:
-  - backends: [ { subset: {}, weight: 1 } ]
+  - backends:
+      - { subset: { version: a }, weight: 1 }
+      - { subset: { version: b }, weight: 1 }
+      - { subset: { version: c }, weight: 1 }
     retry: { attempts: 2, on: [5xx, connect-failure, reset] }
 ---
 kind: Resilience
