@@ -171,16 +171,30 @@ async fn breaker_ejects_the_failing_instance_and_fallback_answers_when_nothing_i
         "kind: Route\nservice: inference\nrules:\n  - match: { path_prefix: /run }\n    backends: [ { subset: { version: v2 }, weight: 1 } ]\n    fallback: { service: inference-lite }\n  - backends: [ { subset: { version: v2 }, weight: 1 } ]\n    fallback: { status: 200, body: 'cached answer' }\n",
     )
     .await;
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let tp = format!("00-{trace}-b7ad6b7169203331-01");
     for _ in 0..5 {
-        let r = bed.call("POST", &[]).await;
+        let r = bed.call("POST", &[("traceparent", &tp)]).await;
         assert_eq!(r.0, 200, "{r:?}");
         assert_eq!(served_by(&r), "inference-lite/v1");
         assert!(degraded(&r).contains("fallback=inference-lite"), "{r:?}");
+        assert!(r.1["tracestate"].to_str().unwrap().contains("fallback:inference-lite"), "{r:?}");
     }
     let r = harness::get(bed.caller.outbound, "inference", "/other").await.unwrap();
     assert_eq!(r.0, 200);
     assert_eq!(r.2, "cached answer");
     assert!(degraded(&r).contains("fallback=static"), "{r:?}");
+
+    // The fallback calls' trace id is listed with its reasons.
+    let url = bed.control.url();
+    eventually("weftctl traces lists the fallback trace", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            let out = harness::weftctl(&url, &["traces", "--degraded", "--service", "inference"], None).await;
+            out.stdout.lines().any(|l| l.starts_with(trace) && l.contains("fallback=inference-lite"))
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
