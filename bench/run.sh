@@ -30,7 +30,7 @@ wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; s
 wait_line() { for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "timed out: $1"; exit 1; }
 addr() { grep -o "$2=[^ ]*" "$WORK/$1.out" | cut -d= -f2; }
 
-BACK=$(port); BAD=$(port); NGX=$(port); HAP=$(port); EP=$(port); PP=$(port)
+BACK=$(port); BAD=$(port); BACKH2=$(port); NGX=$(port); HAP=$(port); HAPH2=$(port); EP=$(port); PP=$(port)
 cat >"$WORK/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -42,6 +42,7 @@ http {
   keepalive_requests 1000000;
   server { listen 127.0.0.1:$BACK; location / { return 200 "ok\n"; } }
   server { listen 127.0.0.1:$BAD; location / { return 503 "broken\n"; } }
+  server { listen 127.0.0.1:$BACKH2 http2; location / { return 200 "ok\n"; } }
 }
 NGINX
 cat >"$WORK/nginx-proxy.conf" <<NGINX
@@ -75,6 +76,12 @@ frontend fe
 backend be
   http-reuse always
   server b1 127.0.0.1:$BACK
+frontend fe-h2
+  bind 127.0.0.1:$HAPH2 proto h2
+  default_backend be-h2
+backend be-h2
+  http-reuse always
+  server b2 127.0.0.1:$BACKH2 proto h2
 HAPROXY
 
 start backend taskset -c 1 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
@@ -100,8 +107,11 @@ start flaky-c taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service flak
   --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id flaky-c
 start guarded taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service guarded --app "127.0.0.1:$BACK" \
   --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id guarded
+# h2c: the same backend answering HTTP/2 with prior knowledge.
+start side-h2 taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service backend-h2 --app "127.0.0.1:$BACKH2" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id bench-h2
 wait_line "$WORK/side-in.out" listening; wait_line "$WORK/side-out.out" listening
-for s in flaky-a flaky-b flaky-c guarded; do wait_line "$WORK/$s.out" listening; done
+for s in flaky-a flaky-b flaky-c guarded side-h2; do wait_line "$WORK/$s.out" listening; done
 IN=$(addr side-in inbound); OUT=$(addr side-out outbound)
 wait_http "http://127.0.0.1:$BACK/"; wait_http "http://127.0.0.1:$NGX/"; wait_http "http://127.0.0.1:$HAP/"
 wait_http "http://$(addr side-in admin)/ready"; wait_http "http://$(addr side-out admin)/ready"
@@ -196,6 +206,23 @@ for rate in 1000 5000; do
   done
 done
 
+# h2c, open loop: many streams on a few connections, as gRPC clients do.
+H2IN=$(addr side-h2 inbound)
+for _ in $(seq 1 100); do
+  taskset -c 1 "$BIN/weft-load" --addr "$OUT" --host backend-h2 --rate 100 --duration 0.2 --warmup 0 --connections 1 --h2 \
+    | grep -q '"errors":0' && break
+  sleep 0.1
+done
+declare -A H2ADDR=([direct]="127.0.0.1:$BACKH2" [weft-1hop]="$H2IN" [haproxy]="127.0.0.1:$HAPH2" [weft-2hops]="$OUT")
+H2_ORDER=(direct weft-1hop haproxy weft-2hops)
+for rate in 1000 5000; do
+  for s in "${H2_ORDER[@]}"; do
+    taskset -c 1 "$BIN/weft-load" --addr "${H2ADDR[$s]}" --host backend-h2 --rate "$rate" --h2 \
+      --duration "$DURATION" --warmup 1 --connections 4 >"$WORK/h2-$s-$rate.json"
+    echo "h2c open loop $rate/s $s: $(cat "$WORK/h2-$s-$rate.json")"
+  done
+done
+
 # One bad instance of three, without and then with a resilience policy.
 flaky_run() { # name
   taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: flaky' "http://$OUT/" >"$WORK/wrk-flaky-$1.txt"
@@ -269,6 +296,17 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
   echo "|---|---|---|---|---|---|---|---|"
   for s in "${OPEN_ORDER[@]}"; do
     a="$WORK/open-$s-1000.json"; b="$WORK/open-$s-5000.json"
+    echo "| $s | $(jq_get "$a" p50_ms) | $(jq_get "$a" p99_ms) | $(jq_get "$a" p999_ms) | $(jq_get "$b" p50_ms) | $(jq_get "$b" p99_ms) | $(jq_get "$b" p999_ms) | $(( $(jq_get "$a" errors) + $(jq_get "$b" errors) )) |"
+  done
+  echo
+  echo "## h2c, fixed rate (open loop)"
+  echo
+  echo "\`weft-load --h2\` on 4 h2c connections (prior knowledge), the backend answering HTTP/2; HAProxy speaks h2 on both sides; weft keeps HTTP/2 end to end."
+  echo
+  echo "| path | 1000/s p50 ms | p99 ms | p99.9 ms | 5000/s p50 ms | p99 ms | p99.9 ms | errors |"
+  echo "|---|---|---|---|---|---|---|---|"
+  for s in "${H2_ORDER[@]}"; do
+    a="$WORK/h2-$s-1000.json"; b="$WORK/h2-$s-5000.json"
     echo "| $s | $(jq_get "$a" p50_ms) | $(jq_get "$a" p99_ms) | $(jq_get "$a" p999_ms) | $(jq_get "$b" p50_ms) | $(jq_get "$b" p99_ms) | $(jq_get "$b" p999_ms) | $(( $(jq_get "$a" errors) + $(jq_get "$b" errors) )) |"
   done
   echo
