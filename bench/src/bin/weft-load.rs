@@ -130,6 +130,17 @@ async fn record(tally: &Mutex<Tally>, shot: &Shot, ok: bool) {
     }
 }
 
+/// A 2xx answer whose body was read to the end.
+async fn succeeded(resp: Result<http::Response<hyper::body::Incoming>, hyper::Error>) -> bool {
+    match resp {
+        Ok(resp) => {
+            let status = resp.status();
+            resp.into_body().collect().await.is_ok() && status.is_success()
+        }
+        Err(_) => false,
+    }
+}
+
 async fn h1_worker(
     mut sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     mut rx: mpsc::UnboundedReceiver<Shot>,
@@ -140,13 +151,7 @@ async fn h1_worker(
     let path = uri.path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
     while let Some(shot) = rx.recv().await {
         let req = http::Request::get(&path).header("host", &host).body(Full::new(Bytes::new())).expect("request");
-        let ok = match sender.send_request(req).await {
-            Ok(resp) => {
-                let status = resp.status();
-                resp.into_body().collect().await.is_ok() && status.is_success()
-            }
-            Err(_) => false,
-        };
+        let ok = succeeded(sender.send_request(req).await).await;
         record(&tally, &shot, ok).await;
     }
 }
@@ -164,13 +169,7 @@ async fn h2_worker(
         inflight.spawn(async move {
             let req =
                 http::Request::get(uri).version(http::Version::HTTP_2).body(Full::new(Bytes::new())).expect("request");
-            let ok = match sender.send_request(req).await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    resp.into_body().collect().await.is_ok() && status.is_success()
-                }
-                Err(_) => false,
-            };
+            let ok = succeeded(sender.send_request(req).await).await;
             record(&tally, &shot, ok).await;
         });
         while inflight.try_join_next().is_some() {}
