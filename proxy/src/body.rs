@@ -11,6 +11,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::tenancy::{self, TenantGuard};
+use crate::upstream::PooledBody;
 
 pub type ProxyBody = Either<Tapped, Full<Bytes>>;
 pub type BoxResponse = http::Response<ProxyBody>;
@@ -19,8 +20,13 @@ pub fn full(b: impl Into<Bytes>) -> ProxyBody {
     Either::Right(Full::new(b.into()))
 }
 
-/// A streamed body passed through as is.
+/// A streamed request body passed through as is.
 pub fn stream(b: Incoming) -> ProxyBody {
+    reply(PooledBody::plain(b))
+}
+
+/// A streamed upstream response body passed through as is.
+pub fn reply(b: PooledBody) -> ProxyBody {
     Either::Left(Tapped { inner: b, guard: None, usage: None })
 }
 
@@ -28,13 +34,13 @@ pub fn stream(b: Incoming) -> ProxyBody {
 /// flight until the body ends, and adds the inference tokens reported in a
 /// `x-weft-usage-tokens` trailer to the tenant's quota.
 pub struct Tapped {
-    inner: Incoming,
+    inner: PooledBody,
     guard: Option<TenantGuard>,
     usage: Option<Arc<tenancy::State>>,
 }
 
 impl Tapped {
-    pub fn new(inner: Incoming, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
+    pub fn new(inner: PooledBody, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
         Tapped { inner, guard, usage }
     }
 }

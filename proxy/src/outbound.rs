@@ -22,7 +22,7 @@ use crate::errors::{ProxyError, is_grpc};
 use crate::resilience;
 use crate::state::Shared;
 use crate::telemetry;
-use crate::upstream::Upstream;
+use crate::upstream::{PooledBody, Upstream};
 
 /// How long a request for a service never seen before waits for discovery.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
@@ -96,7 +96,7 @@ impl ReqBody {
 }
 
 /// What one try produced.
-type Outcome = Result<http::Response<Incoming>, ProxyError>;
+type Outcome = Result<http::Response<PooledBody>, ProxyError>;
 
 impl Outbound {
     pub async fn handle(&self, mut req: Request<Incoming>) -> BoxResponse {
@@ -346,7 +346,7 @@ impl Outbound {
                 return Err(err);
             }
         }
-        last.map(|r| r.map(crate::body::stream))
+        last.map(|r| r.map(crate::body::reply))
     }
 
     /// Answers from the fallback when there is one (and the request can be
@@ -388,7 +388,7 @@ impl Outbound {
                 let _guard = InFlight::endpoint(&endpoint.health);
                 let timeout = rule.and_then(|r| r.timeout);
                 let resp = self.upstream.send(endpoint.addr, &endpoint.authority, req, timeout).await?;
-                Ok(resp.map(crate::body::stream))
+                Ok(resp.map(crate::body::reply))
             }
         }
     }
@@ -432,7 +432,7 @@ const SHED_PENALTY: Duration = Duration::from_millis(50);
 const FAILURE_PENALTY: Duration = Duration::from_millis(50);
 
 /// A 429 from the callee's sidecar for a tenant limit (the app never saw it).
-fn is_callee_shed(resp: &http::Response<Incoming>) -> bool {
+fn is_callee_shed(resp: &http::Response<PooledBody>) -> bool {
     resp.status() == http::StatusCode::TOO_MANY_REQUESTS
         && resp
             .headers()
@@ -454,7 +454,7 @@ fn is_grpc_parts(p: &http::request::Parts) -> bool {
 }
 
 /// gRPC status of a trailers-only answer, if any.
-fn grpc_status(resp: &http::Response<Incoming>) -> Option<u32> {
+fn grpc_status(resp: &http::Response<PooledBody>) -> Option<u32> {
     resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 

@@ -1,23 +1,39 @@
 //! Pooled HTTP clients to upstreams: HTTP/1.1 for HTTP/1.1 callers and h2c
 //! (prior knowledge) for HTTP/2 callers, so gRPC, streaming and trailers pass
 //! through end to end.
+//!
+//! HTTP/1.1 has its own pool, kept lean for the hot path: idle connections
+//! per address in a LIFO stack, checked out without hashing a URI, and put
+//! back by the response body itself when it ends (no task per request).
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::uri::{Authority, Scheme};
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-
-use crate::body::ProxyBody;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
 
+use crate::body::ProxyBody;
 use crate::errors::ProxyError;
 
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_IDLE_PER_ADDR: usize = 256;
+
 pub struct Upstream {
-    h1: Client<HttpConnector, ProxyBody>,
+    h1: Arc<H1Pool>,
     h2: Client<HttpConnector, ProxyBody>,
 }
 
@@ -28,22 +44,20 @@ impl Default for Upstream {
 }
 
 impl Upstream {
+    /// Must be called within a tokio runtime (it starts the idle sweeper).
     pub fn new() -> Upstream {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let h1 = Client::builder(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector.clone());
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_keepalive(Some(TCP_KEEPALIVE));
         let h2 = Client::builder(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(IDLE_TIMEOUT)
             .build(connector);
+        let h1 = Arc::new(H1Pool::default());
+        tokio::spawn(sweep(Arc::downgrade(&h1)));
         Upstream { h1, h2 }
     }
 
@@ -56,49 +70,227 @@ impl Upstream {
         authority: &Authority,
         mut req: Request<ProxyBody>,
         timeout: Option<Duration>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<PooledBody>, ProxyError> {
         let h2 = req.version() == Version::HTTP_2;
         strip_hop_by_hop(req.headers_mut());
-        if !h2
-            && !req.headers().contains_key(header::HOST)
-            && let Some(a) = req.uri().authority()
-            && let Ok(v) = HeaderValue::from_str(a.as_str())
-        {
-            req.headers_mut().insert(header::HOST, v);
-        }
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(authority.clone());
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
-        *req.uri_mut() = Uri::from_parts(parts).expect("valid uri");
-        let fut = if h2 {
-            self.h2.request(req)
-        } else {
-            *req.version_mut() = Version::HTTP_11;
-            self.h1.request(req)
-        };
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, fut).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(ProxyError::Timeout { addr: addr.to_string(), ms: t.as_millis() as u64 });
+        let fut = async {
+            if h2 {
+                let mut parts = std::mem::take(req.uri_mut()).into_parts();
+                parts.scheme = Some(Scheme::HTTP);
+                parts.authority = Some(authority.clone());
+                if parts.path_and_query.is_none() {
+                    parts.path_and_query = Some(PathAndQuery::from_static("/"));
                 }
-            },
-            None => fut.await,
+                *req.uri_mut() = Uri::from_parts(parts).expect("valid uri");
+                match self.h2.request(req).await {
+                    Ok(resp) => Ok(resp.map(PooledBody::plain)),
+                    Err(e) if e.is_connect() => {
+                        Err(ProxyError::Connect { addr: addr.to_string(), reason: error_chain(&e) })
+                    }
+                    Err(e) if let Some(reason) = h2_reset(&e) => {
+                        Err(ProxyError::Reset { addr: addr.to_string(), reason: format!("{reason:?}") })
+                    }
+                    Err(e) => Err(ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(&e) }),
+                }
+            } else {
+                if !req.headers().contains_key(header::HOST)
+                    && let Some(a) = req.uri().authority()
+                    && let Ok(v) = HeaderValue::from_str(a.as_str())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                // HTTP/1.1 to the next hop in origin form.
+                if req.uri().scheme().is_some() || req.uri().path_and_query().is_none() {
+                    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+                    *req.uri_mut() = Uri::from(pq);
+                }
+                *req.version_mut() = Version::HTTP_11;
+                self.h1.send(addr, req).await
+            }
         };
-        match result {
-            Ok(mut resp) => {
-                strip_hop_by_hop(resp.headers_mut());
-                Ok(resp)
+        let mut resp = match timeout {
+            Some(t) => match tokio::time::timeout(t, fut).await {
+                Ok(r) => r?,
+                Err(_) => return Err(ProxyError::Timeout { addr: addr.to_string(), ms: t.as_millis() as u64 }),
+            },
+            None => fut.await?,
+        };
+        strip_hop_by_hop(resp.headers_mut());
+        Ok(resp)
+    }
+}
+
+type Sender = http1::SendRequest<ProxyBody>;
+
+struct Idle {
+    tx: Sender,
+    since: Instant,
+}
+
+/// Idle HTTP/1.1 connections by address, most recently used last.
+#[derive(Default)]
+struct H1Pool {
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+}
+
+impl H1Pool {
+    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&addr)?;
+        while let Some(i) = list.pop_back() {
+            if i.since.elapsed() >= IDLE_TIMEOUT {
+                // Everything below it is older still.
+                list.clear();
+                break;
             }
-            Err(e) if e.is_connect() => Err(ProxyError::Connect { addr: addr.to_string(), reason: error_chain(&e) }),
-            Err(e) if let Some(reason) = h2_reset(&e) => {
-                Err(ProxyError::Reset { addr: addr.to_string(), reason: format!("{reason:?}") })
+            if !i.tx.is_closed() {
+                return Some(i.tx);
             }
-            Err(e) => Err(ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(&e) }),
         }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, tx: Sender) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(addr).or_default();
+        if list.len() >= MAX_IDLE_PER_ADDR {
+            list.pop_front();
+        }
+        list.push_back(Idle { tx, since: Instant::now() });
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, ProxyError> {
+        let mut req = req;
+        // A pooled connection the app has just closed hands the request back
+        // unsent; it then goes on a fresh connection.
+        while let Some(mut tx) = self.take(addr) {
+            if tx.ready().await.is_err() {
+                continue;
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(self.wrap(addr, tx, resp)),
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r,
+                    None => return Err(upstream_error(addr, e.error())),
+                },
+            }
+        }
+        let mut tx = self.connect(addr).await?;
+        match tx.send_request(req).await {
+            Ok(resp) => Ok(self.wrap(addr, tx, resp)),
+            Err(e) => Err(upstream_error(addr, &e)),
+        }
+    }
+
+    fn wrap(self: &Arc<Self>, addr: SocketAddr, tx: Sender, resp: Response<Incoming>) -> Response<PooledBody> {
+        if resp.body().is_end_stream() {
+            self.put(addr, tx);
+            return resp.map(PooledBody::plain);
+        }
+        let home = Home { pool: Arc::downgrade(self), addr, tx };
+        resp.map(|inner| PooledBody { inner, home: Some(home), ended: false })
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Sender, ProxyError> {
+        let connect_err = |reason: String| ProxyError::Connect { addr: addr.to_string(), reason };
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(connect_err(e.to_string())),
+            Err(_) => return Err(connect_err(format!("no connection within {CONNECT_TIMEOUT:?}"))),
+        };
+        let _ = stream.set_nodelay(true);
+        let _ =
+            socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+        let (tx, conn) =
+            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| connect_err(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+}
+
+fn upstream_error(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
+    ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(e) }
+}
+
+/// Closes idle connections that outlived the idle timeout, for addresses no
+/// longer called; ends with the pool.
+async fn sweep(pool: Weak<H1Pool>) {
+    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 2);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|_, list| {
+            list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && !i.tx.is_closed());
+            !list.is_empty()
+        });
+    }
+}
+
+/// Where an HTTP/1.1 connection goes back to once its response has been read.
+struct Home {
+    pool: Weak<H1Pool>,
+    addr: SocketAddr,
+    tx: Sender,
+}
+
+/// A response body from an upstream. For HTTP/1.1 it carries its
+/// connection, which goes back to the pool when the body has been read to
+/// the end; a body dropped before its end closes the connection instead.
+pub struct PooledBody {
+    inner: Incoming,
+    home: Option<Home>,
+    ended: bool,
+}
+
+impl PooledBody {
+    /// A body with no pooled connection behind it (h2, or a request body).
+    pub fn plain(inner: Incoming) -> PooledBody {
+        PooledBody { inner, home: None, ended: false }
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.take()
+            && (self.ended || self.inner.is_end_stream())
+            && let Some(pool) = home.pool.upgrade()
+        {
+            pool.put(home.addr, home.tx);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None) = r {
+            this.ended = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -149,5 +341,151 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove("proxy-connection");
     if h.get(header::TE).is_some_and(|v| v != "trailers") {
         h.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// How the test app answers on each connection.
+    #[derive(Clone, Copy)]
+    enum App {
+        /// Keep-alive, `ok` per request.
+        KeepAlive,
+        /// `Connection: close`, then closes.
+        Close,
+        /// Answers one request, then closes the idle connection unannounced.
+        DropIdle,
+        /// A 64 KiB body in chunks.
+        Large,
+    }
+
+    /// A minimal HTTP/1.1 app on a real socket; counts the connections it
+    /// accepted and signals each connection it closed.
+    async fn app(mode: App) -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let closed = closed_tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => {
+                                    let _ = closed.send(());
+                                    return;
+                                }
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.clear();
+                        let reply: Vec<u8> = match mode {
+                            App::KeepAlive | App::DropIdle => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                            App::Close => b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                            App::Large => {
+                                let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 65536\r\n\r\n".to_vec();
+                                r.extend(std::iter::repeat_n(b'x', 65536));
+                                r
+                            }
+                        };
+                        if s.write_all(&reply).await.is_err() {
+                            let _ = closed.send(());
+                            return;
+                        }
+                        if matches!(mode, App::Close | App::DropIdle) {
+                            drop(s);
+                            let _ = closed.send(());
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted, closed_rx)
+    }
+
+    async fn get(up: &Upstream, addr: SocketAddr) -> Response<PooledBody> {
+        let req = Request::builder().uri("/").header("host", "app").body(crate::body::full("")).unwrap();
+        up.send(addr, &authority(addr), req, Some(Duration::from_secs(5))).await.expect("upstream answers")
+    }
+
+    async fn get_ok(up: &Upstream, addr: SocketAddr) {
+        let resp = get(up, addr).await;
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+
+    #[tokio::test]
+    async fn sequential_calls_reuse_one_connection() {
+        let (addr, accepted, _) = app(App::KeepAlive).await;
+        let up = Upstream::new();
+        for _ in 0..20 {
+            get_ok(&up, addr).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn connection_close_is_not_reused() {
+        let (addr, accepted, _) = app(App::Close).await;
+        let up = Upstream::new();
+        for _ in 0..20 {
+            get_ok(&up, addr).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closed_by_the_app_is_replaced() {
+        let (addr, accepted, mut closed) = app(App::DropIdle).await;
+        let up = Upstream::new();
+        for i in 1..=5 {
+            get_ok(&up, addr).await;
+            // The app has closed the pooled connection before the next call.
+            tokio::time::timeout(Duration::from_secs(5), closed.recv()).await.unwrap();
+            assert_eq!(accepted.load(Ordering::SeqCst), i);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_the_connection() {
+        let (addr, accepted, _) = app(App::Large).await;
+        let up = Upstream::new();
+        // Read to the end: the connection goes back to the pool.
+        let body = get(&up, addr).await.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 65536);
+        let _ = get(&up, addr).await.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Dropped unread: the next call dials again.
+        drop(get(&up, addr).await);
+        let _ = get(&up, addr).await.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let up = Upstream::new();
+        let req = Request::builder().uri("/").body(crate::body::full("")).unwrap();
+        let err = up.send(addr, &authority(addr), req, None).await.err().expect("nothing listens");
+        assert!(matches!(err, ProxyError::Connect { .. }), "{err:?}");
     }
 }
