@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use metrics::Label;
+use std::cell::RefCell;
+
+use hashbrown::{Equivalent, HashMap};
+use metrics::{Counter, Histogram, Label};
 
 /// Status codes common enough to label without allocating.
 fn code_label(code: u16) -> Label {
@@ -24,6 +27,50 @@ fn code_label(code: u16) -> Label {
     Label::from_static_parts("code", s)
 }
 
+/// The metric handles of one label set, resolved once per thread: a request
+/// then costs a hash lookup and two atomic updates, not label allocations
+/// and a registry lookup.
+struct Handles {
+    requests: Counter,
+    duration: Histogram,
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct LabelSet {
+    direction: &'static str,
+    service: Box<str>,
+    tenant: Box<str>,
+    code: u16,
+    degraded: bool,
+}
+
+#[derive(Hash)]
+struct LabelRef<'a> {
+    direction: &'static str,
+    service: &'a str,
+    tenant: &'a str,
+    code: u16,
+    degraded: bool,
+}
+
+impl Equivalent<LabelSet> for LabelRef<'_> {
+    fn equivalent(&self, k: &LabelSet) -> bool {
+        self.direction == k.direction
+            && self.code == k.code
+            && self.degraded == k.degraded
+            && self.service == &*k.service
+            && self.tenant == &*k.tenant
+    }
+}
+
+/// Label sets cached per thread; past this the cache starts over, so a flood
+/// of distinct tenant names cannot grow it without bound.
+const CACHE_LIMIT: usize = 4096;
+
+thread_local! {
+    static HANDLES: RefCell<HashMap<LabelSet, Handles>> = RefCell::new(HashMap::new());
+}
+
 pub fn record_request(
     direction: &'static str,
     service: &str,
@@ -32,6 +79,25 @@ pub fn record_request(
     degraded: bool,
     elapsed: Duration,
 ) {
+    let key = LabelRef { direction, service, tenant, code, degraded };
+    HANDLES.with_borrow_mut(|cache| {
+        if let Some(h) = cache.get(&key) {
+            h.requests.increment(1);
+            h.duration.record(elapsed.as_secs_f64());
+            return;
+        }
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        let handles = register(direction, service, tenant, code, degraded);
+        handles.requests.increment(1);
+        handles.duration.record(elapsed.as_secs_f64());
+        let set = LabelSet { direction, service: service.into(), tenant: tenant.into(), code, degraded };
+        cache.insert(set, handles);
+    });
+}
+
+fn register(direction: &'static str, service: &str, tenant: &str, code: u16, degraded: bool) -> Handles {
     let labels = vec![
         Label::from_static_parts("direction", direction),
         Label::new("service", service.to_owned()),
@@ -39,7 +105,8 @@ pub fn record_request(
         code_label(code),
         Label::from_static_parts("degraded", if degraded { "true" } else { "false" }),
     ];
-    metrics::counter!("weft_requests_total", labels).increment(1);
+    let requests = metrics::counter!("weft_requests_total", labels);
     let labels = vec![Label::from_static_parts("direction", direction), Label::new("service", service.to_owned())];
-    metrics::histogram!("weft_request_duration_seconds", labels).record(elapsed.as_secs_f64());
+    let duration = metrics::histogram!("weft_request_duration_seconds", labels);
+    Handles { requests, duration }
 }
