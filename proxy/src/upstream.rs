@@ -208,8 +208,11 @@ impl H1Pool {
         let _ = stream.set_nodelay(true);
         let _ =
             socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
-        let (tx, conn) =
-            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| connect_err(error_chain(&e)))?;
+        let (tx, conn) = http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect_err(error_chain(&e)))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream connection ended with an error");
@@ -324,6 +327,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Removes connection-level headers, which must not be forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than a
+    // hashed lookup per hop-by-hop header.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = h.get(header::CONNECTION).cloned()
         && let Ok(list) = conn.to_str()
     {
@@ -342,6 +350,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.get(header::TE).is_some_and(|v| v != "trailers") {
         h.remove(header::TE);
     }
+}
+
+fn is_hop_by_hop(name: &header::HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 #[cfg(test)]
@@ -395,8 +413,12 @@ mod tests {
                         }
                         buf.clear();
                         let reply: Vec<u8> = match mode {
-                            App::KeepAlive | App::DropIdle => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
-                            App::Close => b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                            App::KeepAlive | App::DropIdle => {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
+                            }
+                            App::Close => {
+                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok".to_vec()
+                            }
                             App::Large => {
                                 let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 65536\r\n\r\n".to_vec();
                                 r.extend(std::iter::repeat_n(b'x', 65536));
@@ -429,6 +451,34 @@ mod tests {
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("host", "app"),
+            ("connection", "x-private, close"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("x-kept", "1"),
+        ] {
+            h.insert(header::HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "x-kept"]);
+        // `te: trailers` is end to end (gRPC needs it); so is a message with
+        // no hop-by-hop header at all.
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("app"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
     }
 
     #[tokio::test]
