@@ -131,6 +131,7 @@ where
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(1024);
+    builder.http1().writev(false);
     let builder = Arc::new(builder);
     loop {
         let stream = tokio::select! {
