@@ -329,7 +329,7 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
   echo
   echo "## Control plane at scale"
   echo
-  echo "\`weft-sim\` opens N discovery streams (each a sidecar of its own small service, subscribed to \`target\`) to a fresh \`weft-control\`, plus one instance of \`target\`. Neither is pinned: the simulator, the control plane and etcd share both cores (etcd also holds the other scenarios' state and one lease per simulated sidecar). Apply → update: from the start of the \`Apply\` RPC of a \`target\` route until each stream receives the update (it ACKs at once). Churn: the \`target\` instance deregisters → each stream's update without it. RSS per proxy: the control plane's RSS growth over N."
+  echo "\`weft-sim\` opens N discovery streams (each a sidecar of its own small service, subscribed to \`target\`) to a fresh \`weft-control\`, plus one instance of \`target\`. Neither is pinned: the simulator, the control plane and etcd share both cores (etcd also holds the other scenarios' state; each control-plane replica writes its sidecars' records under one lease). Apply → update: from the start of the \`Apply\` RPC of a \`target\` route until each stream receives the update (it ACKs at once). Churn: the \`target\` instance deregisters → each stream's update without it. RSS per proxy: the control plane's RSS growth over N."
   echo
   echo "| sidecars | registered | in (s) | apply RPC ms | apply→update p50 ms | p99 ms | max ms | churn p50 ms | p99 ms | max ms | control RSS KB / sidecar |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|"

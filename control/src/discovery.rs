@@ -1,8 +1,15 @@
 //! The discovery stream: one session per connected sidecar.
 //!
-//! A session registers the sidecar's instance under an etcd lease kept alive
-//! for as long as the stream lives, sends it the state of the services it
-//! subscribed to (and only those), and records its ACKs and NACKs in etcd.
+//! A session registers the sidecar's instance in etcd, sends it the state of
+//! the services it subscribed to (and only those), and records its ACKs and
+//! NACKs in etcd.
+//!
+//! The records are written under one lease per control-plane replica, kept
+//! alive by one stream to etcd: thousands of sidecars cost no lease grants
+//! and no keep-alive streams of their own. When a sidecar's stream ends
+//! (closed, or its HTTP/2 keep-alive pings go unanswered) the session deletes
+//! its records; when the replica dies, its lease expires and takes the
+//! records of all its sidecars with it, which reconnect to another replica.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -31,12 +38,26 @@ pub struct DiscoveryService {
 
 struct Shared {
     store: Store,
-    /// Coalesces ACK/NACK records into batched etcd writes.
-    records: mpsc::UnboundedSender<(ProxyRecord, i64)>,
+    /// Coalesces ACK/NACK records into batched etcd writes; removals go
+    /// through it too, so no record queued earlier outlives its removal.
+    records: mpsc::UnboundedSender<RecordOp>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     replica: String,
-    lease_ttl: i64,
+    /// This replica's lease; `None` while it is being granted again.
+    lease: watch::Receiver<Option<i64>>,
     traces: Arc<TraceLog>,
+}
+
+/// Work for the batched record writer.
+enum RecordOp {
+    Save(ProxyRecord, i64),
+    /// Delete a sidecar's records unless its endpoint was written after
+    /// `endpoint_rev`.
+    Remove {
+        service: String,
+        proxy_id: String,
+        endpoint_rev: u64,
+    },
 }
 
 impl DiscoveryService {
@@ -49,7 +70,9 @@ impl DiscoveryService {
     ) -> Self {
         let (records, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_records(store.clone(), rx));
-        DiscoveryService { inner: Arc::new(Shared { store, records, snapshots, replica, lease_ttl, traces }) }
+        let (lease_tx, lease) = watch::channel(None);
+        tokio::spawn(hold_lease(store.clone(), lease_ttl, lease_tx));
+        DiscoveryService { inner: Arc::new(Shared { store, records, snapshots, replica, lease, traces }) }
     }
 }
 
@@ -97,8 +120,10 @@ struct Session {
     /// What was last sent per subscribed service; `None` = sent as unknown.
     sent: HashMap<String, Option<Arc<pb::ServiceConfig>>>,
     record: ProxyRecord,
+    /// The replica lease the records were written under, once registered.
     lease: Option<i64>,
-    keepalive: Option<tokio::task::JoinHandle<()>>,
+    /// The revision of this session's last endpoint write.
+    endpoint_rev: u64,
     deregistered: bool,
 }
 
@@ -122,7 +147,7 @@ impl Session {
             sent,
             record,
             lease: None,
-            keepalive: None,
+            endpoint_rev: 0,
             deregistered: false,
         }
     }
@@ -131,6 +156,7 @@ impl Session {
         metrics::gauge!("weft_control_proxies").increment(1.0);
         tracing::info!(proxy = %self.hello.proxy_id, service = %self.hello.service, "sidecar connected");
         let mut snapshots = self.shared.snapshots.clone();
+        let mut lease = self.shared.lease.clone();
         let mut retry_register = tokio::time::interval(Duration::from_secs(1));
         retry_register.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.register().await;
@@ -160,10 +186,17 @@ impl Session {
                     Err(_) => break,
                 },
                 _ = retry_register.tick(), if self.lease.is_none() && !self.deregistered => self.register().await,
-                _ = wait_finished(&mut self.keepalive), if self.keepalive.is_some() => {
-                    tracing::warn!(proxy = %self.hello.proxy_id, "lease keep-alive stopped; registering again");
-                    self.keepalive = None;
-                    self.lease = None;
+                r = lease.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    // The replica's lease was lost and granted again: the
+                    // records went with the old one.
+                    let current = *lease.borrow_and_update();
+                    if self.lease.is_some() && self.lease != current {
+                        self.lease = None;
+                        self.register().await;
+                    }
                 }
             }
         }
@@ -207,10 +240,11 @@ impl Session {
             Msg::Readiness(r) => {
                 if r.ready != self.ready {
                     self.ready = r.ready;
-                    if let Some(lease) = self.lease
-                        && let Err(e) = self.shared.store.put_endpoint(&self.endpoint_record(), lease).await
-                    {
-                        tracing::warn!(error = %e, "cannot record readiness");
+                    if let Some(lease) = self.lease {
+                        match self.shared.store.put_endpoint(&self.endpoint_record(), lease).await {
+                            Ok(rev) => self.endpoint_rev = rev,
+                            Err(e) => tracing::warn!(error = %e, "cannot record readiness"),
+                        }
                     }
                 }
             }
@@ -287,64 +321,98 @@ impl Session {
         if self.deregistered {
             return;
         }
+        let Some(lease) = *self.shared.lease.borrow() else { return };
         let store = &self.shared.store;
-        let lease = match store.grant_lease(self.shared.lease_ttl).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "cannot register; will retry");
-                return;
-            }
-        };
         self.record.subscriptions = self.sorted_subscriptions();
         let put = async {
-            store.put_endpoint(&self.endpoint_record(), lease).await?;
-            store.put_proxy(&self.record, lease).await
+            let rev = store.put_endpoint(&self.endpoint_record(), lease).await?;
+            store.put_proxy(&self.record, lease).await?;
+            Ok::<_, crate::store::StoreError>(rev)
         };
-        if let Err(e) = put.await {
-            tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "cannot register; will retry");
-            let _ = store.revoke_lease(lease).await;
-            return;
-        }
-        let ka_store = store.clone();
-        let ttl = self.shared.lease_ttl;
-        self.keepalive = Some(tokio::spawn(async move {
-            if let Err(e) = ka_store.keep_alive(lease, ttl).await {
-                tracing::warn!(error = %e, lease, "lease keep-alive failed");
+        match put.await {
+            Ok(rev) => {
+                self.endpoint_rev = rev;
+                self.lease = Some(lease);
             }
-        }));
-        self.lease = Some(lease);
+            Err(e) => tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "cannot register; will retry"),
+        }
     }
 
     /// Queues the record for the batched writer: with thousands of sidecars
     /// ACKing one update, one put each would crowd etcd.
     async fn save_record(&mut self) {
         if let Some(lease) = self.lease {
-            let _ = self.shared.records.send((self.record.clone(), lease));
+            let _ = self.shared.records.send(RecordOp::Save(self.record.clone(), lease));
         }
     }
 
-    /// Removes the instance now (both its keys go with the lease).
+    /// Removes the instance's records (through the writer, after any record
+    /// it still has queued).
     async fn unregister(&mut self) {
-        if let Some(ka) = self.keepalive.take() {
-            ka.abort();
-        }
-        if let Some(lease) = self.lease.take()
-            && let Err(e) = self.shared.store.revoke_lease(lease).await
-        {
-            tracing::warn!(error = %e, lease, "cannot revoke lease; the endpoint goes at lease expiry");
+        if self.lease.take().is_some() {
+            let _ = self.shared.records.send(RecordOp::Remove {
+                service: self.hello.service.clone(),
+                proxy_id: self.hello.proxy_id.clone(),
+                endpoint_rev: self.endpoint_rev,
+            });
         }
     }
 }
 
+/// Grants this replica's lease and keeps it alive; grants a new one when
+/// etcd says it is gone (e.g. etcd was unreachable for longer than the TTL).
+async fn hold_lease(store: Store, ttl: i64, lease: watch::Sender<Option<i64>>) {
+    loop {
+        let id = match store.grant_lease(ttl).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot grant the replica lease; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if lease.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        metrics::counter!("weft_control_lease_grants_total").increment(1);
+        lease.send_replace(Some(id));
+        // A broken keep-alive stream is opened again on the same lease for
+        // as long as etcd still has it.
+        loop {
+            match store.keep_alive(id, ttl).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, lease = id, "replica lease keep-alive interrupted");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            if lease.is_closed() {
+                return;
+            }
+        }
+        tracing::warn!(lease = id, "replica lease expired; granting a new one");
+        lease.send_replace(None);
+    }
+}
+
 /// Writes queued proxy records every 50 ms, the latest per proxy, up to 128
-/// per transaction.
-async fn write_records(store: Store, mut rx: mpsc::UnboundedReceiver<(ProxyRecord, i64)>) {
+/// per transaction; then the queued removals.
+async fn write_records(store: Store, mut rx: mpsc::UnboundedReceiver<RecordOp>) {
     while let Some(first) = rx.recv().await {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut latest: HashMap<String, (ProxyRecord, i64)> = HashMap::new();
-        latest.insert(first.0.proxy_id.clone(), first);
-        while let Ok(r) = rx.try_recv() {
-            latest.insert(r.0.proxy_id.clone(), r);
+        let mut removals = Vec::new();
+        let mut op = Some(first);
+        while let Some(o) = op.take().or_else(|| rx.try_recv().ok()) {
+            match o {
+                RecordOp::Save(rec, lease) => {
+                    latest.insert(rec.proxy_id.clone(), (rec, lease));
+                }
+                RecordOp::Remove { service, proxy_id, endpoint_rev } => {
+                    latest.remove(&proxy_id);
+                    removals.push((service, proxy_id, endpoint_rev));
+                }
+            }
         }
         let batch: Vec<(ProxyRecord, i64)> = latest.into_values().collect();
         for chunk in batch.chunks(128) {
@@ -352,14 +420,14 @@ async fn write_records(store: Store, mut rx: mpsc::UnboundedReceiver<(ProxyRecor
                 tracing::warn!(error = %e, "cannot record proxy status");
             }
         }
-    }
-}
-
-async fn wait_finished(handle: &mut Option<tokio::task::JoinHandle<()>>) {
-    match handle {
-        Some(h) => {
-            let _ = h.await;
+        for (service, proxy_id, rev) in removals {
+            match store.remove_instance(&service, &proxy_id, rev).await {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!(proxy = %proxy_id, "registered again since; records kept"),
+                Err(e) => {
+                    tracing::warn!(proxy = %proxy_id, error = %e, "cannot remove records; they go with the replica lease")
+                }
+            }
         }
-        None => std::future::pending().await,
     }
 }

@@ -66,9 +66,13 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    // A sidecar that vanishes without closing its stream is noticed by
+    // unanswered pings within two thirds of the lease TTL; its records are
+    // then deleted.
+    let ping = std::time::Duration::from_millis((config.lease_ttl_secs as u64 * 1000 / 3).max(1000));
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+        .http2_keepalive_interval(Some(ping))
+        .http2_keepalive_timeout(Some(ping))
         .add_service(DiscoveryServer::with_interceptor(discovery, crate::auth::interceptor(config.tokens.clone())))
         .add_service(AdminServer::with_interceptor(admin_api, crate::auth::interceptor(config.tokens.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop)

@@ -24,6 +24,8 @@ pub enum StoreError {
     },
     #[error("{resource} was changed by someone else during this apply; apply again")]
     Conflict { resource: String },
+    #[error("etcd closed the keep-alive stream of lease {lease:x}")]
+    KeepAliveClosed { lease: i64 },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -298,7 +300,8 @@ impl Store {
     }
 
     /// Keeps a lease alive until the returned future is dropped or etcd says
-    /// the lease is gone. Returns when the lease can no longer be kept.
+    /// the lease is gone: `Ok(())` means gone; an error means the keep-alive
+    /// stream broke and the lease may still be there.
     pub async fn keep_alive(&self, lease: i64, ttl_secs: i64) -> Result<()> {
         let mut c = self.client.clone();
         let (mut keeper, mut responses) = c.lease_keep_alive(lease).await.map_err(|e| self.err(e))?;
@@ -307,13 +310,15 @@ impl Store {
             keeper.keep_alive().await.map_err(|e| self.err(e))?;
             match responses.message().await.map_err(|e| self.err(e))? {
                 Some(r) if r.ttl() > 0 => {}
-                _ => return Ok(()),
+                Some(_) => return Ok(()),
+                None => return Err(StoreError::KeepAliveClosed { lease }),
             }
             tokio::time::sleep(period).await;
         }
     }
 
     /// Writes a proxy's endpoint record under its lease.
+    /// Returns the revision of the write.
     pub async fn put_endpoint(&self, rec: &EndpointRecord, lease: i64) -> Result<u64> {
         let key = self.key(&format!("endpoints/{}/{}", rec.service, rec.proxy_id));
         self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
@@ -351,6 +356,19 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Deletes a sidecar's endpoint and proxy records, unless the endpoint
+    /// was written since `endpoint_rev` (the sidecar has registered again,
+    /// through this replica or another). Returns whether they were deleted.
+    pub async fn remove_instance(&self, service: &str, proxy_id: &str, endpoint_rev: u64) -> Result<bool> {
+        let endpoint = self.key(&format!("endpoints/{service}/{proxy_id}"));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(endpoint.clone(), CompareOp::Equal, endpoint_rev as i64)])
+            .and_then([TxnOp::delete(endpoint, None), TxnOp::delete(self.key(&format!("proxies/{proxy_id}")), None)]);
+        let mut c = self.client.clone();
+        let r = c.txn(txn).await.map_err(|e| self.err(e))?;
+        Ok(r.succeeded())
     }
 
     async fn put_leased(&self, key: String, value: String, lease: i64) -> Result<u64> {

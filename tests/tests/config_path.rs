@@ -86,6 +86,81 @@ async fn killed_sidecar_leaves_endpoints_and_pools_within_lease_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lease_per_replica_and_a_frozen_sidecar_leaves_endpoints_until_it_wakes() {
+    let ttl = 2;
+    let mesh = Mesh::start(ttl).await;
+    let url = mesh.control_url();
+    // All three sidecars' records hang on the replica's one lease.
+    let mut etcd = mesh.etcd.client().await;
+    let opts = etcd_client::GetOptions::new().with_prefix();
+    let kvs = etcd.get("/weft/endpoints/", Some(opts)).await.unwrap();
+    let leases: std::collections::BTreeSet<i64> = kvs.kvs().iter().map(|kv| kv.lease()).collect();
+    assert_eq!(kvs.kvs().len(), 3, "{kvs:?}");
+    assert_eq!(leases.len(), 1, "one lease for all endpoints: {leases:?}");
+    assert_ne!(leases.first(), Some(&0), "the endpoints are leased");
+    assert_eq!(etcd.leases().await.unwrap().leases().len(), 1);
+
+    // A frozen sidecar keeps its TCP connection open; its stream is caught
+    // by unanswered HTTP/2 pings and its records deleted.
+    let pid = mesh.inf_v2.pid();
+    let frozen_at = Instant::now();
+    signal(pid, "STOP");
+    eventually("weftctl endpoints drops the frozen sidecar", Duration::from_secs(ttl as u64 + 6), || {
+        let url = url.clone();
+        async move {
+            let out = weftctl(&url, &["endpoints", "inference"], None).await;
+            out.code == 0 && !out.stdout.contains("inference-v2") && out.stdout.contains("inference-v1")
+        }
+    })
+    .await;
+    let caller = &mesh.caller;
+    eventually("the caller's pool drops it", Duration::from_secs(5), || async move {
+        caller.endpoint_addrs("inference").await.len() == 1
+    })
+    .await;
+    println!("frozen sidecar's endpoint gone after {:?}", frozen_at.elapsed());
+    all_served_by(&mesh, 10, "inference/v1").await;
+
+    signal(pid, "CONT");
+    eventually("the woken sidecar registers again", Duration::from_secs(20), || async move {
+        caller.endpoint_addrs("inference").await.len() == 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_sidecar_spares_a_newer_registration_of_it() {
+    use weft_control::store::{EndpointRecord, ProxyRecord, Store};
+    let etcd = Etcd::start().await;
+    let store = Store::connect(&[etcd.url()], "/weft").await.unwrap();
+    let lease = store.grant_lease(30).await.unwrap();
+    let ep = EndpointRecord {
+        schema: 1,
+        proxy_id: "p1".into(),
+        service: "inference".into(),
+        address: "127.0.0.1:1".into(),
+        labels: Default::default(),
+        ready: true,
+    };
+    let proxy = ProxyRecord { schema: 1, proxy_id: "p1".into(), service: "inference".into(), ..Default::default() };
+    let old = store.put_endpoint(&ep, lease).await.unwrap();
+    store.put_proxy(&proxy, lease).await.unwrap();
+    // The sidecar registered again (a new session) before the old one's
+    // removal ran: the removal leaves both records alone.
+    let new = store.put_endpoint(&ep, lease).await.unwrap();
+    assert!(new > old);
+    assert!(!store.remove_instance("inference", "p1", old).await.unwrap());
+    let mut etcd_client = etcd.client().await;
+    let count = |c: etcd_client::GetResponse| c.kvs().len();
+    assert_eq!(count(etcd_client.get("/weft/endpoints/inference/p1", None).await.unwrap()), 1);
+    assert_eq!(count(etcd_client.get("/weft/proxies/p1", None).await.unwrap()), 1);
+    // The current session's removal deletes both.
+    assert!(store.remove_instance("inference", "p1", new).await.unwrap());
+    assert_eq!(count(etcd_client.get("/weft/endpoints/inference/p1", None).await.unwrap()), 0);
+    assert_eq!(count(etcd_client.get("/weft/proxies/p1", None).await.unwrap()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_control_plane_down_traffic_flows_and_proxies_resync_after_restart() {
     let mut mesh = Mesh::start(10).await;
     apply(&mesh.control_url(), ALL_V1).await;
