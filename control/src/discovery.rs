@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use xds_proto::v1 as pb;
@@ -50,6 +50,9 @@ struct Shared {
 
 /// Work for the batched record writer.
 enum RecordOp {
+    /// Write both records of a newly connected sidecar; the reply is the
+    /// revision of the endpoint's write.
+    Register(EndpointRecord, ProxyRecord, i64, oneshot::Sender<crate::store::Result<u64>>),
     Save(ProxyRecord, i64),
     /// Delete a sidecar's records unless its endpoint was written after
     /// `endpoint_rev`.
@@ -322,19 +325,18 @@ impl Session {
             return;
         }
         let Some(lease) = *self.shared.lease.borrow() else { return };
-        let store = &self.shared.store;
         self.record.subscriptions = self.sorted_subscriptions();
-        let put = async {
-            let rev = store.put_endpoint(&self.endpoint_record(), lease).await?;
-            store.put_proxy(&self.record, lease).await?;
-            Ok::<_, crate::store::StoreError>(rev)
-        };
-        match put.await {
-            Ok(rev) => {
+        // Through the batched writer: thousands of sidecars connecting at
+        // once (a replica restart) become a few hundred transactions.
+        let (done, written) = oneshot::channel();
+        let _ = self.shared.records.send(RecordOp::Register(self.endpoint_record(), self.record.clone(), lease, done));
+        match written.await {
+            Ok(Ok(rev)) => {
                 self.endpoint_rev = rev;
                 self.lease = Some(lease);
             }
-            Err(e) => tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "cannot register; will retry"),
+            Ok(Err(e)) => tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "cannot register; will retry"),
+            Err(_) => tracing::warn!(proxy = %self.hello.proxy_id, "record writer gone; will retry"),
         }
     }
 
@@ -395,16 +397,24 @@ async fn hold_lease(store: Store, ttl: i64, lease: watch::Sender<Option<i64>>) {
     }
 }
 
-/// Writes queued proxy records every 50 ms, the latest per proxy, up to 128
-/// per transaction; then the queued removals.
+/// Writes what was queued in the last 20 ms (or while the previous batch
+/// was written): registrations, 64 per transaction; then the latest proxy
+/// record of each sidecar, 128 per transaction; then removals, 32 per
+/// transaction.
 async fn write_records(store: Store, mut rx: mpsc::UnboundedReceiver<RecordOp>) {
     while let Some(first) = rx.recv().await {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut registrations = Vec::new();
+        let mut replies = Vec::new();
         let mut latest: HashMap<String, (ProxyRecord, i64)> = HashMap::new();
         let mut removals = Vec::new();
         let mut op = Some(first);
         while let Some(o) = op.take().or_else(|| rx.try_recv().ok()) {
             match o {
+                RecordOp::Register(ep, proxy, lease, done) => {
+                    registrations.push((ep, proxy, lease));
+                    replies.push(done);
+                }
                 RecordOp::Save(rec, lease) => {
                     latest.insert(rec.proxy_id.clone(), (rec, lease));
                 }
@@ -414,19 +424,23 @@ async fn write_records(store: Store, mut rx: mpsc::UnboundedReceiver<RecordOp>) 
                 }
             }
         }
+        let mut replies = replies.into_iter();
+        for chunk in registrations.chunks(64) {
+            for result in store.register_many(chunk).await {
+                if let Some(done) = replies.next() {
+                    let _ = done.send(result);
+                }
+            }
+        }
         let batch: Vec<(ProxyRecord, i64)> = latest.into_values().collect();
         for chunk in batch.chunks(128) {
             if let Err(e) = store.put_proxies(chunk).await {
                 tracing::warn!(error = %e, "cannot record proxy status");
             }
         }
-        for (service, proxy_id, rev) in removals {
-            match store.remove_instance(&service, &proxy_id, rev).await {
-                Ok(true) => {}
-                Ok(false) => tracing::debug!(proxy = %proxy_id, "registered again since; records kept"),
-                Err(e) => {
-                    tracing::warn!(proxy = %proxy_id, error = %e, "cannot remove records; they go with the replica lease")
-                }
+        for chunk in removals.chunks(32) {
+            if let Err(e) = store.remove_many(chunk).await {
+                tracing::warn!(error = %e, "cannot remove sidecar records; they go with the replica lease");
             }
         }
     }

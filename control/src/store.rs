@@ -358,17 +358,74 @@ impl Store {
         Ok(())
     }
 
+    /// Registers sidecars: each one's endpoint and proxy records, in one
+    /// transaction for up to 64 of them. Returns, per sidecar, the revision
+    /// its endpoint was written at. When the transaction fails (a lease gone
+    /// meanwhile, or one sidecar twice), each is written on its own.
+    pub async fn register_many(&self, regs: &[(EndpointRecord, ProxyRecord, i64)]) -> Vec<Result<u64>> {
+        let ops: Vec<TxnOp> = regs
+            .iter()
+            .flat_map(|(ep, proxy, lease)| {
+                let opts = || Some(PutOptions::new().with_lease(*lease));
+                [
+                    TxnOp::put(self.endpoint_key(ep), serde_json::to_string(ep).expect("serializable"), opts()),
+                    TxnOp::put(self.proxy_key(proxy), serde_json::to_string(proxy).expect("serializable"), opts()),
+                ]
+            })
+            .collect();
+        let mut c = self.client.clone();
+        if let Ok(r) = c.txn(Txn::new().and_then(ops)).await {
+            let rev = r.header().map(|h| h.revision() as u64).unwrap_or(0);
+            return regs.iter().map(|_| Ok(rev)).collect();
+        }
+        let mut out = Vec::with_capacity(regs.len());
+        for (ep, proxy, lease) in regs {
+            let one = async {
+                let rev = self.put_endpoint(ep, *lease).await?;
+                self.put_proxy(proxy, *lease).await?;
+                Ok(rev)
+            };
+            out.push(one.await);
+        }
+        out
+    }
+
     /// Deletes a sidecar's endpoint and proxy records, unless the endpoint
     /// was written since `endpoint_rev` (the sidecar has registered again,
     /// through this replica or another). Returns whether they were deleted.
     pub async fn remove_instance(&self, service: &str, proxy_id: &str, endpoint_rev: u64) -> Result<bool> {
-        let endpoint = self.key(&format!("endpoints/{service}/{proxy_id}"));
-        let txn = Txn::new()
-            .when([Compare::mod_revision(endpoint.clone(), CompareOp::Equal, endpoint_rev as i64)])
-            .and_then([TxnOp::delete(endpoint, None), TxnOp::delete(self.key(&format!("proxies/{proxy_id}")), None)]);
         let mut c = self.client.clone();
-        let r = c.txn(txn).await.map_err(|e| self.err(e))?;
+        let r = c.txn(self.removal(service, proxy_id, endpoint_rev)).await.map_err(|e| self.err(e))?;
         Ok(r.succeeded())
+    }
+
+    /// [`Store::remove_instance`] for many sidecars, up to 32 per
+    /// transaction (each removal a nested transaction with its own guard).
+    pub async fn remove_many(&self, removals: &[(String, String, u64)]) -> Result<()> {
+        let ops: Vec<TxnOp> = removals.iter().map(|(s, p, rev)| TxnOp::txn(self.removal(s, p, *rev))).collect();
+        let mut c = self.client.clone();
+        if c.txn(Txn::new().and_then(ops)).await.is_ok() {
+            return Ok(());
+        }
+        for (service, proxy_id, rev) in removals {
+            self.remove_instance(service, proxy_id, *rev).await?;
+        }
+        Ok(())
+    }
+
+    fn removal(&self, service: &str, proxy_id: &str, endpoint_rev: u64) -> Txn {
+        let endpoint = self.key(&format!("endpoints/{service}/{proxy_id}"));
+        Txn::new()
+            .when([Compare::mod_revision(endpoint.clone(), CompareOp::Equal, endpoint_rev as i64)])
+            .and_then([TxnOp::delete(endpoint, None), TxnOp::delete(self.key(&format!("proxies/{proxy_id}")), None)])
+    }
+
+    fn endpoint_key(&self, rec: &EndpointRecord) -> String {
+        self.key(&format!("endpoints/{}/{}", rec.service, rec.proxy_id))
+    }
+
+    fn proxy_key(&self, rec: &ProxyRecord) -> String {
+        self.key(&format!("proxies/{}", rec.proxy_id))
     }
 
     async fn put_leased(&self, key: String, value: String, lease: i64) -> Result<u64> {
