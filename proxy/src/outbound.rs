@@ -110,7 +110,7 @@ impl Outbound {
             Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", &tenant, started),
         };
         // A cheap clone (shared bytes); parsed only if the call is degraded.
-        let traceparent = req.headers().get("traceparent").cloned();
+        let traceparent = req.headers().get(&TRACEPARENT).cloned();
         let result = self.route_and_forward(&service, &tenant, req, &mut degraded).await;
         let resp = finish(result, &degraded, grpc, "outbound", &service, &tenant, started);
         if degraded.any() {
@@ -175,15 +175,14 @@ impl Outbound {
         let _svc_guard = if settings.max_concurrent > 0 {
             if svc.stats.in_flight.load(Ordering::Relaxed) >= settings.max_concurrent {
                 degraded.shed = true;
-                return self
-                    .fallback_or(
-                        fallback.as_ref(),
-                        &parts,
-                        &mut body,
-                        degraded,
-                        ProxyError::Overloaded(service.to_string()),
-                    )
-                    .await;
+                return Box::pin(self.fallback_or(
+                    fallback.as_ref(),
+                    &parts,
+                    &mut body,
+                    degraded,
+                    ProxyError::Overloaded(service.to_string()),
+                ))
+                .await;
             }
             Some(InFlight::new(&svc.stats.in_flight))
         } else {
@@ -258,7 +257,8 @@ impl Outbound {
                     let _guard = InFlight::endpoint(&endpoint.health);
                     let sent = Instant::now();
                     let r = self.upstream.send(endpoint.addr, &endpoint.authority, attempt_req, try_timeout).await;
-                    endpoint.health.observe_rtt(sent.elapsed());
+                    let done = Instant::now();
+                    endpoint.health.observe_rtt_at(done - sent, resilience::ms_at(done));
                     r
                 }
             };
@@ -324,7 +324,7 @@ impl Outbound {
             if fallback.is_some() {
                 let err = ProxyError::Upstream { addr: service.to_string(), reason: "shed by the callee".into() };
                 if let Some(parts) = &head {
-                    return self.fallback_or(fallback.as_ref(), parts, &mut body, degraded, err).await;
+                    return Box::pin(self.fallback_or(fallback.as_ref(), parts, &mut body, degraded, err)).await;
                 }
             }
         }
@@ -341,7 +341,7 @@ impl Outbound {
                     },
                 };
                 if let Some(parts) = &head {
-                    return self.fallback_or(fallback.as_ref(), parts, &mut body, degraded, err).await;
+                    return Box::pin(self.fallback_or(fallback.as_ref(), parts, &mut body, degraded, err)).await;
                 }
                 return Err(err);
             }
@@ -403,6 +403,13 @@ impl Outbound {
         if let Some(s) = self.shared.table.load().services.get(service) {
             return Ok(s.clone());
         }
+        // Boxed: the wait is rare and would otherwise enlarge every call's
+        // future.
+        Box::pin(self.discover(service)).await
+    }
+
+    /// Subscribes to a service not in the table yet and waits for it.
+    async fn discover(&self, service: &str) -> Result<Arc<Service>, ProxyError> {
         let mut changed = self.shared.table_changed.subscribe();
         if !self.shared.subscribe(service) {
             return Err(ProxyError::TooManyServices(service.to_string()));
@@ -584,14 +591,27 @@ pub fn service_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
 
 /// Starts a W3C trace when the caller did not.
 fn ensure_traceparent<B>(req: &mut Request<B>) {
-    if req.headers().contains_key("traceparent") {
+    if req.headers().contains_key(&TRACEPARENT) {
         return;
     }
     let mut rng = rand::rng();
     let trace: u128 = rng.random::<u128>() | 1;
     let span: u64 = rng.random::<u64>() | 1;
-    let v = format!("00-{trace:032x}-{span:016x}-01");
-    req.headers_mut().insert("traceparent", HeaderValue::from_str(&v).expect("hex is a valid header"));
+    // `00-<32 hex>-<16 hex>-01`, written in place.
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    hex_into(&mut v[3..35], trace);
+    hex_into(&mut v[36..52], u128::from(span));
+    req.headers_mut().insert(&TRACEPARENT, HeaderValue::from_bytes(&v).expect("hex is a valid header"));
+}
+
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
+/// Writes the low `out.len()` hex digits of `n` into `out`.
+fn hex_into(out: &mut [u8], mut n: u128) {
+    for b in out.iter_mut().rev() {
+        *b = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
 }
 
 /// Records the outcome and turns it into the response, marking a degraded
@@ -642,6 +662,27 @@ mod tests {
             b = b.header("host", h);
         }
         b.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_missing_traceparent_is_generated_and_a_present_one_kept() {
+        let mut r = req("/x", Some("a"));
+        ensure_traceparent(&mut r);
+        let v = r.headers()["traceparent"].to_str().unwrap().to_string();
+        let parts: Vec<&str> = v.split('-').collect();
+        assert_eq!(parts.len(), 4, "{v}");
+        assert_eq!((parts[0], parts[3]), ("00", "01"));
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{v}");
+        assert!(parts[1..3].iter().all(|p| p.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())));
+        assert!(parts[1].ends_with(['1', '3', '5', '7', '9', 'b', 'd', 'f']), "trace id is never zero: {v}");
+        let mut again = req("/x", Some("a"));
+        ensure_traceparent(&mut again);
+        assert_ne!(again.headers()["traceparent"], v.as_str());
+        ensure_traceparent(&mut r);
+        assert_eq!(r.headers()["traceparent"], v.as_str());
+        let mut buf = [0u8; 4];
+        hex_into(&mut buf, 0xbeef);
+        assert_eq!(&buf, b"beef");
     }
 
     #[test]

@@ -12,8 +12,13 @@ use xds_proto::v1 as pb;
 
 /// Milliseconds since the process started: the clock of ejection deadlines.
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] of an instant already read.
+pub fn ms_at(t: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    t.saturating_duration_since(*START.get_or_init(Instant::now)).as_millis() as u64 + 1
 }
 
 /// A service's resilience settings; zero values switch a feature off.
@@ -117,7 +122,12 @@ impl Health {
     /// Records the time to response head of one request (peak-EWMA: a
     /// slower answer is taken at once, a faster one blends in over time).
     pub fn observe_rtt(&self, rtt: Duration) {
-        let now = now_ms();
+        self.observe_rtt_at(rtt, now_ms());
+    }
+
+    /// [`Health::observe_rtt`] with the clock already read (`now` from
+    /// [`ms_at`]).
+    pub fn observe_rtt_at(&self, rtt: Duration, now: u64) {
         let sample = rtt.as_secs_f64() * 1e6;
         let old = self.decayed_rtt(now);
         let elapsed = now.saturating_sub(self.rtt_at_ms.swap(now, Ordering::Relaxed)) as f64;

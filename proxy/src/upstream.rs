@@ -9,9 +9,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -108,10 +109,16 @@ impl Upstream {
                 self.h1.send(addr, req).await
             }
         };
+        // Pinned where it is rather than moved into a `Timeout`, which would
+        // double the size of every call's future.
+        tokio::pin!(fut);
         let mut resp = match timeout {
-            Some(t) => match tokio::time::timeout(t, fut).await {
-                Ok(r) => r?,
-                Err(_) => return Err(ProxyError::Timeout { addr: addr.to_string(), ms: t.as_millis() as u64 }),
+            Some(t) => tokio::select! {
+                biased;
+                r = &mut fut => r?,
+                _ = tokio::time::sleep(t) => {
+                    return Err(ProxyError::Timeout { addr: addr.to_string(), ms: t.as_millis() as u64 });
+                }
             },
             None => fut.await?,
         };
@@ -124,25 +131,28 @@ type Sender = http1::SendRequest<ProxyBody>;
 
 struct Idle {
     tx: Sender,
-    since: Instant,
+    /// The sweep tick it went idle at.
+    since: u64,
 }
 
-/// Idle HTTP/1.1 connections by address, most recently used last.
+/// Idle HTTP/1.1 connections by address, most recently used last. Idle time
+/// is counted in sweep ticks, so the hot path never reads the clock.
 #[derive(Default)]
 struct H1Pool {
     idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    tick: AtomicU64,
 }
+
+/// How often idle connections are swept; one idles for at most
+/// `IDLE_TIMEOUT` plus one tick.
+const SWEEP: Duration = Duration::from_secs(5);
+const IDLE_TICKS: u64 = IDLE_TIMEOUT.as_secs() / SWEEP.as_secs();
 
 impl H1Pool {
     fn take(&self, addr: SocketAddr) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop_back() {
-            if i.since.elapsed() >= IDLE_TIMEOUT {
-                // Everything below it is older still.
-                list.clear();
-                break;
-            }
             if !i.tx.is_closed() {
                 return Some(i.tx);
             }
@@ -159,15 +169,14 @@ impl H1Pool {
         if list.len() >= MAX_IDLE_PER_ADDR {
             list.pop_front();
         }
-        list.push_back(Idle { tx, since: Instant::now() });
+        list.push_back(Idle { tx, since: self.tick.load(Ordering::Relaxed) });
     }
 
     async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        let mut req = req;
         // A pooled connection the app has just closed hands the request back
         // unsent; it then goes on a fresh connection.
         while let Some(mut tx) = self.take(addr) {
@@ -182,7 +191,9 @@ impl H1Pool {
                 },
             }
         }
-        let mut tx = self.connect(addr).await?;
+        // Boxed: dialling is rare, and its state would otherwise make every
+        // request's future (moved on each call) larger.
+        let mut tx = Box::pin(self.connect(addr)).await?;
         match tx.send_request(req).await {
             Ok(resp) => Ok(self.wrap(addr, tx, resp)),
             Err(e) => Err(upstream_error(addr, &e)),
@@ -226,16 +237,17 @@ fn upstream_error(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
     ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(e) }
 }
 
-/// Closes idle connections that outlived the idle timeout, for addresses no
-/// longer called; ends with the pool.
+/// Every tick, closes idle connections that outlived the idle timeout or
+/// that the app has closed; ends with the pool.
 async fn sweep(pool: Weak<H1Pool>) {
-    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 2);
+    let mut tick = tokio::time::interval(SWEEP);
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
+        let now = pool.tick.fetch_add(1, Ordering::Relaxed) + 1;
         let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|_, list| {
-            list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && !i.tx.is_closed());
+            list.retain(|i| now - i.since <= IDLE_TICKS && !i.tx.is_closed());
             !list.is_empty()
         });
     }
