@@ -5,6 +5,7 @@
 //! HTTP/1.1 has its own pool, kept lean for the hot path: idle connections
 //! per address in a LIFO stack, checked out without hashing a URI, and put
 //! back by the response body itself when it ends (no task per request).
+//! h2c has one multiplexed connection per address.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -19,10 +20,8 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
@@ -32,10 +31,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_IDLE_PER_ADDR: usize = 256;
+const H2_PING: Duration = Duration::from_secs(20);
 
 pub struct Upstream {
     h1: Arc<H1Pool>,
-    h2: Client<HttpConnector, ProxyBody>,
+    h2: Arc<H2Pool>,
 }
 
 impl Default for Upstream {
@@ -47,18 +47,9 @@ impl Default for Upstream {
 impl Upstream {
     /// Must be called within a tokio runtime (it starts the idle sweeper).
     pub fn new() -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_keepalive(Some(TCP_KEEPALIVE));
-        let h2 = Client::builder(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .build(connector);
         let h1 = Arc::new(H1Pool::default());
-        tokio::spawn(sweep(Arc::downgrade(&h1)));
+        let h2 = Arc::new(H2Pool::default());
+        tokio::spawn(sweep(Arc::downgrade(&h1), Arc::downgrade(&h2)));
         Upstream { h1, h2 }
     }
 
@@ -83,16 +74,7 @@ impl Upstream {
                     parts.path_and_query = Some(PathAndQuery::from_static("/"));
                 }
                 *req.uri_mut() = Uri::from_parts(parts).expect("valid uri");
-                match self.h2.request(req).await {
-                    Ok(resp) => Ok(resp.map(PooledBody::plain)),
-                    Err(e) if e.is_connect() => {
-                        Err(ProxyError::Connect { addr: addr.to_string(), reason: error_chain(&e) })
-                    }
-                    Err(e) if let Some(reason) = h2_reset(&e) => {
-                        Err(ProxyError::Reset { addr: addr.to_string(), reason: format!("{reason:?}") })
-                    }
-                    Err(e) => Err(ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(&e) }),
-                }
+                self.h2.send(addr, req).await
             } else {
                 if !req.headers().contains_key(header::HOST)
                     && let Some(a) = req.uri().authority()
@@ -210,20 +192,12 @@ impl H1Pool {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Sender, ProxyError> {
-        let connect_err = |reason: String| ProxyError::Connect { addr: addr.to_string(), reason };
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(connect_err(e.to_string())),
-            Err(_) => return Err(connect_err(format!("no connection within {CONNECT_TIMEOUT:?}"))),
-        };
-        let _ = stream.set_nodelay(true);
-        let _ =
-            socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+        let stream = dial(addr).await?;
         let (tx, conn) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| connect_err(error_chain(&e)))?;
+            .map_err(|e| ProxyError::Connect { addr: addr.to_string(), reason: error_chain(&e) })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream connection ended with an error");
@@ -233,23 +207,104 @@ impl H1Pool {
     }
 }
 
+/// A TCP connection to an upstream: no Nagle delay, TCP keep-alive on.
+async fn dial(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
+    let connect_err = |reason: String| ProxyError::Connect { addr: addr.to_string(), reason };
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(connect_err(e.to_string())),
+        Err(_) => return Err(connect_err(format!("no connection within {CONNECT_TIMEOUT:?}"))),
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+    Ok(stream)
+}
+
 fn upstream_error(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
-    ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(e) }
+    match h2_reset(e) {
+        Some(reason) => ProxyError::Reset { addr: addr.to_string(), reason: format!("{reason:?}") },
+        None => ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(e) },
+    }
+}
+
+type H2Sender = http2::SendRequest<ProxyBody>;
+
+/// One multiplexed h2c connection per address, shared by all calls to it;
+/// dropped when closed or unused for the idle timeout.
+#[derive(Default)]
+struct H2Pool {
+    conns: Mutex<HashMap<SocketAddr, (H2Sender, u64)>>,
+    tick: AtomicU64,
+}
+
+impl H2Pool {
+    async fn send(&self, addr: SocketAddr, mut req: Request<ProxyBody>) -> Result<Response<PooledBody>, ProxyError> {
+        let shared = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            match conns.get_mut(&addr) {
+                Some((tx, used)) if !tx.is_closed() => {
+                    *used = self.tick.load(Ordering::Relaxed);
+                    Some(tx.clone())
+                }
+                _ => None,
+            }
+        };
+        // A connection going away (GOAWAY) hands back the requests it did
+        // not take; they go on a new one.
+        if let Some(mut tx) = shared {
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(PooledBody::plain)),
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r,
+                    None => return Err(upstream_error(addr, e.error())),
+                },
+            }
+        }
+        let mut tx = Box::pin(self.connect(addr)).await?;
+        match tx.send_request(req).await {
+            Ok(resp) => Ok(resp.map(PooledBody::plain)),
+            Err(e) => Err(upstream_error(addr, &e)),
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<H2Sender, ProxyError> {
+        let stream = dial(addr).await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Connect { addr: addr.to_string(), reason: error_chain(&e) })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream h2 connection ended with an error");
+            }
+        });
+        // Calls racing to dial the same address each get a connection; the
+        // last one stays shared, the others close once their call ends.
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.insert(addr, (tx.clone(), self.tick.load(Ordering::Relaxed)));
+        Ok(tx)
+    }
 }
 
 /// Every tick, closes idle connections that outlived the idle timeout or
-/// that the app has closed; ends with the pool.
-async fn sweep(pool: Weak<H1Pool>) {
+/// that the app has closed; ends with the pools.
+async fn sweep(h1: Weak<H1Pool>, h2: Weak<H2Pool>) {
     let mut tick = tokio::time::interval(SWEEP);
     loop {
         tick.tick().await;
-        let Some(pool) = pool.upgrade() else { return };
-        let now = pool.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|_, list| {
+        let (Some(h1), Some(h2)) = (h1.upgrade(), h2.upgrade()) else { return };
+        let now = h1.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        h1.idle.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, list| {
             list.retain(|i| now - i.since <= IDLE_TICKS && !i.tx.is_closed());
             !list.is_empty()
         });
+        let now = h2.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        h2.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (tx, used)| now - *used <= IDLE_TICKS && !tx.is_closed());
     }
 }
 
@@ -538,6 +593,88 @@ mod tests {
         drop(get(&up, addr).await);
         let _ = get(&up, addr).await.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An h2c app on a real socket; counts its connections. With
+    /// `one_call`, each connection serves one call and then goes away
+    /// (GOAWAY).
+    async fn h2_app(one_call: bool) -> (SocketAddr, Arc<AtomicUsize>, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let closed = closed_tx.clone();
+                let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let _ = done_tx.send(());
+                    async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
+                    }
+                });
+                tokio::spawn(async move {
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc);
+                    tokio::pin!(conn);
+                    if one_call {
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            _ = done_rx.recv() => {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = conn.as_mut().await;
+                            }
+                        }
+                        let _ = closed.send(());
+                        return;
+                    }
+                    let _ = conn.await;
+                });
+            }
+        });
+        (addr, accepted, closed_rx)
+    }
+
+    async fn h2_get_ok(up: &Upstream, addr: SocketAddr) {
+        let req = Request::builder().version(Version::HTTP_2).uri("/").body(crate::body::full("")).unwrap();
+        let resp = up.send(addr, &authority(addr), req, Some(Duration::from_secs(5))).await.expect("h2 answer");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
+    }
+
+    #[tokio::test]
+    async fn h2_calls_share_one_connection() {
+        let (addr, accepted, _) = h2_app(false).await;
+        let up = Arc::new(Upstream::new());
+        h2_get_ok(&up, addr).await;
+        for _ in 0..10 {
+            h2_get_ok(&up, addr).await;
+        }
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let up = up.clone();
+                tokio::spawn(async move { h2_get_ok(&up, addr).await })
+            })
+            .collect();
+        for c in calls {
+            c.await.unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_h2_connection_that_goes_away_is_replaced() {
+        let (addr, accepted, mut closed) = h2_app(true).await;
+        let up = Upstream::new();
+        for i in 1..=5 {
+            h2_get_ok(&up, addr).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), i);
+            // The app has closed that connection before the next call.
+            tokio::time::timeout(Duration::from_secs(5), closed.recv()).await.unwrap();
+        }
     }
 
     #[tokio::test]
