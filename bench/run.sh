@@ -197,12 +197,17 @@ done
 RSS_LOAD_IN=$(rss_mb "$(pid_of bench-in)"); RSS_LOAD_OUT=$(rss_mb "$(pid_of bench-out)")
 # Open loop: fixed rates, latency from dispatch (weft-load).
 OPEN_ORDER=(direct weft-1hop nginx haproxy weft-2hops)
-for rate in 1000 5000; do
-  conns=$([ "$rate" = 1000 ] && echo 16 || echo 64)
-  for s in "${OPEN_ORDER[@]}"; do
-    taskset -c 1 "$BIN/weft-load" --addr "${ADDR[$s]}" --host "${HOST[$s]:-backend}" --rate "$rate" \
-      --duration "$DURATION" --warmup 1 --connections "$conns" >"$WORK/open-$s-$rate.json"
-    echo "open loop $rate/s $s: $(cat "$WORK/open-$s-$rate.json")"
+# Interleaved rounds, like the closed loop: one run per scenario is at the
+# mercy of whatever else the shared machine does in those seconds.
+OPEN_DURATION=${BENCH_OPEN_DURATION:-$([ "$QUICK" = 1 ] && echo 3 || echo 5)}
+for r in $(seq 1 "$ROUNDS"); do
+  for rate in 1000 5000; do
+    conns=$([ "$rate" = 1000 ] && echo 16 || echo 64)
+    for s in "${OPEN_ORDER[@]}"; do
+      taskset -c 1 "$BIN/weft-load" --addr "${ADDR[$s]}" --host "${HOST[$s]:-backend}" --rate "$rate" \
+        --duration "$OPEN_DURATION" --warmup 1 --connections "$conns" >"$WORK/open-$s-$rate-$r.json"
+      echo "round $r open loop $rate/s $s: $(cat "$WORK/open-$s-$rate-$r.json")"
+    done
   done
 done
 
@@ -263,6 +268,13 @@ for s in "${ORDER[@]}"; do
   CPU[$s]=$(awk -v s="$s" '$1==s {print $5}' "$WORK/results.txt" | median)
   RPS64[$s]=$(awk -v s="$s" '$1==s {print $2}' "$WORK/results64.txt")
 done
+# Median over the rounds of one open-loop figure (errors: the sum).
+open_med() { # scenario rate key
+  python3 -c "import json,glob,statistics,sys; s,r,k=sys.argv[1:4]
+v=[json.load(open(f))[k] for f in sorted(glob.glob(f'$WORK/open-{s}-{r}-*.json'))]
+print(sum(v) if k=='errors' else f'{statistics.median(v):.3f}')" "$1" "$2" "$3"
+}
+open_add() { awk -v a="$(open_med "$1" 1000 "$2")" -v d="$(open_med direct 1000 "$2")" 'BEGIN { printf "%.3f", a-d }'; }
 jq_get() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); v=d
 for k in sys.argv[2].split('.'):
     v = v.get(k) if isinstance(v, dict) else None
@@ -277,7 +289,7 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
   echo "- Backend: nginx \`return 200\`, one worker, on CPU 1. Every proxy has one worker or thread (weft-proxy: current-thread runtime), pinned to CPU 0; load generators run on CPU 1. nginx and HAProxy are keep-alive reverse proxies to the same backend. weft runs release builds with its control plane, metrics and admin on."
   echo "- Paths: \`direct\` (no proxy), \`weft-1hop\` (the callee's inbound sidecar), \`nginx\`, \`haproxy\`, \`weft-2hops\` (caller's outbound sidecar → callee's inbound sidecar: the mesh shape), \`weft-2hops-guarded\` (the same with a resilience policy on the route: timeout, 2 retries, breaker, retry budget)."
   echo "- Closed loop: \`wrk -t1 -c$CONNS -d${DURATION}s\`, $ROUNDS round(s), scenarios interleaved, medians; then one \`-c64\` run each. Proxy CPU is utime+stime of the proxy processes from /proc over the \`-c$CONNS\` runs, per 1000 requests."
-  echo "- Open loop: \`weft-load\` dispatches at a fixed rate (1000/s on 16 connections, 5000/s on 64) for ${DURATION}s after 1 s of warm-up; latency runs from dispatch, including any wait behind earlier requests on the connection."
+  echo "- Open loop: \`weft-load\` dispatches at a fixed rate (1000/s on 16 connections, 5000/s on 64) for ${OPEN_DURATION}s after 1 s of warm-up, $ROUNDS round(s), scenarios interleaved, medians; latency runs from dispatch, including any wait behind earlier requests on the connection."
   echo
   echo "## Throughput, latency and CPU (closed loop)"
   echo
@@ -295,9 +307,10 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
   echo "| path | 1000/s p50 ms | p99 ms | p99.9 ms | 5000/s p50 ms | p99 ms | p99.9 ms | errors |"
   echo "|---|---|---|---|---|---|---|---|"
   for s in "${OPEN_ORDER[@]}"; do
-    a="$WORK/open-$s-1000.json"; b="$WORK/open-$s-5000.json"
-    echo "| $s | $(jq_get "$a" p50_ms) | $(jq_get "$a" p99_ms) | $(jq_get "$a" p999_ms) | $(jq_get "$b" p50_ms) | $(jq_get "$b" p99_ms) | $(jq_get "$b" p999_ms) | $(( $(jq_get "$a" errors) + $(jq_get "$b" errors) )) |"
+    echo "| $s | $(open_med "$s" 1000 p50_ms) | $(open_med "$s" 1000 p99_ms) | $(open_med "$s" 1000 p999_ms) | $(open_med "$s" 5000 p50_ms) | $(open_med "$s" 5000 p99_ms) | $(open_med "$s" 5000 p999_ms) | $(( $(open_med "$s" 1000 errors) + $(open_med "$s" 5000 errors) )) |"
   done
+  echo
+  echo "Added to \`direct\` at 1000/s (medians above): weft-1hop p50 +$(open_add weft-1hop p50_ms) ms, p99 +$(open_add weft-1hop p99_ms) ms; haproxy p50 +$(open_add haproxy p50_ms) ms, p99 +$(open_add haproxy p99_ms) ms; nginx p50 +$(open_add nginx p50_ms) ms, p99 +$(open_add nginx p99_ms) ms; weft-2hops (two sidecars) p50 +$(open_add weft-2hops p50_ms) ms, p99 +$(open_add weft-2hops p99_ms) ms."
   echo
   echo "## h2c, fixed rate (open loop)"
   echo
