@@ -69,7 +69,11 @@ impl Upstream {
             if h2 {
                 let mut parts = std::mem::take(req.uri_mut()).into_parts();
                 parts.scheme = Some(Scheme::HTTP);
-                parts.authority = Some(authority.clone());
+                // The caller's :authority (the service name) goes through
+                // unchanged, as Host does on HTTP/1.1.
+                if parts.authority.is_none() {
+                    parts.authority = Some(authority.clone());
+                }
                 if parts.path_and_query.is_none() {
                     parts.path_and_query = Some(PathAndQuery::from_static("/"));
                 }
@@ -610,10 +614,13 @@ mod tests {
                 count.fetch_add(1, Ordering::SeqCst);
                 let closed = closed_tx.clone();
                 let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let _ = done_tx.send(());
-                    async {
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
+                    let seen = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+                    async move {
+                        let mut resp = Response::new(http_body_util::Full::new(Bytes::from("ok")));
+                        resp.headers_mut().insert("x-authority", HeaderValue::from_str(&seen).unwrap());
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
                 tokio::spawn(async move {
@@ -663,6 +670,20 @@ mod tests {
             c.await.unwrap();
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn h2_keeps_the_callers_authority() {
+        let (addr, _, _) = h2_app(false).await;
+        let up = Upstream::new();
+        let call = |uri: &'static str| {
+            Request::builder().version(Version::HTTP_2).uri(uri).body(crate::body::full("")).unwrap()
+        };
+        let resp = up.send(addr, &authority(addr), call("http://inference:8080/x"), None).await.unwrap();
+        assert_eq!(resp.headers()["x-authority"], "inference:8080");
+        // Without one, the dialled address stands in.
+        let resp = up.send(addr, &authority(addr), call("/x"), None).await.unwrap();
+        assert_eq!(resp.headers()["x-authority"], addr.to_string().as_str());
     }
 
     #[tokio::test]
