@@ -5,6 +5,7 @@
 #   nginx        wrk -> nginx reverse proxy -> backend
 #   haproxy      wrk -> HAProxy -> backend
 #   weft-2hops   wrk -> weft-proxy (outbound) -> weft-proxy (inbound) -> backend
+#   haproxy-2hops wrk -> HAProxy -> HAProxy -> backend (two separate processes)
 # The backend is nginx answering `return 200` (one worker). Each proxy gets one
 # worker/thread, pinned to CPU 0; wrk and the backend share CPU 1. Scenarios
 # are interleaved over ROUNDS rounds and the medians reported, since the
@@ -30,7 +31,7 @@ wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; s
 wait_line() { for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "timed out: $1"; exit 1; }
 addr() { grep -o "$2=[^ ]*" "$WORK/$1.out" | cut -d= -f2; }
 
-BACK=$(port); BAD=$(port); BACKH2=$(port); NGX=$(port); HAP=$(port); HAPH2=$(port); EP=$(port); PP=$(port)
+BACK=$(port); BAD=$(port); BACKH2=$(port); NGX=$(port); HAP=$(port); HAP2=$(port); HAPH2=$(port); EP=$(port); PP=$(port)
 cat >"$WORK/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -87,6 +88,24 @@ HAPROXY
 start backend taskset -c 1 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 start nginx-proxy taskset -c 0 nginx -c "$WORK/nginx-proxy.conf" -e "$WORK/nginx-proxy-error.log"
 start haproxy taskset -c 0 haproxy -f "$WORK/haproxy.cfg"
+# A second HAProxy in front of the first: two proxy hops, like two sidecars.
+cat >"$WORK/haproxy2.cfg" <<HAPROXY
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:$HAP2
+  default_backend be
+backend be
+  http-reuse always
+  server h1 127.0.0.1:$HAP
+HAPROXY
+start haproxy2 taskset -c 0 haproxy -f "$WORK/haproxy2.cfg"
 start etcd taskset -c 1 etcd --data-dir "$WORK/etcd" --listen-client-urls "http://127.0.0.1:$EP" \
   --advertise-client-urls "http://127.0.0.1:$EP" --listen-peer-urls "http://127.0.0.1:$PP" \
   --initial-advertise-peer-urls "http://127.0.0.1:$PP" --initial-cluster "default=http://127.0.0.1:$PP" --log-level warn
@@ -113,7 +132,7 @@ start side-h2 taskset -c 0 "$BIN/weft-proxy" --control "$CONTROL" --service back
 wait_line "$WORK/side-in.out" listening; wait_line "$WORK/side-out.out" listening
 for s in flaky-a flaky-b flaky-c guarded side-h2; do wait_line "$WORK/$s.out" listening; done
 IN=$(addr side-in inbound); OUT=$(addr side-out outbound)
-wait_http "http://127.0.0.1:$BACK/"; wait_http "http://127.0.0.1:$NGX/"; wait_http "http://127.0.0.1:$HAP/"
+wait_http "http://127.0.0.1:$BACK/"; wait_http "http://127.0.0.1:$NGX/"; wait_http "http://127.0.0.1:$HAP/"; wait_http "http://127.0.0.1:$HAP2/"
 wait_http "http://$(addr side-in admin)/ready"; wait_http "http://$(addr side-out admin)/ready"
 for _ in $(seq 1 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: backend' "http://$OUT/")" = 200 ] && break; sleep 0.1; done
 
@@ -148,18 +167,20 @@ declare -A URL=(
   [haproxy]="http://127.0.0.1:$HAP/"
   [weft-2hops]="http://$OUT/"
   [weft-2hops-guarded]="http://$OUT/"
+  [haproxy-2hops]="http://127.0.0.1:$HAP2/"
 )
 declare -A ADDR=(
   [direct]="127.0.0.1:$BACK" [weft-1hop]="$IN" [nginx]="127.0.0.1:$NGX" [haproxy]="127.0.0.1:$HAP"
-  [weft-2hops]="$OUT" [weft-2hops-guarded]="$OUT"
+  [weft-2hops]="$OUT" [weft-2hops-guarded]="$OUT" [haproxy-2hops]="127.0.0.1:$HAP2"
 )
 declare -A HOST=([weft-2hops-guarded]=guarded)
-ORDER=(direct weft-1hop nginx haproxy weft-2hops weft-2hops-guarded)
+ORDER=(direct weft-1hop nginx haproxy weft-2hops weft-2hops-guarded haproxy-2hops)
 NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx-proxy.pid")" | head -1)
 pid_of() { pgrep -f "weft-proxy.*--id $1\$" | head -1; }
 declare -A PIDS_OF=(
   [direct]="" [weft-1hop]="$(pid_of bench-in)" [nginx]="$NGINX_WORKER" [haproxy]="$(pgrep -f "haproxy -f $WORK/haproxy.cfg" | head -1)"
   [weft-2hops]="$(pid_of bench-in) $(pid_of bench-out)" [weft-2hops-guarded]="$(pid_of guarded) $(pid_of bench-out)"
+  [haproxy-2hops]="$(pgrep -f "haproxy -f $WORK/haproxy.cfg" | head -1) $(pgrep -f "haproxy -f $WORK/haproxy2.cfg" | head -1)"
 )
 # CPU time (ms) used so far by the given pids.
 cpu_ms() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat") * 1000 / $(getconf CLK_TCK))); done; echo $t; }
@@ -196,7 +217,7 @@ for s in "${ORDER[@]}"; do
 done
 RSS_LOAD_IN=$(rss_mb "$(pid_of bench-in)"); RSS_LOAD_OUT=$(rss_mb "$(pid_of bench-out)")
 # Open loop: fixed rates, latency from dispatch (weft-load).
-OPEN_ORDER=(direct weft-1hop nginx haproxy weft-2hops)
+OPEN_ORDER=(direct weft-1hop nginx haproxy weft-2hops haproxy-2hops)
 # Interleaved rounds, like the closed loop: one run per scenario is at the
 # mercy of whatever else the shared machine does in those seconds.
 OPEN_DURATION=${BENCH_OPEN_DURATION:-$([ "$QUICK" = 1 ] && echo 3 || echo 5)}
@@ -287,7 +308,7 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
   echo "## Method"
   echo
   echo "- Backend: nginx \`return 200\`, one worker, on CPU 1. Every proxy has one worker or thread (weft-proxy: current-thread runtime), pinned to CPU 0; load generators run on CPU 1. nginx and HAProxy are keep-alive reverse proxies to the same backend. weft runs release builds with its control plane, metrics and admin on."
-  echo "- Paths: \`direct\` (no proxy), \`weft-1hop\` (the callee's inbound sidecar), \`nginx\`, \`haproxy\`, \`weft-2hops\` (caller's outbound sidecar → callee's inbound sidecar: the mesh shape), \`weft-2hops-guarded\` (the same with a resilience policy on the route: timeout, 2 retries, breaker, retry budget)."
+  echo "- Paths: \`direct\` (no proxy), \`weft-1hop\` (the callee's inbound sidecar), \`nginx\`, \`haproxy\`, \`weft-2hops\` (caller's outbound sidecar → callee's inbound sidecar: the mesh shape), \`weft-2hops-guarded\` (the same with a resilience policy on the route: timeout, 2 retries, breaker, retry budget), \`haproxy-2hops\` (two HAProxy processes in a row: the same shape with the reference proxy)."
   echo "- Closed loop: \`wrk -t1 -c$CONNS -d${DURATION}s\`, $ROUNDS round(s), scenarios interleaved, medians; then one \`-c64\` run each. Proxy CPU is utime+stime of the proxy processes from /proc over the \`-c$CONNS\` runs, per 1000 requests."
   echo "- Open loop: \`weft-load\` dispatches at a fixed rate (1000/s on 16 connections, 5000/s on 64) for ${OPEN_DURATION}s after 1 s of warm-up, $ROUNDS round(s), scenarios interleaved, medians; latency runs from dispatch, including any wait behind earlier requests on the connection."
   echo
@@ -300,7 +321,7 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
       'BEGIN { printf "| %s | %.0f | %.2f× | %.2f× | %s | %s | %.0f | %s |\n", s, r, r/d, r/h, a, b, r64, (s=="direct" ? "-" : c) }'
   done
   echo
-  echo "Proxy CPU for the two-hop rows is both sidecars together."
+  echo "Proxy CPU for the two-hop rows is both proxies together."
   echo
   echo "## Fixed rate (open loop)"
   echo
@@ -310,7 +331,7 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
     echo "| $s | $(open_med "$s" 1000 p50_ms) | $(open_med "$s" 1000 p99_ms) | $(open_med "$s" 1000 p999_ms) | $(open_med "$s" 5000 p50_ms) | $(open_med "$s" 5000 p99_ms) | $(open_med "$s" 5000 p999_ms) | $(( $(open_med "$s" 1000 errors) + $(open_med "$s" 5000 errors) )) |"
   done
   echo
-  echo "Added to \`direct\` at 1000/s (medians above): weft-1hop p50 +$(open_add weft-1hop p50_ms) ms, p99 +$(open_add weft-1hop p99_ms) ms; haproxy p50 +$(open_add haproxy p50_ms) ms, p99 +$(open_add haproxy p99_ms) ms; nginx p50 +$(open_add nginx p50_ms) ms, p99 +$(open_add nginx p99_ms) ms; weft-2hops (two sidecars) p50 +$(open_add weft-2hops p50_ms) ms, p99 +$(open_add weft-2hops p99_ms) ms."
+  echo "Added to \`direct\` at 1000/s (medians above): weft-1hop p50 +$(open_add weft-1hop p50_ms) ms, p99 +$(open_add weft-1hop p99_ms) ms; haproxy p50 +$(open_add haproxy p50_ms) ms, p99 +$(open_add haproxy p99_ms) ms; nginx p50 +$(open_add nginx p50_ms) ms, p99 +$(open_add nginx p99_ms) ms; weft-2hops (two sidecars) p50 +$(open_add weft-2hops p50_ms) ms, p99 +$(open_add weft-2hops p99_ms) ms; haproxy-2hops p50 +$(open_add haproxy-2hops p50_ms) ms, p99 +$(open_add haproxy-2hops p99_ms) ms."
   echo
   echo "## h2c, fixed rate (open loop)"
   echo
