@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
 QUICK=${BENCH_QUICK:-0}
-DURATION=${BENCH_DURATION:-$([ "$QUICK" = 1 ] && echo 3 || echo 8)}
+DURATION=${BENCH_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 8)}
 ROUNDS=${BENCH_ROUNDS:-$([ "$QUICK" = 1 ] && echo 1 || echo 3)}
 CONNS=${BENCH_CONNS:-16}
 WORK=$(mktemp -d -t weft-bench.XXXXXX)
@@ -220,7 +220,7 @@ RSS_LOAD_IN=$(rss_mb "$(pid_of bench-in)"); RSS_LOAD_OUT=$(rss_mb "$(pid_of benc
 OPEN_ORDER=(direct weft-1hop nginx haproxy weft-2hops haproxy-2hops)
 # Interleaved rounds, like the closed loop: one run per scenario is at the
 # mercy of whatever else the shared machine does in those seconds.
-OPEN_DURATION=${BENCH_OPEN_DURATION:-$([ "$QUICK" = 1 ] && echo 3 || echo 5)}
+OPEN_DURATION=${BENCH_OPEN_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 5)}
 for r in $(seq 1 "$ROUNDS"); do
   for rate in 1000 5000; do
     conns=$([ "$rate" = 1000 ] && echo 16 || echo 64)
