@@ -193,9 +193,12 @@ wrk_run() { # scenario conns out-file
   taskset -c 1 wrk -t1 -c"$2" -d"${DURATION}s" --latency -H "Host: ${HOST[$s]:-backend}" "${URL[$s]}" >"$3"
   if grep -q Non-2xx "$3"; then echo "$s: non-2xx answers"; cat "$3"; exit 1; fi
 }
+# Each round starts one scenario later, so no path always runs right after
+# the same other one.
+rotate() { local r=$1; shift; local a=("$@") n=$#; for i in $(seq 0 $((n - 1))); do echo "${a[$(((i + r - 1) % n))]}"; done; }
 # Closed loop, 16 connections, interleaved rounds; CPU per 1000 requests.
 for r in $(seq 1 "$ROUNDS"); do
-  for s in "${ORDER[@]}"; do
+  for s in $(rotate "$r" "${ORDER[@]}"); do
     pids=${PIDS_OF[$s]}
     before=$( [ -n "$pids" ] && cpu_ms $pids || echo 0)
     wrk_run "$s" "$CONNS" "$WORK/wrk-$s-$r.txt"
@@ -224,7 +227,7 @@ OPEN_DURATION=${BENCH_OPEN_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 5)}
 for r in $(seq 1 "$ROUNDS"); do
   for rate in 1000 5000; do
     conns=$([ "$rate" = 1000 ] && echo 16 || echo 64)
-    for s in "${OPEN_ORDER[@]}"; do
+    for s in $(rotate "$r" "${OPEN_ORDER[@]}"); do
       taskset -c 1 "$BIN/weft-load" --addr "${ADDR[$s]}" --host "${HOST[$s]:-backend}" --rate "$rate" \
         --duration "$OPEN_DURATION" --warmup 1 --connections "$conns" >"$WORK/open-$s-$rate-$r.json"
       echo "round $r open loop $rate/s $s: $(cat "$WORK/open-$s-$rate-$r.json")"
@@ -309,8 +312,8 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
   echo
   echo "- Backend: nginx \`return 200\`, one worker, on CPU 1. Every proxy has one worker or thread (weft-proxy: current-thread runtime), pinned to CPU 0; load generators run on CPU 1. nginx and HAProxy are keep-alive reverse proxies to the same backend. weft runs release builds with its control plane, metrics and admin on."
   echo "- Paths: \`direct\` (no proxy), \`weft-1hop\` (the callee's inbound sidecar), \`nginx\`, \`haproxy\`, \`weft-2hops\` (caller's outbound sidecar → callee's inbound sidecar: the mesh shape), \`weft-2hops-guarded\` (the same with a resilience policy on the route: timeout, 2 retries, breaker, retry budget), \`haproxy-2hops\` (two HAProxy processes in a row: the same shape with the reference proxy)."
-  echo "- Closed loop: \`wrk -t1 -c$CONNS -d${DURATION}s\`, $ROUNDS round(s), scenarios interleaved, medians; then one \`-c64\` run each. Proxy CPU is utime+stime of the proxy processes from /proc over the \`-c$CONNS\` runs, per 1000 requests."
-  echo "- Open loop: \`weft-load\` dispatches at a fixed rate (1000/s on 16 connections, 5000/s on 64) for ${OPEN_DURATION}s after 1 s of warm-up, $ROUNDS round(s), scenarios interleaved, medians; latency runs from dispatch, including any wait behind earlier requests on the connection."
+  echo "- Closed loop: \`wrk -t1 -c$CONNS -d${DURATION}s\`, $ROUNDS round(s), scenarios interleaved (each round starting one scenario later), medians; then one \`-c64\` run each. Proxy CPU is utime+stime of the proxy processes from /proc over the \`-c$CONNS\` runs, per 1000 requests."
+  echo "- Open loop: \`weft-load\` dispatches at a fixed rate (1000/s on 16 connections, 5000/s on 64) for ${OPEN_DURATION}s after 1 s of warm-up, $ROUNDS round(s), scenarios interleaved and rotated, medians; latency runs from dispatch, including any wait behind earlier requests on the connection."
   echo
   echo "## Throughput, latency and CPU (closed loop)"
   echo
