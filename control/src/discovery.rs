@@ -79,6 +79,13 @@ impl DiscoveryService {
     }
 }
 
+impl DiscoveryService {
+    /// The replica's lease (`None` while it is being granted).
+    pub fn lease(&self) -> watch::Receiver<Option<i64>> {
+        self.inner.lease.clone()
+    }
+}
+
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -162,6 +169,11 @@ impl Session {
         let mut lease = self.shared.lease.clone();
         let mut retry_register = tokio::time::interval(Duration::from_secs(1));
         retry_register.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A sidecar that is told its config is registered too: a session
+        // opened while the replica's lease is still being granted (just
+        // after start) waits for it, but not for long if etcd is away.
+        let _ = tokio::time::timeout(Duration::from_secs(2), lease.wait_for(Option::is_some)).await;
+        lease.borrow_and_update();
         self.register().await;
         // The sidecar's own service is always subscribed; push it at once.
         let mut force: Vec<String> = vec![self.hello.service.clone()];
@@ -193,10 +205,11 @@ impl Session {
                     if r.is_err() {
                         break;
                     }
-                    // The replica's lease was lost and granted again: the
-                    // records went with the old one.
+                    // The replica's lease was granted (the session started
+                    // before it was), or lost and granted again: the records
+                    // went with the old one.
                     let current = *lease.borrow_and_update();
-                    if self.lease.is_some() && self.lease != current {
+                    if current.is_some() && self.lease != current {
                         self.lease = None;
                         self.register().await;
                     }

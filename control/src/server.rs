@@ -47,7 +47,11 @@ pub async fn run(
     };
 
     tokio::spawn(watcher::run(config.store.clone(), tx, synced.clone(), stopped(stop_rx.clone())));
-    tokio::spawn(serve_admin(admin, config.store.clone(), synced, config.metrics.clone(), stopped(stop_rx.clone())));
+    let traces = Arc::new(TraceLog::new(10_000));
+    let discovery =
+        DiscoveryService::new(config.store.clone(), rx, config.replica.clone(), config.lease_ttl_secs, traces.clone());
+    let ready = Readiness { synced, lease: discovery.lease() };
+    tokio::spawn(serve_admin(admin, config.store.clone(), ready, config.metrics.clone(), stopped(stop_rx.clone())));
     let upkeep = config.metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -57,9 +61,6 @@ pub async fn run(
         }
     });
 
-    let traces = Arc::new(TraceLog::new(10_000));
-    let discovery =
-        DiscoveryService::new(config.store.clone(), rx, config.replica.clone(), config.lease_ttl_secs, traces.clone());
     let admin_api = AdminService::new(config.store.clone(), traces, config.replica.clone());
     let grpc_stop = stopped(stop_rx);
     tokio::spawn(async move {
@@ -80,10 +81,19 @@ pub async fn run(
     Ok(())
 }
 
+/// What `/ready` checks besides etcd answering.
+#[derive(Clone)]
+struct Readiness {
+    /// The watch has loaded the state and follows it.
+    synced: Arc<AtomicBool>,
+    /// The replica's lease, under which sidecars are registered.
+    lease: watch::Receiver<Option<i64>>,
+}
+
 async fn serve_admin(
     listener: TcpListener,
     store: Store,
-    synced: Arc<AtomicBool>,
+    ready: Readiness,
     metrics: PrometheusHandle,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -93,10 +103,10 @@ async fn serve_admin(
             r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
             _ = &mut shutdown => return,
         };
-        let (store, synced, metrics) = (store.clone(), synced.clone(), metrics.clone());
+        let (store, ready, metrics) = (store.clone(), ready.clone(), metrics.clone());
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let (store, synced, metrics) = (store.clone(), synced.clone(), metrics.clone());
-            async move { Ok::<_, Infallible>(admin_response(req, &store, &synced, &metrics).await) }
+            let (store, ready, metrics) = (store.clone(), ready.clone(), metrics.clone());
+            async move { Ok::<_, Infallible>(admin_response(req, &store, &ready, &metrics).await) }
         });
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
@@ -108,7 +118,7 @@ async fn serve_admin(
 async fn admin_response(
     req: Request<hyper::body::Incoming>,
     store: &Store,
-    synced: &AtomicBool,
+    ready: &Readiness,
     metrics: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
     let text = |code: StatusCode, body: String| {
@@ -123,8 +133,14 @@ async fn admin_response(
         "/ready" => {
             let ping = tokio::time::timeout(std::time::Duration::from_secs(1), store.ping()).await;
             match ping {
-                Ok(Ok(_)) if synced.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
-                Ok(Ok(_)) => text(StatusCode::SERVICE_UNAVAILABLE, "etcd reachable, watch not yet synced\n".into()),
+                Ok(Ok(_)) if !ready.synced.load(Ordering::Relaxed) => {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "etcd reachable, watch not yet synced\n".into())
+                }
+                Ok(Ok(_)) if ready.lease.borrow().is_none() => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "etcd reachable, no lease to register sidecars under yet\n".into(),
+                ),
+                Ok(Ok(_)) => text(StatusCode::OK, "ready\n".into()),
                 Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
                 Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: etcd did not answer within 1s\n".into()),
             }

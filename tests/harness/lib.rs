@@ -242,7 +242,18 @@ impl Control {
         Self::spawn_at(etcd_url, grpc, admin, lease_ttl, name, &[]).await
     }
 
+    /// A replica that may not be ready yet (e.g. etcd is down).
+    pub async fn start_unready(etcd: &Etcd, lease_ttl: u32) -> Control {
+        Self::launch(&etcd.url(), "127.0.0.1:0", "127.0.0.1:0", lease_ttl, "control", &[]).await
+    }
+
     async fn spawn_at(etcd_url: &str, grpc: &str, admin: &str, lease_ttl: u32, name: &str, extra: &[&str]) -> Control {
+        let c = Self::launch(etcd_url, grpc, admin, lease_ttl, name, extra).await;
+        c.wait_ready().await;
+        c
+    }
+
+    async fn launch(etcd_url: &str, grpc: &str, admin: &str, lease_ttl: u32, name: &str, extra: &[&str]) -> Control {
         let dir = tempfile::tempdir().expect("tempdir");
         let (file, log) = log_file(dir.path(), name);
         let mut cmd = Command::new(bin("weft-control"));
@@ -261,7 +272,7 @@ impl Control {
         cmd.args(extra);
         cmd.env("WEFT_LOG", "info,weft_control=debug");
         let (child, line) = spawn_listening(cmd, "weft-control", file).await;
-        let c = Control {
+        Control {
             child: Some(child),
             grpc: field(&line, "grpc").parse().unwrap(),
             admin: field(&line, "admin").parse().unwrap(),
@@ -270,9 +281,7 @@ impl Control {
             dir,
             name: name.to_string(),
             _log: log,
-        };
-        c.wait_ready().await;
-        c
+        }
     }
 
     pub async fn start_named(etcd: &Etcd, lease_ttl: u32, name: &str) -> Control {

@@ -129,6 +129,51 @@ async fn one_lease_per_replica_and_a_frozen_sidecar_leaves_endpoints_until_it_wa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_sidecars_are_registered_and_a_replica_lease_etcd_dropped_is_replaced() {
+    let mut etcd = Etcd::start().await;
+    etcd.kill().await;
+    let control = Control::start_unready(&etcd, 3).await;
+    let (code, body) = get(control.admin, "localhost", "/ready").await.map(|r| (r.0, r.2)).unwrap();
+    assert_eq!(code, 503, "{body}");
+    etcd.restart().await;
+    control.wait_ready().await;
+    let app = harness::Backend::http("inference", "v1").await;
+    let sidecar = Sidecar::start(&[control.url()], "inference", "version=v1", app.addr, "early-v1").await;
+    let admin = sidecar.admin;
+    eventually("the sidecar is ready", Duration::from_secs(10), || async move {
+        matches!(get(admin, "localhost", "/ready").await, Ok((200, _, _)))
+    })
+    .await;
+    // A sidecar that has its config is registered: no waiting here.
+    let url = control.url();
+    let out = weftctl(&url, &["endpoints", "inference"], None).await;
+    assert!(out.stdout.contains("early-v1"), "{out:?}");
+
+    // etcd loses the replica's lease (as after an outage longer than the
+    // TTL): the records go with it; the replica takes a new lease and its
+    // sidecars register again.
+    let mut client = etcd.client().await;
+    let leases = client.leases().await.unwrap();
+    assert_eq!(leases.leases().len(), 1);
+    let old = leases.leases()[0].id();
+    client.lease_revoke(old).await.unwrap();
+    let out = weftctl(&url, &["endpoints", "inference"], None).await;
+    assert!(!out.stdout.contains("early-v1"), "the records went with the lease: {out:?}");
+    eventually("the sidecar is registered under a new lease", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move { weftctl(&url, &["endpoints", "inference"], None).await.stdout.contains("early-v1") }
+    })
+    .await;
+    let leases = client.leases().await.unwrap();
+    assert!(leases.leases().iter().all(|l| l.id() != old), "{leases:?}");
+    let control = &control;
+    eventually("the new grant is counted", Duration::from_secs(5), || async move {
+        control.metrics().await.contains("weft_control_lease_grants_total 2")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_sidecar_spares_a_newer_registration_of_it() {
     use weft_control::store::{EndpointRecord, ProxyRecord, Store};
     let etcd = Etcd::start().await;
