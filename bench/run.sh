@@ -62,15 +62,17 @@ http {
   }
 }
 NGINX
-cat >"$WORK/haproxy.cfg" <<HAPROXY
-global
+# HAProxy as a fair peer: one thread, keep-alive on both sides.
+HAPROXY_DEFAULTS='global
   nbthread 1
 defaults
   mode http
   timeout connect 2s
   timeout client 30s
   timeout server 30s
-  option http-keep-alive
+  option http-keep-alive'
+cat >"$WORK/haproxy.cfg" <<HAPROXY
+$HAPROXY_DEFAULTS
 frontend fe
   bind 127.0.0.1:$HAP
   default_backend be
@@ -90,14 +92,7 @@ start nginx-proxy taskset -c 0 nginx -c "$WORK/nginx-proxy.conf" -e "$WORK/nginx
 start haproxy taskset -c 0 haproxy -f "$WORK/haproxy.cfg"
 # A second HAProxy in front of the first: two proxy hops, like two sidecars.
 cat >"$WORK/haproxy2.cfg" <<HAPROXY
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
+$HAPROXY_DEFAULTS
 frontend fe
   bind 127.0.0.1:$HAP2
   default_backend be

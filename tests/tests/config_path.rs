@@ -19,6 +19,15 @@ fn applied_rev(out: &harness::CtlOutput) -> u64 {
         .unwrap_or_else(|| panic!("no revision in {out:?}"))
 }
 
+/// Waits until `weftctl endpoints inference` lists v1 and no longer v2.
+async fn v2_leaves_endpoints(url: &str, how: &str, within: Duration) {
+    eventually(&format!("weftctl endpoints drops the {how} sidecar"), within, || async move {
+        let out = weftctl(url, &["endpoints", "inference"], None).await;
+        out.code == 0 && !out.stdout.contains("inference-v2") && out.stdout.contains("inference-v1")
+    })
+    .await;
+}
+
 async fn all_served_by(mesh: &Mesh, n: usize, want: &str) {
     let client = pooled_client();
     for _ in 0..n {
@@ -68,14 +77,7 @@ async fn killed_sidecar_leaves_endpoints_and_pools_within_lease_ttl() {
 
     let killed_at = Instant::now();
     mesh.inf_v2.kill().await;
-    eventually("weftctl endpoints drops the killed sidecar", Duration::from_secs(ttl as u64 + 3), || {
-        let url = url.clone();
-        async move {
-            let out = weftctl(&url, &["endpoints", "inference"], None).await;
-            out.code == 0 && !out.stdout.contains("inference-v2") && out.stdout.contains("inference-v1")
-        }
-    })
-    .await;
+    v2_leaves_endpoints(&url, "killed", Duration::from_secs(ttl as u64 + 3)).await;
     let caller = &mesh.caller;
     eventually("the caller's pool drops it", Duration::from_secs(ttl as u64 + 3), || async move {
         caller.endpoint_addrs("inference").await.len() == 1
@@ -105,14 +107,7 @@ async fn one_lease_per_replica_and_a_frozen_sidecar_leaves_endpoints_until_it_wa
     let pid = mesh.inf_v2.pid();
     let frozen_at = Instant::now();
     signal(pid, "STOP");
-    eventually("weftctl endpoints drops the frozen sidecar", Duration::from_secs(ttl as u64 + 6), || {
-        let url = url.clone();
-        async move {
-            let out = weftctl(&url, &["endpoints", "inference"], None).await;
-            out.code == 0 && !out.stdout.contains("inference-v2") && out.stdout.contains("inference-v1")
-        }
-    })
-    .await;
+    v2_leaves_endpoints(&url, "frozen", Duration::from_secs(ttl as u64 + 6)).await;
     let caller = &mesh.caller;
     eventually("the caller's pool drops it", Duration::from_secs(5), || async move {
         caller.endpoint_addrs("inference").await.len() == 1
