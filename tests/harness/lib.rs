@@ -39,20 +39,41 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Polls `check` until it returns true, or panics with `what` at the deadline.
+/// How often a condition is checked while waiting for it.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// Checks `check` on a fixed cadence until it gives an answer, or returns
+/// `None` once `deadline` has passed.
+pub async fn poll<T, F, Fut>(deadline: Instant, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let mut every = tokio::time::interval(POLL_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Some(answer) = check().await {
+            return Some(answer);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
+/// Waits until `check` returns true, or panics with `what` at the deadline.
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let met = poll(Instant::now() + timeout, || {
+        let fut = check();
+        async move { fut.await.then_some(()) }
+    })
+    .await;
+    assert!(met.is_some(), "timed out after {timeout:?} waiting for: {what}");
 }
 
 /// Where a child's stderr goes; printed when a test fails.
@@ -168,31 +189,39 @@ impl Etcd {
             .kill_on_drop(true)
             .spawn()
             .expect("spawning etcd (is the etcd-server package installed? make test installs it)");
-        self.child = Some(child);
         let url = self.url();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                eprintln!("etcd on port {} exited with {status}; retrying", self.port);
-                return false;
-            }
-            let answered = tokio::time::timeout(Duration::from_secs(2), async {
-                match etcd_client::Client::connect([url.clone()], None).await {
-                    Ok(mut c) => c.status().await.is_ok(),
-                    Err(_) => false,
+        let child = self.child.insert(child);
+        // Until etcd answers, or exits (its port was taken meanwhile).
+        let outcome = poll(Instant::now() + Duration::from_secs(15), || {
+            let exited = child.try_wait().ok().flatten();
+            let url = url.clone();
+            async move {
+                if let Some(status) = exited {
+                    return Some(Err(status));
                 }
-            })
-            .await
-            .unwrap_or(false);
-            if answered {
-                return true;
+                let answered = tokio::time::timeout(Duration::from_secs(2), async {
+                    match etcd_client::Client::connect([url], None).await {
+                        Ok(mut c) => c.status().await.is_ok(),
+                        Err(_) => false,
+                    }
+                })
+                .await
+                .unwrap_or(false);
+                answered.then_some(Ok(()))
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await;
+        match outcome {
+            Some(Ok(())) => true,
+            Some(Err(status)) => {
+                eprintln!("etcd on port {} exited with {status}; retrying", self.port);
+                false
+            }
+            None => {
+                eprintln!("etcd on port {} did not answer within 15s; retrying", self.port);
+                false
+            }
         }
-        eprintln!("etcd on port {} did not answer within 15s; retrying", self.port);
-        false
     }
 
     pub fn url(&self) -> String {
