@@ -82,12 +82,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
 
     let outbound =
         Arc::new(Outbound { shared: shared.clone(), upstream: Upstream::new(), replay_limit: opts.replay_limit });
-    let inbound = Arc::new(Inbound {
-        shared: shared.clone(),
-        app: opts.app,
-        app_authority: crate::upstream::authority(opts.app),
-        upstream: Upstream::new(),
-    });
+    let inbound = Arc::new(Inbound { shared: shared.clone(), app: opts.app, upstream: Upstream::new() });
     let out_task = tokio::spawn(serve(listeners.outbound, stop_rx.clone(), move |req| {
         let o = outbound.clone();
         async move { o.handle(req).await }

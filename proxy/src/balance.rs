@@ -113,11 +113,9 @@ mod tests {
     use std::time::Duration;
 
     fn ep(port: u16, region: &str) -> Arc<Endpoint> {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         Arc::new(Endpoint {
             proxy_id: format!("p{port}"),
-            addr,
-            authority: crate::upstream::authority(addr),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
             labels: BTreeMap::from([("region".to_string(), region.to_string())]),
             ready: true,
             health: Arc::new(Health::default()),

@@ -151,8 +151,6 @@ pub struct Backend {
 pub struct Endpoint {
     pub proxy_id: String,
     pub addr: SocketAddr,
-    /// `addr` as a URI authority, built once.
-    pub authority: http::uri::Authority,
     pub labels: BTreeMap<String, String>,
     pub ready: bool,
     /// Shared across config versions for the same address.
@@ -330,7 +328,6 @@ pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Se
             Ok(addr) => endpoints.push(Arc::new(Endpoint {
                 proxy_id: e.proxy_id.clone(),
                 addr,
-                authority: crate::upstream::authority(addr),
                 labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 ready: e.ready,
                 health: old_health.get(&addr).cloned().unwrap_or_default(),

@@ -20,7 +20,6 @@ use crate::upstream::Upstream;
 pub struct Inbound {
     pub shared: Arc<Shared>,
     pub app: SocketAddr,
-    pub app_authority: http::uri::Authority,
     pub upstream: Upstream,
 }
 
@@ -52,7 +51,7 @@ impl Inbound {
                 }
             }
         }
-        let result = self.upstream.send(self.app, &self.app_authority, req.map(stream), None).await.map(|resp| {
+        let result = self.upstream.send(self.app, req.map(stream), None).await.map(|resp| {
             if let Some(state) = &usage
                 && let Some(n) = resp.headers().get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
             {

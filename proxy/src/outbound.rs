@@ -256,7 +256,7 @@ impl Outbound {
                 None => {
                     let _guard = InFlight::endpoint(&endpoint.health);
                     let sent = Instant::now();
-                    let r = self.upstream.send(endpoint.addr, &endpoint.authority, attempt_req, try_timeout).await;
+                    let r = self.upstream.send(endpoint.addr, attempt_req, try_timeout).await;
                     let done = Instant::now();
                     endpoint.health.observe_rtt_at(done - sent, resilience::ms_at(done));
                     r
@@ -387,7 +387,7 @@ impl Outbound {
                 degraded.fallback = Some(name.clone());
                 let _guard = InFlight::endpoint(&endpoint.health);
                 let timeout = rule.and_then(|r| r.timeout);
-                let resp = self.upstream.send(endpoint.addr, &endpoint.authority, req, timeout).await?;
+                let resp = self.upstream.send(endpoint.addr, req, timeout).await?;
                 Ok(resp.map(crate::body::reply))
             }
         }

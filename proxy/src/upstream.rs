@@ -8,6 +8,7 @@
 //! h2c has one multiplexed connection per address.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,8 +35,7 @@ const MAX_IDLE_PER_ADDR: usize = 256;
 const H2_PING: Duration = Duration::from_secs(20);
 
 pub struct Upstream {
-    h1: Arc<H1Pool>,
-    h2: Arc<H2Pool>,
+    pools: Arc<Pools>,
 }
 
 impl Default for Upstream {
@@ -47,10 +47,9 @@ impl Default for Upstream {
 impl Upstream {
     /// Must be called within a tokio runtime (it starts the idle sweeper).
     pub fn new() -> Upstream {
-        let h1 = Arc::new(H1Pool::default());
-        let h2 = Arc::new(H2Pool::default());
-        tokio::spawn(sweep(Arc::downgrade(&h1), Arc::downgrade(&h2)));
-        Upstream { h1, h2 }
+        let pools = Arc::new(Pools::default());
+        tokio::spawn(sweep(Arc::downgrade(&pools)));
+        Upstream { pools }
     }
 
     /// Sends `req` to `addr`, keeping the caller's HTTP version. The timeout,
@@ -59,7 +58,6 @@ impl Upstream {
     pub async fn send(
         &self,
         addr: SocketAddr,
-        authority: &Authority,
         mut req: Request<ProxyBody>,
         timeout: Option<Duration>,
     ) -> Result<Response<PooledBody>, ProxyError> {
@@ -70,15 +68,12 @@ impl Upstream {
                 let mut parts = std::mem::take(req.uri_mut()).into_parts();
                 parts.scheme = Some(Scheme::HTTP);
                 // The caller's :authority (the service name) goes through
-                // unchanged, as Host does on HTTP/1.1.
-                if parts.authority.is_none() {
-                    parts.authority = Some(authority.clone());
-                }
-                if parts.path_and_query.is_none() {
-                    parts.path_and_query = Some(PathAndQuery::from_static("/"));
-                }
+                // unchanged, as Host does on HTTP/1.1; the dialled address
+                // stands in when there is none.
+                parts.authority.get_or_insert_with(|| authority(addr));
+                parts.path_and_query.get_or_insert_with(|| PathAndQuery::from_static("/"));
                 *req.uri_mut() = Uri::from_parts(parts).expect("valid uri");
-                self.h2.send(addr, req).await
+                self.pools.send_h2(addr, req).await
             } else {
                 if !req.headers().contains_key(header::HOST)
                     && let Some(a) = req.uri().authority()
@@ -92,7 +87,7 @@ impl Upstream {
                     *req.uri_mut() = Uri::from(pq);
                 }
                 *req.version_mut() = Version::HTTP_11;
-                self.h1.send(addr, req).await
+                self.pools.send_h1(addr, req).await
             }
         };
         // Pinned where it is rather than moved into a `Timeout`, which would
@@ -114,6 +109,7 @@ impl Upstream {
 }
 
 type Sender = http1::SendRequest<ProxyBody>;
+type H2Sender = http2::SendRequest<ProxyBody>;
 
 struct Idle {
     tx: Sender,
@@ -121,11 +117,15 @@ struct Idle {
     since: u64,
 }
 
-/// Idle HTTP/1.1 connections by address, most recently used last. Idle time
-/// is counted in sweep ticks, so the hot path never reads the clock.
+/// The upstream connections of one listener:
+/// - HTTP/1.1: idle connections by address, most recently used last;
+/// - h2c: one multiplexed connection per address, shared by all calls to it.
+///
+/// Idle time is counted in sweep ticks, so the hot path never reads the clock.
 #[derive(Default)]
-struct H1Pool {
-    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+struct Pools {
+    h1: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    h2: Mutex<HashMap<SocketAddr, (H2Sender, u64)>>,
     tick: AtomicU64,
 }
 
@@ -134,9 +134,9 @@ struct H1Pool {
 const SWEEP: Duration = Duration::from_secs(5);
 const IDLE_TICKS: u64 = IDLE_TIMEOUT.as_secs() / SWEEP.as_secs();
 
-impl H1Pool {
-    fn take(&self, addr: SocketAddr) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+impl Pools {
+    fn take_h1(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop_back() {
             if !i.tx.is_closed() {
@@ -146,11 +146,11 @@ impl H1Pool {
         None
     }
 
-    fn put(&self, addr: SocketAddr, tx: Sender) {
+    fn put_h1(&self, addr: SocketAddr, tx: Sender) {
         if tx.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(addr).or_default();
         if list.len() >= MAX_IDLE_PER_ADDR {
             list.pop_front();
@@ -158,14 +158,14 @@ impl H1Pool {
         list.push_back(Idle { tx, since: self.tick.load(Ordering::Relaxed) });
     }
 
-    async fn send(
+    async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<PooledBody>, ProxyError> {
         // A pooled connection the app has just closed hands the request back
         // unsent; it then goes on a fresh connection.
-        while let Some(mut tx) = self.take(addr) {
+        while let Some(mut tx) = self.take_h1(addr) {
             if tx.ready().await.is_err() {
                 continue;
             }
@@ -179,7 +179,7 @@ impl H1Pool {
         }
         // Boxed: dialling is rare, and its state would otherwise make every
         // request's future (moved on each call) larger.
-        let mut tx = Box::pin(self.connect(addr)).await?;
+        let mut tx = Box::pin(connect_h1(addr)).await?;
         match tx.send_request(req).await {
             Ok(resp) => Ok(self.wrap(addr, tx, resp)),
             Err(e) => Err(upstream_error(addr, &e)),
@@ -188,63 +188,16 @@ impl H1Pool {
 
     fn wrap(self: &Arc<Self>, addr: SocketAddr, tx: Sender, resp: Response<Incoming>) -> Response<PooledBody> {
         if resp.body().is_end_stream() {
-            self.put(addr, tx);
+            self.put_h1(addr, tx);
             return resp.map(PooledBody::plain);
         }
-        let home = Home { pool: Arc::downgrade(self), addr, tx };
+        let home = Home { pools: Arc::downgrade(self), addr, tx };
         resp.map(|inner| PooledBody { inner, home: Some(home), ended: false })
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Sender, ProxyError> {
-        let stream = dial(addr).await?;
-        let (tx, conn) = http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ProxyError::Connect { addr: addr.to_string(), reason: error_chain(&e) })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(tx)
-    }
-}
-
-/// A TCP connection to an upstream: no Nagle delay, TCP keep-alive on.
-async fn dial(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
-    let connect_err = |reason: String| ProxyError::Connect { addr: addr.to_string(), reason };
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(connect_err(e.to_string())),
-        Err(_) => return Err(connect_err(format!("no connection within {CONNECT_TIMEOUT:?}"))),
-    };
-    let _ = stream.set_nodelay(true);
-    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
-    Ok(stream)
-}
-
-fn upstream_error(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
-    match h2_reset(e) {
-        Some(reason) => ProxyError::Reset { addr: addr.to_string(), reason: format!("{reason:?}") },
-        None => ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(e) },
-    }
-}
-
-type H2Sender = http2::SendRequest<ProxyBody>;
-
-/// One multiplexed h2c connection per address, shared by all calls to it;
-/// dropped when closed or unused for the idle timeout.
-#[derive(Default)]
-struct H2Pool {
-    conns: Mutex<HashMap<SocketAddr, (H2Sender, u64)>>,
-    tick: AtomicU64,
-}
-
-impl H2Pool {
-    async fn send(&self, addr: SocketAddr, mut req: Request<ProxyBody>) -> Result<Response<PooledBody>, ProxyError> {
+    async fn send_h2(&self, addr: SocketAddr, mut req: Request<ProxyBody>) -> Result<Response<PooledBody>, ProxyError> {
         let shared = {
-            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut conns = self.h2.lock().unwrap_or_else(|e| e.into_inner());
             match conns.get_mut(&addr) {
                 Some((tx, used)) if !tx.is_closed() => {
                     *used = self.tick.load(Ordering::Relaxed);
@@ -264,48 +217,84 @@ impl H2Pool {
                 },
             }
         }
-        let mut tx = Box::pin(self.connect(addr)).await?;
+        let mut tx = Box::pin(connect_h2(addr)).await?;
+        // Calls racing to dial the same address each get a connection; the
+        // last one stays shared, the others close once their call ends.
+        let used = self.tick.load(Ordering::Relaxed);
+        self.h2.lock().unwrap_or_else(|e| e.into_inner()).insert(addr, (tx.clone(), used));
         match tx.send_request(req).await {
             Ok(resp) => Ok(resp.map(PooledBody::plain)),
             Err(e) => Err(upstream_error(addr, &e)),
         }
     }
+}
 
-    async fn connect(&self, addr: SocketAddr) -> Result<H2Sender, ProxyError> {
-        let stream = dial(addr).await?;
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(H2_PING)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ProxyError::Connect { addr: addr.to_string(), reason: error_chain(&e) })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "upstream h2 connection ended with an error");
-            }
-        });
-        // Calls racing to dial the same address each get a connection; the
-        // last one stays shared, the others close once their call ends.
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.insert(addr, (tx.clone(), self.tick.load(Ordering::Relaxed)));
-        Ok(tx)
+async fn connect_h1(addr: SocketAddr) -> Result<Sender, ProxyError> {
+    let io = TokioIo::new(dial(addr).await?);
+    let (tx, conn) = http1::Builder::new().writev(false).handshake(io).await.map_err(|e| handshake_error(addr, &e))?;
+    drive(addr, conn);
+    Ok(tx)
+}
+
+async fn connect_h2(addr: SocketAddr) -> Result<H2Sender, ProxyError> {
+    let io = TokioIo::new(dial(addr).await?);
+    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING)
+        .handshake(io)
+        .await
+        .map_err(|e| handshake_error(addr, &e))?;
+    drive(addr, conn);
+    Ok(tx)
+}
+
+/// Runs a connection until it closes.
+fn drive(addr: SocketAddr, conn: impl Future<Output = hyper::Result<()>> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "upstream connection ended with an error");
+        }
+    });
+}
+
+/// A TCP connection to an upstream: no Nagle delay, TCP keep-alive on.
+async fn dial(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
+    let connect_err = |reason: String| ProxyError::Connect { addr: addr.to_string(), reason };
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(connect_err(e.to_string())),
+        Err(_) => return Err(connect_err(format!("no connection within {CONNECT_TIMEOUT:?}"))),
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+    Ok(stream)
+}
+
+fn handshake_error(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
+    ProxyError::Connect { addr: addr.to_string(), reason: error_chain(e) }
+}
+
+fn upstream_error(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
+    match h2_reset(e) {
+        Some(reason) => ProxyError::Reset { addr: addr.to_string(), reason: format!("{reason:?}") },
+        None => ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(e) },
     }
 }
 
 /// Every tick, closes idle connections that outlived the idle timeout or
 /// that the app has closed; ends with the pools.
-async fn sweep(h1: Weak<H1Pool>, h2: Weak<H2Pool>) {
+async fn sweep(pools: Weak<Pools>) {
     let mut tick = tokio::time::interval(SWEEP);
     loop {
         tick.tick().await;
-        let (Some(h1), Some(h2)) = (h1.upgrade(), h2.upgrade()) else { return };
-        let now = h1.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        h1.idle.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, list| {
+        let Some(pools) = pools.upgrade() else { return };
+        let now = pools.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        pools.h1.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, list| {
             list.retain(|i| now - i.since <= IDLE_TICKS && !i.tx.is_closed());
             !list.is_empty()
         });
-        let now = h2.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        h2.conns
+        pools
+            .h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, (tx, used)| now - *used <= IDLE_TICKS && !tx.is_closed());
@@ -314,7 +303,7 @@ async fn sweep(h1: Weak<H1Pool>, h2: Weak<H2Pool>) {
 
 /// Where an HTTP/1.1 connection goes back to once its response has been read.
 struct Home {
-    pool: Weak<H1Pool>,
+    pools: Weak<Pools>,
     addr: SocketAddr,
     tx: Sender,
 }
@@ -339,9 +328,9 @@ impl Drop for PooledBody {
     fn drop(&mut self) {
         if let Some(home) = self.home.take()
             && (self.ended || self.inner.is_end_stream())
-            && let Some(pool) = home.pool.upgrade()
+            && let Some(pools) = home.pools.upgrade()
         {
-            pool.put(home.addr, home.tx);
+            pools.put_h1(home.addr, home.tx);
         }
     }
 }
@@ -369,7 +358,7 @@ impl Body for PooledBody {
 }
 
 /// A socket address as a URI authority.
-pub fn authority(addr: SocketAddr) -> Authority {
+fn authority(addr: SocketAddr) -> Authority {
     Authority::try_from(addr.to_string()).expect("a socket address is an authority")
 }
 
@@ -514,7 +503,7 @@ mod tests {
 
     async fn get(up: &Upstream, addr: SocketAddr) -> Response<PooledBody> {
         let req = Request::builder().uri("/").header("host", "app").body(crate::body::full("")).unwrap();
-        up.send(addr, &authority(addr), req, Some(Duration::from_secs(5))).await.expect("upstream answers")
+        up.send(addr, req, Some(Duration::from_secs(5))).await.expect("upstream answers")
     }
 
     async fn get_ok(up: &Upstream, addr: SocketAddr) {
@@ -553,23 +542,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sequential_calls_reuse_one_connection() {
-        let (addr, accepted, _) = app(App::KeepAlive).await;
-        let up = Upstream::new();
-        for _ in 0..20 {
-            get_ok(&up, addr).await;
+    async fn keep_alive_connections_are_reused_and_closed_ones_are_not() {
+        for (mode, dialled) in [(App::KeepAlive, 1), (App::Close, 20)] {
+            let (addr, accepted, _) = app(mode).await;
+            let up = Upstream::new();
+            for _ in 0..20 {
+                get_ok(&up, addr).await;
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), dialled);
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test]
-    async fn connection_close_is_not_reused() {
-        let (addr, accepted, _) = app(App::Close).await;
-        let up = Upstream::new();
-        for _ in 0..20 {
-            get_ok(&up, addr).await;
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 20);
     }
 
     #[tokio::test]
@@ -647,7 +628,7 @@ mod tests {
 
     async fn h2_get_ok(up: &Upstream, addr: SocketAddr) {
         let req = Request::builder().version(Version::HTTP_2).uri("/").body(crate::body::full("")).unwrap();
-        let resp = up.send(addr, &authority(addr), req, Some(Duration::from_secs(5))).await.expect("h2 answer");
+        let resp = up.send(addr, req, Some(Duration::from_secs(5))).await.expect("h2 answer");
         assert_eq!(resp.status(), 200);
         assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
     }
@@ -679,10 +660,10 @@ mod tests {
         let call = |uri: &'static str| {
             Request::builder().version(Version::HTTP_2).uri(uri).body(crate::body::full("")).unwrap()
         };
-        let resp = up.send(addr, &authority(addr), call("http://inference:8080/x"), None).await.unwrap();
+        let resp = up.send(addr, call("http://inference:8080/x"), None).await.unwrap();
         assert_eq!(resp.headers()["x-authority"], "inference:8080");
         // Without one, the dialled address stands in.
-        let resp = up.send(addr, &authority(addr), call("/x"), None).await.unwrap();
+        let resp = up.send(addr, call("/x"), None).await.unwrap();
         assert_eq!(resp.headers()["x-authority"], addr.to_string().as_str());
     }
 
@@ -705,7 +686,7 @@ mod tests {
         drop(listener);
         let up = Upstream::new();
         let req = Request::builder().uri("/").body(crate::body::full("")).unwrap();
-        let err = up.send(addr, &authority(addr), req, None).await.err().expect("nothing listens");
+        let err = up.send(addr, req, None).await.err().expect("nothing listens");
         assert!(matches!(err, ProxyError::Connect { .. }), "{err:?}");
     }
 }
