@@ -2,37 +2,25 @@
 //! `weft_requests_total{direction,service,tenant,code,degraded}` and
 //! `weft_request_duration_seconds`.
 
-use std::time::Duration;
-
 use std::cell::RefCell;
+use std::time::Duration;
 
 use hashbrown::{Equivalent, HashMap};
 use metrics::{Counter, Histogram, Label};
 
-/// Status codes common enough to label without allocating.
-fn code_label(code: u16) -> Label {
-    let s: &'static str = match code {
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        400 => "400",
-        404 => "404",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        other => return Label::new("code", other.to_string()),
-    };
-    Label::from_static_parts("code", s)
-}
-
-/// The metric handles of one label set, resolved once per thread: a request
-/// then costs a hash lookup and two atomic updates, not label allocations
-/// and a registry lookup.
+/// The metric handles of one label set, resolved once per thread (labels are
+/// built only then): a request costs a hash lookup and two atomic updates,
+/// not label allocations and a registry lookup.
 struct Handles {
     requests: Counter,
     duration: Histogram,
+}
+
+impl Handles {
+    fn record(&self, elapsed: Duration) {
+        self.requests.increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
 }
 
 #[derive(Hash, PartialEq, Eq)]
@@ -82,16 +70,13 @@ pub fn record_request(
     let key = LabelRef { direction, service, tenant, code, degraded };
     HANDLES.with_borrow_mut(|cache| {
         if let Some(h) = cache.get(&key) {
-            h.requests.increment(1);
-            h.duration.record(elapsed.as_secs_f64());
-            return;
+            return h.record(elapsed);
         }
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
         }
         let handles = register(direction, service, tenant, code, degraded);
-        handles.requests.increment(1);
-        handles.duration.record(elapsed.as_secs_f64());
+        handles.record(elapsed);
         let set = LabelSet { direction, service: service.into(), tenant: tenant.into(), code, degraded };
         cache.insert(set, handles);
     });
@@ -102,7 +87,7 @@ fn register(direction: &'static str, service: &str, tenant: &str, code: u16, deg
         Label::from_static_parts("direction", direction),
         Label::new("service", service.to_owned()),
         Label::new("tenant", tenant.to_owned()),
-        code_label(code),
+        Label::new("code", code.to_string()),
         Label::from_static_parts("degraded", if degraded { "true" } else { "false" }),
     ];
     let requests = metrics::counter!("weft_requests_total", labels);
