@@ -77,9 +77,7 @@ impl DiscoveryService {
         tokio::spawn(hold_lease(store.clone(), lease_ttl, lease_tx));
         DiscoveryService { inner: Arc::new(Shared { store, records, snapshots, replica, lease, traces }) }
     }
-}
 
-impl DiscoveryService {
     /// The replica's lease (`None` while it is being granted).
     pub fn lease(&self) -> watch::Receiver<Option<i64>> {
         self.inner.lease.clone()
@@ -173,7 +171,6 @@ impl Session {
         // opened while the replica's lease is still being granted (just
         // after start) waits for it, but not for long if etcd is away.
         let _ = tokio::time::timeout(Duration::from_secs(2), lease.wait_for(Option::is_some)).await;
-        lease.borrow_and_update();
         self.register().await;
         // The sidecar's own service is always subscribed; push it at once.
         let mut force: Vec<String> = vec![self.hello.service.clone()];
@@ -216,7 +213,7 @@ impl Session {
                 }
             }
         }
-        self.unregister().await;
+        self.unregister();
         metrics::gauge!("weft_control_proxies").decrement(1.0);
         tracing::info!(proxy = %self.hello.proxy_id, "sidecar disconnected");
     }
@@ -243,7 +240,7 @@ impl Session {
             }
             Msg::Ack(a) => {
                 self.record.acked_version = self.record.acked_version.max(a.version);
-                self.save_record().await;
+                self.save_record();
             }
             Msg::Nack(n) => {
                 metrics::counter!("weft_control_nacks_total").increment(1);
@@ -251,7 +248,7 @@ impl Session {
                 tracing::warn!(proxy = %self.hello.proxy_id, version = n.version, reasons = ?reasons, "update NACKed");
                 self.record.nacked_version = n.version;
                 self.record.last_nack = reasons.join("; ");
-                self.save_record().await;
+                self.save_record();
             }
             Msg::Readiness(r) => {
                 if r.ready != self.ready {
@@ -266,7 +263,7 @@ impl Session {
             }
             Msg::Deregister(_) => {
                 self.deregistered = true;
-                self.unregister().await;
+                self.unregister();
             }
             Msg::Degraded(d) => {
                 if d.dropped > 0 {
@@ -355,7 +352,7 @@ impl Session {
 
     /// Queues the record for the batched writer: with thousands of sidecars
     /// ACKing one update, one put each would crowd etcd.
-    async fn save_record(&mut self) {
+    fn save_record(&self) {
         if let Some(lease) = self.lease {
             let _ = self.shared.records.send(RecordOp::Save(self.record.clone(), lease));
         }
@@ -363,7 +360,7 @@ impl Session {
 
     /// Removes the instance's records (through the writer, after any record
     /// it still has queued).
-    async fn unregister(&mut self) {
+    fn unregister(&mut self) {
         if self.lease.take().is_some() {
             let _ = self.shared.records.send(RecordOp::Remove {
                 service: self.hello.service.clone(),

@@ -320,13 +320,11 @@ impl Store {
     /// Writes a proxy's endpoint record under its lease.
     /// Returns the revision of the write.
     pub async fn put_endpoint(&self, rec: &EndpointRecord, lease: i64) -> Result<u64> {
-        let key = self.key(&format!("endpoints/{}/{}", rec.service, rec.proxy_id));
-        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
+        self.put_leased(self.endpoint_key(&rec.service, &rec.proxy_id), json(rec), lease).await
     }
 
     pub async fn put_proxy(&self, rec: &ProxyRecord, lease: i64) -> Result<u64> {
-        let key = self.key(&format!("proxies/{}", rec.proxy_id));
-        self.put_leased(key, serde_json::to_string(rec).expect("serializable"), lease).await
+        self.put_leased(self.proxy_key(&rec.proxy_id), json(rec), lease).await
     }
 
     /// Writes many proxy records in one transaction. When it fails (a lease
@@ -336,16 +334,8 @@ impl Store {
         if recs.is_empty() {
             return Ok(());
         }
-        let ops: Vec<TxnOp> = recs
-            .iter()
-            .map(|(rec, lease)| {
-                TxnOp::put(
-                    self.key(&format!("proxies/{}", rec.proxy_id)),
-                    serde_json::to_string(rec).expect("serializable"),
-                    Some(PutOptions::new().with_lease(*lease)),
-                )
-            })
-            .collect();
+        let ops: Vec<TxnOp> =
+            recs.iter().map(|(rec, lease)| leased_put(self.proxy_key(&rec.proxy_id), json(rec), *lease)).collect();
         let mut c = self.client.clone();
         if c.txn(Txn::new().and_then(ops)).await.is_ok() {
             return Ok(());
@@ -366,10 +356,9 @@ impl Store {
         let ops: Vec<TxnOp> = regs
             .iter()
             .flat_map(|(ep, proxy, lease)| {
-                let opts = || Some(PutOptions::new().with_lease(*lease));
                 [
-                    TxnOp::put(self.endpoint_key(ep), serde_json::to_string(ep).expect("serializable"), opts()),
-                    TxnOp::put(self.proxy_key(proxy), serde_json::to_string(proxy).expect("serializable"), opts()),
+                    leased_put(self.endpoint_key(&ep.service, &ep.proxy_id), json(ep), *lease),
+                    leased_put(self.proxy_key(&proxy.proxy_id), json(proxy), *lease),
                 ]
             })
             .collect();
@@ -414,18 +403,18 @@ impl Store {
     }
 
     fn removal(&self, service: &str, proxy_id: &str, endpoint_rev: u64) -> Txn {
-        let endpoint = self.key(&format!("endpoints/{service}/{proxy_id}"));
+        let endpoint = self.endpoint_key(service, proxy_id);
         Txn::new()
             .when([Compare::mod_revision(endpoint.clone(), CompareOp::Equal, endpoint_rev as i64)])
-            .and_then([TxnOp::delete(endpoint, None), TxnOp::delete(self.key(&format!("proxies/{proxy_id}")), None)])
+            .and_then([TxnOp::delete(endpoint, None), TxnOp::delete(self.proxy_key(proxy_id), None)])
     }
 
-    fn endpoint_key(&self, rec: &EndpointRecord) -> String {
-        self.key(&format!("endpoints/{}/{}", rec.service, rec.proxy_id))
+    fn endpoint_key(&self, service: &str, proxy_id: &str) -> String {
+        self.key(&format!("endpoints/{service}/{proxy_id}"))
     }
 
-    fn proxy_key(&self, rec: &ProxyRecord) -> String {
-        self.key(&format!("proxies/{}", rec.proxy_id))
+    fn proxy_key(&self, proxy_id: &str) -> String {
+        self.key(&format!("proxies/{proxy_id}"))
     }
 
     async fn put_leased(&self, key: String, value: String, lease: i64) -> Result<u64> {
@@ -433,4 +422,14 @@ impl Store {
         let r = c.put(key, value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| self.err(e))?;
         Ok(r.header().map(|h| h.revision() as u64).unwrap_or(0))
     }
+}
+
+/// A record as stored: JSON.
+fn json<T: Serialize>(rec: &T) -> String {
+    serde_json::to_string(rec).expect("serializable")
+}
+
+/// A put under a lease, as a transaction operation.
+fn leased_put(key: String, value: String, lease: i64) -> TxnOp {
+    TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))
 }
