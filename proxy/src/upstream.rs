@@ -22,7 +22,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
@@ -238,7 +238,7 @@ async fn connect_h1(addr: SocketAddr) -> Result<Sender, ProxyError> {
 
 async fn connect_h2(addr: SocketAddr) -> Result<H2Sender, ProxyError> {
     let io = TokioIo::new(dial(addr).await?);
-    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+    let (tx, conn) = http2::Builder::new(BoxedExec)
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_PING)
         .handshake(io)
@@ -246,6 +246,23 @@ async fn connect_h2(addr: SocketAddr) -> Result<H2Sender, ProxyError> {
         .map_err(|e| handshake_error(addr, &e))?;
     drive(addr, conn);
     Ok(tx)
+}
+
+/// Spawns hyper's HTTP/2 tasks (one per stream on each side of a call)
+/// boxed. A task's future is moved several times on its way into the
+/// runtime and written over when it ends, and a call's future is kilobytes;
+/// boxed, each of those moves is a pointer. HTTP/1.1 spawns nothing.
+#[derive(Clone, Copy)]
+pub struct BoxedExec;
+
+impl<F> hyper::rt::Executor<F> for BoxedExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
+    }
 }
 
 /// Runs a connection until it closes.
@@ -605,8 +622,8 @@ mod tests {
                     }
                 });
                 tokio::spawn(async move {
-                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc);
+                    let conn =
+                        hyper::server::conn::http2::Builder::new(BoxedExec).serve_connection(TokioIo::new(s), svc);
                     tokio::pin!(conn);
                     if one_call {
                         tokio::select! {
