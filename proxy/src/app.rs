@@ -83,14 +83,8 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let outbound =
         Arc::new(Outbound { shared: shared.clone(), upstream: Upstream::new(), replay_limit: opts.replay_limit });
     let inbound = Arc::new(Inbound { shared: shared.clone(), app: opts.app, upstream: Upstream::new() });
-    let out_task = tokio::spawn(serve(listeners.outbound, stop_rx.clone(), move |req| {
-        let o = outbound.clone();
-        async move { o.handle(req).await }
-    }));
-    let in_task = tokio::spawn(serve(listeners.inbound, stop_rx.clone(), move |req| {
-        let i = inbound.clone();
-        async move { i.handle(req).await }
-    }));
+    let out_task = tokio::spawn(serve(listeners.outbound, stop_rx.clone(), move |req| outbound.clone().handle(req)));
+    let in_task = tokio::spawn(serve(listeners.inbound, stop_rx.clone(), move |req| inbound.clone().handle(req)));
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),

@@ -5,12 +5,13 @@
 //! reported (NACK) and the previous version of that route stays in force,
 //! while the rest of the update applies.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use hashbrown::HashMap;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use xds_proto::v1 as pb;
 

@@ -24,7 +24,7 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub async fn handle(&self, req: Request<Incoming>) -> BoxResponse {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> BoxResponse {
         let started = Instant::now();
         let grpc = is_grpc(&req);
         let tenant = tenant_of(&req, &self.shared.tenant_header);

@@ -99,7 +99,7 @@ impl ReqBody {
 type Outcome = Result<http::Response<PooledBody>, ProxyError>;
 
 impl Outbound {
-    pub async fn handle(&self, mut req: Request<Incoming>) -> BoxResponse {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> BoxResponse {
         let started = Instant::now();
         let grpc = is_grpc(&req);
         let tenant = crate::tenant_of(&req, &self.shared.tenant_header);
