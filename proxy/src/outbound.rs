@@ -462,7 +462,9 @@ fn is_grpc_parts(p: &http::request::Parts) -> bool {
 
 /// gRPC status of a trailers-only answer, if any.
 fn grpc_status(resp: &http::Response<PooledBody>) -> Option<u32> {
-    resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+    // A typed name: looking up by `&str` parses the name on every call.
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    resp.headers().get(&GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
 /// What counts against an endpoint: 5xx, connect failure, reset, timeout,
