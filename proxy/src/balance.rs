@@ -33,6 +33,21 @@ fn overloaded(local: &Endpoint, remote: &Endpoint) -> bool {
 /// Picks among the eligible endpoints. `region` is the caller's region:
 /// endpoints there are preferred while they are healthy and not overloaded.
 pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64, region: Option<&str>) -> Picked {
+    // The common case, a first try with no region preference, draws two
+    // endpoints straight from the list: constant work per call whatever the
+    // number of instances. The list is filtered only when a draw lands on an
+    // ejected endpoint.
+    let mut first_draw_ejected = None;
+    if tried.is_empty() && region.is_none() && !endpoints.is_empty() {
+        let (a, b) = if endpoints.len() == 1 { (0, 0) } else { two_indices(endpoints.len()) };
+        let (ea, eb) = (&endpoints[a], &endpoints[b]);
+        let a_out = ea.health.is_ejected(now_ms);
+        if !a_out && (a == b || !eb.health.is_ejected(now_ms)) {
+            let e = if a == b { ea } else { cheaper(ea, eb, now_ms) };
+            return Picked { endpoint: Some(e.clone()), skipped_ejected: false };
+        }
+        first_draw_ejected = Some(a_out);
+    }
     let mut ejected = 0;
     let mut fresh: Vec<&Arc<Endpoint>> = Vec::with_capacity(endpoints.len());
     let mut retried: Vec<&Arc<Endpoint>> = Vec::new();
@@ -47,7 +62,8 @@ pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64, regio
     }
     // The breaker changed this call's course when a draw over all endpoints
     // would have hit an ejected one (and this is not already a retry).
-    let skipped_ejected = ejected > 0 && tried.is_empty() && rand::rng().random_range(0..endpoints.len()) < ejected;
+    let skipped_ejected = first_draw_ejected
+        .unwrap_or_else(|| ejected > 0 && tried.is_empty() && rand::rng().random_range(0..endpoints.len()) < ejected);
     let pool = if fresh.is_empty() { retried } else { fresh };
     let endpoint = match region {
         Some(r) if pool.iter().any(|e| e.labels.get("region").is_some_and(|l| l == r)) => {
@@ -69,16 +85,25 @@ fn best_of_two(pool: &[&Arc<Endpoint>], now_ms: u64) -> Option<Arc<Endpoint>> {
         0 => None,
         1 => Some(pool[0].clone()),
         n => {
-            let mut rng = rand::rng();
-            let a = rng.random_range(0..n);
-            let mut b = rng.random_range(0..n - 1);
-            if b >= a {
-                b += 1;
-            }
-            let (ea, eb) = (pool[a], pool[b]);
-            Some(if eb.health.cost(now_ms) < ea.health.cost(now_ms) { eb.clone() } else { ea.clone() })
+            let (a, b) = two_indices(n);
+            Some(cheaper(pool[a], pool[b], now_ms).clone())
         }
     }
+}
+
+/// Two distinct random indices below `n` (at least 2).
+fn two_indices(n: usize) -> (usize, usize) {
+    let mut rng = rand::rng();
+    let a = rng.random_range(0..n);
+    let mut b = rng.random_range(0..n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a, b)
+}
+
+fn cheaper<'a>(a: &'a Arc<Endpoint>, b: &'a Arc<Endpoint>, now_ms: u64) -> &'a Arc<Endpoint> {
+    if b.health.cost(now_ms) < a.health.cost(now_ms) { b } else { a }
 }
 
 /// True when at least one endpoint is not ejected.
@@ -140,6 +165,36 @@ mod tests {
         assert_eq!(p2c(&eps, &[], now, Some("east")).endpoint.unwrap().addr.port(), 1, "2 in flight is not overloaded");
         let _more = InFlight::endpoint(&eps[0].health);
         assert_eq!(p2c(&eps, &[], now, Some("east")).endpoint.unwrap().addr.port(), 2);
+    }
+
+    #[test]
+    fn never_picks_an_ejected_endpoint_and_marks_the_calls_it_diverted() {
+        let s = crate::resilience::Settings { consecutive_failures: 1, ..Default::default() };
+        // One endpoint, then 8 of which 6 are ejected.
+        let one = vec![ep(1, "x")];
+        assert_eq!(p2c(&one, &[], crate::resilience::now_ms(), None).endpoint.unwrap().addr.port(), 1);
+        assert!(one[0].health.record_failure(&s, 0.0));
+        let p = p2c(&one, &[], crate::resilience::now_ms(), None);
+        assert!(p.endpoint.is_none() && p.skipped_ejected);
+
+        let eps: Vec<_> = (1..=8).map(|port| ep(port, "x")).collect();
+        for e in &eps[2..] {
+            assert!(e.health.record_failure(&s, 0.0));
+        }
+        let now = crate::resilience::now_ms();
+        let mut diverted = 0;
+        for _ in 0..4000 {
+            let p = p2c(&eps, &[], now, None);
+            assert!(p.endpoint.unwrap().addr.port() <= 2, "an ejected endpoint was picked");
+            diverted += usize::from(p.skipped_ejected);
+        }
+        // A draw over all 8 lands on an ejected one 6 times in 8.
+        assert!((2700..=3300).contains(&diverted), "{diverted} of 4000 marked");
+        // A retry never goes back to what it tried while another is left.
+        let tried = [eps[0].addr];
+        for _ in 0..50 {
+            assert_eq!(p2c(&eps, &tried, now, None).endpoint.unwrap().addr.port(), 2);
+        }
     }
 
     #[test]
