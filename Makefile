@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 TEST_DEPS := etcd-server etcd-client protobuf-compiler
-BENCH_DEPS := $(TEST_DEPS) wrk nginx-light haproxy
+BENCH_DEPS := $(TEST_DEPS) wrk nginx-light haproxy valgrind
 
 .PHONY: all deps build lint fmt test demo bench clean
 

@@ -9,12 +9,15 @@
 # The backend is nginx answering `return 200` (one worker). Each proxy gets one
 # worker/thread, pinned to CPU 0; wrk and the backend share CPU 1. Scenarios
 # are interleaved over ROUNDS rounds and the medians reported, since the
-# machine is shared and noisy. Writes BENCHMARKS.md.
+# machine is shared and noisy. Then: h2c at fixed rates, one bad instance of
+# three, user-space instructions per request under callgrind (weft and
+# HAProxy, one process at a time), and the control plane with simulated
+# sidecars. Writes BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
 QUICK=${BENCH_QUICK:-0}
-DURATION=${BENCH_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 8)}
+DURATION=${BENCH_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 5)}
 ROUNDS=${BENCH_ROUNDS:-$([ "$QUICK" = 1 ] && echo 1 || echo 3)}
 CONNS=${BENCH_CONNS:-16}
 WORK=$(mktemp -d -t weft-bench.XXXXXX)
@@ -264,6 +267,72 @@ guard flaky
 flaky_run with-policy
 EJECTIONS=$(curl -s "http://$(addr side-out admin)/metrics" | awk '/^weft_breaker_ejections_total/ {s+=$2} END {print s+0}')
 
+# User-space instructions per request, under callgrind: a count, so unlike
+# CPU time it does not move with whatever else the shared machine runs. The
+# kernel's share is not in it (both proxies make the same system calls per
+# request). Each proxy runs alone under valgrind; counters are zeroed after a
+# warm-up and dumped after a fixed number of requests at a low rate.
+CG_SECS=$([ "$QUICK" = 1 ] && echo 2 || echo 4)
+CGPORT=$(port); CGPORT2=$(port)
+cat >"$WORK/haproxy-cg.cfg" <<HAPROXY
+$HAPROXY_DEFAULTS
+frontend fe
+  bind 127.0.0.1:$CGPORT
+  default_backend be
+backend be
+  http-reuse always
+  server b1 127.0.0.1:$BACK
+frontend fe-h2
+  bind 127.0.0.1:$CGPORT2 proto h2
+  default_backend be-h2
+backend be-h2
+  http-reuse always
+  server b2 127.0.0.1:$BACKH2 proto h2
+HAPROXY
+cg_count() { # name pid addr host h2flag -> appends "name Ir/request" to cg.txt
+  local name=$1 pid=$2 addr=$3 host=$4 h2=$5 conns
+  conns=$([ -n "$h2" ] && echo 4 || echo 16)
+  for _ in $(seq 1 300); do
+    taskset -c 1 "$BIN/weft-load" --addr "$addr" --host "$host" --rate 50 --duration 0.1 --warmup 0 --connections 1 $h2 2>/dev/null \
+      | grep -q '"errors":0' && break
+    sleep 0.1
+  done
+  taskset -c 1 "$BIN/weft-load" --addr "$addr" --host "$host" --rate 500 --duration 1 --warmup 0 --connections "$conns" $h2 >/dev/null
+  callgrind_control -z "$pid" >/dev/null
+  taskset -c 1 "$BIN/weft-load" --addr "$addr" --host "$host" --rate 500 --duration "$CG_SECS" --warmup 0 \
+    --connections "$conns" $h2 >"$WORK/cg-load.json"
+  callgrind_control -d "$pid" >/dev/null
+  local dump ok ir
+  dump=$(ls -t "$WORK"/callgrind-*.[0-9]* | head -1)
+  ok=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['ok'])" "$WORK/cg-load.json")
+  ir=$(awk '/^summary:/ {print $2}' "$dump")
+  echo "$name $(awk -v i="$ir" -v n="$ok" 'BEGIN { printf "%.0f", i/n }')" >>"$WORK/cg.txt"
+  echo "callgrind $name: $(tail -1 "$WORK/cg.txt" | cut -d' ' -f2) instructions per request ($ok requests)"
+}
+cg_weft() { # name h2flag host weft-proxy args...
+  local name=$1 h2=$2 host=$3; shift 3
+  start "cg-$name" taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind-$name" "$BIN/weft-proxy" \
+    --control "$CONTROL" --admin 127.0.0.1:0 --id "cg-$name" "$@"
+  wait_line "$WORK/cg-$name.out" listening
+  local pid listen
+  pid=$(pgrep -f "valgrind.*--id cg-$name" | head -1)
+  listen=$(addr "cg-$name" "$([ "$name" = weft-outbound ] && echo outbound || echo inbound)")
+  cg_count "$name" "$pid" "$listen" "$host" "$h2"
+  kill "$pid"
+}
+cg_weft weft-inbound "" backend --service backend-cg --app "127.0.0.1:$BACK" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0
+# A quick run counts the HTTP/1.1 hop only.
+if [ "$QUICK" != 1 ]; then
+  cg_weft weft-outbound "" backend --service client-cg --app "127.0.0.1:$BACK" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0
+  cg_weft weft-inbound-h2 --h2 backend-h2 --service backend-h2-cg --app "127.0.0.1:$BACKH2" --inbound 127.0.0.1:0 \
+    --outbound 127.0.0.1:0
+fi
+start cg-haproxy taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind-haproxy" haproxy -f "$WORK/haproxy-cg.cfg"
+CGH=$(pgrep -f "valgrind.*haproxy-cg.cfg" | head -1)
+cg_count haproxy "$CGH" "127.0.0.1:$CGPORT" backend ""
+[ "$QUICK" = 1 ] || cg_count haproxy-h2 "$CGH" "127.0.0.1:$CGPORT2" backend-h2 --h2
+kill "$CGH"
+
 # Control plane scale: simulated sidecars against a fresh control plane.
 SIM_SIZES=${BENCH_SIM:-$([ "$QUICK" = 1 ] && echo "100 1000" || echo "100 1000 10000")}
 for n in $SIM_SIZES; do
@@ -341,6 +410,22 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
     a="$WORK/h2-$s-1000.json"; b="$WORK/h2-$s-5000.json"
     echo "| $s | $(jq_get "$a" p50_ms) | $(jq_get "$a" p99_ms) | $(jq_get "$a" p999_ms) | $(jq_get "$b" p50_ms) | $(jq_get "$b" p99_ms) | $(jq_get "$b" p999_ms) | $(( $(jq_get "$a" errors) + $(jq_get "$b" errors) )) |"
   done
+  echo
+  echo "## Instructions per request (callgrind)"
+  echo
+  echo "User-space instructions per request of one proxy process run under \`valgrind --tool=callgrind\`, counted over ${CG_SECS} s at 500 requests/s after a 1 s warm-up. A count, not a time: it does not move with the machine's load, so it is the steadiest CPU comparison here. Kernel work is not included (both proxies make the same system calls per request)."
+  echo
+  cg() { awk -v k="$1" '$1==k {print $2}' "$WORK/cg.txt"; }
+  echo "| hop | weft | HAProxy | weft / HAProxy |"
+  echo "|---|---|---|---|"
+  cg_row() { # label weft-key haproxy-key
+    local w h; w=$(cg "$2"); h=$(cg "$3")
+    [ -n "$w" ] && [ -n "$h" ] && awk -v l="$1" -v w="$w" -v h="$h" 'BEGIN { printf "| %s | %d | %d | %.2f× |\n", l, w, h, w/h }'
+    return 0
+  }
+  cg_row "HTTP/1.1, inbound (one hop)" weft-inbound haproxy
+  cg_row "HTTP/1.1, outbound (discovery, routing, P2C, breaker)" weft-outbound haproxy
+  cg_row "h2c, inbound (one hop)" weft-inbound-h2 haproxy-h2
   echo
   echo "## Memory"
   echo
