@@ -302,8 +302,11 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
         let r = req.into_inner();
         let served_by = self.info.served_by();
+        // "fail" streams its tokens, then ends UNAVAILABLE (in the trailers).
+        let fail = (r.prompt == "fail").then(|| Err(tonic::Status::unavailable("asked to fail")));
         let items = (0..r.tokens.max(1))
-            .map(move |i| Ok(pb::InferReply { text: format!("{} #{i}", r.prompt), served_by: served_by.clone() }));
+            .map(move |i| Ok(pb::InferReply { text: format!("{} #{i}", r.prompt), served_by: served_by.clone() }))
+            .chain(fail);
         Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
     }
 

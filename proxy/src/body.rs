@@ -27,21 +27,33 @@ pub fn stream(b: Incoming) -> ProxyBody {
 
 /// A streamed upstream response body passed through as is.
 pub fn reply(b: PooledBody) -> ProxyBody {
-    Either::Left(Tapped { inner: b, guard: None, usage: None })
+    reply_judged(b, None)
 }
 
+/// The same, giving the breaker `verdict` from the call's trailers.
+pub fn reply_judged(b: PooledBody, verdict: Option<Verdict>) -> ProxyBody {
+    Either::Left(Tapped { inner: b, guard: None, usage: None, verdict })
+}
+
+/// Told once how a gRPC call whose status comes in trailers ended: `true`
+/// when it failed (UNAVAILABLE, or the stream broke). Not told when the
+/// caller goes away first or the body ends without trailers.
+pub type Verdict = Box<dyn FnOnce(bool) + Send + Sync>;
+
 /// A streamed response body that keeps its tenant's request counted in
-/// flight until the body ends, and adds the inference tokens reported in a
-/// `x-weft-usage-tokens` trailer to the tenant's quota.
+/// flight until the body ends, adds the inference tokens reported in a
+/// `x-weft-usage-tokens` trailer to the tenant's quota, and gives the
+/// breaker its verdict on a gRPC call from the call's trailers.
 pub struct Tapped {
     inner: PooledBody,
     guard: Option<TenantGuard>,
     usage: Option<Arc<tenancy::State>>,
+    verdict: Option<Verdict>,
 }
 
 impl Tapped {
     pub fn new(inner: PooledBody, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
-        Tapped { inner, guard, usage }
+        Tapped { inner, guard, usage, verdict: None }
     }
 }
 
@@ -54,15 +66,28 @@ impl Body for Tapped {
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(t), Some(state)) = (frame.trailers_ref(), &this.usage)
-                    && let Some(n) = t.get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
-                {
-                    state.add_usage(n);
+                if let Some(t) = frame.trailers_ref() {
+                    if let Some(state) = &this.usage
+                        && let Some(n) = t.get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
+                    {
+                        state.add_usage(n);
+                    }
+                    if let Some(v) = this.verdict.take() {
+                        v(crate::errors::grpc_status(t) == Some(crate::errors::GRPC_UNAVAILABLE));
+                    }
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(v) = this.verdict.take() {
+                    v(true);
+                }
                 this.guard = None;
                 this.usage = None;
+            }
+            Poll::Ready(None) => {
+                this.guard = None;
+                this.usage = None;
+                this.verdict = None;
             }
             Poll::Pending => {}
         }

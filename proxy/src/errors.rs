@@ -132,6 +132,16 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// The `grpc-status` in a header or trailer block.
+pub fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
+    // A typed name: looking up by `&str` parses the name on every call.
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    h.get(&GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
+/// gRPC UNAVAILABLE: the status that counts against an endpoint.
+pub const GRPC_UNAVAILABLE: u32 = 14;
+
 pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
     req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }

@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use crate::balance::{self, InFlight};
 use crate::body::{BoxResponse, ProxyBody, full};
 use crate::config::{Fallback, RetryOn, Rule, Service};
-use crate::errors::{ProxyError, is_grpc};
+use crate::errors::{GRPC_UNAVAILABLE, ProxyError, is_grpc};
 use crate::resilience;
 use crate::state::Shared;
 use crate::telemetry;
@@ -151,6 +151,7 @@ impl Outbound {
         let deadline = timeout.map(|t| Instant::now() + t);
 
         let (parts, body) = req.into_parts();
+        let grpc = is_grpc_parts(&parts);
         // Buffer only what is known to be small and complete: no body at all,
         // or a declared length within the limit.
         let replayable = http_body::Body::is_end_stream(&body)
@@ -167,7 +168,7 @@ impl Outbound {
             ReqBody::Stream(Some(body))
         };
         let may_retry = matches!(body, ReqBody::Buffered(_))
-            && (parts.method.is_idempotent() || is_grpc_parts(&parts) || parts.headers.contains_key("idempotency-key"));
+            && (parts.method.is_idempotent() || grpc || parts.headers.contains_key("idempotency-key"));
 
         let max_tries = 1 + if may_retry { retry.as_ref().map(|r| r.attempts).unwrap_or(0) } else { 0 };
         let settings = &svc.settings;
@@ -201,6 +202,7 @@ impl Outbound {
         // the app, so it is safe to send elsewhere whatever its method.
         let mut shed_retried = false;
         let mut extra_try = false;
+        let mut verdict: Option<crate::body::Verdict> = None;
         for attempt in 0..=max_tries {
             if attempt == max_tries && !extra_try {
                 break;
@@ -267,13 +269,18 @@ impl Outbound {
             if injected.is_some() || timed_out {
                 // Not the endpoint's fault: its health is left alone.
             } else if failed {
-                // A fast failure must not make the endpoint look cheap to P2C.
-                endpoint.health.observe_rtt(FAILURE_PENALTY);
-                let share = ejected_share(&svc, now);
-                if endpoint.health.record_failure(settings, share) {
-                    metrics::counter!("weft_breaker_ejections_total", "service" => service.to_string()).increment(1);
-                    tracing::info!(service, endpoint = %endpoint.addr, "endpoint ejected");
-                }
+                endpoint_failed(&svc, &endpoint, now);
+            } else if grpc && matches!(&outcome, Ok(r) if status_in_trailers(r)) {
+                // A gRPC call's status is still to come, in the trailers:
+                // the response body gives the verdict when they arrive.
+                let (svc, endpoint) = (svc.clone(), endpoint.clone());
+                verdict = Some(Box::new(move |failed| {
+                    if failed {
+                        endpoint_failed(&svc, &endpoint, resilience::now_ms());
+                    } else {
+                        endpoint.health.record_success();
+                    }
+                }));
             } else {
                 endpoint.health.record_success();
             }
@@ -346,7 +353,7 @@ impl Outbound {
                 return Err(err);
             }
         }
-        last.map(|r| r.map(crate::body::reply))
+        last.map(|r| r.map(|b| crate::body::reply_judged(b, verdict)))
     }
 
     /// Answers from the fallback when there is one (and the request can be
@@ -462,16 +469,14 @@ fn is_grpc_parts(p: &http::request::Parts) -> bool {
 
 /// gRPC status of a trailers-only answer, if any.
 fn grpc_status(resp: &http::Response<PooledBody>) -> Option<u32> {
-    // A typed name: looking up by `&str` parses the name on every call.
-    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-    resp.headers().get(&GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+    crate::errors::grpc_status(resp.headers())
 }
 
 /// What counts against an endpoint: 5xx, connect failure, reset, timeout,
 /// gRPC UNAVAILABLE.
 fn is_failure(o: &Outcome) -> bool {
     match o {
-        Ok(resp) => resp.status().is_server_error() || grpc_status(resp) == Some(14),
+        Ok(resp) => resp.status().is_server_error() || grpc_status(resp) == Some(GRPC_UNAVAILABLE),
         Err(
             ProxyError::Connect { .. }
             | ProxyError::Reset { .. }
@@ -489,7 +494,7 @@ fn should_retry(on: &RetryOn, o: &Outcome) -> bool {
             let s = resp.status().as_u16();
             (on.server_error && resp.status().is_server_error())
                 || (on.gateway_error && matches!(s, 502..=504))
-                || (on.unavailable && grpc_status(resp) == Some(14))
+                || (on.unavailable && grpc_status(resp) == Some(GRPC_UNAVAILABLE))
         }
         Err(ProxyError::FaultAbort { status, grpc_status }) => {
             (on.server_error && status.is_server_error())
@@ -502,6 +507,23 @@ fn should_retry(on: &RetryOn, o: &Outcome) -> bool {
         Err(ProxyError::Upstream { .. }) => on.reset || on.server_error,
         Err(_) => false,
     }
+}
+
+/// Breaker bookkeeping for a failed try: the endpoint may be ejected.
+fn endpoint_failed(svc: &Service, endpoint: &crate::config::Endpoint, now: u64) {
+    // A fast failure must not make the endpoint look cheap to P2C.
+    endpoint.health.observe_rtt(FAILURE_PENALTY);
+    let share = ejected_share(svc, now);
+    if endpoint.health.record_failure(&svc.settings, share) {
+        metrics::counter!("weft_breaker_ejections_total", "service" => svc.name.clone()).increment(1);
+        tracing::info!(service = svc.name, endpoint = %endpoint.addr, "endpoint ejected");
+    }
+}
+
+/// A gRPC response whose status is not in its head (not trailers-only), so
+/// it will come in trailers at the end of the body.
+fn status_in_trailers(resp: &http::Response<PooledBody>) -> bool {
+    resp.status() == http::StatusCode::OK && grpc_status(resp).is_none() && !http_body::Body::is_end_stream(resp.body())
 }
 
 fn ejected_share(svc: &Service, now: u64) -> f64 {

@@ -136,6 +136,77 @@ async fn retry_budget_caps_retries_during_an_outage() {
     println!("retries during the outage: {retries} for 100 calls");
 }
 
+/// A gRPC stream that ends UNAVAILABLE in its trailers, after messages,
+/// counts against its endpoint as a trailers-only UNAVAILABLE does; streams
+/// that end OK do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_status_in_trailers_counts_for_the_breaker() {
+    let etcd = Etcd::start().await;
+    let control = Control::start(&etcd, 5).await;
+    let urls = [control.url()];
+    let (v1, v2, app) = (
+        Backend::grpc("inference", "v1").await,
+        Backend::grpc("inference", "v2").await,
+        Backend::http("agent", "v1").await,
+    );
+    let (_s1, _s2, caller) = tokio::join!(
+        Sidecar::start(&urls, "inference", "version=v1", v1.addr, "gt-v1"),
+        Sidecar::start(&urls, "inference", "version=v2", v2.addr, "gt-v2"),
+        Sidecar::start(&urls, "agent", "", app.addr, "gt-agent"),
+    );
+    apply(
+        &control.url(),
+        "kind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 3, base_ejection: 30s, max_ejection_percent: 50 }\n",
+    )
+    .await;
+    let _ = send(&pooled_client(), caller.outbound, "inference", "/", &[]).await;
+    let c = &caller;
+    eventually("caller sees both instances", Duration::from_secs(20), || async move {
+        c.endpoint_addrs("inference").await.len() == 2
+    })
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", caller.outbound))
+        .unwrap()
+        .origin("http://inference".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let client = harness::example_pb::inference_client::InferenceClient::new(channel);
+    let stream = |prompt: &str| {
+        let req = harness::example_pb::InferRequest { prompt: prompt.into(), tokens: 2 };
+        let mut client = client.clone();
+        async move {
+            let mut s = client.generate(req).await.unwrap().into_inner();
+            let mut got = Vec::new();
+            loop {
+                match s.message().await {
+                    Ok(Some(m)) => got.push(m.text),
+                    Ok(None) => return (got, None),
+                    Err(e) => return (got, Some(e)),
+                }
+            }
+        }
+    };
+    let ejections = |m: &str| counter(m, "weft_breaker_ejections_total", &["service=\"inference\""]);
+    for _ in 0..10 {
+        let (got, err) = stream("ok").await;
+        assert_eq!(got, ["ok #0", "ok #1"]);
+        assert!(err.is_none(), "{err:?}");
+    }
+    assert_eq!(ejections(&caller.metrics().await), 0.0);
+    // Twelve failing streams over two instances: one of them fails at least
+    // three times in a row. The verdict is given as the trailers pass, before
+    // the caller sees them.
+    for _ in 0..12 {
+        let (got, err) = stream("fail").await;
+        assert_eq!(got, ["fail #0", "fail #1"]);
+        let err = err.expect("the stream ends in an error");
+        assert_eq!((err.code(), err.message()), (tonic::Code::Unavailable, "asked to fail"));
+    }
+    assert!(ejections(&caller.metrics().await) >= 1.0, "{}", caller.metrics().await);
+    drop(client);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_ejects_the_failing_instance_and_fallback_answers_when_nothing_is_left() {
     let bed = Bed::start().await;
