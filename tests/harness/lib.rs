@@ -519,6 +519,21 @@ impl Drop for Backend {
     }
 }
 
+/// A gRPC client of the example inference API, through the sidecar listening
+/// on `outbound`, with `origin` (`http://service[:port]`) naming the service.
+pub async fn inference_client(
+    outbound: SocketAddr,
+    origin: &str,
+) -> example_pb::inference_client::InferenceClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))
+        .unwrap()
+        .origin(origin.parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    example_pb::inference_client::InferenceClient::new(channel)
+}
+
 /// The result of running weftctl.
 #[derive(Debug)]
 pub struct CtlOutput {

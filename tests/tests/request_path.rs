@@ -73,13 +73,7 @@ async fn grpc_unary_and_streaming_through_two_sidecars() {
         harness::Sidecar::start(&urls, "inference", "version=v1", backend.addr, "grpc-inference"),
         harness::Sidecar::start(&urls, "agent", "", caller_app.addr, "grpc-agent"),
     );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", caller.outbound))
-        .unwrap()
-        .origin("http://inference:50051".parse().unwrap())
-        .connect()
-        .await
-        .unwrap();
-    let mut client = example_pb::inference_client::InferenceClient::new(channel);
+    let mut client = harness::inference_client(caller.outbound, "http://inference:50051").await;
 
     let reply = client.infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 }).await.unwrap().into_inner();
     assert_eq!(reply.text, "echo: hi");
@@ -111,13 +105,8 @@ async fn grpc_unary_and_streaming_through_two_sidecars() {
     assert!(tokio::time::timeout(Duration::from_secs(10), replies.next()).await.unwrap().is_none());
 
     // A gRPC call to an unknown service gets a real grpc-status.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", caller.outbound))
-        .unwrap()
-        .origin("http://nosuch".parse().unwrap())
-        .connect()
+    let err = harness::inference_client(caller.outbound, "http://nosuch")
         .await
-        .unwrap();
-    let err = example_pb::inference_client::InferenceClient::new(channel)
         .infer(example_pb::InferRequest { prompt: "x".into(), tokens: 1 })
         .await
         .unwrap_err();

@@ -165,13 +165,7 @@ async fn grpc_status_in_trailers_counts_for_the_breaker() {
         c.endpoint_addrs("inference").await.len() == 2
     })
     .await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", caller.outbound))
-        .unwrap()
-        .origin("http://inference".parse().unwrap())
-        .connect()
-        .await
-        .unwrap();
-    let client = harness::example_pb::inference_client::InferenceClient::new(channel);
+    let client = harness::inference_client(caller.outbound, "http://inference").await;
     let stream = |prompt: &str| {
         let req = harness::example_pb::InferRequest { prompt: prompt.into(), tokens: 2 };
         let mut client = client.clone();

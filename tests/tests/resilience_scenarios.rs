@@ -282,13 +282,7 @@ rules:
 "#,
     )
     .await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", caller.outbound))
-        .unwrap()
-        .origin("http://inference".parse().unwrap())
-        .connect()
-        .await
-        .unwrap();
-    let mut client = example_pb::inference_client::InferenceClient::new(channel);
+    let mut client = harness::inference_client(caller.outbound, "http://inference").await;
     let call = |case: &'static str| {
         let mut req = tonic::Request::new(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 });
         req.metadata_mut().insert("x-case", case.parse().unwrap());
