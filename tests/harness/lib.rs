@@ -102,9 +102,29 @@ fn log_file(dir: &Path, name: &str) -> (std::fs::File, LogFile) {
     (f, LogFile { path, name: name.to_string() })
 }
 
+/// Makes the child die with the test: `kill_on_drop` covers a test that
+/// ends or panics, this a test binary that is itself killed (a timeout, ^C),
+/// which would otherwise leave etcd and sidecars running.
+fn dies_with_test(cmd: &mut Command) -> &mut Command {
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The test may have gone before the line above.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Spawns a binary and waits for its "listening" line on stdout.
 async fn spawn_listening(mut cmd: Command, what: &str, log: std::fs::File) -> (Child, String) {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null()).kill_on_drop(true);
+    dies_with_test(&mut cmd).stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null()).kill_on_drop(true);
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {what}: {e}"));
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
@@ -167,7 +187,7 @@ impl Etcd {
         let (file, _) = log_file(self.dir.path(), "etcd");
         let client = format!("http://127.0.0.1:{}", self.port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let child = dies_with_test(&mut Command::new("etcd"))
             .arg("--name")
             .arg("weft-test")
             .arg("--data-dir")
