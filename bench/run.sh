@@ -221,7 +221,7 @@ RSS_LOAD_IN=$(rss_mb "$(pid_of bench-in)"); RSS_LOAD_OUT=$(rss_mb "$(pid_of benc
 OPEN_ORDER=(direct weft-1hop nginx haproxy weft-2hops haproxy-2hops)
 # Interleaved rounds, like the closed loop: one run per scenario is at the
 # mercy of whatever else the shared machine does in those seconds.
-OPEN_DURATION=${BENCH_OPEN_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 5)}
+OPEN_DURATION=${BENCH_OPEN_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 4)}
 for r in $(seq 1 "$ROUNDS"); do
   for rate in 1000 5000; do
     conns=$([ "$rate" = 1000 ] && echo 16 || echo 64)
