@@ -162,6 +162,9 @@ async fn session(
 fn apply(shared: &Shared, update: &pb::Update) -> pb::proxy_message::Msg {
     let current = shared.table.load();
     let (table, errors) = apply_update(&current, update);
+    crate::telemetry::set_configured_tenants(
+        table.services.values().flat_map(|s| s.tenants.keys().chain(s.tenant_routes.keys())).map(String::as_str),
+    );
     shared.table.store(Arc::new(table));
     shared.config_received.store(true, Ordering::Relaxed);
     metrics::gauge!("weft_config_version").set(update.version as f64);

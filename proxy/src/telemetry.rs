@@ -2,8 +2,9 @@
 //! `weft_requests_total{direction,service,tenant,code,degraded}` and
 //! `weft_request_duration_seconds`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hashbrown::{Equivalent, HashMap, HashSet};
@@ -58,7 +59,13 @@ const CACHE_LIMIT: usize = 4096;
 
 thread_local! {
     static HANDLES: RefCell<HashMap<LabelSet, Handles>> = RefCell::new(HashMap::new());
+    /// The tenant-label generation the cache was filled under.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
 }
+
+/// Bumped when the configured tenants change, so that every thread drops
+/// handles whose `tenant` label may now be wrong.
+static TENANT_GENERATION: AtomicU64 = AtomicU64::new(0);
 
 pub fn record_request(
     direction: &'static str,
@@ -70,6 +77,11 @@ pub fn record_request(
 ) {
     let key = LabelRef { direction, service, tenant, code, degraded };
     HANDLES.with_borrow_mut(|cache| {
+        let generation = TENANT_GENERATION.load(Ordering::Relaxed);
+        if GENERATION.get() != generation {
+            GENERATION.set(generation);
+            cache.clear();
+        }
         if let Some(h) = cache.get(&key) {
             return h.record(elapsed);
         }
@@ -83,25 +95,45 @@ pub fn record_request(
     });
 }
 
-/// How many tenant names get a `tenant` label of their own. The name comes
-/// from a request header, so past this many the rest are counted under
-/// `tenant="other"`: callers inventing tenant names cannot grow the metrics
-/// registry (and every scrape) without bound.
+/// How many tenant names that no route or limit names get a `tenant` label
+/// of their own. The name comes from a request header, so past this many the
+/// rest are counted under `tenant="other"`: callers inventing tenant names
+/// cannot grow the metrics registry (and every scrape) without bound.
+/// Tenants the configuration names always keep their label.
 const TENANT_LABELS: usize = 1000;
 const OTHER_TENANTS: &str = "other";
 
-static TENANTS: Mutex<Option<HashSet<Box<str>>>> = Mutex::new(None);
+#[derive(Default)]
+struct TenantLabels {
+    configured: HashSet<Box<str>>,
+    seen: HashSet<Box<str>>,
+}
 
-/// The `tenant` label for `tenant`: its own name while there is room, else
-/// `other`. Looked up only when a label set is first seen on a thread.
+static TENANTS: Mutex<Option<TenantLabels>> = Mutex::new(None);
+
+/// Sets the tenants the configuration names (tenant routes and limits),
+/// which always get a `tenant` label of their own.
+pub fn set_configured_tenants<'a>(names: impl IntoIterator<Item = &'a str>) {
+    let configured: HashSet<Box<str>> = names.into_iter().map(Box::from).collect();
+    let mut t = TENANTS.lock().unwrap_or_else(|e| e.into_inner());
+    let t = t.get_or_insert_with(TenantLabels::default);
+    if t.configured != configured {
+        t.configured = configured;
+        TENANT_GENERATION.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The `tenant` label for `tenant`: its own name if the configuration names
+/// it or while there is room, else `other`. Looked up only when a label set
+/// is first seen on a thread.
 fn tenant_label(tenant: &str) -> &str {
-    let mut seen = TENANTS.lock().unwrap_or_else(|e| e.into_inner());
-    let seen = seen.get_or_insert_with(HashSet::new);
-    if seen.contains(tenant) {
+    let mut t = TENANTS.lock().unwrap_or_else(|e| e.into_inner());
+    let t = t.get_or_insert_with(TenantLabels::default);
+    if t.configured.contains(tenant) || t.seen.contains(tenant) {
         return tenant;
     }
-    if seen.len() < TENANT_LABELS {
-        seen.insert(tenant.into());
+    if t.seen.len() < TENANT_LABELS {
+        t.seen.insert(tenant.into());
         return tenant;
     }
     OTHER_TENANTS
@@ -136,8 +168,16 @@ mod tests {
             assert!(own <= TENANT_LABELS, "more than {TENANT_LABELS} tenant labels");
         }
         assert!(own > 0);
-        // A name seen before keeps its label; a new one is "other".
+        // A name seen before keeps its label; a new one is "other", unless
+        // the configuration names it.
         assert_eq!(tenant_label("t0"), "t0");
+        assert_eq!(tenant_label("never-seen-before"), OTHER_TENANTS);
+        let generation = TENANT_GENERATION.load(Ordering::Relaxed);
+        set_configured_tenants(["acme", "never-seen-before"]);
+        assert_eq!(tenant_label("never-seen-before"), "never-seen-before");
+        assert_eq!(tenant_label("acme"), "acme");
+        assert!(TENANT_GENERATION.load(Ordering::Relaxed) > generation, "cached handles are dropped");
+        set_configured_tenants(["acme"]);
         assert_eq!(tenant_label("never-seen-before"), OTHER_TENANTS);
     }
 }
