@@ -111,7 +111,7 @@ impl Outbound {
         };
         // A cheap clone (shared bytes); parsed only if the call is degraded.
         let traceparent = req.headers().get(&TRACEPARENT).cloned();
-        let result = self.route_and_forward(&service, &tenant, req, &mut degraded).await;
+        let result = self.route_and_forward(&service, &tenant, grpc, req, &mut degraded).await;
         let resp = finish(result, &degraded, grpc, "outbound", &service, &tenant, started);
         if degraded.any() {
             let trace_id =
@@ -136,6 +136,7 @@ impl Outbound {
         &self,
         service: &str,
         tenant: &str,
+        grpc: bool,
         req: Request<Incoming>,
         degraded: &mut Degraded,
     ) -> Result<http::Response<ProxyBody>, ProxyError> {
@@ -151,7 +152,6 @@ impl Outbound {
         let deadline = timeout.map(|t| Instant::now() + t);
 
         let (parts, body) = req.into_parts();
-        let grpc = is_grpc_parts(&parts);
         // Buffer only what is known to be small and complete: no body at all,
         // or a declared length within the limit.
         let replayable = http_body::Body::is_end_stream(&body)
@@ -461,10 +461,6 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
     *req.version_mut() = p.version;
     *req.headers_mut() = p.headers.clone();
     req.into_parts().0
-}
-
-fn is_grpc_parts(p: &http::request::Parts) -> bool {
-    p.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// gRPC status of a trailers-only answer, if any.
