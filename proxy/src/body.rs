@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use crate::outbound::Verdict;
 use crate::tenancy::{self, TenantGuard};
 use crate::upstream::PooledBody;
 
@@ -34,11 +35,6 @@ pub fn reply(b: PooledBody) -> ProxyBody {
 pub fn reply_judged(b: PooledBody, verdict: Option<Verdict>) -> ProxyBody {
     Either::Left(Tapped { inner: b, guard: None, usage: None, verdict })
 }
-
-/// Told once how a gRPC call whose status comes in trailers ended: `true`
-/// when it failed (UNAVAILABLE, or the stream broke). Not told when the
-/// caller goes away first or the body ends without trailers.
-pub type Verdict = Box<dyn FnOnce(bool) + Send + Sync>;
 
 /// A streamed response body that keeps its tenant's request counted in
 /// flight until the body ends, adds the inference tokens reported in a
@@ -73,13 +69,13 @@ impl Body for Tapped {
                         state.add_usage(n);
                     }
                     if let Some(v) = this.verdict.take() {
-                        v(crate::errors::grpc_status(t) == Some(crate::errors::GRPC_UNAVAILABLE));
+                        v.give(crate::errors::grpc_status(t) == Some(crate::errors::GRPC_UNAVAILABLE));
                     }
                 }
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(v) = this.verdict.take() {
-                    v(true);
+                    v.give(true);
                 }
                 this.guard = None;
                 this.usage = None;

@@ -202,7 +202,7 @@ impl Outbound {
         // the app, so it is safe to send elsewhere whatever its method.
         let mut shed_retried = false;
         let mut extra_try = false;
-        let mut verdict: Option<crate::body::Verdict> = None;
+        let mut verdict: Option<Verdict> = None;
         for attempt in 0..=max_tries {
             if attempt == max_tries && !extra_try {
                 break;
@@ -273,14 +273,7 @@ impl Outbound {
             } else if grpc && matches!(&outcome, Ok(r) if status_in_trailers(r)) {
                 // A gRPC call's status is still to come, in the trailers:
                 // the response body gives the verdict when they arrive.
-                let (svc, endpoint) = (svc.clone(), endpoint.clone());
-                verdict = Some(Box::new(move |failed| {
-                    if failed {
-                        endpoint_failed(&svc, &endpoint, resilience::now_ms());
-                    } else {
-                        endpoint.health.record_success();
-                    }
-                }));
+                verdict = Some(Verdict { svc: svc.clone(), endpoint: endpoint.clone() });
             } else {
                 endpoint.health.record_success();
             }
@@ -502,6 +495,25 @@ fn should_retry(on: &RetryOn, o: &Outcome) -> bool {
         Err(ProxyError::Timeout { .. }) => on.server_error || on.gateway_error,
         Err(ProxyError::Upstream { .. }) => on.reset || on.server_error,
         Err(_) => false,
+    }
+}
+
+/// The breaker's verdict on a gRPC call whose status comes in trailers,
+/// given by the response body when they pass. Not given when the caller goes
+/// away first or the body ends without trailers.
+pub struct Verdict {
+    svc: Arc<Service>,
+    endpoint: Arc<crate::config::Endpoint>,
+}
+
+impl Verdict {
+    /// `failed`: UNAVAILABLE, or the stream broke.
+    pub fn give(self, failed: bool) {
+        if failed {
+            endpoint_failed(&self.svc, &self.endpoint, resilience::now_ms());
+        } else {
+            self.endpoint.health.record_success();
+        }
     }
 }
 
