@@ -293,12 +293,6 @@ impl Store {
         Ok(r.id())
     }
 
-    pub async fn revoke_lease(&self, lease: i64) -> Result<()> {
-        let mut c = self.client.clone();
-        c.lease_revoke(lease).await.map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
     /// Keeps a lease alive until the returned future is dropped or etcd says
     /// the lease is gone: `Ok(())` means gone; an error means the keep-alive
     /// stream broke and the lease may still be there.
