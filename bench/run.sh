@@ -309,23 +309,22 @@ cg_count() { # name pid addr host h2flag -> appends "name Ir/request" to cg.txt
   echo "$name $(awk -v i="$ir" -v n="$ok" 'BEGIN { printf "%.0f", i/n }')" >>"$WORK/cg.txt"
   echo "callgrind $name: $(tail -1 "$WORK/cg.txt" | cut -d' ' -f2) instructions per request ($ok requests)"
 }
-cg_weft() { # name h2flag host weft-proxy args...
-  local name=$1 h2=$2 host=$3; shift 3
+cg_weft() { # name listener(inbound|outbound) h2flag host service app
+  local name=$1 listener=$2 h2=$3 host=$4 service=$5 app=$6
   start "cg-$name" taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind-$name" "$BIN/weft-proxy" \
-    --control "$CONTROL" --admin 127.0.0.1:0 --id "cg-$name" "$@"
+    --control "$CONTROL" --service "$service" --app "$app" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 \
+    --admin 127.0.0.1:0 --id "cg-$name"
   wait_line "$WORK/cg-$name.out" listening
-  local pid listen
+  local pid
   pid=$(pgrep -f "valgrind.*--id cg-$name" | head -1)
-  listen=$(addr "cg-$name" "$([ "$name" = weft-outbound ] && echo outbound || echo inbound)")
-  cg_count "$name" "$pid" "$listen" "$host" "$h2"
+  cg_count "$name" "$pid" "$(addr "cg-$name" "$listener")" "$host" "$h2"
   kill "$pid"
 }
-cg_weft weft-inbound "" backend --service backend-cg --app "127.0.0.1:$BACK" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0
+cg_weft weft-inbound inbound "" backend backend-cg "127.0.0.1:$BACK"
 # A quick run counts the HTTP/1.1 hop only.
 if [ "$QUICK" != 1 ]; then
-  cg_weft weft-outbound "" backend --service client-cg --app "127.0.0.1:$BACK" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0
-  cg_weft weft-inbound-h2 --h2 backend-h2 --service backend-h2-cg --app "127.0.0.1:$BACKH2" --inbound 127.0.0.1:0 \
-    --outbound 127.0.0.1:0
+  cg_weft weft-outbound outbound "" backend client-cg "127.0.0.1:$BACK"
+  cg_weft weft-inbound-h2 inbound --h2 backend-h2 backend-h2-cg "127.0.0.1:$BACKH2"
 fi
 start cg-haproxy taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind-haproxy" haproxy -f "$WORK/haproxy-cg.cfg"
 CGH=$(pgrep -f "valgrind.*haproxy-cg.cfg" | head -1)
