@@ -1,15 +1,29 @@
 # weft — see README.md. Every target installs the Debian packages it needs.
 SHELL := /bin/bash
 CARGO ?= cargo
-TEST_DEPS := etcd-server etcd-client protobuf-compiler
-BENCH_DEPS := $(TEST_DEPS) wrk nginx-light haproxy valgrind
+# protoc builds the gRPC bindings (ours and etcd-client's); libprotobuf-dev
+# holds the well-known types (google/protobuf/*.proto) that etcd-client's
+# protos import, which protobuf-compiler only recommends.
+TEST_DEPS := etcd-server etcd-client protobuf-compiler libprotobuf-dev
+DEMO_DEPS := $(TEST_DEPS) curl
+BENCH_DEPS := $(DEMO_DEPS) wrk nginx-light haproxy valgrind
 
-.PHONY: all deps build lint fmt test demo bench clean
+.PHONY: all deps demo-deps toolchain build lint fmt test demo bench clean print-deps
 
 all: build
 
-deps:
+deps: toolchain
 	@scripts/install-deps.sh $(TEST_DEPS)
+
+demo-deps: toolchain
+	@scripts/install-deps.sh $(DEMO_DEPS)
+
+toolchain:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup, stable >= 1.88) first"; exit 1; }
+
+# Every Debian package a target may install (scripts/fresh-check.sh purges them).
+print-deps:
+	@echo $(BENCH_DEPS)
 
 build: deps
 	$(CARGO) build --workspace --bins
@@ -27,11 +41,11 @@ test: lint build
 	@set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test-output.txt
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "weft: %d passed, %d failed\n", p, f }' target/test-output.txt
 
-demo: build
+demo: demo-deps build
 	bash examples/demo.sh
 
-bench:
-	@scripts/install-deps.sh $(BENCH_DEPS)
+bench: toolchain
+	@scripts/install-deps.sh $(BENCH_DEPS) $$(command -v python3 >/dev/null || echo python3)
 	$(CARGO) build --release --workspace --bins
 	bash bench/run.sh
 

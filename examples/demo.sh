@@ -17,7 +17,17 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+USED_PORTS=" "
+port() { # VAR: a loopback port where nothing listens (etcd and the router's sidecar need one up front)
+  local -n out=$1
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 40000))
+    case "$USED_PORTS" in *" $p "*) continue ;; esac
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
+    USED_PORTS+="$p "; out=$p; return
+  done
+}
 start() { local name=$1; shift; "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" & PIDS+=($!); disown $!; }
 wait_line() { # file pattern
   for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
@@ -31,7 +41,7 @@ addr() { grep -o "$2=[^ ]*" "$WORK/$1.out" | cut -d= -f2; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "starting etcd, weft-control and the example platform"
-EP=$(port); PP=$(port)
+port EP; port PP
 start etcd etcd --data-dir "$WORK/etcd" --listen-client-urls "http://127.0.0.1:$EP" \
   --advertise-client-urls "http://127.0.0.1:$EP" --listen-peer-urls "http://127.0.0.1:$PP" \
   --initial-advertise-peer-urls "http://127.0.0.1:$PP" --initial-cluster "default=http://127.0.0.1:$PP" --log-level warn
@@ -48,7 +58,7 @@ for v in v1 v2; do
   start "sidecar-$v" "$BIN/weft-proxy" --service inference --labels "version=$v,region=local" --app "$APP" \
     --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id "inference-$v"
 done
-RO=$(port)
+port RO
 start app-router "$BIN/weft-example-service" --listen 127.0.0.1:0 --service agent-router --outbound "127.0.0.1:$RO"
 wait_line "$WORK/app-router.out" listening
 ROUTER=$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-router.out")
