@@ -49,7 +49,7 @@ fn apply_response(revision: u64, results: Vec<(ResourceId, Action)>) -> pb::Appl
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Conflict { .. } => Status::aborted(e.to_string()),
-        StoreError::Etcd { .. } | StoreError::KeepAliveClosed { .. } => Status::unavailable(e.to_string()),
+        StoreError::Etcd { .. } => Status::unavailable(e.to_string()),
     }
 }
 

@@ -25,7 +25,7 @@ use xds_proto::v1::discovery_server::Discovery;
 
 use crate::index::Snapshot;
 use crate::policy::check_name;
-use crate::store::{EndpointRecord, ProxyRecord, Store};
+use crate::store::{EndpointRecord, ProxyRecord, REGISTRATIONS_PER_TXN, Removal, Store};
 use crate::traces::TraceLog;
 
 /// How many services one sidecar may subscribe to.
@@ -40,12 +40,15 @@ struct Shared {
     store: Store,
     /// Coalesces ACK/NACK records into batched etcd writes; removals go
     /// through it too, so no record queued earlier outlives its removal.
-    records: mpsc::UnboundedSender<RecordOp>,
+    /// Bounded: sessions wait when etcd falls behind.
+    records: mpsc::Sender<RecordOp>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     replica: String,
     /// This replica's lease; `None` while it is being granted again.
     lease: watch::Receiver<Option<i64>>,
     traces: Arc<TraceLog>,
+    /// Sent with every update (`Update.endpoint_hold_ms`).
+    endpoint_hold_ms: u64,
 }
 
 /// Work for the batched record writer.
@@ -55,13 +58,17 @@ enum RecordOp {
     Register(EndpointRecord, ProxyRecord, i64, oneshot::Sender<crate::store::Result<u64>>),
     Save(ProxyRecord, i64),
     /// Delete a sidecar's records unless its endpoint was written after
-    /// `endpoint_rev`.
-    Remove {
-        service: String,
-        proxy_id: String,
-        endpoint_rev: u64,
-    },
+    /// `endpoint_rev`, and mark it departed.
+    Remove(Removal),
 }
+
+/// Record operations queued for the writer at most; a session whose
+/// operation does not fit waits.
+pub const RECORD_QUEUE: usize = 8192;
+
+/// How long a departure marker stays in etcd: long enough for every
+/// replica's watch to see it with the removal.
+const DEPARTED_TTL: Duration = Duration::from_secs(60);
 
 impl DiscoveryService {
     pub fn new(
@@ -71,11 +78,17 @@ impl DiscoveryService {
         lease_ttl: i64,
         traces: Arc<TraceLog>,
     ) -> Self {
-        let (records, rx) = mpsc::unbounded_channel();
+        let (records, rx) = mpsc::channel(RECORD_QUEUE);
         tokio::spawn(write_records(store.clone(), rx));
         let (lease_tx, lease) = watch::channel(None);
-        tokio::spawn(hold_lease(store.clone(), lease_ttl, lease_tx));
-        DiscoveryService { inner: Arc::new(Shared { store, records, snapshots, replica, lease, traces }) }
+        tokio::spawn(crate::lease::hold(store.clone(), lease_ttl, lease_tx));
+        // Long enough for a replica's sidecars to reach another replica (their
+        // backoff tops out at 5 s) or for the replica to take a new lease,
+        // and register again.
+        let endpoint_hold_ms = (3 * lease_ttl.max(1) as u64 * 1000).max(10_000);
+        DiscoveryService {
+            inner: Arc::new(Shared { store, records, snapshots, replica, lease, traces, endpoint_hold_ms }),
+        }
     }
 
     /// The replica's lease (`None` while it is being granted).
@@ -205,15 +218,19 @@ impl Session {
                     // The replica's lease was granted (the session started
                     // before it was), or lost and granted again: the records
                     // went with the old one.
+                    // While there is none, nothing is written under the
+                    // lost one.
                     let current = *lease.borrow_and_update();
-                    if current.is_some() && self.lease != current {
+                    if self.lease != current {
                         self.lease = None;
-                        self.register().await;
+                        if current.is_some() {
+                            self.register().await;
+                        }
                     }
                 }
             }
         }
-        self.unregister();
+        self.unregister().await;
         metrics::gauge!("weft_control_proxies").decrement(1.0);
         tracing::info!(proxy = %self.hello.proxy_id, "sidecar disconnected");
     }
@@ -238,9 +255,17 @@ impl Session {
                 self.record.subscriptions = self.sorted_subscriptions();
                 return Some(new);
             }
+            Msg::Unsubscribe(u) => {
+                for service in u.services {
+                    if service != self.hello.service {
+                        self.sent.remove(&service);
+                    }
+                }
+                self.record.subscriptions = self.sorted_subscriptions();
+            }
             Msg::Ack(a) => {
                 self.record.acked_version = self.record.acked_version.max(a.version);
-                self.save_record();
+                self.save_record().await;
             }
             Msg::Nack(n) => {
                 metrics::counter!("weft_control_nacks_total").increment(1);
@@ -248,7 +273,7 @@ impl Session {
                 tracing::warn!(proxy = %self.hello.proxy_id, version = n.version, reasons = ?reasons, "update NACKed");
                 self.record.nacked_version = n.version;
                 self.record.last_nack = reasons.join("; ");
-                self.save_record();
+                self.save_record().await;
             }
             Msg::Readiness(r) => {
                 if r.ready != self.ready {
@@ -263,7 +288,7 @@ impl Session {
             }
             Msg::Deregister(_) => {
                 self.deregistered = true;
-                self.unregister();
+                self.unregister().await;
             }
             Msg::Degraded(d) => {
                 if d.dropped > 0 {
@@ -312,7 +337,11 @@ impl Session {
             return Ok(());
         }
         let msg = pb::ControlMessage {
-            msg: Some(pb::control_message::Msg::Update(pb::Update { version: snap.revision, services })),
+            msg: Some(pb::control_message::Msg::Update(pb::Update {
+                version: snap.revision,
+                services,
+                endpoint_hold_ms: self.shared.endpoint_hold_ms,
+            })),
         };
         let r = self.tx.send(Ok(msg)).await.map_err(|_| ());
         metrics::histogram!("weft_control_push_seconds").record(started.elapsed().as_secs_f64());
@@ -339,7 +368,10 @@ impl Session {
         // Through the batched writer: thousands of sidecars connecting at
         // once (a replica restart) become a few hundred transactions.
         let (done, written) = oneshot::channel();
-        let _ = self.shared.records.send(RecordOp::Register(self.endpoint_record(), self.record.clone(), lease, done));
+        let op = RecordOp::Register(self.endpoint_record(), self.record.clone(), lease, done);
+        if self.shared.records.send(op).await.is_err() {
+            return;
+        }
         match written.await {
             Ok(Ok(rev)) => {
                 self.endpoint_rev = rev;
@@ -352,67 +384,47 @@ impl Session {
 
     /// Queues the record for the batched writer: with thousands of sidecars
     /// ACKing one update, one put each would crowd etcd.
-    fn save_record(&self) {
+    async fn save_record(&self) {
         if let Some(lease) = self.lease {
-            let _ = self.shared.records.send(RecordOp::Save(self.record.clone(), lease));
+            let _ = self.shared.records.send(RecordOp::Save(self.record.clone(), lease)).await;
         }
     }
 
     /// Removes the instance's records (through the writer, after any record
     /// it still has queued).
-    fn unregister(&mut self) {
-        if self.lease.take().is_some() {
-            let _ = self.shared.records.send(RecordOp::Remove {
+    async fn unregister(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let removal = Removal {
                 service: self.hello.service.clone(),
                 proxy_id: self.hello.proxy_id.clone(),
                 endpoint_rev: self.endpoint_rev,
-            });
+                lease,
+            };
+            let _ = self.shared.records.send(RecordOp::Remove(removal)).await;
         }
-    }
-}
-
-/// Grants this replica's lease and keeps it alive; grants a new one when
-/// etcd says it is gone (e.g. etcd was unreachable for longer than the TTL).
-async fn hold_lease(store: Store, ttl: i64, lease: watch::Sender<Option<i64>>) {
-    loop {
-        let id = match store.grant_lease(ttl).await {
-            Ok(id) => id,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot grant the replica lease; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                if lease.is_closed() {
-                    return;
-                }
-                continue;
-            }
-        };
-        metrics::counter!("weft_control_lease_grants_total").increment(1);
-        lease.send_replace(Some(id));
-        // A broken keep-alive stream is opened again on the same lease for
-        // as long as etcd still has it.
-        loop {
-            match store.keep_alive(id, ttl).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, lease = id, "replica lease keep-alive interrupted");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-            if lease.is_closed() {
-                return;
-            }
-        }
-        tracing::warn!(lease = id, "replica lease expired; granting a new one");
-        lease.send_replace(None);
     }
 }
 
 /// Writes what was queued in the last 20 ms (or while the previous batch
-/// was written): registrations, 64 per transaction; then the latest proxy
-/// record of each sidecar, 128 per transaction; then removals, 32 per
-/// transaction.
-async fn write_records(store: Store, mut rx: mpsc::UnboundedReceiver<RecordOp>) {
-    while let Some(first) = rx.recv().await {
+/// was written): registrations, [`REGISTRATIONS_PER_TXN`] per transaction;
+/// then the latest proxy record of each sidecar, 128 per transaction; then
+/// removals, 32 per transaction. Departure markers are deleted once they are
+/// [`DEPARTED_TTL`] old.
+async fn write_records(store: Store, mut rx: mpsc::Receiver<RecordOp>) {
+    let mut markers: std::collections::VecDeque<(Instant, String, String)> = Default::default();
+    let mut sweep = tokio::time::interval(Duration::from_secs(10));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            op = rx.recv() => match op {
+                Some(op) => op,
+                None => return,
+            },
+            _ = sweep.tick() => {
+                forget_old_markers(&store, &mut markers).await;
+                continue;
+            }
+        };
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut registrations = Vec::new();
         let mut replies = Vec::new();
@@ -428,14 +440,14 @@ async fn write_records(store: Store, mut rx: mpsc::UnboundedReceiver<RecordOp>) 
                 RecordOp::Save(rec, lease) => {
                     latest.insert(rec.proxy_id.clone(), (rec, lease));
                 }
-                RecordOp::Remove { service, proxy_id, endpoint_rev } => {
-                    latest.remove(&proxy_id);
-                    removals.push((service, proxy_id, endpoint_rev));
+                RecordOp::Remove(removal) => {
+                    latest.remove(&removal.proxy_id);
+                    removals.push(removal);
                 }
             }
         }
         let mut replies = replies.into_iter();
-        for chunk in registrations.chunks(64) {
+        for chunk in registrations.chunks(REGISTRATIONS_PER_TXN) {
             for result in store.register_many(chunk).await {
                 if let Some(done) = replies.next() {
                     let _ = done.send(result);
@@ -449,9 +461,29 @@ async fn write_records(store: Store, mut rx: mpsc::UnboundedReceiver<RecordOp>) 
             }
         }
         for chunk in removals.chunks(32) {
-            if let Err(e) = store.remove_many(chunk).await {
-                tracing::warn!(error = %e, "cannot remove sidecar records; they go with the replica lease");
+            match store.remove_many(chunk).await {
+                Ok(()) => {
+                    let now = Instant::now();
+                    markers.extend(chunk.iter().map(|r| (now, r.service.clone(), r.proxy_id.clone())));
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot remove sidecar records; they go with the replica lease"),
             }
         }
+    }
+}
+
+async fn forget_old_markers(store: &Store, markers: &mut std::collections::VecDeque<(Instant, String, String)>) {
+    let old: Vec<(String, String)> = std::iter::from_fn(|| {
+        if markers.front().is_some_and(|(at, _, _)| at.elapsed() >= DEPARTED_TTL) {
+            markers.pop_front().map(|(_, s, p)| (s, p))
+        } else {
+            None
+        }
+    })
+    .collect();
+    if !old.is_empty()
+        && let Err(e) = store.forget_departed(&old).await
+    {
+        tracing::debug!(error = %e, "departure markers not deleted; they go with the replica lease");
     }
 }

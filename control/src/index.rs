@@ -38,6 +38,9 @@ pub struct Index {
     /// Keyed by service (or `*`), then tenant.
     tenant_policies: HashMap<String, BTreeMap<String, pb::TenantPolicy>>,
     endpoints: HashMap<String, BTreeMap<String, pb::Endpoint>>,
+    /// Per service, the proxy ids with a departure marker (they left on
+    /// purpose; see `store::Removal`).
+    departed: HashMap<String, std::collections::BTreeSet<String>>,
     built: HashMap<String, Arc<pb::ServiceConfig>>,
     dirty: HashSet<String>,
     all_dirty: bool,
@@ -60,6 +63,10 @@ impl Index {
             };
             match serde_json::from_slice::<EndpointRecord>(value) {
                 Ok(rec) => {
+                    // Registered again: no longer departed.
+                    if let Some(d) = self.departed.get_mut(service) {
+                        d.remove(proxy);
+                    }
                     self.endpoints
                         .entry(service.to_string())
                         .or_default()
@@ -71,6 +78,13 @@ impl Index {
             return;
         }
         if suffix.starts_with("proxies/") {
+            return;
+        }
+        if let Some(rest) = suffix.strip_prefix("departed/") {
+            if let Some((service, proxy)) = rest.split_once('/') {
+                self.departed.entry(service.to_string()).or_default().insert(proxy.to_string());
+                self.dirty.insert(service.to_string());
+            }
             return;
         }
         let Some(id) = ResourceId::from_key_suffix(suffix) else {
@@ -127,6 +141,20 @@ impl Index {
             }
             return;
         }
+        if let Some(rest) = suffix.strip_prefix("departed/") {
+            // A marker is deleted once every watch has seen it; the list
+            // sidecars get shrinks at the service's next rebuild, which
+            // saves a push to every subscriber.
+            if let Some((service, proxy)) = rest.split_once('/')
+                && let Some(d) = self.departed.get_mut(service)
+            {
+                d.remove(proxy);
+                if d.is_empty() {
+                    self.departed.remove(service);
+                }
+            }
+            return;
+        }
         match ResourceId::from_key_suffix(suffix) {
             Some(ResourceId::Route { service, tenant }) => {
                 if let Some(rs) = self.routes.get_mut(&service) {
@@ -171,6 +199,7 @@ impl Index {
             all.extend(self.routes.keys().cloned());
             all.extend(self.endpoints.keys().cloned());
             all.extend(self.resilience.keys().cloned());
+            all.extend(self.departed.keys().cloned());
             all.extend(self.tenant_policies.keys().filter(|k| *k != "*").cloned());
             all.into_iter().collect()
         } else {
@@ -210,16 +239,21 @@ impl Index {
                 }
             }
         }
-        if routes.is_empty() && endpoints.is_empty() && resilience.is_none() && tenant_policies.is_empty() {
+        let departed: Vec<String> = self.departed.get(service).map(|d| d.iter().cloned().collect()).unwrap_or_default();
+        let known = !(routes.is_empty() && endpoints.is_empty() && resilience.is_none() && tenant_policies.is_empty());
+        if !known && departed.is_empty() {
             return None;
         }
+        // A service whose last instance just departed is unknown now, and
+        // its sidecars are told that the instances left on purpose.
         Some(pb::ServiceConfig {
             name: service.to_string(),
-            known: true,
+            known,
             routes,
             endpoints,
             resilience,
             tenant_policies,
+            departed,
         })
     }
 }

@@ -5,6 +5,7 @@
 //! - [`store`]: the etcd adapter and key layout
 //! - [`index`] and [`watcher`]: etcd → immutable snapshots
 //! - [`discovery`]: one session per sidecar (registration, push, ACK/NACK)
+//! - [`lease`]: the replica's etcd lease, granted again when lost
 //! - [`admin`]: the gRPC API for weftctl
 //! - [`auth`]: bearer tokens and tenant-scoped access
 //! - [`traces`]: recent degraded calls reported by sidecars
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod convert;
 pub mod discovery;
 pub mod index;
+pub mod lease;
 pub mod policy;
 pub mod server;
 pub mod store;

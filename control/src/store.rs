@@ -4,8 +4,9 @@
 //! `routes/<service>[/<tenant>]`, `resilience/<service>`,
 //! `tenants/<tenant>/<service|*>`, `endpoints/<service>/<proxy-id>` (leased),
 //! `proxies/<proxy-id>` (leased: what each sidecar last ACKed or NACKed, so
-//! any replica can answer `weftctl status`). Values are JSON with a `schema`
-//! field.
+//! any replica can answer `weftctl status`), `departed/<service>/<proxy-id>`
+//! (leased, short-lived: the sidecar left on purpose, see [`Removal`]).
+//! Values are JSON with a `schema` field.
 
 use std::collections::BTreeMap;
 
@@ -24,8 +25,6 @@ pub enum StoreError {
     },
     #[error("{resource} was changed by someone else during this apply; apply again")]
     Conflict { resource: String },
-    #[error("etcd closed the keep-alive stream of lease {lease:x}")]
-    KeepAliveClosed { lease: i64 },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -40,6 +39,31 @@ pub struct EndpointRecord {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub ready: bool,
+}
+
+/// A sidecar whose records are to be removed: it left on purpose.
+///
+/// The removal writes a departure marker, `departed/<service>/<proxy-id>`,
+/// in the same transaction, so every replica's watch sees the endpoint go
+/// and the marker come at one revision and can tell its sidecars the
+/// endpoint left on purpose. An endpoint that vanishes without a marker (its
+/// lease expired with a replica or during an etcd outage) may be alive and
+/// about to register again, and sidecars hold on to it for a while.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub service: String,
+    pub proxy_id: String,
+    /// Removed only if the endpoint record was last written at this revision.
+    pub endpoint_rev: u64,
+    /// The lease the marker is written under (the replica's).
+    pub lease: i64,
+}
+
+/// The value of a departure marker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Departed {
+    pub schema: u32,
+    pub unix_ms: u64,
 }
 
 /// What one sidecar last said to the control plane.
@@ -293,24 +317,6 @@ impl Store {
         Ok(r.id())
     }
 
-    /// Keeps a lease alive until the returned future is dropped or etcd says
-    /// the lease is gone: `Ok(())` means gone; an error means the keep-alive
-    /// stream broke and the lease may still be there.
-    pub async fn keep_alive(&self, lease: i64, ttl_secs: i64) -> Result<()> {
-        let mut c = self.client.clone();
-        let (mut keeper, mut responses) = c.lease_keep_alive(lease).await.map_err(|e| self.err(e))?;
-        let period = std::time::Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(200));
-        loop {
-            keeper.keep_alive().await.map_err(|e| self.err(e))?;
-            match responses.message().await.map_err(|e| self.err(e))? {
-                Some(r) if r.ttl() > 0 => {}
-                Some(_) => return Ok(()),
-                None => return Err(StoreError::KeepAliveClosed { lease }),
-            }
-            tokio::time::sleep(period).await;
-        }
-    }
-
     /// Writes a proxy's endpoint record under its lease.
     /// Returns the revision of the write.
     pub async fn put_endpoint(&self, rec: &EndpointRecord, lease: i64) -> Result<u64> {
@@ -342,8 +348,9 @@ impl Store {
         Ok(())
     }
 
-    /// Registers sidecars: each one's endpoint and proxy records, in one
-    /// transaction for up to 64 of them. Returns, per sidecar, the revision
+    /// Registers sidecars: each one's endpoint and proxy records (and the
+    /// removal of a departure marker it left earlier), in one transaction for
+    /// up to [`REGISTRATIONS_PER_TXN`] of them. Returns, per sidecar, the revision
     /// its endpoint was written at. When the transaction fails (a lease gone
     /// meanwhile, or one sidecar twice), each is written on its own.
     pub async fn register_many(&self, regs: &[(EndpointRecord, ProxyRecord, i64)]) -> Vec<Result<u64>> {
@@ -353,6 +360,7 @@ impl Store {
                 [
                     leased_put(self.endpoint_key(&ep.service, &ep.proxy_id), json(ep), *lease),
                     leased_put(self.proxy_key(&proxy.proxy_id), json(proxy), *lease),
+                    TxnOp::delete(self.departed_key(&ep.service, &ep.proxy_id), None),
                 ]
             })
             .collect();
@@ -366,6 +374,7 @@ impl Store {
             let one = async {
                 let rev = self.put_endpoint(ep, *lease).await?;
                 self.put_proxy(proxy, *lease).await?;
+                self.forget_departed(&[(ep.service.clone(), ep.proxy_id.clone())]).await?;
                 Ok(rev)
             };
             out.push(one.await);
@@ -375,32 +384,51 @@ impl Store {
 
     /// Deletes a sidecar's endpoint and proxy records, unless the endpoint
     /// was written since `endpoint_rev` (the sidecar has registered again,
-    /// through this replica or another). Returns whether they were deleted.
-    pub async fn remove_instance(&self, service: &str, proxy_id: &str, endpoint_rev: u64) -> Result<bool> {
+    /// through this replica or another), and marks it departed (see
+    /// [`Removal`]). Returns whether they were deleted.
+    pub async fn remove_instance(&self, removal: &Removal) -> Result<bool> {
         let mut c = self.client.clone();
-        let r = c.txn(self.removal(service, proxy_id, endpoint_rev)).await.map_err(|e| self.err(e))?;
+        let r = c.txn(self.removal(removal)).await.map_err(|e| self.err(e))?;
         Ok(r.succeeded())
     }
 
     /// [`Store::remove_instance`] for many sidecars, up to 32 per
     /// transaction (each removal a nested transaction with its own guard).
-    pub async fn remove_many(&self, removals: &[(String, String, u64)]) -> Result<()> {
-        let ops: Vec<TxnOp> = removals.iter().map(|(s, p, rev)| TxnOp::txn(self.removal(s, p, *rev))).collect();
+    pub async fn remove_many(&self, removals: &[Removal]) -> Result<()> {
+        let ops: Vec<TxnOp> = removals.iter().map(|r| TxnOp::txn(self.removal(r))).collect();
         let mut c = self.client.clone();
         if c.txn(Txn::new().and_then(ops)).await.is_ok() {
             return Ok(());
         }
-        for (service, proxy_id, rev) in removals {
-            self.remove_instance(service, proxy_id, *rev).await?;
+        for r in removals {
+            self.remove_instance(r).await?;
         }
         Ok(())
     }
 
-    fn removal(&self, service: &str, proxy_id: &str, endpoint_rev: u64) -> Txn {
-        let endpoint = self.endpoint_key(service, proxy_id);
-        Txn::new()
-            .when([Compare::mod_revision(endpoint.clone(), CompareOp::Equal, endpoint_rev as i64)])
-            .and_then([TxnOp::delete(endpoint, None), TxnOp::delete(self.proxy_key(proxy_id), None)])
+    fn removal(&self, r: &Removal) -> Txn {
+        let endpoint = self.endpoint_key(&r.service, &r.proxy_id);
+        let marker = json(&Departed { schema: 1, unix_ms: unix_ms() });
+        Txn::new().when([Compare::mod_revision(endpoint.clone(), CompareOp::Equal, r.endpoint_rev as i64)]).and_then([
+            TxnOp::delete(endpoint, None),
+            TxnOp::delete(self.proxy_key(&r.proxy_id), None),
+            leased_put(self.departed_key(&r.service, &r.proxy_id), marker, r.lease),
+        ])
+    }
+
+    /// Deletes departure markers (they only need to live until every
+    /// replica's watch has seen them).
+    pub async fn forget_departed(&self, markers: &[(String, String)]) -> Result<()> {
+        for chunk in markers.chunks(64) {
+            let ops: Vec<TxnOp> = chunk.iter().map(|(s, p)| TxnOp::delete(self.departed_key(s, p), None)).collect();
+            let mut c = self.client.clone();
+            c.txn(Txn::new().and_then(ops)).await.map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    fn departed_key(&self, service: &str, proxy_id: &str) -> String {
+        self.key(&format!("departed/{service}/{proxy_id}"))
     }
 
     fn endpoint_key(&self, service: &str, proxy_id: &str) -> String {
@@ -422,6 +450,10 @@ impl Store {
 fn json<T: Serialize>(rec: &T) -> String {
     serde_json::to_string(rec).expect("serializable")
 }
+
+/// Sidecars registered per transaction: three operations each, and etcd
+/// allows 128 operations in a transaction by default (`--max-txn-ops`).
+pub const REGISTRATIONS_PER_TXN: usize = 42;
 
 /// A put under a lease, as a transaction operation.
 fn leased_put(key: String, value: String, lease: i64) -> TxnOp {

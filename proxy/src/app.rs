@@ -61,6 +61,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         last_nack: Mutex::new(None),
         reports,
         reports_dropped: AtomicU64::new(0),
+        endpoint_hold_ms: AtomicU64::new(crate::config::DEFAULT_ENDPOINT_HOLD_MS),
     });
     let (drain_tx, mut drain_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -144,6 +144,7 @@ mod tests {
             labels: BTreeMap::from([("region".to_string(), region.to_string())]),
             ready: true,
             health: Arc::new(Health::default()),
+            held_until_ms: 0,
         })
     }
 

@@ -156,6 +156,41 @@ pub struct Endpoint {
     pub ready: bool,
     /// Shared across config versions for the same address.
     pub health: Arc<Health>,
+    /// Non-zero for an endpoint the control plane stopped listing without
+    /// saying it departed: it is kept (and used) until this time
+    /// ([`crate::resilience::now_ms`] clock) unless it comes back first.
+    pub held_until_ms: u64,
+}
+
+impl Endpoint {
+    pub fn is_held(&self) -> bool {
+        self.held_until_ms != 0
+    }
+}
+
+/// What building a service needs beyond its config: the clock and how long
+/// to hold endpoints that vanish without departing.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildContext {
+    /// Now ([`crate::resilience::now_ms`] clock).
+    pub now_ms: u64,
+    /// How long a vanished endpoint is held.
+    pub hold_ms: u64,
+    /// Held endpoints are kept at least until this time: the start of the
+    /// current discovery stream plus the hold, since a control plane that was
+    /// just reached (restarted, or another replica) may not have every
+    /// instance registered yet.
+    pub hold_floor_ms: u64,
+}
+
+/// The hold used until the control plane says otherwise.
+pub const DEFAULT_ENDPOINT_HOLD_MS: u64 = 30_000;
+
+impl BuildContext {
+    /// A context for tests and for a first build: nothing to hold yet.
+    pub fn at(now_ms: u64) -> BuildContext {
+        BuildContext { now_ms, hold_ms: DEFAULT_ENDPOINT_HOLD_MS, hold_floor_ms: 0 }
+    }
 }
 
 impl Rule {
@@ -317,9 +352,14 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
 }
 
 /// Builds a service from its wire config. `previous` supplies last good
-/// routes (kept when the new one is invalid) and endpoint stats (kept across
-/// versions). Returns the service and the problems found.
-pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Service, Vec<InvalidPolicy>) {
+/// routes (kept when the new one is invalid), endpoint stats (kept across
+/// versions) and the endpoints to hold (see [`held_endpoints`]). Returns the
+/// service and the problems found.
+pub fn build_service(
+    cfg: &pb::ServiceConfig,
+    previous: Option<&Service>,
+    ctx: BuildContext,
+) -> (Service, Vec<InvalidPolicy>) {
     let mut problems = Vec::new();
     let old_health: HashMap<SocketAddr, Arc<Health>> =
         previous.map(|p| p.endpoints.iter().map(|e| (e.addr, e.health.clone())).collect()).unwrap_or_default();
@@ -332,12 +372,17 @@ pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Se
                 labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 ready: e.ready,
                 health: old_health.get(&addr).cloned().unwrap_or_default(),
+                held_until_ms: 0,
             })),
             Err(_) => problems.push(InvalidPolicy {
                 resource: format!("endpoint/{}/{}", cfg.name, e.proxy_id),
                 message: format!("address '{}' is not host:port", e.address),
             }),
         }
+    }
+    if let Some(prev) = previous {
+        let held = held_endpoints(cfg, prev, &endpoints, ctx);
+        endpoints.extend(held);
     }
     let ready: Vec<Arc<Endpoint>> = endpoints.iter().filter(|e| e.ready).cloned().collect();
     let mut default_route = None;
@@ -382,7 +427,9 @@ pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Se
     }
     let service = Service {
         name: cfg.name.clone(),
-        known: cfg.known,
+        // Records lost with a lease make a service look unknown; while its
+        // instances are held it is not.
+        known: cfg.known || endpoints.iter().any(|e| e.is_held()),
         default_route,
         tenant_routes,
         endpoints,
@@ -401,6 +448,48 @@ pub fn build_service(cfg: &pb::ServiceConfig, previous: Option<&Service>) -> (Se
         source,
     };
     (service, problems)
+}
+
+/// The endpoints of `prev` that `cfg` no longer lists but that are kept:
+/// those that did not depart on purpose (`cfg.departed`), were ready, and
+/// whose hold has not run out. An endpoint whose record the control plane
+/// lost (its lease expired with a replica, or during an etcd outage; a
+/// restarted control plane that has not seen it register yet) is most likely
+/// alive and registers again within seconds; dropping it would take a
+/// healthy endpoint away from callers, or leave them none at all.
+fn held_endpoints(
+    cfg: &pb::ServiceConfig,
+    prev: &Service,
+    listed: &[Arc<Endpoint>],
+    ctx: BuildContext,
+) -> Vec<Arc<Endpoint>> {
+    let mut held = Vec::new();
+    for e in &prev.endpoints {
+        let still_listed = listed.iter().any(|n| n.proxy_id == e.proxy_id || n.addr == e.addr);
+        if still_listed || !e.ready || cfg.departed.iter().any(|d| *d == e.proxy_id) {
+            continue;
+        }
+        let until = if e.is_held() { e.held_until_ms.max(ctx.hold_floor_ms) } else { ctx.now_ms + ctx.hold_ms };
+        if until <= ctx.now_ms {
+            continue;
+        }
+        held.push(Arc::new(Endpoint {
+            proxy_id: e.proxy_id.clone(),
+            addr: e.addr,
+            labels: e.labels.clone(),
+            ready: true,
+            health: e.health.clone(),
+            held_until_ms: until,
+        }));
+    }
+    held
+}
+
+impl Service {
+    /// The earliest time a held endpoint's hold runs out, if any.
+    pub fn next_hold_expiry(&self) -> Option<u64> {
+        self.endpoints.iter().filter(|e| e.is_held()).map(|e| e.held_until_ms).min()
+    }
 }
 
 #[cfg(test)]
@@ -437,7 +526,7 @@ mod tests {
 
     #[test]
     fn subsets_resolve_to_endpoints() {
-        let (s, problems) = build_service(&cfg(90, 10), None);
+        let (s, problems) = build_service(&cfg(90, 10), None, BuildContext::at(1));
         assert!(problems.is_empty());
         let rule = &s.default_route.as_ref().unwrap().rules[0];
         assert_eq!(rule.backends[0].endpoints[0].addr.port(), 1);
@@ -446,23 +535,93 @@ mod tests {
 
     #[test]
     fn bad_route_keeps_last_good() {
-        let (good, _) = build_service(&cfg(90, 10), None);
+        let (good, _) = build_service(&cfg(90, 10), None, BuildContext::at(1));
         let mut bad_cfg = cfg(0, 0);
         bad_cfg.routes[0].revision = 8;
-        let (s, problems) = build_service(&bad_cfg, Some(&good));
+        let (s, problems) = build_service(&bad_cfg, Some(&good), BuildContext::at(1));
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].resource, "route/inference");
         assert_eq!(s.default_route.as_ref().unwrap().revision, 7);
         // A later rebuild (e.g. an endpoint change) still has the good route.
-        let (again, _) = build_service(&s.source, Some(&s));
+        let (again, _) = build_service(&s.source, Some(&s), BuildContext::at(1));
         assert_eq!(again.default_route.as_ref().unwrap().revision, 7);
     }
 
     #[test]
     fn endpoint_stats_survive_rebuilds() {
-        let (a, _) = build_service(&cfg(1, 1), None);
-        let (b, _) = build_service(&cfg(2, 1), Some(&a));
+        let (a, _) = build_service(&cfg(1, 1), None, BuildContext::at(1));
+        let (b, _) = build_service(&cfg(2, 1), Some(&a), BuildContext::at(1));
         assert!(Arc::ptr_eq(&a.endpoints[0].health, &b.endpoints[0].health));
         assert!(Arc::ptr_eq(&a.stats, &b.stats));
+    }
+
+    fn addrs(s: &Service) -> Vec<(u16, bool)> {
+        let mut v: Vec<(u16, bool)> = s.endpoints.iter().map(|e| (e.addr.port(), e.is_held())).collect();
+        v.sort();
+        v
+    }
+
+    fn ctx(now_ms: u64) -> BuildContext {
+        BuildContext { now_ms, hold_ms: 10_000, hold_floor_ms: 0 }
+    }
+
+    #[test]
+    fn a_vanished_endpoint_is_held_until_it_returns_or_its_hold_runs_out() {
+        let (full, _) = build_service(&cfg(1, 1), None, ctx(1_000));
+        // b's record is gone (a lease expired): b is held, still routable.
+        let mut without_b = cfg(1, 1);
+        without_b.endpoints.retain(|e| e.proxy_id != "b");
+        let (held, _) = build_service(&without_b, Some(&full), ctx(2_000));
+        assert_eq!(addrs(&held), [(1, false), (2, true)]);
+        assert_eq!(held.next_hold_expiry(), Some(12_000));
+        let rule = &held.default_route.as_ref().unwrap().rules[0];
+        assert_eq!(rule.backends[1].endpoints.len(), 1, "the held endpoint keeps its subset's traffic");
+        assert!(Arc::ptr_eq(&held.endpoints[1].health, &full.endpoints[1].health), "and its breaker state");
+        // Later updates without it keep the first deadline.
+        let (still, _) = build_service(&without_b, Some(&held), ctx(5_000));
+        assert_eq!(still.next_hold_expiry(), Some(12_000));
+        // It registers again: confirmed.
+        let (back, _) = build_service(&cfg(1, 1), Some(&still), ctx(6_000));
+        assert_eq!(addrs(&back), [(1, false), (2, false)]);
+        // Or its hold runs out.
+        let (gone, _) = build_service(&without_b, Some(&still), ctx(12_000));
+        assert_eq!(addrs(&gone), [(1, false)]);
+        // A new discovery stream (floor) extends the hold of what is held.
+        let (again, _) = build_service(
+            &without_b,
+            Some(&still),
+            BuildContext { now_ms: 12_000, hold_ms: 10_000, hold_floor_ms: 20_000 },
+        );
+        assert_eq!(again.next_hold_expiry(), Some(20_000));
+    }
+
+    #[test]
+    fn a_departed_or_not_ready_endpoint_is_dropped_at_once() {
+        let (full, _) = build_service(&cfg(1, 1), None, ctx(1_000));
+        let mut departed = cfg(1, 1);
+        departed.endpoints.retain(|e| e.proxy_id != "b");
+        departed.departed = vec!["b".into()];
+        let (s, _) = build_service(&departed, Some(&full), ctx(2_000));
+        assert_eq!(addrs(&s), [(1, false)]);
+
+        let mut not_ready = cfg(1, 1);
+        not_ready.endpoints[1].ready = false;
+        let (nr, _) = build_service(&not_ready, Some(&full), ctx(2_000));
+        let mut gone = cfg(1, 1);
+        gone.endpoints.retain(|e| e.proxy_id != "b");
+        let (s, _) = build_service(&gone, Some(&nr), ctx(3_000));
+        assert_eq!(addrs(&s), [(1, false)], "a not-ready endpoint had no traffic to keep");
+    }
+
+    #[test]
+    fn a_service_whose_records_all_vanished_stays_known_while_held() {
+        let (full, _) = build_service(&cfg(1, 1), None, ctx(1_000));
+        let unknown = pb::ServiceConfig { name: "inference".into(), known: false, ..Default::default() };
+        let (s, _) = build_service(&unknown, Some(&full), ctx(2_000));
+        assert!(s.known);
+        assert_eq!(s.all_ready.len(), 2);
+        let (later, _) = build_service(&unknown, Some(&s), ctx(20_000));
+        assert!(!later.known, "once the hold ran out it is unknown");
+        assert!(later.endpoints.is_empty());
     }
 }

@@ -15,21 +15,43 @@ use tokio_stream::wrappers::ReceiverStream;
 use xds_proto::v1 as pb;
 use xds_proto::v1::discovery_client::DiscoveryClient;
 
-use crate::config::{Table, build_service};
+use crate::config::{BuildContext, Table, build_service};
+use crate::resilience::now_ms;
 use crate::state::Shared;
 
 /// Applies one update to the current table. Returns the new table and the
 /// problems (one per rejected resource).
-pub fn apply_update(current: &Table, update: &pb::Update) -> (Table, Vec<pb::ResourceError>) {
+pub fn apply_update(current: &Table, update: &pb::Update, ctx: BuildContext) -> (Table, Vec<pb::ResourceError>) {
     let mut services = current.services.clone();
     let mut errors = Vec::new();
     for cfg in &update.services {
         let previous = current.services.get(&cfg.name).map(|s| s.as_ref());
-        let (service, problems) = build_service(cfg, previous);
+        let (service, problems) = build_service(cfg, previous, ctx);
         errors.extend(problems.into_iter().map(|p| pb::ResourceError { resource: p.resource, message: p.message }));
         services.insert(cfg.name.clone(), Arc::new(service));
     }
     (Table { version: update.version, services }, errors)
+}
+
+/// Drops held endpoints whose hold ran out by `ctx.now_ms`: the services
+/// holding them are rebuilt from the config they were built from. `None`
+/// when nothing ran out.
+pub fn expire_holds(current: &Table, ctx: BuildContext) -> Option<Table> {
+    let mut services = current.services.clone();
+    let mut changed = false;
+    for (name, svc) in &current.services {
+        if svc.next_hold_expiry().is_some_and(|t| t <= ctx.now_ms) {
+            let (rebuilt, _) = build_service(&svc.source, Some(svc), ctx);
+            services.insert(name.clone(), Arc::new(rebuilt));
+            changed = true;
+        }
+    }
+    changed.then(|| Table { version: current.version, services })
+}
+
+/// The earliest hold that runs out in `table`.
+fn next_expiry(table: &Table) -> Option<u64> {
+    table.services.values().filter_map(|s| s.next_hold_expiry()).min()
 }
 
 /// Runs until `stop` turns true; then deregisters if connected.
@@ -113,16 +135,34 @@ async fn session(
     let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     shared.control_connected.store(true, Ordering::Relaxed);
     tracing::info!(control = %url, "discovery stream open");
+    // What this control plane lists may lack instances that have not
+    // registered with it yet: endpoints it omits are held at least this long.
+    let stream_started = now_ms();
     loop {
+        let expiry = next_expiry(&shared.table.load());
+        let expiry_at = expiry.map(|t| tokio::time::Instant::now() + Duration::from_millis(t.saturating_sub(now_ms())));
         tokio::select! {
             msg = inbound.message() => match msg? {
                 None => return Ok(Ended::Lost),
                 Some(pb::ControlMessage { msg: Some(pb::control_message::Msg::Update(update)) }) => {
-                    let reply = apply(shared, &update);
+                    if update.endpoint_hold_ms > 0 {
+                        shared.endpoint_hold_ms.store(update.endpoint_hold_ms, Ordering::Relaxed);
+                    }
+                    let reply = apply(shared, &update, build_context(shared, stream_started));
                     tx.send(send(reply)).await?;
                 }
                 Some(_) => {}
             },
+            // Holds run out only while connected: a sidecar that cannot reach
+            // the control plane cannot confirm anything gone.
+            _ = async { tokio::time::sleep_until(expiry_at.expect("guarded")).await }, if expiry_at.is_some() => {
+                let ctx = build_context(shared, stream_started);
+                if let Some(table) = expire_holds(&shared.table.load(), ctx) {
+                    tracing::info!("held endpoints that did not come back are dropped");
+                    shared.table.store(Arc::new(table));
+                    shared.table_changed.send_replace(shared.table.load().version);
+                }
+            }
             Some(service) = subscribe_rx.recv() => {
                 let mut batch = HashSet::new();
                 batch.insert(service);
@@ -159,9 +199,14 @@ async fn session(
     }
 }
 
-fn apply(shared: &Shared, update: &pb::Update) -> pb::proxy_message::Msg {
+fn build_context(shared: &Shared, stream_started: u64) -> BuildContext {
+    let hold_ms = shared.endpoint_hold_ms.load(Ordering::Relaxed);
+    BuildContext { now_ms: now_ms(), hold_ms, hold_floor_ms: stream_started + hold_ms }
+}
+
+fn apply(shared: &Shared, update: &pb::Update, ctx: BuildContext) -> pb::proxy_message::Msg {
     let current = shared.table.load();
-    let (table, errors) = apply_update(&current, update);
+    let (table, errors) = apply_update(&current, update, ctx);
     crate::telemetry::set_configured_tenants(
         table.services.values().flat_map(|s| s.tenants.keys().chain(s.tenant_routes.keys())).map(String::as_str),
     );

@@ -39,6 +39,8 @@ pub struct Shared {
     /// Degraded calls waiting to be reported to the control plane.
     pub reports: mpsc::Sender<xds_proto::v1::DegradedCall>,
     pub reports_dropped: AtomicU64,
+    /// How long vanished endpoints are held (`Update.endpoint_hold_ms`).
+    pub endpoint_hold_ms: AtomicU64,
 }
 
 /// How many degraded-call reports wait for the control plane at most.

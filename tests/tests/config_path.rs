@@ -170,7 +170,7 @@ async fn ready_sidecars_are_registered_and_a_replica_lease_etcd_dropped_is_repla
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_sidecar_spares_a_newer_registration_of_it() {
-    use weft_control::store::{EndpointRecord, ProxyRecord, Store};
+    use weft_control::store::{EndpointRecord, ProxyRecord, Removal, Store};
     let etcd = Etcd::start().await;
     let store = Store::connect(&[etcd.url()], "/weft").await.unwrap();
     let lease = store.grant_lease(30).await.unwrap();
@@ -189,15 +189,22 @@ async fn removing_a_sidecar_spares_a_newer_registration_of_it() {
     // removal ran: the removal leaves both records alone.
     let new = store.put_endpoint(&ep, lease).await.unwrap();
     assert!(new > old);
-    assert!(!store.remove_instance("inference", "p1", old).await.unwrap());
+    let removal = |endpoint_rev| Removal { service: "inference".into(), proxy_id: "p1".into(), endpoint_rev, lease };
+    assert!(!store.remove_instance(&removal(old)).await.unwrap());
     let mut etcd_client = etcd.client().await;
     let count = |c: etcd_client::GetResponse| c.kvs().len();
     assert_eq!(count(etcd_client.get("/weft/endpoints/inference/p1", None).await.unwrap()), 1);
     assert_eq!(count(etcd_client.get("/weft/proxies/p1", None).await.unwrap()), 1);
-    // The current session's removal deletes both.
-    assert!(store.remove_instance("inference", "p1", new).await.unwrap());
+    assert_eq!(count(etcd_client.get("/weft/departed/inference/p1", None).await.unwrap()), 0);
+    // The current session's removal deletes both and marks the sidecar
+    // departed; registering again clears the mark.
+    assert!(store.remove_instance(&removal(new)).await.unwrap());
     assert_eq!(count(etcd_client.get("/weft/endpoints/inference/p1", None).await.unwrap()), 0);
     assert_eq!(count(etcd_client.get("/weft/proxies/p1", None).await.unwrap()), 0);
+    assert_eq!(count(etcd_client.get("/weft/departed/inference/p1", None).await.unwrap()), 1);
+    let regs = store.register_many(&[(ep.clone(), proxy.clone(), lease)]).await;
+    assert!(regs[0].is_ok(), "{regs:?}");
+    assert_eq!(count(etcd_client.get("/weft/departed/inference/p1", None).await.unwrap()), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
