@@ -47,10 +47,48 @@ fn apply_response(revision: u64, results: Vec<(ResourceId, Action)>) -> pb::Appl
 }
 
 fn store_status(e: StoreError) -> Status {
-    match e {
+    match &e {
         StoreError::Conflict { .. } => Status::aborted(e.to_string()),
+        // etcd refused the request itself (too large, too many operations):
+        // the input's fault, not an outage.
+        StoreError::Etcd { source: etcd_client::Error::GRpcStatus(s), .. }
+            if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::OutOfRange) =>
+        {
+            Status::invalid_argument(format!("etcd refused the write: {}", s.message()))
+        }
         StoreError::Etcd { .. } => Status::unavailable(e.to_string()),
     }
+}
+
+/// The apply's size limits, checked before anything is parsed.
+fn check_apply_size(req: &pb::ApplyRequest) -> Result<(), Status> {
+    if req.resources.len() > policy::MAX_APPLY_RESOURCES {
+        return Err(Status::invalid_argument(format!(
+            "{} resources, more than the limit of {} in one apply",
+            req.resources.len(),
+            policy::MAX_APPLY_RESOURCES
+        )));
+    }
+    let mut total = 0;
+    for doc in &req.resources {
+        if doc.json.len() > policy::MAX_RESOURCE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "{}: {} KiB, more than the limit of {} KiB per resource",
+                doc.origin,
+                doc.json.len() / 1024,
+                policy::MAX_RESOURCE_BYTES / 1024
+            )));
+        }
+        total += doc.json.len();
+    }
+    if total > policy::MAX_APPLY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{} KiB of resources, more than the limit of {} KiB in one apply",
+            total / 1024,
+            policy::MAX_APPLY_BYTES / 1024
+        )));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -58,6 +96,7 @@ impl Admin for AdminService {
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         let role = auth::role(&request);
         let req = request.into_inner();
+        check_apply_size(&req)?;
         let mut resources = Vec::new();
         let mut problems = Vec::new();
         for doc in &req.resources {

@@ -45,7 +45,7 @@ impl Tokens {
     pub fn load(path: &str) -> Result<Tokens, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
         let map: HashMap<String, String> =
-            serde_yaml::from_str(&text).map_err(|e| format!("{path}: not a YAML map of token: role ({e})"))?;
+            serde_saphyr::from_str(&text).map_err(|e| format!("{path}: not a YAML map of token: role ({e})"))?;
         let mut roles = HashMap::new();
         for (token, role) in map {
             if token.len() < 16 {

@@ -49,6 +49,9 @@ struct Shared {
     traces: Arc<TraceLog>,
     /// Sent with every update (`Update.endpoint_hold_ms`).
     endpoint_hold_ms: u64,
+    /// Open sessions, and the most this replica takes.
+    sessions: std::sync::atomic::AtomicUsize,
+    max_sessions: usize,
 }
 
 /// Work for the batched record writer.
@@ -77,6 +80,7 @@ impl DiscoveryService {
         replica: String,
         lease_ttl: i64,
         traces: Arc<TraceLog>,
+        max_sessions: usize,
     ) -> Self {
         let (records, rx) = mpsc::channel(RECORD_QUEUE);
         tokio::spawn(write_records(store.clone(), rx));
@@ -87,7 +91,17 @@ impl DiscoveryService {
         // and register again.
         let endpoint_hold_ms = (3 * lease_ttl.max(1) as u64 * 1000).max(10_000);
         DiscoveryService {
-            inner: Arc::new(Shared { store, records, snapshots, replica, lease, traces, endpoint_hold_ms }),
+            inner: Arc::new(Shared {
+                store,
+                records,
+                snapshots,
+                replica,
+                lease,
+                traces,
+                endpoint_hold_ms,
+                sessions: Default::default(),
+                max_sessions,
+            }),
         }
     }
 
@@ -106,6 +120,13 @@ impl Discovery for DiscoveryService {
     async fn stream(&self, request: Request<Streaming<pb::ProxyMessage>>) -> Result<Response<UpdateStream>, Status> {
         if let crate::auth::Role::Tenant(t) = crate::auth::role(&request) {
             return Err(Status::permission_denied(format!("403: token for tenant {t} cannot open a discovery stream")));
+        }
+        use std::sync::atomic::Ordering;
+        if self.inner.sessions.load(Ordering::Relaxed) >= self.inner.max_sessions {
+            return Err(Status::resource_exhausted(format!(
+                "this control plane replica serves {} sidecars, its --max-sidecars; try another replica",
+                self.inner.max_sessions
+            )));
         }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
@@ -174,6 +195,7 @@ impl Session {
     }
 
     async fn run(mut self, mut inbound: Streaming<pb::ProxyMessage>) {
+        self.shared.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("weft_control_proxies").increment(1.0);
         tracing::info!(proxy = %self.hello.proxy_id, service = %self.hello.service, "sidecar connected");
         let mut snapshots = self.shared.snapshots.clone();
@@ -231,6 +253,7 @@ impl Session {
             }
         }
         self.unregister().await;
+        self.shared.sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("weft_control_proxies").decrement(1.0);
         tracing::info!(proxy = %self.hello.proxy_id, "sidecar disconnected");
     }

@@ -702,11 +702,66 @@ impl fmt::Display for LocatedProblem {
     }
 }
 
+/// The most one file (`weftctl apply -f`) may hold.
+pub const MAX_FILE_BYTES: usize = 4 * 1024 * 1024;
+/// The most one resource may take, as stored (JSON). etcd refuses requests
+/// over 1.5 MiB by default, and a route this large is a mistake.
+pub const MAX_RESOURCE_BYTES: usize = 256 * 1024;
+/// The most one apply may write: every resource goes in one etcd
+/// transaction.
+pub const MAX_APPLY_BYTES: usize = 1024 * 1024;
+/// The most resources one apply may hold (etcd allows 128 operations in a
+/// transaction by default).
+pub const MAX_APPLY_RESOURCES: usize = 100;
+/// The deepest nesting a YAML document may have (a policy needs 6).
+pub const MAX_DEPTH: usize = 32;
+
+/// Parses one YAML document into a JSON value, within [`MAX_DEPTH`].
+/// The error carries the 1-based line within `doc`.
+pub fn yaml_value(doc: &str) -> Result<serde_json::Value, (usize, String)> {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_DEPTH;
+    let mut opts = serde_saphyr::Options::default();
+    opts.budget = Some(budget);
+    serde_saphyr::from_str_with_options::<serde_json::Value>(doc, opts).map_err(|e| {
+        let line = e.location().map(|l| l.line() as usize).unwrap_or(1).max(1);
+        let text = e.without_snippet().to_string();
+        let first = text.lines().next().unwrap_or("not YAML").trim();
+        // "error: line 2 column 10: unclosed bracket" -> "unclosed bracket"
+        let msg = first.trim_start_matches("error: ");
+        let msg = match msg.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+            Some((_, rest)) => rest,
+            None => msg,
+        };
+        let msg = if msg.contains("Depth") || msg.contains("recursion limit") {
+            format!("nested deeper than the limit of {MAX_DEPTH} levels")
+        } else {
+            msg.to_string()
+        };
+        (line, msg)
+    })
+}
+
 /// Parses and validates a multi-document YAML file. Returns every resource
 /// when all are valid, else every problem found.
 pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, Vec<LocatedProblem>> {
     let mut resources = Vec::new();
     let mut problems = Vec::new();
+    let at_file = |message: String| LocatedProblem {
+        file: file.to_string(),
+        line: 1,
+        resource: "file".into(),
+        field: String::new(),
+        message,
+    };
+    if text.len() > MAX_FILE_BYTES {
+        return Err(vec![at_file(format!(
+            "{} bytes, more than the limit of {} MiB",
+            text.len(),
+            MAX_FILE_BYTES / (1024 * 1024)
+        ))]);
+    }
+    let mut total = 0usize;
     for (start_line, doc) in split_documents(text) {
         if doc.trim().lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
             continue;
@@ -718,10 +773,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, Vec<Locat
             field,
             message,
         };
-        let value: serde_json::Value = match serde_yaml::from_str::<serde_yaml::Value>(&doc)
-            .map_err(|e| (e.location().map(|l| l.line()).unwrap_or(1), e.to_string()))
-            .and_then(|v| serde_json::to_value(v).map_err(|e| (1, e.to_string())))
-        {
+        let value = match yaml_value(&doc) {
             Ok(v) => v,
             Err((line, msg)) => {
                 problems.push(problem(String::new(), msg, "document".into(), start_line + line - 1));
@@ -735,7 +787,19 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, Vec<Locat
                 problems.push(problem(e.field, e.message, label, line));
             }
             Ok(resource) => {
-                let found = validate(&resource);
+                let mut found = validate(&resource);
+                let size = to_value(&resource).to_string().len();
+                total += size;
+                if size > MAX_RESOURCE_BYTES {
+                    found.push(Problem::new(
+                        "",
+                        format!(
+                            "{} KiB as stored, more than the limit of {} KiB",
+                            size / 1024,
+                            MAX_RESOURCE_BYTES / 1024
+                        ),
+                    ));
+                }
                 if found.is_empty() {
                     resources.push(Located { origin: format!("{file}:{start_line}"), resource });
                 } else {
@@ -747,6 +811,19 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Located>, Vec<Locat
                 }
             }
         }
+    }
+    if resources.len() > MAX_APPLY_RESOURCES {
+        problems.push(at_file(format!(
+            "{} resources, more than the limit of {MAX_APPLY_RESOURCES} in one apply (split the file)",
+            resources.len()
+        )));
+    }
+    if total > MAX_APPLY_BYTES {
+        problems.push(at_file(format!(
+            "{} KiB of resources as stored, more than the limit of {} KiB in one apply (split the file)",
+            total / 1024,
+            MAX_APPLY_BYTES / 1024
+        )));
     }
     // Two documents for the same resource would make "one transaction" ambiguous.
     let mut ids: Vec<(ResourceId, &str)> = Vec::new();
@@ -896,5 +973,48 @@ mod tests {
         ] {
             assert_eq!(ResourceId::from_key_suffix(&id.key_suffix()), Some(id));
         }
+    }
+
+    #[test]
+    fn too_deep_documents_are_refused_quickly_naming_the_limit() {
+        for (deep, line) in [
+            (format!("kind: Route\nservice: a\nrules: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)), 3),
+            (format!("kind: Route\nservice: a\nrules:\n{}x\n", "- ".repeat(100_000)), 4),
+        ] {
+            let started = std::time::Instant::now();
+            let errs = parse_documents("deep.yaml", &deep).unwrap_err();
+            assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].line, line);
+            assert!(errs[0].message.contains(&format!("limit of {MAX_DEPTH} levels")), "{errs:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_resources_files_and_applies_are_refused_naming_the_limit() {
+        let rule = "  - match: { path_prefix: /a-path-that-is-quite-long-to-fill-the-route-up }\n    backends: [ { subset: {}, weight: 1 } ]\n";
+        let big = format!("kind: Route\nservice: big\nrules:\n{}", rule.repeat(4_000));
+        let errs = parse_documents("big.yaml", &big).unwrap_err();
+        assert!(errs[0].message.contains("more than the limit of 256 KiB"), "{errs:?}");
+        assert_eq!(errs[0].resource, "route/big");
+
+        let many: String =
+            (0..101).map(|i| format!("kind: Resilience\nservice: s{i}\nmax_concurrent_requests: 5\n---\n")).collect();
+        let errs = parse_documents("many.yaml", &many).unwrap_err();
+        assert!(errs[0].message.contains("101 resources, more than the limit of 100"), "{errs:?}");
+
+        let huge = "#".repeat(MAX_FILE_BYTES + 1);
+        let errs = parse_documents("huge.yaml", &huge).unwrap_err();
+        assert!(errs[0].message.contains("more than the limit of 4 MiB"), "{errs:?}");
+    }
+
+    #[test]
+    fn yaml_syntax_errors_are_one_line_with_the_documents_line() {
+        let bad = "kind: Resilience\nservice: a\n---\nkind: Route\nservice: [b\n";
+        let errs = parse_documents("syntax.yaml", bad).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].line, 5, "{errs:?}");
+        assert!(!errs[0].message.contains('\n'), "{errs:?}");
+        assert!(errs[0].to_string().starts_with("syntax.yaml:5: document: "), "{}", errs[0]);
     }
 }

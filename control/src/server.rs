@@ -30,6 +30,8 @@ pub struct Config {
     pub metrics: PrometheusHandle,
     /// Bearer tokens; `None` = open API.
     pub tokens: Option<Arc<crate::auth::Tokens>>,
+    /// Discovery streams this replica takes at most.
+    pub max_sidecars: usize,
 }
 
 /// Serves until `shutdown` resolves.
@@ -48,8 +50,14 @@ pub async fn run(
 
     tokio::spawn(watcher::run(config.store.clone(), tx, synced.clone(), stopped(stop_rx.clone())));
     let traces = Arc::new(TraceLog::new(10_000));
-    let discovery =
-        DiscoveryService::new(config.store.clone(), rx, config.replica.clone(), config.lease_ttl_secs, traces.clone());
+    let discovery = DiscoveryService::new(
+        config.store.clone(),
+        rx,
+        config.replica.clone(),
+        config.lease_ttl_secs,
+        traces.clone(),
+        config.max_sidecars,
+    );
     let ready = Readiness { synced, lease: discovery.lease() };
     tokio::spawn(serve_admin(admin, config.store.clone(), ready, config.metrics.clone(), stopped(stop_rx.clone())));
     let upkeep = config.metrics.clone();

@@ -16,9 +16,15 @@ impl TraceLog {
         TraceLog { calls: Mutex::new(VecDeque::with_capacity(capacity.min(1024))), capacity }
     }
 
+    /// Keeps `calls`, each field cut to a sane length (sidecars send them,
+    /// and a bad one must not grow this replica's memory).
     pub fn record(&self, calls: Vec<pb::DegradedCall>) {
         let mut q = self.calls.lock().expect("lock");
-        for c in calls {
+        for mut c in calls.into_iter().take(self.capacity) {
+            cut(&mut c.trace_id, 64);
+            cut(&mut c.service, 253);
+            cut(&mut c.tenant, 63);
+            cut(&mut c.reasons, 512);
             if q.len() == self.capacity {
                 q.pop_front();
             }
@@ -39,6 +45,16 @@ impl TraceLog {
     }
 }
 
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +71,18 @@ mod tests {
         assert_eq!(all.iter().map(|c| c.unix_ms).collect::<Vec<_>>(), vec![4, 3, 2]);
         assert_eq!(log.query("a", 0, 10).len(), 2);
         assert_eq!(log.query("a", 4, 10).len(), 1);
+    }
+
+    #[test]
+    fn oversized_fields_are_cut() {
+        let log = TraceLog::new(3);
+        let mut c = call(&"s".repeat(10_000), 1);
+        c.tenant = "é".repeat(1000);
+        c.reasons = "r".repeat(1 << 20);
+        log.record(vec![c]);
+        let got = &log.query("", 0, 1)[0];
+        assert_eq!(got.service.len(), 253);
+        assert!(got.tenant.len() <= 63 && got.tenant.chars().all(|ch| ch == 'é'));
+        assert_eq!(got.reasons.len(), 512);
     }
 }

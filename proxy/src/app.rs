@@ -4,14 +4,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -19,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use crate::body::BoxResponse;
 use crate::config::Table;
 use crate::inbound::Inbound;
+use crate::listener::Tracker;
 use crate::outbound::Outbound;
 use crate::state::{Identity, Shared};
 use crate::upstream::Upstream;
@@ -32,6 +32,13 @@ pub struct Options {
     pub replay_limit: u64,
     pub tenant_header: http::HeaderName,
     pub token: Option<String>,
+    /// Bounds of each listener's connections.
+    pub limits: crate::listener::Limits,
+    /// Longest wait for the app's response head (inbound).
+    pub app_timeout: Duration,
+    /// On drain, how long the listeners keep accepting after the sidecar
+    /// deregistered, for callers that have not heard yet.
+    pub drain_grace: Duration,
 }
 
 pub struct Listeners {
@@ -44,7 +51,7 @@ pub struct Listeners {
 /// then stops accepting, deregisters and lets in-flight requests finish.
 pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Output = ()>) {
     let (ready_tx, ready_rx) = watch::channel(false);
-    let (subscribe_tx, subscribe_rx) = mpsc::unbounded_channel();
+    let (subscription_tx, subscription_rx) = mpsc::channel(crate::state::SUBSCRIPTION_QUEUE);
     let (table_changed, _) = watch::channel(0);
     let (reports, reports_rx) = mpsc::channel(crate::state::REPORT_QUEUE);
     let shared = Arc::new(Shared {
@@ -54,7 +61,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         table: ArcSwap::from_pointee(Table::default()),
         table_changed,
         subscriptions: Mutex::new(HashSet::from([opts.identity.service.clone()])),
-        subscribe_tx,
+        subscription_tx,
         app_ready: ready_rx,
         config_received: AtomicBool::new(false),
         control_connected: AtomicBool::new(false),
@@ -67,8 +74,24 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let probe = tokio::spawn(probe::run(opts.app, ready_tx));
-    let discovery =
-        tokio::spawn(discovery::run(shared.clone(), opts.controls.clone(), subscribe_rx, reports_rx, stop_rx.clone()));
+    let discovery = tokio::spawn(discovery::run(
+        shared.clone(),
+        opts.controls.clone(),
+        subscription_rx,
+        reports_rx,
+        stop_rx.clone(),
+    ));
+    let sweeper = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::state::SWEEP_PERIOD);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                shared.sweep_subscriptions();
+            }
+        })
+    };
     let upkeep_handle = opts.metrics.clone();
     // Histogram samples are held until upkeep folds them into the
     // summaries: at 80k requests/s every second of delay is ~0.6 MB.
@@ -83,44 +106,65 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
 
     let outbound =
         Arc::new(Outbound { shared: shared.clone(), upstream: Upstream::new(), replay_limit: opts.replay_limit });
-    let inbound = Arc::new(Inbound { shared: shared.clone(), app: opts.app, upstream: Upstream::new() });
-    let out_task = tokio::spawn(serve(listeners.outbound, stop_rx.clone(), move |req| outbound.clone().handle(req)));
-    let in_task = tokio::spawn(serve(listeners.inbound, stop_rx.clone(), move |req| inbound.clone().handle(req)));
+    let inbound = Arc::new(Inbound {
+        shared: shared.clone(),
+        app: opts.app,
+        upstream: Upstream::new(),
+        app_timeout: opts.app_timeout,
+    });
+    let (accept_tx, accept_rx) = watch::channel(false);
+    let out_conns = Tracker::new("outbound", opts.limits);
+    let in_conns = Tracker::new("inbound", opts.limits);
+    let draining = Arc::new(AtomicBool::new(false));
+    let out_task =
+        tokio::spawn(serve(listeners.outbound, out_conns.clone(), accept_rx.clone(), draining.clone(), move |req| {
+            outbound.clone().handle(req)
+        }));
+    let in_task = tokio::spawn(serve(listeners.inbound, in_conns.clone(), accept_rx, draining.clone(), move |req| {
+        inbound.clone().handle(req)
+    }));
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
         _ = crate::state::stopped(&mut drain_rx) => tracing::info!("draining"),
     }
+    // Deregister first so callers stop picking this instance; keep
+    // accepting for the grace period (callers that have not heard yet), with
+    // `Connection: close` on HTTP/1.1 answers so clients move on; then stop
+    // accepting and let in-flight requests finish.
+    draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
-    // Deregister first so callers stop picking this instance, then let
-    // in-flight requests finish.
-    let _ = tokio::time::timeout(Duration::from_secs(3), discovery).await;
-    let (out_graceful, in_graceful) = (out_task.await, in_task.await);
-    let finish = async {
-        if let Ok(g) = out_graceful {
-            g.shutdown().await;
-        }
-        if let Ok(g) = in_graceful {
-            g.shutdown().await;
-        }
-    };
+    let grace = tokio::time::sleep(opts.drain_grace);
+    let _ = tokio::join!(tokio::time::timeout(Duration::from_secs(3), discovery), grace);
+    let _ = accept_tx.send(true);
+    let _ = tokio::join!(out_task, in_task);
+    let finish = async { tokio::join!(out_conns.drain(), in_conns.drain()) };
     if tokio::time::timeout(Duration::from_secs(30), finish).await.is_err() {
-        tracing::warn!("in-flight requests still open after 30s; exiting anyway");
+        tracing::warn!(
+            outbound = out_conns.open(),
+            inbound = in_conns.open(),
+            "connections still open after 30s; exiting anyway"
+        );
     }
     probe.abort();
+    sweeper.abort();
     upkeep.abort();
     admin.abort();
     tracing::info!("stopped");
 }
 
-/// Accepts HTTP/1.1 and h2c connections until `stop`; returns the handle
-/// that waits for the accepted connections to finish.
-async fn serve<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F) -> GracefulShutdown
-where
+/// Accepts HTTP/1.1 and h2c connections until `stop`, within the
+/// listener's bounds ([`Tracker`]).
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    tracker: Arc<Tracker>,
+    mut stop: watch::Receiver<bool>,
+    draining: Arc<AtomicBool>,
+    handler: F,
+) where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = BoxResponse> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(crate::upstream::BoxedExec);
     builder.http2().max_concurrent_streams(1024);
     builder.http1().writev(false);
@@ -137,21 +181,31 @@ where
             },
             _ = crate::state::stopped(&mut stop) => break,
         };
+        let Some(state) = tracker.admit() else {
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
-        let svc = hyper::service::service_fn(move |req| {
+        let (conn_state, draining) = (state.clone(), draining.clone());
+        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let in_flight = conn_state.request();
+            let http1 = req.version() < http::Version::HTTP_2;
             let fut = h(req);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-        let watched = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let draining = draining.clone();
+            async move {
+                let mut resp = fut.await;
+                drop(in_flight);
+                if http1 && draining.load(Ordering::Relaxed) {
+                    resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
             }
         });
+        let io = TokioIo::new(crate::listener::TrackedIo::new(stream, state.clone()));
+        let conn = builder.serve_connection(io, svc).into_owned();
+        tokio::spawn(crate::listener::watched(conn, state, tracker.clone()));
     }
-    graceful
 }
 
 /// Parses `k=v,k2=v2`.

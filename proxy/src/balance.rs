@@ -174,13 +174,13 @@ mod tests {
         // One endpoint, then 8 of which 6 are ejected.
         let one = vec![ep(1, "x")];
         assert_eq!(p2c(&one, &[], crate::resilience::now_ms(), None).endpoint.unwrap().addr.port(), 1);
-        assert!(one[0].health.record_failure(&s, 0.0));
+        one[0].health.breaker.eject(crate::resilience::now_ms(), &s);
         let p = p2c(&one, &[], crate::resilience::now_ms(), None);
         assert!(p.endpoint.is_none() && p.skipped_ejected);
 
         let eps: Vec<_> = (1..=8).map(|port| ep(port, "x")).collect();
         for e in &eps[2..] {
-            assert!(e.health.record_failure(&s, 0.0));
+            e.health.breaker.eject(crate::resilience::now_ms(), &s);
         }
         let now = crate::resilience::now_ms();
         let mut diverted = 0;

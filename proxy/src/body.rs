@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -21,9 +22,25 @@ pub fn full(b: impl Into<Bytes>) -> ProxyBody {
     Either::Right(Full::new(b.into()))
 }
 
-/// A streamed request body passed through as is.
-pub fn stream(b: Incoming) -> ProxyBody {
-    reply(PooledBody::plain(b))
+/// A streamed request body passed through as is. The watch tells, when
+/// the upstream call fails, whether it was the client's body that broke
+/// (a malformed chunked body, a client gone mid-upload): then the client is
+/// answered 400 and the endpoint is not blamed.
+pub fn stream(b: Incoming) -> (ProxyBody, ClientBodyWatch) {
+    let watch = ClientBodyWatch(Arc::new(AtomicBool::new(false)));
+    let body =
+        Tapped { inner: PooledBody::plain(b), guard: None, usage: None, verdict: None, client: Some(watch.clone()) };
+    (Either::Left(body), watch)
+}
+
+/// See [`stream`].
+#[derive(Clone, Debug)]
+pub struct ClientBodyWatch(Arc<AtomicBool>);
+
+impl ClientBodyWatch {
+    pub fn failed(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// A streamed upstream response body passed through as is.
@@ -33,7 +50,7 @@ pub fn reply(b: PooledBody) -> ProxyBody {
 
 /// The same, giving the breaker `verdict` from the call's trailers.
 pub fn reply_judged(b: PooledBody, verdict: Option<Verdict>) -> ProxyBody {
-    Either::Left(Tapped { inner: b, guard: None, usage: None, verdict })
+    Either::Left(Tapped { inner: b, guard: None, usage: None, verdict, client: None })
 }
 
 /// A streamed response body that keeps its tenant's request counted in
@@ -45,11 +62,13 @@ pub struct Tapped {
     guard: Option<TenantGuard>,
     usage: Option<Arc<tenancy::State>>,
     verdict: Option<Verdict>,
+    /// Set when this is a client's request body and it fails.
+    client: Option<ClientBodyWatch>,
 }
 
 impl Tapped {
     pub fn new(inner: PooledBody, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
-        Tapped { inner, guard, usage, verdict: None }
+        Tapped { inner, guard, usage, verdict: None, client: None }
     }
 }
 
@@ -74,6 +93,9 @@ impl Body for Tapped {
                 }
             }
             Poll::Ready(Some(Err(_))) => {
+                if let Some(c) = &this.client {
+                    c.0.store(true, Ordering::Relaxed);
+                }
                 if let Some(v) = this.verdict.take() {
                     v.give(true);
                 }

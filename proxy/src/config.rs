@@ -43,6 +43,9 @@ pub struct Service {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// All ready endpoints, for requests no route rule covers.
     pub all_ready: Arc<Vec<Arc<Endpoint>>>,
+    /// Some endpoint is held (see [`Endpoint::held_until_ms`]): calls keep
+    /// their request head for a second try.
+    pub holds: bool,
     pub settings: Settings,
     /// Per-tenant limits (global figures) and this instance's counters,
     /// enforced by the inbound sidecar of this service.
@@ -425,14 +428,16 @@ pub fn build_service(
             })
             .collect();
     }
+    let holds = endpoints.iter().any(|e| e.is_held());
     let service = Service {
         name: cfg.name.clone(),
         // Records lost with a lease make a service look unknown; while its
         // instances are held it is not.
-        known: cfg.known || endpoints.iter().any(|e| e.is_held()),
+        known: cfg.known || holds,
         default_route,
         tenant_routes,
         endpoints,
+        holds,
         all_ready: Arc::new(ready),
         settings: cfg.resilience.as_ref().map(Settings::from).unwrap_or_default(),
         tenants: cfg

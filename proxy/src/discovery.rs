@@ -17,7 +17,7 @@ use xds_proto::v1::discovery_client::DiscoveryClient;
 
 use crate::config::{BuildContext, Table, build_service};
 use crate::resilience::now_ms;
-use crate::state::Shared;
+use crate::state::{Shared, SubscriptionChange};
 
 /// Applies one update to the current table. Returns the new table and the
 /// problems (one per rejected resource).
@@ -58,7 +58,7 @@ fn next_expiry(table: &Table) -> Option<u64> {
 pub async fn run(
     shared: Arc<Shared>,
     controls: Vec<String>,
-    mut subscribe_rx: mpsc::UnboundedReceiver<String>,
+    mut subscription_rx: mpsc::Receiver<SubscriptionChange>,
     mut reports_rx: mpsc::Receiver<pb::DegradedCall>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -70,7 +70,7 @@ pub async fn run(
         }
         let url = &controls[attempt % controls.len()];
         attempt += 1;
-        match session(&shared, url, &mut subscribe_rx, &mut reports_rx, &mut stop).await {
+        match session(&shared, url, &mut subscription_rx, &mut reports_rx, &mut stop).await {
             Ok(Ended::Stopped) => return,
             Ok(Ended::Lost) => {
                 backoff = Duration::from_millis(100);
@@ -96,7 +96,7 @@ enum Ended {
 async fn session(
     shared: &Arc<Shared>,
     url: &str,
-    subscribe_rx: &mut mpsc::UnboundedReceiver<String>,
+    subscription_rx: &mut mpsc::Receiver<SubscriptionChange>,
     reports_rx: &mut mpsc::Receiver<pb::DegradedCall>,
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Ended> {
@@ -163,13 +163,15 @@ async fn session(
                     shared.table_changed.send_replace(shared.table.load().version);
                 }
             }
-            Some(service) = subscribe_rx.recv() => {
-                let mut batch = HashSet::new();
-                batch.insert(service);
-                while let Ok(s) = subscribe_rx.try_recv() {
-                    batch.insert(s);
+            Some(change) = subscription_rx.recv() => {
+                // In order: a service may be unsubscribed and subscribed again.
+                let mut changes = vec![change];
+                while let Ok(c) = subscription_rx.try_recv() {
+                    changes.push(c);
                 }
-                tx.send(send(pb::proxy_message::Msg::Subscribe(pb::Subscribe { services: batch.into_iter().collect() }))).await?;
+                for msg in subscription_messages(shared, changes) {
+                    tx.send(send(msg)).await?;
+                }
             }
             Some(first) = reports_rx.recv() => {
                 // Batch what is queued; the request path never waits on this.
@@ -197,6 +199,39 @@ async fn session(
             }
         }
     }
+}
+
+/// Turns queued subscription changes into stream messages (consecutive
+/// changes of one kind in one message); unsubscribed services leave the
+/// table.
+fn subscription_messages(shared: &Shared, changes: Vec<SubscriptionChange>) -> Vec<pb::proxy_message::Msg> {
+    use pb::proxy_message::Msg;
+    let mut out: Vec<Msg> = Vec::new();
+    let mut gone: HashSet<String> = HashSet::new();
+    for change in changes {
+        match (change, out.last_mut()) {
+            (SubscriptionChange::Subscribe(s), Some(Msg::Subscribe(m))) => m.services.push(s),
+            (SubscriptionChange::Subscribe(s), _) => out.push(Msg::Subscribe(pb::Subscribe { services: vec![s] })),
+            (SubscriptionChange::Unsubscribe(v), last) => {
+                gone.extend(v.iter().cloned());
+                match last {
+                    Some(Msg::Unsubscribe(m)) => m.services.extend(v),
+                    _ => out.push(Msg::Unsubscribe(pb::Unsubscribe { services: v })),
+                }
+            }
+        }
+    }
+    // A service subscribed again after its unsubscription stays in the table.
+    let subs = shared.subscriptions.lock().expect("lock");
+    gone.retain(|s| !subs.contains(s));
+    drop(subs);
+    if !gone.is_empty() {
+        let current = shared.table.load();
+        let mut table = Table { version: current.version, services: current.services.clone() };
+        table.services.retain(|name, _| !gone.contains(name));
+        shared.table.store(Arc::new(table));
+    }
+    out
 }
 
 fn build_context(shared: &Shared, stream_started: u64) -> BuildContext {

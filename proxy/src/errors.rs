@@ -19,6 +19,12 @@ pub enum ProxyError {
     NoAuthority,
     #[error("'{0}' is not a valid service name")]
     BadAuthority(String),
+    #[error("the request has more than one Host header")]
+    DuplicateHost,
+    #[error("tenant header value '{0}' is not a tenant name (1-63 of: lowercase letters, digits, '-', '_', '.')")]
+    BadTenant(String),
+    #[error("the client's request body broke off: {0}")]
+    ClientBody(String),
     #[error("upstream {addr} timed out after {ms} ms")]
     Timeout { addr: String, ms: u64 },
     #[error("cannot reach upstream {addr}: {reason}")]
@@ -48,7 +54,11 @@ impl ProxyError {
             ProxyError::UnknownService(_) => "unknown-service",
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::NoDiscovery(_) => "no-discovery",
-            ProxyError::NoAuthority | ProxyError::BadAuthority(_) => "bad-request",
+            ProxyError::NoAuthority
+            | ProxyError::BadAuthority(_)
+            | ProxyError::DuplicateHost
+            | ProxyError::BadTenant(_)
+            | ProxyError::ClientBody(_) => "bad-request",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::Upstream { .. } => "upstream-failure",
@@ -66,9 +76,12 @@ impl ProxyError {
         match self {
             ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::NoAuthority | ProxyError::BadAuthority(_) | ProxyError::BadRequestBody(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::NoAuthority
+            | ProxyError::BadAuthority(_)
+            | ProxyError::BadRequestBody(_)
+            | ProxyError::DuplicateHost
+            | ProxyError::BadTenant(_)
+            | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Reset { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -82,7 +95,12 @@ impl ProxyError {
         match self {
             ProxyError::FaultAbort { grpc_status: Some(g), .. } => *g,
             ProxyError::Shed { .. } => 8, // RESOURCE_EXHAUSTED
-            ProxyError::NoAuthority | ProxyError::BadAuthority(_) => 3, // INVALID_ARGUMENT
+            ProxyError::NoAuthority
+            | ProxyError::BadAuthority(_)
+            | ProxyError::DuplicateHost
+            | ProxyError::BadTenant(_)
+            | ProxyError::BadRequestBody(_)
+            | ProxyError::ClientBody(_) => 3, // INVALID_ARGUMENT
             ProxyError::Timeout { .. } => 4, // DEADLINE_EXCEEDED
             ProxyError::UnknownService(_) => 5, // NOT_FOUND
             _ => 14,                      // UNAVAILABLE
@@ -117,6 +135,19 @@ fn shed_what(reason: &crate::tenancy::Shed) -> &'static str {
         crate::tenancy::Shed::Concurrency => "concurrency",
         crate::tenancy::Shed::TokenQuota => "token quota",
     }
+}
+
+/// A client-supplied value cut to a length fit for an error message.
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// gRPC's percent-encoding of grpc-message.

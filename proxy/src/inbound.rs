@@ -21,15 +21,21 @@ pub struct Inbound {
     pub shared: Arc<Shared>,
     pub app: SocketAddr,
     pub upstream: Upstream,
+    /// Longest wait for the app's response head: a hung app must not hold
+    /// a tenant's slots (or the caller) forever.
+    pub app_timeout: std::time::Duration,
 }
 
 impl Inbound {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> BoxResponse {
         let started = Instant::now();
         let grpc = is_grpc(&req);
-        let tenant = tenant_of(&req, &self.shared.tenant_header);
         let service = &self.shared.identity.service;
         let mut degraded = Degraded::default();
+        let tenant = match crate::single_host(&req).and_then(|()| tenant_of(&req, &self.shared.tenant_header)) {
+            Ok(t) => t,
+            Err(e) => return finish(Err(e), &degraded, grpc, "inbound", service, "-", started),
+        };
         // The tenant's limits on this service, if it has any.
         let own = self.shared.table.load().services.get(service).cloned();
         let limits = own.as_ref().and_then(|s| s.tenants.get(&tenant).map(|t| (s.all_ready.len(), t)));
@@ -51,7 +57,14 @@ impl Inbound {
                 }
             }
         }
-        let result = self.upstream.send(self.app, req.map(stream), None).await.map(|resp| {
+        let (parts, body) = req.into_parts();
+        let (body, client) = stream(body);
+        let sent = self.upstream.send(self.app, http::Request::from_parts(parts, body), Some(self.app_timeout)).await;
+        let sent = match sent {
+            Err(e) if client.failed() => Err(ProxyError::ClientBody(e.to_string())),
+            r => r,
+        };
+        let result = sent.map(|resp| {
             if let Some(state) = &usage
                 && let Some(n) = resp.headers().get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
             {

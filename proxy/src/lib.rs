@@ -3,7 +3,9 @@
 //! - [`outbound`]: app → service (routing by authority, weighted subsets, timeouts)
 //! - [`inbound`]: peer → local app
 //! - [`balance`]: endpoint choice
-//! - [`resilience`]: circuit breaking, concurrency caps, retry budgets
+//! - [`resilience`]: endpoint health, concurrency caps, retry budgets
+//! - [`breaker`]: circuit breaking per endpoint (half-open probes, the ejection cap)
+//! - [`listener`]: accepting connections within limits and timeouts; drain
 //! - [`tenancy`]: per-tenant rate limits, concurrency and token quotas (inbound)
 //! - [`upstream`]: pooled HTTP/1.1 and h2c clients
 //! - [`config`]: the immutable config table built from discovery updates
@@ -16,10 +18,12 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod body;
+pub mod breaker;
 pub mod config;
 pub mod discovery;
 pub mod errors;
 pub mod inbound;
+pub mod listener;
 pub mod outbound;
 pub mod probe;
 pub mod resilience;
@@ -31,9 +35,34 @@ pub mod upstream;
 /// The default request header that names the tenant (absent = `default`).
 pub const TENANT_HEADER: &str = "x-tenant-id";
 
-/// The tenant a request is for: the value of `header`, else `default`.
-pub fn tenant_of<B>(req: &http::Request<B>, header: &http::HeaderName) -> String {
-    req.headers().get(header).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).unwrap_or("default").to_string()
+/// The tenant a request is for: the value of `header`, else `default`. A
+/// value that is not a tenant name (as policies name tenants: 1-63 lowercase
+/// letters, digits, `-`, `_`, `.`) is refused: it would become a metric label
+/// and a key of limits.
+pub fn tenant_of<B>(req: &http::Request<B>, header: &http::HeaderName) -> Result<String, errors::ProxyError> {
+    match req.headers().get(header) {
+        None => Ok("default".to_string()),
+        Some(v) if is_name(v.as_bytes()) => Ok(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        Some(v) if v.is_empty() => Ok("default".to_string()),
+        Some(v) => Err(errors::ProxyError::BadTenant(errors::clip(&String::from_utf8_lossy(v.as_bytes())))),
+    }
+}
+
+/// A name as the control plane accepts it for services and tenants.
+pub fn is_name(b: &[u8]) -> bool {
+    (1..=63).contains(&b.len())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.'))
+        && !matches!(b[0], b'-' | b'.')
+}
+
+/// Fails when a request has more than one `Host` header: the two could
+/// name different services for different hops.
+pub fn single_host<B>(req: &http::Request<B>) -> Result<(), errors::ProxyError> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(errors::ProxyError::DuplicateHost),
+        _ => Ok(()),
+    }
 }
 
 /// How many services one sidecar subscribes to at most.

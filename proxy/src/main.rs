@@ -1,6 +1,7 @@
 //! `weft-proxy`: the sidecar.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -49,6 +50,27 @@ struct Args {
     /// Runtime worker threads.
     #[arg(long, env = "WEFT_WORKERS", default_value_t = 1)]
     workers: usize,
+    /// Open connections per listener (inbound, outbound) at most; more are
+    /// closed at once.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Longest time from a request head's first byte to its end.
+    #[arg(long, env = "WEFT_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// A connection with no request in flight and no traffic for this long
+    /// is closed.
+    #[arg(long, env = "WEFT_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Longest wait for the local app's response head.
+    #[arg(long, env = "WEFT_APP_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    app_timeout: Duration,
+    /// On drain, how long the listeners keep accepting after deregistering.
+    #[arg(long, env = "WEFT_DRAIN_GRACE", default_value = "2s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
+    /// Bind the listeners with SO_REUSEPORT, so a new sidecar (same user)
+    /// can take over their ports before this one drains.
+    #[arg(long, env = "WEFT_REUSE_PORT")]
+    reuse_port: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,10 +102,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let inbound =
-        TcpListener::bind(&args.inbound).await.with_context(|| format!("binding --inbound {}", args.inbound))?;
-    let outbound =
-        TcpListener::bind(&args.outbound).await.with_context(|| format!("binding --outbound {}", args.outbound))?;
+    let bind = |flag: &str, addr: &str| -> anyhow::Result<TcpListener> {
+        let sock = addr
+            .to_socket_addrs()
+            .with_context(|| format!("{flag} {addr}: not host:port"))?
+            .next()
+            .with_context(|| format!("{flag} {addr}: resolves to no address"))?;
+        weft_proxy::listener::bind(sock, args.reuse_port).with_context(|| format!("binding {flag} {addr}"))
+    };
+    let inbound = bind("--inbound", &args.inbound)?;
+    let outbound = bind("--outbound", &args.outbound)?;
     let admin = TcpListener::bind(&args.admin).await.with_context(|| format!("binding --admin {}", args.admin))?;
     let in_addr = inbound.local_addr()?;
     let advertise = args.advertise.unwrap_or_else(|| {
@@ -119,6 +147,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             replay_limit: args.retry_body_limit,
             tenant_header,
             token: args.token,
+            limits: weft_proxy::listener::Limits {
+                max_connections: args.max_connections,
+                header_timeout: args.header_timeout,
+                idle_timeout: args.idle_timeout,
+            },
+            app_timeout: args.app_timeout,
+            drain_grace: args.drain_grace,
         },
         Listeners { inbound, outbound, admin },
         shutdown,
@@ -127,11 +162,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The control plane refuses a Hello with any other name, forever.
 fn weft_control_name_check(service: &str) -> anyhow::Result<()> {
-    let ok = !service.is_empty()
-        && service.len() <= 63
-        && service.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
-    anyhow::ensure!(ok, "--service '{service}': use lowercase letters, digits, '-', '_' or '.' (at most 63)");
+    anyhow::ensure!(
+        weft_proxy::is_name(service.as_bytes()),
+        "--service '{service}': use 1-63 lowercase letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+    );
     Ok(())
 }
 

@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 
 use crate::balance::{self, InFlight};
 use crate::body::{BoxResponse, ProxyBody, full};
+use crate::breaker::Admission;
 use crate::config::{Fallback, RetryOn, Rule, Service};
 use crate::errors::{GRPC_UNAVAILABLE, ProxyError, is_grpc};
 use crate::resilience;
@@ -83,15 +84,24 @@ impl Degraded {
 /// A request body that can be sent more than once, or not.
 enum ReqBody {
     Buffered(Bytes),
-    Stream(Option<Incoming>),
+    Stream(Option<Incoming>, Option<crate::body::ClientBodyWatch>),
 }
 
 impl ReqBody {
     fn take(&mut self) -> Option<ProxyBody> {
         match self {
             ReqBody::Buffered(b) => Some(full(b.clone())),
-            ReqBody::Stream(s) => s.take().map(crate::body::stream),
+            ReqBody::Stream(s, watch) => s.take().map(|b| {
+                let (body, w) = crate::body::stream(b);
+                *watch = Some(w);
+                body
+            }),
         }
+    }
+
+    /// True when the client's streamed body broke off while it was sent.
+    fn client_failed(&self) -> bool {
+        matches!(self, ReqBody::Stream(_, Some(w)) if w.failed())
     }
 }
 
@@ -102,17 +112,24 @@ impl Outbound {
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> BoxResponse {
         let started = Instant::now();
         let grpc = is_grpc(&req);
-        let tenant = crate::tenant_of(&req, &self.shared.tenant_header);
-        ensure_traceparent(&mut req);
         let mut degraded = Degraded::default();
-        let service = match service_of(&req) {
-            Ok(s) => s,
-            Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", &tenant, started),
-        };
+        // Malformed requests get a 400 under the labels "-": what they name
+        // must not grow the metrics.
+        let (service, tenant) =
+            match service_of(&req).and_then(|s| Ok((s, crate::tenant_of(&req, &self.shared.tenant_header)?))) {
+                Ok(st) => st,
+                Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", "-", started),
+            };
+        ensure_traceparent(&mut req);
         // A cheap clone (shared bytes); parsed only if the call is degraded.
         let traceparent = req.headers().get(&TRACEPARENT).cloned();
         let result = self.route_and_forward(&service, &tenant, grpc, req, &mut degraded).await;
-        let resp = finish(result, &degraded, grpc, "outbound", &service, &tenant, started);
+        // Only services the control plane knows get a label of their own.
+        let label = match &result {
+            Err(ProxyError::UnknownService(_) | ProxyError::NoDiscovery(_) | ProxyError::TooManyServices(_)) => "-",
+            _ => service.as_str(),
+        };
+        let resp = finish(result, &degraded, grpc, "outbound", label, &tenant, started);
         if degraded.any() {
             let trace_id =
                 traceparent.as_ref().and_then(|v| v.to_str().ok()).and_then(|v| v.get(3..35)).unwrap_or("").to_string();
@@ -165,7 +182,7 @@ impl Outbound {
                 Err(e) => return Err(ProxyError::BadRequestBody(e.to_string())),
             }
         } else {
-            ReqBody::Stream(Some(body))
+            ReqBody::Stream(Some(body), None)
         };
         let may_retry = matches!(body, ReqBody::Buffered(_))
             && (parts.method.is_idempotent() || grpc || parts.headers.contains_key("idempotency-key"));
@@ -194,7 +211,7 @@ impl Outbound {
         // fallback may need it: a retry policy, a fallback, or tenant limits
         // at the callee (which may shed).
         let may_shed = !svc.tenants.is_empty();
-        let reuse = max_tries > 1 || fallback.is_some() || may_shed;
+        let reuse = max_tries > 1 || fallback.is_some() || may_shed || svc.holds;
         let mut head = Some(parts);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last: Option<Outcome> = None;
@@ -215,6 +232,13 @@ impl Outbound {
                     last = Some(Err(ProxyError::NoEndpoints(service.to_string())));
                 }
                 break;
+            };
+            // A half-open endpoint takes one probe. Refused only when another
+            // thread claimed the probe between the pick and here: the call
+            // goes on, and its outcome decides nothing.
+            let admission = match endpoint.health.breaker.admit(now, settings) {
+                Admission::Refused => Admission::Normal,
+                a => a,
             };
             let Some(b) = body.take() else { break };
             let attempt_head = match &head {
@@ -260,23 +284,33 @@ impl Outbound {
                     let sent = Instant::now();
                     let r = self.upstream.send(endpoint.addr, attempt_req, try_timeout).await;
                     let done = Instant::now();
-                    endpoint.health.observe_rtt_at(done - sent, resilience::ms_at(done));
-                    r
+                    match r {
+                        // The client's fault: a 400, and nothing against the endpoint.
+                        Err(e) if body.client_failed() => Err(ProxyError::ClientBody(e.to_string())),
+                        r => {
+                            endpoint.health.observe_rtt_at(done - sent, resilience::ms_at(done));
+                            r
+                        }
+                    }
                 }
             };
             tried.push(endpoint.addr);
             let failed = is_failure(&outcome);
-            if injected.is_some() || timed_out {
-                // Not the endpoint's fault: its health is left alone.
+            if injected.is_some() || timed_out || matches!(outcome, Err(ProxyError::ClientBody(_))) {
+                // Not the endpoint's doing: its health is left alone.
             } else if failed {
-                endpoint_failed(&svc, &endpoint, now);
+                endpoint_failed(&svc, &endpoint, admission, now);
             } else if grpc && matches!(&outcome, Ok(r) if status_in_trailers(r)) {
                 // A gRPC call's status is still to come, in the trailers:
                 // the response body gives the verdict when they arrive.
-                verdict = Some(Verdict { svc: svc.clone(), endpoint: endpoint.clone() });
+                verdict = Some(Verdict { svc: svc.clone(), endpoint: endpoint.clone(), admission });
             } else {
-                endpoint.health.record_success();
+                endpoint.health.breaker.record_success(admission);
             }
+            // An endpoint held after its record vanished may be gone after
+            // all: a refused connection never reached anyone, so the call
+            // gets one more try elsewhere whatever its method and policy.
+            let held_gone = endpoint.is_held() && matches!(outcome, Err(ProxyError::Connect { .. }));
             let shed = matches!(&outcome, Ok(r) if is_callee_shed(r));
             if shed {
                 // Steer later picks away from an instance that is shedding.
@@ -287,11 +321,12 @@ impl Outbound {
                 && retry.as_ref().is_some_and(|r| should_retry(&r.on, &outcome))
                 && attempt + 1 < max_tries
                 && in_time;
-            let shed_retry = shed
+            let shed_retry = (shed || held_gone)
                 && reuse
                 && !shed_retried
                 && in_time
                 && matches!(body, ReqBody::Buffered(_))
+                && head.is_some()
                 && svc.all_ready.iter().any(|e| !tried.contains(&e.addr));
             if failed && !retryable {
                 tracing::debug!(service, attempt, max_tries, may_retry, "not retrying");
@@ -385,10 +420,20 @@ impl Outbound {
                     return Err(err);
                 };
                 degraded.fallback = Some(name.clone());
+                let now = resilience::now_ms();
+                let admission = match endpoint.health.breaker.admit(now, &svc.settings) {
+                    Admission::Refused => Admission::Normal,
+                    a => a,
+                };
                 let _guard = InFlight::endpoint(&endpoint.health);
                 let timeout = rule.and_then(|r| r.timeout);
-                let resp = self.upstream.send(endpoint.addr, req, timeout).await?;
-                Ok(resp.map(crate::body::reply))
+                let outcome = self.upstream.send(endpoint.addr, req, timeout).await;
+                if is_failure(&outcome) {
+                    endpoint_failed(&svc, &endpoint, admission, now);
+                } else {
+                    endpoint.health.breaker.record_success(admission);
+                }
+                Ok(outcome?.map(crate::body::reply))
             }
         }
     }
@@ -401,6 +446,7 @@ impl Outbound {
     /// Finds the service in the table, subscribing and waiting on a miss.
     async fn resolve(&self, service: &str) -> Result<Arc<Service>, ProxyError> {
         if let Some(s) = self.shared.table.load().services.get(service) {
+            s.stats.touch();
             return Ok(s.clone());
         }
         // Boxed: the wait is rare and would otherwise enlarge every call's
@@ -417,6 +463,7 @@ impl Outbound {
         let wait = async {
             loop {
                 if let Some(s) = self.shared.table.load().services.get(service) {
+                    s.stats.touch();
                     return Some(s.clone());
                 }
                 if changed.changed().await.is_err() {
@@ -504,27 +551,28 @@ fn should_retry(on: &RetryOn, o: &Outcome) -> bool {
 pub struct Verdict {
     svc: Arc<Service>,
     endpoint: Arc<crate::config::Endpoint>,
+    admission: Admission,
 }
 
 impl Verdict {
     /// `failed`: UNAVAILABLE, or the stream broke.
     pub fn give(self, failed: bool) {
         if failed {
-            endpoint_failed(&self.svc, &self.endpoint, resilience::now_ms());
+            endpoint_failed(&self.svc, &self.endpoint, self.admission, resilience::now_ms());
         } else {
-            self.endpoint.health.record_success();
+            self.endpoint.health.breaker.record_success(self.admission);
         }
     }
 }
 
 /// Breaker bookkeeping for a failed try: the endpoint may be ejected.
-fn endpoint_failed(svc: &Service, endpoint: &crate::config::Endpoint, now: u64) {
+fn endpoint_failed(svc: &Service, endpoint: &crate::config::Endpoint, admission: Admission, now: u64) {
     // A fast failure must not make the endpoint look cheap to P2C.
     endpoint.health.observe_rtt(FAILURE_PENALTY);
-    let share = ejected_share(svc, now);
-    if endpoint.health.record_failure(&svc.settings, share) {
+    let lock = &svc.stats.ejection_lock;
+    if crate::breaker::on_failure(endpoint, admission, &svc.all_ready, &svc.settings, lock, now) {
         metrics::counter!("weft_breaker_ejections_total", "service" => svc.name.clone()).increment(1);
-        tracing::info!(service = svc.name, endpoint = %endpoint.addr, "endpoint ejected");
+        tracing::info!(service = svc.name, endpoint = %endpoint.addr, ejections = endpoint.health.breaker.ejections(), "endpoint ejected");
     }
 }
 
@@ -532,14 +580,6 @@ fn endpoint_failed(svc: &Service, endpoint: &crate::config::Endpoint, now: u64) 
 /// it will come in trailers at the end of the body.
 fn status_in_trailers(resp: &http::Response<PooledBody>) -> bool {
     resp.status() == http::StatusCode::OK && grpc_status(resp).is_none() && !http_body::Body::is_end_stream(resp.body())
-}
-
-fn ejected_share(svc: &Service, now: u64) -> f64 {
-    if svc.endpoints.is_empty() {
-        return 0.0;
-    }
-    let ejected = svc.endpoints.iter().filter(|e| e.health.is_ejected(now)).count();
-    ejected as f64 / svc.endpoints.len() as f64
 }
 
 /// Chooses the endpoint for a request under `rule`: a backend by weight
@@ -598,12 +638,14 @@ fn choose_weighted<'a>(
 /// The service a request is for: the authority of an absolute-form URI or
 /// `:authority`, else the Host header; the port is ignored.
 pub fn service_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
+    crate::single_host(req)?;
     let authority = match req.uri().authority() {
         Some(a) => a.host().to_string(),
         None => {
             let host = req.headers().get(http::header::HOST).ok_or(ProxyError::NoAuthority)?;
-            let host =
-                host.to_str().map_err(|_| ProxyError::BadAuthority(String::from_utf8_lossy(host.as_bytes()).into()))?;
+            let host = host.to_str().map_err(|_| {
+                ProxyError::BadAuthority(crate::errors::clip(&String::from_utf8_lossy(host.as_bytes())))
+            })?;
             host.rsplit_once(':')
                 .map(|(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host })
                 .unwrap_or(host)
@@ -615,7 +657,7 @@ pub fn service_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
         && name.len() <= 253
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if !valid {
-        return Err(ProxyError::BadAuthority(authority));
+        return Err(ProxyError::BadAuthority(crate::errors::clip(&authority)));
     }
     // `inference.default.svc` style names route to `inference`.
     Ok(name.split('.').next().unwrap_or(&name).to_string())

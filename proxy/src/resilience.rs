@@ -1,11 +1,11 @@
-//! What protects callers from a failing service: per-endpoint circuit
-//! breaking (consecutive failures → ejection for a growing period → one
-//! half-open chance), the service's concurrency cap, and the retry budget that
-//! keeps retries from multiplying an outage.
+//! What protects callers from a failing service: per-endpoint health
+//! (latency, load, and its [`crate::breaker::Breaker`]), the service's
+//! concurrency cap, and the retry budget that keeps retries from multiplying
+//! an outage.
 
 use std::sync::Mutex;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use xds_proto::v1 as pb;
@@ -77,10 +77,7 @@ impl From<&pb::Resilience> for Settings {
 #[derive(Debug)]
 pub struct Health {
     pub in_flight: AtomicUsize,
-    failures: AtomicU32,
-    ejected_until_ms: AtomicU64,
-    ejections: AtomicU32,
-    half_open: AtomicBool,
+    pub breaker: crate::breaker::Breaker,
     /// Peak-EWMA of the time to response head, in microseconds (f64 bits).
     rtt_us: AtomicU64,
     /// When `rtt_us` was last updated (`now_ms`).
@@ -100,10 +97,7 @@ impl Health {
     pub fn born_at(born_ms: u64) -> Self {
         Health {
             in_flight: AtomicUsize::new(0),
-            failures: AtomicU32::new(0),
-            ejected_until_ms: AtomicU64::new(0),
-            ejections: AtomicU32::new(0),
-            half_open: AtomicBool::new(false),
+            breaker: Default::default(),
             rtt_us: AtomicU64::new(DEFAULT_RTT_US.to_bits()),
             rtt_at_ms: AtomicU64::new(now_ms()),
             born_ms,
@@ -157,39 +151,9 @@ impl Health {
         self.decayed_rtt(now) * load / warm
     }
 
+    #[inline]
     pub fn is_ejected(&self, now: u64) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now
-    }
-
-    pub fn record_success(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        if self.half_open.swap(false, Ordering::Relaxed) {
-            self.ejections.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Records a failure; returns true when it ejects the endpoint.
-    /// `ejected_share` is the share of the service's endpoints ejected now.
-    pub fn record_failure(&self, s: &Settings, ejected_share: f64) -> bool {
-        if s.consecutive_failures == 0 {
-            return false;
-        }
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        // After an ejection the first answer decides: one failure ejects again.
-        let threshold = if self.half_open.load(Ordering::Relaxed) { 1 } else { s.consecutive_failures };
-        if failures < threshold || self.is_ejected(now_ms()) {
-            return false;
-        }
-        if ejected_share * 100.0 >= f64::from(s.max_ejection_percent) {
-            return false;
-        }
-        let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        // Linear growth, capped at 5 minutes.
-        let period = (s.base_ejection * n).min(Duration::from_secs(300));
-        self.ejected_until_ms.store(now_ms() + period.as_millis() as u64, Ordering::Relaxed);
-        self.failures.store(0, Ordering::Relaxed);
-        self.half_open.store(true, Ordering::Relaxed);
-        true
+        self.breaker.is_ejected(now)
     }
 }
 
@@ -198,6 +162,10 @@ impl Health {
 pub struct ServiceStats {
     pub in_flight: AtomicUsize,
     budget: Mutex<Budget>,
+    /// Held while deciding an ejection against the service's cap.
+    pub ejection_lock: Mutex<()>,
+    /// The subscription sweep's epoch of the last call ([`crate::state::EPOCH`]).
+    last_used: AtomicU64,
 }
 
 impl Default for ServiceStats {
@@ -205,6 +173,8 @@ impl Default for ServiceStats {
         ServiceStats {
             in_flight: AtomicUsize::new(0),
             budget: Mutex::new(Budget { tokens: 0.0, refilled: Instant::now(), primed: false }),
+            ejection_lock: Mutex::new(()),
+            last_used: AtomicU64::new(crate::state::EPOCH.load(Ordering::Relaxed)),
         }
     }
 }
@@ -219,6 +189,19 @@ struct Budget {
 }
 
 impl ServiceStats {
+    /// Notes a call (for the subscription sweep).
+    #[inline]
+    pub fn touch(&self) {
+        let epoch = crate::state::EPOCH.load(Ordering::Relaxed);
+        if self.last_used.load(Ordering::Relaxed) != epoch {
+            self.last_used.store(epoch, Ordering::Relaxed);
+        }
+    }
+
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
     /// Every request deposits `ratio` of a retry; the floor adds
     /// `min_per_second` per second. Capped at ten seconds' worth.
     pub fn deposit(&self, s: &Settings) {
@@ -260,31 +243,6 @@ impl ServiceStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn breaker(n: u32) -> Settings {
-        Settings { consecutive_failures: n, base_ejection: Duration::from_secs(10), ..Settings::default() }
-    }
-
-    #[test]
-    fn ejects_after_consecutive_failures_only() {
-        let h = Health::default();
-        let s = breaker(3);
-        assert!(!h.record_failure(&s, 0.0));
-        assert!(!h.record_failure(&s, 0.0));
-        h.record_success();
-        assert!(!h.record_failure(&s, 0.0));
-        assert!(!h.record_failure(&s, 0.0));
-        assert!(h.record_failure(&s, 0.0));
-        assert!(h.is_ejected(now_ms()));
-    }
-
-    #[test]
-    fn respects_max_ejection_percent() {
-        let h = Health::default();
-        let s = breaker(1);
-        assert!(!h.record_failure(&s, 0.5), "half the service is ejected already");
-        assert!(h.record_failure(&s, 0.0));
-    }
 
     #[test]
     fn peak_ewma_takes_slow_answers_at_once() {

@@ -29,9 +29,12 @@ pub struct Shared {
     pub table: ArcSwap<Table>,
     /// Bumped (to the table version) whenever a new table is stored.
     pub table_changed: watch::Sender<u64>,
-    /// Services this sidecar has subscribed to (touched only on a table miss).
+    /// Services this sidecar has subscribed to (touched only on a table
+    /// miss and by the subscription sweep).
     pub subscriptions: Mutex<HashSet<String>>,
-    pub subscribe_tx: mpsc::UnboundedSender<String>,
+    /// Subscription changes for the discovery client (bounded: a change that
+    /// does not fit is refused, see [`Shared::subscribe`]).
+    pub subscription_tx: mpsc::Sender<SubscriptionChange>,
     pub app_ready: watch::Receiver<bool>,
     pub config_received: AtomicBool,
     pub control_connected: AtomicBool,
@@ -46,6 +49,31 @@ pub struct Shared {
 /// How many degraded-call reports wait for the control plane at most.
 pub const REPORT_QUEUE: usize = 4096;
 
+/// What the discovery client is asked to tell the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionChange {
+    Subscribe(String),
+    /// Also removes the services from the table.
+    Unsubscribe(Vec<String>),
+}
+
+/// Subscription changes queued for the discovery client at most.
+pub const SUBSCRIPTION_QUEUE: usize = 4096;
+
+/// How often the subscription sweep runs; [`EPOCH`] counts its runs.
+pub const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+/// A known service the app has not called for this many sweeps is
+/// unsubscribed (10 minutes).
+pub const IDLE_KNOWN_SWEEPS: u64 = 60;
+/// An unknown service (the control plane knows nothing of it: a typo, a
+/// bogus `Host`) is unsubscribed after this many sweeps without calls.
+pub const IDLE_UNKNOWN_SWEEPS: u64 = 3;
+
+/// A coarse clock for subscription use: bumped by each sweep, stored by each
+/// call into its service's stats (one relaxed load, and a store only when it
+/// moved).
+pub static EPOCH: AtomicU64 = AtomicU64::new(1);
+
 impl Shared {
     /// Queues a report without waiting; when the queue is full the report is
     /// dropped and counted.
@@ -56,19 +84,69 @@ impl Shared {
         }
     }
 
-    /// Subscribes to `service` unless already subscribed. Returns false when
-    /// the subscription cap is reached.
+    /// Subscribes to `service` unless already subscribed. At the cap
+    /// ([`crate::MAX_SUBSCRIPTIONS`]) the least recently called unknown
+    /// service makes room, unless it was called since the last sweep. Returns
+    /// false when there is no room (or the discovery client is that far
+    /// behind).
     pub fn subscribe(&self, service: &str) -> bool {
         let mut subs = self.subscriptions.lock().expect("lock");
         if subs.contains(service) {
             return true;
         }
         if subs.len() >= crate::MAX_SUBSCRIPTIONS {
+            let epoch = EPOCH.load(Ordering::Relaxed);
+            let table = self.table.load();
+            let victim = subs
+                .iter()
+                .filter(|s| **s != self.identity.service)
+                .filter_map(|s| table.services.get(s).map(|svc| (s, svc)))
+                .filter(|(_, svc)| !svc.known)
+                .map(|(s, svc)| (svc.stats.last_used(), s))
+                .filter(|(used, _)| *used < epoch)
+                .min()
+                .map(|(_, s)| s.clone());
+            let Some(victim) = victim else { return false };
+            if self.subscription_tx.try_send(SubscriptionChange::Unsubscribe(vec![victim.clone()])).is_err() {
+                return false;
+            }
+            subs.remove(&victim);
+        }
+        if self.subscription_tx.try_send(SubscriptionChange::Subscribe(service.to_string())).is_err() {
             return false;
         }
         subs.insert(service.to_string());
-        let _ = self.subscribe_tx.send(service.to_string());
         true
+    }
+
+    /// One run of the subscription sweep: advances [`EPOCH`] and
+    /// unsubscribes services the app stopped calling, so that a caller's
+    /// table (and the `service` labels of its metrics) only holds what it
+    /// uses. The sidecar's own service stays.
+    pub fn sweep_subscriptions(&self) {
+        let epoch = EPOCH.fetch_add(1, Ordering::Relaxed) + 1;
+        let table = self.table.load();
+        let mut subs = self.subscriptions.lock().expect("lock");
+        let idle: Vec<String> = subs
+            .iter()
+            .filter(|s| **s != self.identity.service)
+            .filter(|s| {
+                table.services.get(*s).is_some_and(|svc| {
+                    let limit = if svc.known { IDLE_KNOWN_SWEEPS } else { IDLE_UNKNOWN_SWEEPS };
+                    epoch.saturating_sub(svc.stats.last_used()) > limit
+                })
+            })
+            .cloned()
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        if self.subscription_tx.try_send(SubscriptionChange::Unsubscribe(idle.clone())).is_ok() {
+            tracing::debug!(services = ?idle, "unsubscribing services the app no longer calls");
+            for s in &idle {
+                subs.remove(s);
+            }
+        }
     }
 }
 

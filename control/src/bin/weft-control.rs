@@ -32,6 +32,10 @@ struct Args {
     /// Name of this replica (default: hostname-pid).
     #[arg(long, env = "WEFT_REPLICA")]
     replica: Option<String>,
+    /// Sidecar streams this replica takes at most; more are refused
+    /// (RESOURCE_EXHAUSTED) and try another replica.
+    #[arg(long, env = "WEFT_MAX_SIDECARS", default_value_t = 50_000)]
+    max_sidecars: usize,
 }
 
 #[tokio::main]
@@ -74,7 +78,9 @@ async fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    server::run(Config { store, replica, lease_ttl_secs: args.lease_ttl, metrics, tokens }, grpc, admin, shutdown).await
+    let config =
+        Config { store, replica, lease_ttl_secs: args.lease_ttl, metrics, tokens, max_sidecars: args.max_sidecars };
+    server::run(config, grpc, admin, shutdown).await
 }
 
 fn hostname() -> String {

@@ -190,15 +190,26 @@ async fn connect(url: &str) -> Result<Client, Fail> {
     Ok(AdminClient::with_interceptor(ch, Bearer(bearer)))
 }
 
+/// Reads a policy file (or stdin), at most one byte past
+/// [`policy::MAX_FILE_BYTES`]: the parser refuses it then, without this
+/// reading gigabytes first.
 fn read_input(file: &str) -> Result<(String, String), Fail> {
-    if file == "-" {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|e| Fail(1, format!("reading stdin: {e}")))?;
-        Ok(("<stdin>".into(), s))
+    let limit = policy::MAX_FILE_BYTES as u64 + 1;
+    let mut bytes = Vec::new();
+    let name = if file == "-" {
+        std::io::stdin().take(limit).read_to_end(&mut bytes).map_err(|e| Fail(1, format!("reading stdin: {e}")))?;
+        "<stdin>".to_string()
     } else {
-        let s = std::fs::read_to_string(file).map_err(|e| Fail(1, format!("{file}: {e}")))?;
-        Ok((file.to_string(), s))
-    }
+        let f = std::fs::File::open(file).map_err(|e| Fail(1, format!("{file}: {e}")))?;
+        f.take(limit).read_to_end(&mut bytes).map_err(|e| Fail(1, format!("{file}: {e}")))?;
+        file.to_string()
+    };
+    let text = if bytes.len() > policy::MAX_FILE_BYTES {
+        String::from_utf8_lossy(&bytes).into_owned()
+    } else {
+        String::from_utf8(bytes).map_err(|e| Fail(1, format!("{name}: not UTF-8 text ({e})")))?
+    };
+    Ok((name, text))
 }
 
 fn parse(file: &str) -> Result<Vec<policy::Located>, Fail> {
@@ -305,7 +316,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                         .collect();
                     match output {
                         Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
-                        _ => out!("{}", serde_yaml::to_string(&rows).unwrap_or_default().trim_end()),
+                        _ => out!("{}", serde_saphyr::to_string(&rows).unwrap_or_default().trim_end()),
                     }
                 }
             }
@@ -346,7 +357,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 Output::Json => out!("{}", serde_json::to_string_pretty(&values).unwrap_or_default()),
                 Output::Yaml => {
                     let docs: Vec<String> =
-                        values.iter().map(|v| serde_yaml::to_string(v).unwrap_or_default()).collect();
+                        values.iter().map(|v| serde_saphyr::to_string(v).unwrap_or_default()).collect();
                     out!("{}", docs.join("---\n").trim_end());
                 }
             }
@@ -380,7 +391,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     }
                 }
                 Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
-                Output::Yaml => out!("{}", serde_yaml::to_string(&rows).unwrap_or_default().trim_end()),
+                Output::Yaml => out!("{}", serde_saphyr::to_string(&rows).unwrap_or_default().trim_end()),
             }
             Ok(())
         }
@@ -425,7 +436,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     }
                 }
                 Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
-                Output::Yaml => out!("{}", serde_yaml::to_string(&rows).unwrap_or_default().trim_end()),
+                Output::Yaml => out!("{}", serde_saphyr::to_string(&rows).unwrap_or_default().trim_end()),
             }
             Ok(())
         }
@@ -463,7 +474,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     }
                 }
                 Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
-                Output::Yaml => out!("{}", serde_yaml::to_string(&rows).unwrap_or_default().trim_end()),
+                Output::Yaml => out!("{}", serde_saphyr::to_string(&rows).unwrap_or_default().trim_end()),
             }
             Ok(())
         }

@@ -1,0 +1,453 @@
+//! Accepting connections, and what bounds them: a connection limit per
+//! listener, a header-read timeout, an idle timeout, and a graceful close of
+//! every connection on drain.
+//!
+//! hyper's own HTTP/1.1 `header_read_timeout` also closes keep-alive
+//! connections that are idle for that long (it starts when hyper waits for
+//! the next head) and allocates a timer per request; and HTTP/2 has none. So
+//! the bounds are kept here, protocol-agnostic and off the per-request timer
+//! wheel: each connection has a small shared [`ConnState`] that its I/O and
+//! its requests update with relaxed atomic stores of a coarse clock
+//! ([`TICK`], seconds), and one sweeper per listener looks at every
+//! connection once a second:
+//!
+//! - **header timeout**: bytes arrived while no request was in flight, and no
+//!   complete request head followed within the timeout (a slowloris client).
+//!   For HTTP/2, only until the connection's first request: later bytes with
+//!   no request in flight are pings and settings.
+//! - **idle timeout**: no request in flight and no byte read or written for
+//!   that long; the connection is closed gracefully (HTTP/2 GOAWAY).
+//!
+//! A connection over the limit is accepted and closed at once (counted in
+//! `weft_connections_rejected_total{listener}`), so a client fails fast
+//! instead of waiting in the kernel's backlog.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Seconds since the process started, advanced by the sweepers: the clock
+/// of the connection bounds (one relaxed load to read).
+pub static TICK: AtomicU32 = AtomicU32::new(1);
+
+/// The bounds of one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// From the first byte of a request head to its end.
+    pub header_timeout: Duration,
+    /// No request in flight and nothing read or written.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+const NONE: u8 = 0;
+const GRACEFUL: u8 = 1;
+const ABORT: u8 = 2;
+
+/// What a connection's I/O, its requests and the sweeper share.
+#[derive(Debug)]
+pub struct ConnState {
+    /// Requests between their head being read and their response head.
+    active: AtomicU32,
+    /// [`TICK`] of the last read, write, request or response.
+    progress: AtomicU32,
+    /// [`TICK`] when bytes arrived with no request in flight; 0 = none.
+    head_since: AtomicU32,
+    /// A request has been seen (HTTP/2 stops counting heads after it).
+    served: AtomicBool,
+    /// The first bytes were the HTTP/2 preface.
+    h2: AtomicBool,
+    signal: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl ConnState {
+    fn new() -> ConnState {
+        let now = TICK.load(Ordering::Relaxed);
+        ConnState {
+            active: AtomicU32::new(0),
+            progress: AtomicU32::new(now),
+            head_since: AtomicU32::new(0),
+            served: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            signal: AtomicU8::new(NONE),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    #[inline]
+    fn on_read(&self, first: &[u8]) {
+        let now = TICK.load(Ordering::Relaxed);
+        self.progress.store(now, Ordering::Relaxed);
+        if self.active.load(Ordering::Relaxed) == 0 && self.head_since.load(Ordering::Relaxed) == 0 {
+            if !self.served.load(Ordering::Relaxed) && first.starts_with(b"PRI * HTTP/2") {
+                self.h2.store(true, Ordering::Relaxed);
+            }
+            if !(self.h2.load(Ordering::Relaxed) && self.served.load(Ordering::Relaxed)) {
+                self.head_since.store(now, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A request head was read: the call is in flight until its response
+    /// head is returned (the returned guard's drop).
+    #[inline]
+    pub fn request(self: &Arc<Self>) -> RequestGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+        if !self.served.load(Ordering::Relaxed) {
+            self.served.store(true, Ordering::Relaxed);
+        }
+        RequestGuard(self.clone())
+    }
+
+    fn signal(&self, what: u8) {
+        if self.signal.fetch_max(what, Ordering::Relaxed) < what {
+            self.waker.wake();
+        }
+    }
+
+    /// What the sweeper decides for this connection at `now`.
+    fn verdict(&self, now: u32, limits: &Limits) -> u8 {
+        let head = self.head_since.load(Ordering::Relaxed);
+        if head != 0 && now.saturating_sub(head) as u64 >= limits.header_timeout.as_secs().max(1) {
+            return ABORT;
+        }
+        let idle = now.saturating_sub(self.progress.load(Ordering::Relaxed)) as u64;
+        if self.active.load(Ordering::Relaxed) == 0 && idle >= limits.idle_timeout.as_secs().max(1) {
+            return GRACEFUL;
+        }
+        NONE
+    }
+}
+
+/// Counts a request in flight on its connection until dropped.
+pub struct RequestGuard(Arc<ConnState>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.progress.store(TICK.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// The connections of one listener.
+pub struct Tracker {
+    name: &'static str,
+    limits: Limits,
+    conns: Mutex<Vec<Weak<ConnState>>>,
+    open: AtomicUsize,
+    /// Woken when the last connection closes.
+    idle: tokio::sync::Notify,
+}
+
+impl Tracker {
+    /// A tracker for the listener `name` (a metric label); starts its
+    /// sweeper, which ends with the tracker.
+    pub fn new(name: &'static str, limits: Limits) -> Arc<Tracker> {
+        let t = Arc::new(Tracker {
+            name,
+            limits,
+            conns: Mutex::new(Vec::new()),
+            open: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&t)));
+        t
+    }
+
+    /// Admits a new connection, or `None` over the limit.
+    pub fn admit(self: &Arc<Self>) -> Option<Arc<ConnState>> {
+        if self.open.load(Ordering::Relaxed) >= self.limits.max_connections {
+            metrics::counter!("weft_connections_rejected_total", "listener" => self.name).increment(1);
+            return None;
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("weft_connections", "listener" => self.name).increment(1.0);
+        let state = Arc::new(ConnState::new());
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&state));
+        Some(state)
+    }
+
+    fn closed(&self) {
+        metrics::gauge!("weft_connections", "listener" => self.name).decrement(1.0);
+        if self.open.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Closes every connection gracefully (a response in progress finishes;
+    /// HTTP/1.1 closes when idle, HTTP/2 sends GOAWAY) and waits until they
+    /// are gone.
+    pub async fn drain(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade) {
+                c.signal(GRACEFUL);
+            }
+            if self.open() == 0 {
+                return;
+            }
+            // Connections accepted meanwhile are signalled on the next turn.
+            let _ = tokio::time::timeout(Duration::from_millis(200), idle).await;
+        }
+    }
+}
+
+/// Once a second: advances [`TICK`], applies the timeouts, forgets closed
+/// connections.
+async fn sweep(tracker: Weak<Tracker>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(t) = tracker.upgrade() else { return };
+        // Several listeners advance the one clock: it moves to the seconds
+        // since start, whoever gets there first.
+        let now = crate::resilience::now_ms().div_ceil(1000) as u32;
+        TICK.fetch_max(now, Ordering::Relaxed);
+        let now = TICK.load(Ordering::Relaxed);
+        let mut conns = t.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|w| match w.upgrade() {
+            None => false,
+            Some(c) => {
+                match c.verdict(now, &t.limits) {
+                    ABORT => {
+                        metrics::counter!("weft_connections_timed_out_total", "listener" => t.name, "reason" => "header")
+                            .increment(1);
+                        c.signal(ABORT);
+                    }
+                    GRACEFUL if c.signal.load(Ordering::Relaxed) == NONE => {
+                        metrics::counter!("weft_connections_timed_out_total", "listener" => t.name, "reason" => "idle")
+                            .increment(1);
+                        c.signal(GRACEFUL);
+                    }
+                    _ => {}
+                }
+                true
+            }
+        });
+    }
+}
+
+/// A connection's I/O, noting reads and writes in its [`ConnState`].
+pub struct TrackedIo<T> {
+    inner: T,
+    state: Arc<ConnState>,
+}
+
+impl<T> TrackedIo<T> {
+    pub fn new(inner: T, state: Arc<ConnState>) -> Self {
+        TrackedIo { inner, state }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r
+            && buf.filled().len() > before
+        {
+            self.state.on_read(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            self.state.progress.store(TICK.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            self.state.progress.store(TICK.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+use hyper_util::server::graceful::GracefulConnection;
+
+/// Serves `conn` until it ends, closing it when its state is signalled.
+pub async fn watched<C>(conn: C, state: Arc<ConnState>, tracker: Arc<Tracker>)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let closed = OnClose(tracker);
+    Watched { conn, state, shutting: false }.await;
+    drop(closed);
+}
+
+struct OnClose(Arc<Tracker>);
+
+impl Drop for OnClose {
+    fn drop(&mut self) {
+        self.0.closed();
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Watched<C> {
+        #[pin]
+        conn: C,
+        state: Arc<ConnState>,
+        shutting: bool,
+    }
+}
+
+impl<C: GracefulConnection> Future for Watched<C>
+where
+    C::Error: std::fmt::Display,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        this.state.waker.register(cx.waker());
+        match this.state.signal.load(Ordering::Relaxed) {
+            ABORT => return Poll::Ready(()),
+            GRACEFUL if !*this.shutting => {
+                *this.shutting = true;
+                this.conn.as_mut().graceful_shutdown();
+            }
+            _ => {}
+        }
+        match this.conn.poll(cx) {
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "connection ended with an error");
+                Poll::Ready(())
+            }
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Binds a listening TCP socket; with `reuse_port`, several processes of
+/// the same user may listen on the address at once, so a new sidecar can
+/// take over a port before the old one drains (the kernel shares new
+/// connections among them).
+pub fn bind(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { max_connections: 2, header_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn a_head_that_does_not_complete_in_time_aborts_the_connection() {
+        let c = Arc::new(ConnState::new());
+        let start = TICK.load(Ordering::Relaxed);
+        c.on_read(b"GET / HTTP/1.1\r\nHost: a");
+        assert_eq!(c.verdict(start + 9, &limits()), NONE);
+        assert_eq!(c.verdict(start + 10, &limits()), ABORT);
+        // The head completed in time: no timeout while the call is in flight.
+        let g = c.request();
+        assert_eq!(c.verdict(start + 100, &limits()), NONE);
+        drop(g);
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed_gracefully_but_not_while_a_call_is_in_flight() {
+        let c = Arc::new(ConnState::new());
+        let start = TICK.load(Ordering::Relaxed);
+        c.on_read(b"GET / HTTP/1.1\r\n\r\n");
+        let g = c.request();
+        assert_eq!(c.verdict(start + 1000, &limits()), NONE, "waiting for a slow upstream is not idle");
+        drop(g);
+        let done = TICK.load(Ordering::Relaxed);
+        assert_eq!(c.verdict(done + 59, &limits()), NONE);
+        assert_eq!(c.verdict(done + 60, &limits()), GRACEFUL);
+    }
+
+    #[test]
+    fn http2_pings_after_the_first_request_are_not_a_head() {
+        let c = Arc::new(ConnState::new());
+        let start = TICK.load(Ordering::Relaxed);
+        c.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        drop(c.request());
+        c.on_read(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00ping-ping");
+        assert_eq!(c.verdict(start + 30, &limits()), NONE);
+        // An HTTP/1.1 connection's next head is timed again.
+        let h1 = Arc::new(ConnState::new());
+        h1.on_read(b"GET / HTTP/1.1\r\n\r\n");
+        drop(h1.request());
+        h1.on_read(b"GET /next");
+        assert_eq!(h1.verdict(TICK.load(Ordering::Relaxed) + 10, &limits()), ABORT);
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_refused() {
+        let t = Tracker::new("test", limits());
+        let a = t.admit().expect("first");
+        let _b = t.admit().expect("second");
+        assert!(t.admit().is_none(), "a third is over the limit");
+        drop(a);
+        t.closed();
+        assert!(t.admit().is_some(), "a slot came free");
+    }
+}
