@@ -86,16 +86,16 @@ impl Shared {
 
     /// Subscribes to `service` unless already subscribed. At the cap
     /// ([`crate::MAX_SUBSCRIPTIONS`]) the least recently called unknown
-    /// service makes room, unless it was called since the last sweep. Returns
-    /// false when there is no room (or the discovery client is that far
-    /// behind).
+    /// service (one the control plane knows nothing of) makes room: bogus
+    /// names cannot lock the app out of real services. Returns false when
+    /// there is no room (every subscription is a known service) or the
+    /// discovery client is that far behind.
     pub fn subscribe(&self, service: &str) -> bool {
         let mut subs = self.subscriptions.lock().expect("lock");
         if subs.contains(service) {
             return true;
         }
         if subs.len() >= crate::MAX_SUBSCRIPTIONS {
-            let epoch = EPOCH.load(Ordering::Relaxed);
             let table = self.table.load();
             let victim = subs
                 .iter()
@@ -103,7 +103,6 @@ impl Shared {
                 .filter_map(|s| table.services.get(s).map(|svc| (s, svc)))
                 .filter(|(_, svc)| !svc.known)
                 .map(|(s, svc)| (svc.stats.last_used(), s))
-                .filter(|(used, _)| *used < epoch)
                 .min()
                 .map(|(_, s)| s.clone());
             let Some(victim) = victim else { return false };
