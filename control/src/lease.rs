@@ -78,10 +78,14 @@ pub async fn hold(store: Store, ttl_secs: i64, lease: watch::Sender<Option<i64>>
 /// renewal that etcd answered was sent.
 async fn keep(store: &Store, id: i64, ttl: Duration, mut renewed: Instant) -> Lost {
     let period = (ttl / 3).max(Duration::from_millis(200));
+    let mut failed = false;
     loop {
         let deadline = renewed + ttl;
         let sent = Instant::now();
-        let opened = match tokio::time::timeout_at(deadline, store.client().lease_keep_alive(id)).await {
+        // After a failure, the next etcd member.
+        let mut client = if failed { store.next_client() } else { store.client() };
+        failed = true;
+        let opened = match tokio::time::timeout_at(deadline, client.lease_keep_alive(id)).await {
             Err(_) => return Lost::Unconfirmed,
             Ok(r) => r,
         };
@@ -113,6 +117,7 @@ async fn keep(store: &Store, id: i64, ttl: Duration, mut renewed: Instant) -> Lo
                 Ok(Ok(Some(_))) => return Lost::Gone,
                 Ok(Ok(None)) | Ok(Err(_)) => {
                     tracing::warn!(lease = id, "replica lease keep-alive stream broke; opening a new one");
+                    failed = true;
                     break;
                 }
             }

@@ -9,6 +9,8 @@
 //! Values are JSON with a `schema` field.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
@@ -149,25 +151,52 @@ impl Action {
     }
 }
 
+/// The etcd adapter. With several etcd endpoints it keeps one client per
+/// member and uses one at a time: a call that cannot reach its member (down,
+/// or cut off from the cluster's leader) is tried on the next, and the next
+/// becomes the one in use. etcd-client's own balancing spreads calls over all
+/// endpoints and keeps sending some to a dead one.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    members: Arc<Members>,
     prefix: String,
     endpoints: String,
+}
+
+struct Members {
+    clients: Vec<Client>,
+    current: AtomicUsize,
 }
 
 impl Store {
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Store> {
         let joined = endpoints.join(",");
+        // A member cut off from the leader refuses watches instead of serving
+        // a stale view (require_leader).
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(2))
             .with_timeout(std::time::Duration::from_secs(5))
             .with_keep_alive(std::time::Duration::from_secs(5), std::time::Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
-        let client = Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(|source| StoreError::Etcd { endpoints: joined.clone(), source })?;
-        Ok(Store { client, prefix: prefix.trim_end_matches('/').to_string(), endpoints: joined })
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let mut clients = Vec::new();
+        for e in endpoints {
+            let c = Client::connect([e], Some(opts.clone()))
+                .await
+                .map_err(|source| StoreError::Etcd { endpoints: joined.clone(), source })?;
+            clients.push(c);
+        }
+        if clients.is_empty() {
+            return Err(StoreError::Etcd {
+                endpoints: joined,
+                source: etcd_client::Error::InvalidArgs("no etcd endpoints".into()),
+            });
+        }
+        Ok(Store {
+            members: Arc::new(Members { clients, current: AtomicUsize::new(0) }),
+            prefix: prefix.trim_end_matches('/').to_string(),
+            endpoints: joined,
+        })
     }
 
     fn err(&self, source: etcd_client::Error) -> StoreError {
@@ -178,8 +207,45 @@ impl Store {
         &self.prefix
     }
 
+    /// The client of the member in use.
     pub fn client(&self) -> Client {
-        self.client.clone()
+        let m = &self.members;
+        m.clients[m.current.load(Ordering::Relaxed) % m.clients.len()].clone()
+    }
+
+    /// Moves to the next member (after the one in use failed a stream, e.g.
+    /// the watch) and returns its client.
+    pub fn next_client(&self) -> Client {
+        let m = &self.members;
+        let next = m.current.fetch_add(1, Ordering::Relaxed) + 1;
+        m.clients[next % m.clients.len()].clone()
+    }
+
+    /// Runs `op` on the member in use; when it cannot reach that member, on
+    /// the next, until every member was tried once.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let m = &self.members;
+        let n = m.clients.len();
+        let start = m.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let at = (start + i) % n;
+            match op(m.clients[at].clone()).await {
+                Ok(v) => {
+                    if i > 0 {
+                        m.current.store(at, Ordering::Relaxed);
+                    }
+                    return Ok(v);
+                }
+                Err(e) if n > 1 && unreachable(&e) => last = Some(e),
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        Err(self.err(last.expect("at least one member was tried")))
     }
 
     pub fn key(&self, suffix: &str) -> String {
@@ -188,22 +254,25 @@ impl Store {
 
     /// Checks that etcd answers.
     pub async fn ping(&self) -> Result<u64> {
-        let mut c = self.client.clone();
-        let r = c.status().await.map_err(|e| self.err(e))?;
+        let r = self.call(|mut c| async move { c.status().await }).await?;
         Ok(r.header().map(|h| h.revision() as u64).unwrap_or(0))
     }
 
     /// Writes all resources in one transaction, or none. Resources that are
     /// already stored as given are left alone (and reported unchanged).
     pub async fn apply(&self, resources: &[Resource]) -> Result<(u64, Vec<(ResourceId, Action)>)> {
-        let mut c = self.client.clone();
         let mut compares = Vec::new();
         let mut ops = Vec::new();
         let mut results = Vec::new();
         for r in resources {
             let id = r.id();
             let key = self.key(&id.key_suffix());
-            let current = c.get(key.clone(), None).await.map_err(|e| self.err(e))?;
+            let current = self
+                .call(|mut c| {
+                    let key = &key;
+                    async move { c.get(key.clone(), None).await }
+                })
+                .await?;
             let existing = current.kvs().first();
             let action = match existing {
                 None => Action::Created,
@@ -219,7 +288,13 @@ impl Store {
             }
             results.push((id, action));
         }
-        let resp = c.txn(Txn::new().when(compares).and_then(ops)).await.map_err(|e| self.err(e))?;
+        let txn = Txn::new().when(compares).and_then(ops);
+        let resp = self
+            .call(|mut c| {
+                let txn = &txn;
+                async move { c.txn(txn.clone()).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return Err(StoreError::Conflict {
                 resource: results.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(", "),
@@ -231,12 +306,17 @@ impl Store {
 
     /// Lists stored resources of a kind (all when `id` is None).
     pub async fn get(&self, kind: Kind, id: Option<&ResourceId>) -> Result<(u64, Vec<(String, Vec<u8>, u64)>)> {
-        let mut c = self.client.clone();
-        let resp = match id {
-            Some(id) => c.get(self.key(&id.key_suffix()), None).await,
-            None => c.get(format!("{}/", self.key(kind.key_dir())), Some(GetOptions::new().with_prefix())).await,
-        }
-        .map_err(|e| self.err(e))?;
+        let (key, opts) = match id {
+            Some(id) => (self.key(&id.key_suffix()), None),
+            None => (format!("{}/", self.key(kind.key_dir())), Some(GetOptions::new().with_prefix())),
+        };
+        let resp = self
+            .call(|mut c| {
+                let key = &key;
+                let opts = &opts;
+                async move { c.get(key.clone(), opts.clone()).await }
+            })
+            .await?;
         let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
         let items = resp
             .kvs()
@@ -251,16 +331,26 @@ impl Store {
     /// creation, a compaction, or `limit`. The flag is true when compaction
     /// cut the history short.
     pub async fn history(&self, id: &ResourceId, limit: usize) -> Result<(Vec<(u64, Vec<u8>)>, bool)> {
-        let mut c = self.client.clone();
         let key = self.key(&id.key_suffix());
         let mut out = Vec::new();
         let mut at: Option<i64> = None;
         loop {
             let opts = at.map(|rev| GetOptions::new().with_revision(rev));
-            let resp = match c.get(key.clone(), opts).await {
+            let resp = match self
+                .call(|mut c| {
+                    let key = &key;
+                    let opts = &opts;
+                    async move { c.get(key.clone(), opts.clone()).await }
+                })
+                .await
+            {
                 Ok(r) => r,
-                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => return Ok((out, true)),
-                Err(e) => return Err(self.err(e)),
+                Err(StoreError::Etcd { source: etcd_client::Error::GRpcStatus(s), .. })
+                    if s.message().contains("compacted") =>
+                {
+                    return Ok((out, true));
+                }
+                Err(e) => return Err(e),
             };
             let Some(kv) = resp.kvs().first() else { return Ok((out, false)) };
             out.push((kv.mod_revision() as u64, kv.value().to_vec()));
@@ -273,26 +363,39 @@ impl Store {
 
     /// The value of a resource as of `revision`.
     pub async fn get_at(&self, id: &ResourceId, revision: u64) -> Result<Option<(u64, Vec<u8>)>> {
-        let mut c = self.client.clone();
-        let resp = c
-            .get(self.key(&id.key_suffix()), Some(GetOptions::new().with_revision(revision as i64)))
-            .await
-            .map_err(|e| self.err(e))?;
+        let key = self.key(&id.key_suffix());
+        let opts = GetOptions::new().with_revision(revision as i64);
+        let resp = self
+            .call(|mut c| {
+                let key = &key;
+                let opts = &opts;
+                async move { c.get(key.clone(), Some(opts.clone())).await }
+            })
+            .await?;
         Ok(resp.kvs().first().map(|kv| (kv.mod_revision() as u64, kv.value().to_vec())))
     }
 
     pub async fn delete(&self, id: &ResourceId) -> Result<(u64, bool)> {
-        let mut c = self.client.clone();
-        let resp = c.delete(self.key(&id.key_suffix()), None::<DeleteOptions>).await.map_err(|e| self.err(e))?;
+        let key = self.key(&id.key_suffix());
+        let resp = self
+            .call(|mut c| {
+                let key = &key;
+                async move { c.delete(key.clone(), None::<DeleteOptions>).await }
+            })
+            .await?;
         let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
         Ok((rev, resp.deleted() > 0))
     }
 
     /// Everything under the prefix at one revision, for a full (re)sync.
     pub async fn load_all(&self) -> Result<(u64, Vec<KeyValue>)> {
-        let mut c = self.client.clone();
-        let resp =
-            c.get(format!("{}/", self.prefix), Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
+        let key = format!("{}/", self.prefix);
+        let resp = self
+            .call(|mut c| {
+                let key = &key;
+                async move { c.get(key.clone(), Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let rev = resp.header().map(|h| h.revision() as u64).unwrap_or(0);
         Ok((rev, resp.kvs().to_vec()))
     }
@@ -306,14 +409,18 @@ impl Store {
     }
 
     async fn list_json<T: serde::de::DeserializeOwned>(&self, dir: &str) -> Result<Vec<T>> {
-        let mut c = self.client.clone();
-        let resp = c.get(self.key(dir), Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
+        let key = self.key(dir);
+        let resp = self
+            .call(|mut c| {
+                let key = &key;
+                async move { c.get(key.clone(), Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect())
     }
 
     pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64> {
-        let mut c = self.client.clone();
-        let r = c.lease_grant(ttl_secs, None).await.map_err(|e| self.err(e))?;
+        let r = self.call(|mut c| async move { c.lease_grant(ttl_secs, None).await }).await?;
         Ok(r.id())
     }
 
@@ -336,8 +443,15 @@ impl Store {
         }
         let ops: Vec<TxnOp> =
             recs.iter().map(|(rec, lease)| leased_put(self.proxy_key(&rec.proxy_id), json(rec), *lease)).collect();
-        let mut c = self.client.clone();
-        if c.txn(Txn::new().and_then(ops)).await.is_ok() {
+        let txn = Txn::new().and_then(ops);
+        if self
+            .call(|mut c| {
+                let txn = &txn;
+                async move { c.txn(txn.clone()).await }
+            })
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         for (rec, lease) in recs {
@@ -364,8 +478,14 @@ impl Store {
                 ]
             })
             .collect();
-        let mut c = self.client.clone();
-        if let Ok(r) = c.txn(Txn::new().and_then(ops)).await {
+        let txn = Txn::new().and_then(ops);
+        if let Ok(r) = self
+            .call(|mut c| {
+                let txn = &txn;
+                async move { c.txn(txn.clone()).await }
+            })
+            .await
+        {
             let rev = r.header().map(|h| h.revision() as u64).unwrap_or(0);
             return regs.iter().map(|_| Ok(rev)).collect();
         }
@@ -387,8 +507,13 @@ impl Store {
     /// through this replica or another), and marks it departed (see
     /// [`Removal`]). Returns whether they were deleted.
     pub async fn remove_instance(&self, removal: &Removal) -> Result<bool> {
-        let mut c = self.client.clone();
-        let r = c.txn(self.removal(removal)).await.map_err(|e| self.err(e))?;
+        let txn = self.removal(removal);
+        let r = self
+            .call(|mut c| {
+                let txn = &txn;
+                async move { c.txn(txn.clone()).await }
+            })
+            .await?;
         Ok(r.succeeded())
     }
 
@@ -396,8 +521,15 @@ impl Store {
     /// transaction (each removal a nested transaction with its own guard).
     pub async fn remove_many(&self, removals: &[Removal]) -> Result<()> {
         let ops: Vec<TxnOp> = removals.iter().map(|r| TxnOp::txn(self.removal(r))).collect();
-        let mut c = self.client.clone();
-        if c.txn(Txn::new().and_then(ops)).await.is_ok() {
+        let txn = Txn::new().and_then(ops);
+        if self
+            .call(|mut c| {
+                let txn = &txn;
+                async move { c.txn(txn.clone()).await }
+            })
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         for r in removals {
@@ -421,8 +553,12 @@ impl Store {
     pub async fn forget_departed(&self, markers: &[(String, String)]) -> Result<()> {
         for chunk in markers.chunks(64) {
             let ops: Vec<TxnOp> = chunk.iter().map(|(s, p)| TxnOp::delete(self.departed_key(s, p), None)).collect();
-            let mut c = self.client.clone();
-            c.txn(Txn::new().and_then(ops)).await.map_err(|e| self.err(e))?;
+            let txn = Txn::new().and_then(ops);
+            self.call(|mut c| {
+                let txn = &txn;
+                async move { c.txn(txn.clone()).await }
+            })
+            .await?;
         }
         Ok(())
     }
@@ -440,9 +576,29 @@ impl Store {
     }
 
     async fn put_leased(&self, key: String, value: String, lease: i64) -> Result<u64> {
-        let mut c = self.client.clone();
-        let r = c.put(key, value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| self.err(e))?;
+        let opts = PutOptions::new().with_lease(lease);
+        let r = self
+            .call(|mut c| {
+                let key = &key;
+                let opts = &opts;
+                let value = &value;
+                async move { c.put(key.clone(), value.clone(), Some(opts.clone())).await }
+            })
+            .await?;
         Ok(r.header().map(|h| h.revision() as u64).unwrap_or(0))
+    }
+}
+
+/// True for errors that mean "this member cannot serve now" (down, cut off
+/// from the leader, timed out), where another member may.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
     }
 }
 

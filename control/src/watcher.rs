@@ -37,6 +37,7 @@ async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: A
     // None: a full load is needed before watching.
     let mut resume_from: Option<u64> = None;
     let mut first = true;
+    let mut failed = false;
     loop {
         let start = match resume_from {
             Some(rev) => rev + 1,
@@ -64,12 +65,15 @@ async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: A
                 }
             },
         };
-        let mut client = store.client();
+        // After a failure, the next etcd member.
+        let mut client = if failed { store.next_client() } else { store.client() };
+        failed = false;
         let opts = WatchOptions::new().with_prefix().with_start_revision(start as i64).with_progress_notify();
         let mut stream = match client.watch(format!("{}/", store.prefix()), Some(opts)).await {
             Ok(s) => s,
             Err(e) => {
                 synced.store(false, Ordering::Relaxed);
+                failed = true;
                 tracing::warn!(error = %e, from = start, "cannot start the etcd watch; retrying");
                 backoff.wait().await;
                 continue;
@@ -117,6 +121,7 @@ async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: A
                 }
                 Ok(None) | Err(_) => {
                     synced.store(false, Ordering::Relaxed);
+                    failed = true;
                     tracing::warn!(resume_from = ?resume_from, "etcd watch broke; reconnecting");
                     backoff.wait().await;
                     break;

@@ -21,6 +21,12 @@ use tokio::process::{Child, Command};
 
 pub use weft_examples::{Info, pb as example_pb};
 
+pub mod cluster;
+pub mod load;
+
+pub use cluster::EtcdCluster;
+pub use load::Load;
+
 /// The directory holding the workspace binaries.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -248,6 +254,10 @@ impl Etcd {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("etcd is running")
+    }
+
     pub async fn client(&self) -> etcd_client::Client {
         etcd_client::Client::connect([self.url()], None).await.expect("etcd client")
     }
@@ -333,6 +343,12 @@ impl Control {
         }
     }
 
+    /// A replica of a control plane on the given etcd endpoints (comma
+    /// list, e.g. [`EtcdCluster::urls`]).
+    pub async fn start_on(etcd_urls: &str, lease_ttl: u32, name: &str) -> Control {
+        Self::start_at(etcd_urls, "127.0.0.1:0", "127.0.0.1:0", lease_ttl, name).await
+    }
+
     pub async fn start_named(etcd: &Etcd, lease_ttl: u32, name: &str) -> Control {
         Self::start_at(&etcd.url(), "127.0.0.1:0", "127.0.0.1:0", lease_ttl, name).await
     }
@@ -359,7 +375,8 @@ impl Control {
         self.child.as_ref().and_then(|c| c.id()).expect("running")
     }
 
-    /// Starts a new process on the same addresses.
+    /// Starts a new process on the same addresses (killing the old one if
+    /// it still runs).
     pub async fn restart(&mut self) {
         self.kill().await;
         let next =
@@ -405,24 +422,24 @@ impl Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
         let (file, log) = log_file(dir.path(), &format!("sidecar-{id}"));
         let mut cmd = Command::new(bin("weft-proxy"));
-        cmd.args([
-            "--control",
-            &controls.join(","),
-            "--service",
-            service,
-            "--labels",
-            labels,
-            "--app",
-            &app.to_string(),
-            "--inbound",
-            "127.0.0.1:0",
-            "--outbound",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--id",
-            id,
-        ]);
+        let controls = controls.join(",");
+        let app = app.to_string();
+        let defaults = [
+            ("--control", controls.as_str()),
+            ("--service", service),
+            ("--labels", labels),
+            ("--app", &app),
+            ("--inbound", "127.0.0.1:0"),
+            ("--outbound", "127.0.0.1:0"),
+            ("--admin", "127.0.0.1:0"),
+            ("--id", id),
+        ];
+        // A flag given in `extra` replaces its default.
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
         cmd.args(extra);
         cmd.env("WEFT_LOG", "info,weft_proxy=debug");
         let (child, line) = spawn_listening(cmd, "weft-proxy", file).await;
