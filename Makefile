@@ -8,7 +8,7 @@ TEST_DEPS := etcd-server etcd-client protobuf-compiler libprotobuf-dev
 DEMO_DEPS := $(TEST_DEPS) curl
 BENCH_DEPS := $(DEMO_DEPS) wrk nginx-light haproxy valgrind
 
-.PHONY: all deps demo-deps toolchain build lint fmt test demo bench clean print-deps
+.PHONY: all deps demo-deps toolchain build lint fmt test demo bench fuzz clean print-deps
 
 all: build
 
@@ -48,6 +48,10 @@ bench: toolchain
 	@scripts/install-deps.sh $(BENCH_DEPS) $$(command -v python3 >/dev/null || echo python3)
 	$(CARGO) build --release --workspace --bins
 	bash bench/run.sh
+
+# cargo-fuzz on every target for FUZZ_SECS each (default 60; nightly).
+fuzz: deps
+	scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean

@@ -16,6 +16,8 @@ pub mod admin;
 pub mod auth;
 pub mod convert;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod index;
 pub mod lease;
 pub mod policy;

@@ -63,7 +63,10 @@ fn respond<B>(
                 }
             }
         }
-        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
+        (&Method::GET, "/metrics") => {
+            endpoint_gauges(shared);
+            reply(StatusCode::OK, "text/plain; version=0.0.4", metrics.render())
+        }
         (&Method::GET, "/config") => reply(StatusCode::OK, "application/json", config_json(shared).to_string()),
         (&Method::POST, "/drain") => {
             drain.send_replace(true);
@@ -74,6 +77,39 @@ fn respond<B>(
             StatusCode::NOT_FOUND,
             &format!("no such admin path {path} (try /live, /ready, /metrics, /config, POST /drain)"),
         ),
+    }
+}
+
+/// `weft_endpoints{service,state}`, set at scrape time from the table:
+/// `ready`, `not-ready`, `ejected` (by the breaker), `held` (vanished from
+/// the control plane without departing; see `config::held_endpoints`). A
+/// service that left the table reads 0.
+fn endpoint_gauges(shared: &Shared) {
+    use std::sync::Mutex;
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let table = shared.table.load();
+    let now = crate::resilience::now_ms();
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    for name in seen.iter().filter(|n| !table.services.contains_key(*n)) {
+        for state in ["ready", "not-ready", "ejected", "held"] {
+            metrics::gauge!("weft_endpoints", "service" => name.clone(), "state" => state).set(0.0);
+        }
+    }
+    seen.clear();
+    for (name, svc) in table.services.iter().filter(|(_, s)| s.known) {
+        let (mut ready, mut not_ready, mut ejected, mut held) = (0, 0, 0, 0);
+        for e in &svc.endpoints {
+            match () {
+                _ if !e.ready => not_ready += 1,
+                _ if e.health.is_ejected(now) => ejected += 1,
+                _ if e.is_held() => held += 1,
+                _ => ready += 1,
+            }
+        }
+        for (state, n) in [("ready", ready), ("not-ready", not_ready), ("ejected", ejected), ("held", held)] {
+            metrics::gauge!("weft_endpoints", "service" => name.clone(), "state" => state).set(f64::from(n));
+        }
+        seen.push(name.clone());
     }
 }
 
@@ -111,7 +147,7 @@ pub fn config_json(shared: &Shared) -> serde_json::Value {
         let endpoints: Vec<_> = s
             .endpoints
             .iter()
-            .map(|e| json!({"proxy_id": e.proxy_id, "address": e.addr.to_string(), "labels": e.labels, "ready": e.ready}))
+            .map(|e| json!({"proxy_id": e.proxy_id, "address": e.addr.to_string(), "labels": e.labels, "ready": e.ready, "held": e.is_held()}))
             .collect();
         services.insert(name.clone(), json!({"known": s.known, "routes": routes, "endpoints": endpoints}));
     }

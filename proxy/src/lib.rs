@@ -22,6 +22,8 @@ pub mod breaker;
 pub mod config;
 pub mod discovery;
 pub mod errors;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inbound;
 pub mod listener;
 pub mod outbound;

@@ -660,11 +660,38 @@ pub fn service_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
         return Err(ProxyError::BadAuthority(crate::errors::clip(&authority)));
     }
     // `inference.default.svc` style names route to `inference`.
-    Ok(name.split('.').next().unwrap_or(&name).to_string())
+    let first = name.split('.').next().unwrap_or(&name);
+    if first.is_empty() || first.len() > 63 {
+        return Err(ProxyError::BadAuthority(crate::errors::clip(&authority)));
+    }
+    Ok(first.to_string())
+}
+
+/// The most members a `tracestate` may hold (W3C Trace Context).
+const TRACESTATE_MEMBERS: usize = 32;
+
+/// `member` (`weft=...`) first, then the members of `old` other than an
+/// older `weft` one (a callee's sidecar may have added its own), at most
+/// [`TRACESTATE_MEMBERS`] in all. `None` when the result is not a valid
+/// header value.
+pub(crate) fn merge_tracestate(old: Option<&HeaderValue>, member: &str) -> Option<HeaderValue> {
+    let mut out = member.to_string();
+    if let Some(old) = old.and_then(|v| v.to_str().ok()) {
+        let others = old
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty() && !m.starts_with("weft="))
+            .take(TRACESTATE_MEMBERS - 1);
+        for m in others {
+            out.push(',');
+            out.push_str(m);
+        }
+    }
+    HeaderValue::from_str(&out).ok()
 }
 
 /// Starts a W3C trace when the caller did not.
-fn ensure_traceparent<B>(req: &mut Request<B>) {
+pub(crate) fn ensure_traceparent<B>(req: &mut Request<B>) {
     if req.headers().contains_key(&TRACEPARENT) {
         return;
     }
@@ -678,7 +705,7 @@ fn ensure_traceparent<B>(req: &mut Request<B>) {
     req.headers_mut().insert(&TRACEPARENT, HeaderValue::from_bytes(&v).expect("hex is a valid header"));
 }
 
-static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+pub(crate) static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// Writes the low `out.len()` hex digits of `n` into `out`.
 fn hex_into(out: &mut [u8], mut n: u128) {
@@ -714,11 +741,7 @@ pub fn finish(
             resp.headers_mut().insert("x-weft-degraded", v);
         }
         let member = format!("weft={}", value.replace(',', ";").replace('=', ":"));
-        let tracestate = match resp.headers().get("tracestate").and_then(|v| v.to_str().ok()) {
-            Some(old) if !old.is_empty() => format!("{member},{old}"),
-            _ => member,
-        };
-        if let Ok(v) = HeaderValue::from_str(&tracestate) {
+        if let Some(v) = merge_tracestate(resp.headers().get("tracestate"), &member) {
             resp.headers_mut().insert("tracestate", v);
         }
     }
@@ -766,5 +789,21 @@ mod tests {
         assert_eq!(service_of(&req("http://state.default.svc:80/x", None)).unwrap(), "state");
         assert!(matches!(service_of(&req("/x", None)), Err(ProxyError::NoAuthority)));
         assert!(matches!(service_of(&req("/x", Some("bad host"))), Err(ProxyError::BadAuthority(_))));
+        // Found by fuzzing: a name whose first label is empty routed to "".
+        for bad in [".", ".inference", "..x"] {
+            assert!(matches!(service_of(&req("/x", Some(bad))), Err(ProxyError::BadAuthority(_))), "{bad}");
+        }
+        assert!(matches!(service_of(&req("http://./x", None)), Err(ProxyError::BadAuthority(_))));
+    }
+
+    #[test]
+    fn a_callees_weft_member_is_replaced_not_duplicated() {
+        let old = HeaderValue::from_static("weft=shed, congo=t61rcWkgMzE,weft=retry:1");
+        let merged = merge_tracestate(Some(&old), "weft=shed;retry:1").unwrap();
+        assert_eq!(merged, "weft=shed;retry:1,congo=t61rcWkgMzE");
+        let many: String = (0..40).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+        let merged = merge_tracestate(Some(&HeaderValue::from_str(&many).unwrap()), "weft=timeout").unwrap();
+        assert_eq!(merged.to_str().unwrap().split(',').count(), 32);
+        assert_eq!(merge_tracestate(None, "weft=breaker").unwrap(), "weft=breaker");
     }
 }

@@ -50,6 +50,9 @@ impl Bed {
         // The caller subscribes to inference on its first call.
         let _ = get(bed.caller.outbound, "inference", "/").await;
         bed.wait_caller_sees(3).await;
+        let m = bed.caller.metrics().await;
+        assert!(m.contains("weft_endpoints{service=\"inference\",state=\"ready\"} 3"), "{m}");
+        assert!(m.contains("weft_endpoints{service=\"inference\",state=\"held\"} 0"), "{m}");
         bed.change_policy().await;
         bed
     }
