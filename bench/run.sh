@@ -17,6 +17,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
 QUICK=${BENCH_QUICK:-0}
+# BENCH_ONLY=callgrind: only the instructions per request (no wrk, no
+# BENCHMARKS.md); WEFT_PROXY_BIN measures another weft-proxy binary (e.g. a
+# build of an earlier commit) with this build's control plane and load tools.
+ONLY=${BENCH_ONLY:-}
+PROXY_BIN=${WEFT_PROXY_BIN:-$BIN/weft-proxy}
 DURATION=${BENCH_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 5)}
 ROUNDS=${BENCH_ROUNDS:-$([ "$QUICK" = 1 ] && echo 1 || echo 3)}
 CONNS=${BENCH_CONNS:-16}
@@ -28,13 +33,23 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+USED_PORTS=" "
+port() { # VAR: a loopback port where nothing listens
+  local -n out=$1
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 40000))
+    case "$USED_PORTS" in *" $p "*) continue ;; esac
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
+    USED_PORTS+="$p "; out=$p; return
+  done
+}
 start() { local name=$1; shift; "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" & PIDS+=($!); disown $!; }
 wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done; echo "no answer from $1"; exit 1; }
 wait_line() { for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "timed out: $1"; exit 1; }
 addr() { grep -o "$2=[^ ]*" "$WORK/$1.out" | cut -d= -f2; }
 
-BACK=$(port); BAD=$(port); BACKH2=$(port); NGX=$(port); HAP=$(port); HAP2=$(port); HAPH2=$(port); EP=$(port); PP=$(port)
+port BACK; port BAD; port BACKH2; port NGX; port HAP; port HAP2; port HAPH2; port EP; port PP
 cat >"$WORK/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -191,6 +206,7 @@ wrk_run() { # scenario conns out-file
   taskset -c 1 wrk -t1 -c"$2" -d"${DURATION}s" --latency -H "Host: ${HOST[$s]:-backend}" "${URL[$s]}" >"$3"
   if grep -q Non-2xx "$3"; then echo "$s: non-2xx answers"; cat "$3"; exit 1; fi
 }
+if [ "$ONLY" != callgrind ]; then
 # Each round starts one scenario later, so no path always runs right after
 # the same other one.
 rotate() { local r=$1; shift; local a=("$@") n=$#; for i in $(seq 0 $((n - 1))); do echo "${a[$(((i + r - 1) % n))]}"; done; }
@@ -267,13 +283,15 @@ guard flaky
 flaky_run with-policy
 EJECTIONS=$(curl -s "http://$(addr side-out admin)/metrics" | awk '/^weft_breaker_ejections_total/ {s+=$2} END {print s+0}')
 
+fi # ONLY != callgrind
+
 # User-space instructions per request, under callgrind: a count, so unlike
 # CPU time it does not move with whatever else the shared machine runs. The
 # kernel's share is not in it (both proxies make the same system calls per
 # request). Each proxy runs alone under valgrind; counters are zeroed after a
 # warm-up and dumped after a fixed number of requests at a low rate.
 CG_SECS=$([ "$QUICK" = 1 ] && echo 2 || echo 4)
-CGPORT=$(port); CGPORT2=$(port)
+port CGPORT; port CGPORT2
 cat >"$WORK/haproxy-cg.cfg" <<HAPROXY
 $HAPROXY_DEFAULTS
 frontend fe
@@ -311,7 +329,7 @@ cg_count() { # name pid addr host h2flag -> appends "name Ir/request" to cg.txt
 }
 cg_weft() { # name listener(inbound|outbound) h2flag host service app
   local name=$1 listener=$2 h2=$3 host=$4 service=$5 app=$6
-  start "cg-$name" taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind-$name" "$BIN/weft-proxy" \
+  start "cg-$name" taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind-$name" "$PROXY_BIN" \
     --control "$CONTROL" --service "$service" --app "$app" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 \
     --admin 127.0.0.1:0 --id "cg-$name"
   wait_line "$WORK/cg-$name.out" listening
@@ -331,6 +349,11 @@ CGH=$(pgrep -f "valgrind.*haproxy-cg.cfg" | head -1)
 cg_count haproxy "$CGH" "127.0.0.1:$CGPORT" backend ""
 [ "$QUICK" = 1 ] || cg_count haproxy-h2 "$CGH" "127.0.0.1:$CGPORT2" backend-h2 --h2
 kill "$CGH"
+
+if [ "$ONLY" = callgrind ]; then
+  cat "$WORK/cg.txt"
+  exit 0
+fi
 
 # Control plane scale: simulated sidecars against a fresh control plane.
 SIM_SIZES=${BENCH_SIM:-$([ "$QUICK" = 1 ] && echo "100 1000" || echo "100 1000 10000")}

@@ -11,10 +11,12 @@
 //! ([`TICK`], seconds), and one sweeper per listener looks at every
 //! connection once a second:
 //!
-//! - **header timeout**: bytes arrived while no request was in flight, and no
-//!   complete request head followed within the timeout (a slowloris client).
-//!   For HTTP/2, only until the connection's first request: later bytes with
-//!   no request in flight are pings and settings.
+//! - **header timeout** (HTTP/1.1): bytes arrived while no request was in
+//!   flight, and no complete request head followed within the timeout (a
+//!   slowloris client). An HTTP/2 connection (its preface) is not timed so:
+//!   its frames with no request in flight are settings and pings, and a
+//!   gRPC client may open a connection well before its first call. It is
+//!   bounded by the idle timeout, the connection limit and h2's own limits.
 //! - **idle timeout**: no request in flight and no byte read or written for
 //!   that long; the connection is closed gracefully (HTTP/2 GOAWAY).
 //!
@@ -100,7 +102,7 @@ impl ConnState {
             if !self.served.load(Ordering::Relaxed) && first.starts_with(b"PRI * HTTP/2") {
                 self.h2.store(true, Ordering::Relaxed);
             }
-            if !(self.h2.load(Ordering::Relaxed) && self.served.load(Ordering::Relaxed)) {
+            if !self.h2.load(Ordering::Relaxed) {
                 self.head_since.store(now, Ordering::Relaxed);
             }
         }
@@ -425,13 +427,17 @@ mod tests {
     }
 
     #[test]
-    fn http2_pings_after_the_first_request_are_not_a_head() {
+    fn http2_connections_are_bounded_by_the_idle_timeout_not_the_header_timeout() {
         let c = Arc::new(ConnState::new());
         let start = TICK.load(Ordering::Relaxed);
+        // A gRPC client connects (preface, settings) long before its call.
         c.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert_eq!(c.verdict(start + 30, &limits()), NONE);
         drop(c.request());
         c.on_read(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00ping-ping");
-        assert_eq!(c.verdict(start + 30, &limits()), NONE);
+        let last = TICK.load(Ordering::Relaxed);
+        assert_eq!(c.verdict(last + 30, &limits()), NONE);
+        assert_eq!(c.verdict(last + 60, &limits()), GRACEFUL);
         // An HTTP/1.1 connection's next head is timed again.
         let h1 = Arc::new(ConnState::new());
         h1.on_read(b"GET / HTTP/1.1\r\n\r\n");
