@@ -19,7 +19,7 @@ demo-deps: toolchain
 	@scripts/install-deps.sh $(DEMO_DEPS)
 
 toolchain:
-	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup, stable >= 1.88) first"; exit 1; }
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup, stable >= 1.89) first"; exit 1; }
 
 # Every Debian package a target may install (scripts/fresh-check.sh purges them).
 print-deps:

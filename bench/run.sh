@@ -350,6 +350,8 @@ cg_count haproxy "$CGH" "127.0.0.1:$CGPORT" backend ""
 [ "$QUICK" = 1 ] || cg_count haproxy-h2 "$CGH" "127.0.0.1:$CGPORT2" backend-h2 --h2
 kill "$CGH"
 
+# BENCH_CG_OUT=DIR keeps the callgrind profiles (for callgrind_annotate).
+if [ -n "${BENCH_CG_OUT:-}" ]; then mkdir -p "$BENCH_CG_OUT" && cp "$WORK"/callgrind-* "$BENCH_CG_OUT"/; fi
 if [ "$ONLY" = callgrind ]; then
   cat "$WORK/cg.txt"
   exit 0

@@ -113,16 +113,21 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         app_timeout: opts.app_timeout,
     });
     let (accept_tx, accept_rx) = watch::channel(false);
-    let out_conns = Tracker::new("outbound", opts.limits);
-    let in_conns = Tracker::new("inbound", opts.limits);
+    let out_conns = Tracker::new("outbound", crate::listener::Limits { call_timeout: None, ..opts.limits });
+    let in_conns =
+        Tracker::new("inbound", crate::listener::Limits { call_timeout: Some(opts.app_timeout), ..opts.limits });
     let draining = Arc::new(AtomicBool::new(false));
-    let out_task =
-        tokio::spawn(serve(listeners.outbound, out_conns.clone(), accept_rx.clone(), draining.clone(), move |req| {
-            outbound.clone().handle(req)
+    let out_task = tokio::spawn(serve(
+        listeners.outbound,
+        out_conns.clone(),
+        accept_rx.clone(),
+        draining.clone(),
+        move |req, _| outbound.clone().handle(req),
+    ));
+    let in_task =
+        tokio::spawn(serve(listeners.inbound, in_conns.clone(), accept_rx, draining.clone(), move |req, conn| {
+            inbound.clone().handle(req, conn.clone())
         }));
-    let in_task = tokio::spawn(serve(listeners.inbound, in_conns.clone(), accept_rx, draining.clone(), move |req| {
-        inbound.clone().handle(req)
-    }));
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
@@ -162,7 +167,11 @@ async fn serve<F, Fut>(
     draining: Arc<AtomicBool>,
     handler: F,
 ) where
-    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>, &Arc<crate::listener::ConnState>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     Fut: Future<Output = BoxResponse> + Send + 'static,
 {
     let mut builder = auto::Builder::new(crate::upstream::BoxedExec);
@@ -189,22 +198,40 @@ async fn serve<F, Fut>(
         let h = handler.clone();
         let (conn_state, draining) = (state.clone(), draining.clone());
         let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let in_flight = conn_state.request();
-            let http1 = req.version() < http::Version::HTTP_2;
-            let fut = h(req);
-            let draining = draining.clone();
-            async move {
-                let mut resp = fut.await;
-                drop(in_flight);
-                if http1 && draining.load(Ordering::Relaxed) {
-                    resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-                }
-                Ok::<_, Infallible>(resp)
-            }
+            let in_flight = Some(conn_state.request());
+            // While draining, HTTP/1.1 clients are told to move on.
+            let close = req.version() < http::Version::HTTP_2 && draining.load(Ordering::Relaxed);
+            Served { call: h(req, &conn_state), in_flight, close }
         });
         let io = TokioIo::new(crate::listener::TrackedIo::new(stream, state.clone()));
         let conn = builder.serve_connection(io, svc).into_owned();
         tokio::spawn(crate::listener::watched(conn, state, tracker.clone()));
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call on an accepted connection: counted in flight on it until its
+    /// response head is ready. A plain future rather than an `async` block,
+    /// which would store the call's (large) future twice.
+    struct Served<F> {
+        #[pin]
+        call: F,
+        in_flight: Option<crate::listener::RequestGuard>,
+        close: bool,
+    }
+}
+
+impl<F: Future<Output = BoxResponse>> Future for Served<F> {
+    type Output = Result<BoxResponse, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.call.poll(cx));
+        this.in_flight.take();
+        if *this.close {
+            resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        std::task::Poll::Ready(Ok(resp))
     }
 }
 

@@ -26,20 +26,23 @@ pub fn full(b: impl Into<Bytes>) -> ProxyBody {
 /// the upstream call fails, whether it was the client's body that broke
 /// (a malformed chunked body, a client gone mid-upload): then the client is
 /// answered 400 and the endpoint is not blamed.
-pub fn stream(b: Incoming) -> (ProxyBody, ClientBodyWatch) {
-    let watch = ClientBodyWatch(Arc::new(AtomicBool::new(false)));
-    let body =
-        Tapped { inner: PooledBody::plain(b), guard: None, usage: None, verdict: None, client: Some(watch.clone()) };
-    (Either::Left(body), watch)
+pub fn stream(b: Incoming, watch: &ClientBodyWatch) -> ProxyBody {
+    Either::Left(Tapped { inner: PooledBody::plain(b), guard: None, usage: None, verdict: None, client: watch.clone() })
 }
 
 /// See [`stream`].
 #[derive(Clone, Debug)]
-pub struct ClientBodyWatch(Arc<AtomicBool>);
+pub struct ClientBodyWatch(Option<Arc<AtomicBool>>);
 
 impl ClientBodyWatch {
+    /// A watch for `body`. A body that has already ended (no body, or
+    /// `content-length: 0`) cannot break: nothing to allocate.
+    pub fn new(body: &Incoming) -> ClientBodyWatch {
+        ClientBodyWatch((!body.is_end_stream()).then(|| Arc::new(AtomicBool::new(false))))
+    }
+
     pub fn failed(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
     }
 }
 
@@ -50,7 +53,7 @@ pub fn reply(b: PooledBody) -> ProxyBody {
 
 /// The same, giving the breaker `verdict` from the call's trailers.
 pub fn reply_judged(b: PooledBody, verdict: Option<Verdict>) -> ProxyBody {
-    Either::Left(Tapped { inner: b, guard: None, usage: None, verdict, client: None })
+    Either::Left(Tapped { inner: b, guard: None, usage: None, verdict, client: ClientBodyWatch(None) })
 }
 
 /// A streamed response body that keeps its tenant's request counted in
@@ -63,12 +66,12 @@ pub struct Tapped {
     usage: Option<Arc<tenancy::State>>,
     verdict: Option<Verdict>,
     /// Set when this is a client's request body and it fails.
-    client: Option<ClientBodyWatch>,
+    client: ClientBodyWatch,
 }
 
 impl Tapped {
     pub fn new(inner: PooledBody, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
-        Tapped { inner, guard, usage, verdict: None, client: None }
+        Tapped { inner, guard, usage, verdict: None, client: ClientBodyWatch(None) }
     }
 }
 
@@ -93,8 +96,8 @@ impl Body for Tapped {
                 }
             }
             Poll::Ready(Some(Err(_))) => {
-                if let Some(c) = &this.client {
-                    c.0.store(true, Ordering::Relaxed);
+                if let Some(c) = &this.client.0 {
+                    c.store(true, Ordering::Relaxed);
                 }
                 if let Some(v) = this.verdict.take() {
                     v.give(true);

@@ -9,8 +9,9 @@ use hyper::body::Incoming;
 
 use http_body_util::Either;
 
-use crate::body::{BoxResponse, Tapped, stream};
+use crate::body::{BoxResponse, ClientBodyWatch, Tapped, stream};
 use crate::errors::{ProxyError, is_grpc};
+use crate::listener::ConnState;
 use crate::outbound::{Degraded, finish};
 use crate::state::Shared;
 use crate::tenancy;
@@ -27,7 +28,9 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> BoxResponse {
+    /// `conn` is the connection the call came on: it keeps the time limit
+    /// of an HTTP/1.1 call's wait for the app (see `listener::Deadline`).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: Arc<ConnState>) -> BoxResponse {
         let started = Instant::now();
         let grpc = is_grpc(&req);
         let service = &self.shared.identity.service;
@@ -57,13 +60,21 @@ impl Inbound {
                 }
             }
         }
-        let (parts, body) = req.into_parts();
-        let (body, client) = stream(body);
-        let sent = self.upstream.send(self.app, http::Request::from_parts(parts, body), Some(self.app_timeout)).await;
-        let sent = match sent {
-            Err(e) if client.failed() => Err(ProxyError::ClientBody(e.to_string())),
-            r => r,
+        let client = ClientBodyWatch::new(req.body());
+        let req = req.map(|b| stream(b, &client));
+        let mut sent = if req.version() < http::Version::HTTP_2 {
+            // The connection's sweeper keeps the time: no timer per call.
+            conn.deadline(self.upstream.send(self.app, req, None)).await.unwrap_or_else(|()| {
+                Err(ProxyError::Timeout { addr: self.app.to_string(), ms: self.app_timeout.as_millis() as u64 })
+            })
+        } else {
+            self.upstream.send(self.app, req, Some(self.app_timeout)).await
         };
+        if let Err(e) = &mut sent
+            && client.failed()
+        {
+            *e = ProxyError::ClientBody(e.to_string());
+        }
         let result = sent.map(|resp| {
             if let Some(state) = &usage
                 && let Some(n) = resp.headers().get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)

@@ -47,6 +47,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// No request in flight and nothing read or written.
     pub idle_timeout: Duration,
+    /// Longest wait of an HTTP/1.1 call for its answer's head, when the
+    /// handler asks for it ([`ConnState::deadline`]); `None`: no such bound.
+    pub call_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -55,6 +58,7 @@ impl Default for Limits {
             max_connections: 10_000,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            call_timeout: None,
         }
     }
 }
@@ -78,6 +82,11 @@ pub struct ConnState {
     h2: AtomicBool,
     signal: AtomicU8,
     waker: AtomicWaker,
+    /// [`TICK`] when the connection's call started waiting under a
+    /// [`Deadline`]; 0 = none.
+    call_since: AtomicU32,
+    call_expired: AtomicBool,
+    call_waker: AtomicWaker,
 }
 
 impl ConnState {
@@ -91,7 +100,17 @@ impl ConnState {
             h2: AtomicBool::new(false),
             signal: AtomicU8::new(NONE),
             waker: AtomicWaker::new(),
+            call_since: AtomicU32::new(0),
+            call_expired: AtomicBool::new(false),
+            call_waker: AtomicWaker::new(),
         }
+    }
+
+    /// Bounds `fut` by the listener's call timeout, kept by the sweeper:
+    /// no timer per call. For HTTP/1.1 only, where a connection carries one
+    /// call at a time; `Err(())` when the time ran out.
+    pub fn deadline<F: Future>(self: &Arc<Self>, fut: F) -> Deadline<F> {
+        Deadline { fut, state: self.clone(), started: false }
     }
 
     #[inline]
@@ -126,6 +145,20 @@ impl ConnState {
         }
     }
 
+    /// Expires the call waiting under a [`Deadline`] once it has waited
+    /// `limits.call_timeout`.
+    fn expire_call(&self, now: u32, limits: &Limits) -> bool {
+        let Some(timeout) = limits.call_timeout else { return false };
+        let since = self.call_since.load(Ordering::Relaxed);
+        if since != 0 && now.saturating_sub(since) as u64 >= timeout.as_secs().max(1) {
+            self.call_since.store(0, Ordering::Relaxed);
+            self.call_expired.store(true, Ordering::Relaxed);
+            self.call_waker.wake();
+            return true;
+        }
+        false
+    }
+
     /// What the sweeper decides for this connection at `now`.
     fn verdict(&self, now: u32, limits: &Limits) -> u8 {
         let head = self.head_since.load(Ordering::Relaxed);
@@ -137,6 +170,50 @@ impl ConnState {
             return GRACEFUL;
         }
         NONE
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`ConnState::deadline`].
+    pub struct Deadline<F> {
+        #[pin]
+        fut: F,
+        state: Arc<ConnState>,
+        started: bool,
+    }
+
+    impl<F> PinnedDrop for Deadline<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.started {
+                this.state.call_since.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<F: Future> Future for Deadline<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if !*this.started {
+            *this.started = true;
+            this.state.call_expired.store(false, Ordering::Relaxed);
+            this.state.call_since.store(TICK.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        this.state.call_waker.register(cx.waker());
+        if this.state.call_expired.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(()));
+        }
+        match this.fut.poll(cx) {
+            Poll::Ready(v) => {
+                this.state.call_since.store(0, Ordering::Relaxed);
+                *this.started = false;
+                Poll::Ready(Ok(v))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -236,6 +313,7 @@ async fn sweep(tracker: Weak<Tracker>) {
         conns.retain(|w| match w.upgrade() {
             None => false,
             Some(c) => {
+                c.expire_call(now, &t.limits);
                 match c.verdict(now, &t.limits) {
                     ABORT => {
                         metrics::counter!("weft_connections_timed_out_total", "listener" => t.name, "reason" => "header")
@@ -397,7 +475,12 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_connections: 2, header_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(60) }
+        Limits {
+            max_connections: 2,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            call_timeout: Some(Duration::from_secs(30)),
+        }
     }
 
     #[test]
@@ -444,6 +527,31 @@ mod tests {
         drop(h1.request());
         h1.on_read(b"GET /next");
         assert_eq!(h1.verdict(TICK.load(Ordering::Relaxed) + 10, &limits()), ABORT);
+    }
+
+    #[tokio::test]
+    async fn a_call_waiting_past_the_call_timeout_is_cut_off() {
+        let c = Arc::new(ConnState::new());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut call = Box::pin(c.deadline(rx));
+        // First poll: the wait starts.
+        assert!(call.as_mut().poll(&mut cx).is_pending());
+        let since = c.call_since.load(Ordering::Relaxed);
+        assert_ne!(since, 0);
+        assert!(!c.expire_call(since + 29, &limits()));
+        assert!(c.expire_call(since + 30, &limits()));
+        assert_eq!(call.as_mut().poll(&mut cx), Poll::Ready(Err(())));
+        drop(tx);
+        // The next call on the connection starts afresh, and an answer in
+        // time passes through.
+        let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
+        let mut call = Box::pin(c.deadline(rx));
+        assert!(call.as_mut().poll(&mut cx).is_pending());
+        tx.send(7).unwrap();
+        assert_eq!(call.as_mut().poll(&mut cx), Poll::Ready(Ok(Ok(7))));
+        assert_eq!(c.call_since.load(Ordering::Relaxed), 0, "no call is waiting");
+        assert!(!c.expire_call(since + 1000, &limits()));
     }
 
     #[tokio::test]

@@ -151,6 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 max_connections: args.max_connections,
                 header_timeout: args.header_timeout,
                 idle_timeout: args.idle_timeout,
+                call_timeout: None,
             },
             app_timeout: args.app_timeout,
             drain_grace: args.drain_grace,

@@ -92,9 +92,8 @@ impl ReqBody {
         match self {
             ReqBody::Buffered(b) => Some(full(b.clone())),
             ReqBody::Stream(s, watch) => s.take().map(|b| {
-                let (body, w) = crate::body::stream(b);
-                *watch = Some(w);
-                body
+                let w = watch.insert(crate::body::ClientBodyWatch::new(&b));
+                crate::body::stream(b, w)
             }),
         }
     }
@@ -736,17 +735,25 @@ pub fn finish(
     };
     let is_degraded = degraded.any();
     if is_degraded {
-        let value = degraded.header_value();
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            resp.headers_mut().insert("x-weft-degraded", v);
-        }
-        let member = format!("weft={}", value.replace(',', ";").replace('=', ":"));
-        if let Some(v) = merge_tracestate(resp.headers().get("tracestate"), &member) {
-            resp.headers_mut().insert("tracestate", v);
-        }
+        mark_degraded(&mut resp, degraded);
     }
     telemetry::record_request(direction, service, tenant, resp.status().as_u16(), is_degraded, started.elapsed());
     resp
+}
+
+/// `x-weft-degraded` and the `weft` member of `tracestate` (out of line:
+/// most calls are not degraded).
+#[cold]
+#[inline(never)]
+fn mark_degraded(resp: &mut BoxResponse, degraded: &Degraded) {
+    let value = degraded.header_value();
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        resp.headers_mut().insert("x-weft-degraded", v);
+    }
+    let member = format!("weft={}", value.replace(',', ";").replace('=', ":"));
+    if let Some(v) = merge_tracestate(resp.headers().get("tracestate"), &member) {
+        resp.headers_mut().insert("tracestate", v);
+    }
 }
 
 #[cfg(test)]
