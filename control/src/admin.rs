@@ -8,21 +8,27 @@ use xds_proto::v1::admin_server::Admin;
 use std::sync::Arc;
 
 use crate::auth;
-use crate::convert;
-use crate::policy::{self, ResourceId, normalize_kind};
 use crate::store::{Action, Store, StoreError, decode_resource};
 use crate::traces::TraceLog;
+use weft_policy::documents::{MAX_APPLY_BYTES, MAX_APPLY_RESOURCES, MAX_RESOURCE_BYTES};
+use weft_policy::{Resource, ResourceId, doc, normalize_kind};
 
 #[derive(Clone)]
 pub struct AdminService {
     store: Store,
     traces: Arc<TraceLog>,
     replica: String,
+    snapshots: tokio::sync::watch::Receiver<Arc<crate::index::Snapshot>>,
 }
 
 impl AdminService {
-    pub fn new(store: Store, traces: Arc<TraceLog>, replica: String) -> Self {
-        AdminService { store, traces, replica }
+    pub fn new(
+        store: Store,
+        traces: Arc<TraceLog>,
+        replica: String,
+        snapshots: tokio::sync::watch::Receiver<Arc<crate::index::Snapshot>>,
+    ) -> Self {
+        AdminService { store, traces, replica, snapshots }
     }
 }
 
@@ -62,30 +68,30 @@ fn store_status(e: StoreError) -> Status {
 
 /// The apply's size limits, checked before anything is parsed.
 fn check_apply_size(req: &pb::ApplyRequest) -> Result<(), Status> {
-    if req.resources.len() > policy::MAX_APPLY_RESOURCES {
+    if req.resources.len() > MAX_APPLY_RESOURCES {
         return Err(Status::invalid_argument(format!(
             "{} resources, more than the limit of {} in one apply",
             req.resources.len(),
-            policy::MAX_APPLY_RESOURCES
+            MAX_APPLY_RESOURCES
         )));
     }
     let mut total = 0;
     for doc in &req.resources {
-        if doc.json.len() > policy::MAX_RESOURCE_BYTES {
+        if doc.json.len() > MAX_RESOURCE_BYTES {
             return Err(Status::invalid_argument(format!(
                 "{}: {} KiB, more than the limit of {} KiB per resource",
                 doc.origin,
                 doc.json.len() / 1024,
-                policy::MAX_RESOURCE_BYTES / 1024
+                MAX_RESOURCE_BYTES / 1024
             )));
         }
         total += doc.json.len();
     }
-    if total > policy::MAX_APPLY_BYTES {
+    if total > MAX_APPLY_BYTES {
         return Err(Status::invalid_argument(format!(
             "{} KiB of resources, more than the limit of {} KiB in one apply",
             total / 1024,
-            policy::MAX_APPLY_BYTES / 1024
+            MAX_APPLY_BYTES / 1024
         )));
     }
     Ok(())
@@ -107,10 +113,10 @@ impl Admin for AdminService {
                     continue;
                 }
             };
-            match policy::from_value(value) {
+            match doc::from_value(value) {
                 Err(p) => problems.push(format!("{}: {}: {}", doc.origin, p.field, p.message)),
                 Ok(r) => {
-                    let found = policy::validate(&r);
+                    let found = weft_policy::validate(&r);
                     if found.is_empty() {
                         resources.push(r);
                     } else {
@@ -160,9 +166,9 @@ impl Admin for AdminService {
             }
             if !req.tenant.is_empty() {
                 let tenant = match &resource {
-                    policy::Resource::Route(r) => r.tenant.clone(),
-                    policy::Resource::TenantPolicy(t) => Some(t.tenant.clone()),
-                    policy::Resource::Resilience(_) => None,
+                    Resource::Route(r) => r.tenant.clone(),
+                    Resource::TenantPolicy(t) => Some(t.tenant.clone()),
+                    Resource::Resilience(_) => None,
                 };
                 if tenant.as_deref() != Some(req.tenant.as_str()) {
                     continue;
@@ -170,7 +176,7 @@ impl Admin for AdminService {
             }
             resources.push(pb::StoredResource {
                 resource: resource.id().to_string(),
-                json: policy::to_value(&resource).to_string(),
+                json: doc::to_value(&resource).to_string(),
                 revision: rev,
             });
         }
@@ -199,9 +205,11 @@ impl Admin for AdminService {
         request: Request<pb::EndpointsRequest>,
     ) -> Result<Response<pb::EndpointsResponse>, Status> {
         let service = request.into_inner().service;
-        policy::check_name("service", &service).map_err(Status::invalid_argument)?;
+        weft_policy::names::check_service("service", &service).map_err(Status::invalid_argument)?;
         let recs = self.store.endpoints(&service).await.map_err(store_status)?;
-        Ok(Response::new(pb::EndpointsResponse { endpoints: recs.iter().map(convert::endpoint).collect() }))
+        Ok(Response::new(pb::EndpointsResponse {
+            endpoints: recs.iter().map(crate::store::EndpointRecord::to_wire).collect(),
+        }))
     }
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
@@ -210,6 +218,17 @@ impl Admin for AdminService {
         let recs = self.store.proxies().await.map_err(store_status)?;
         Ok(Response::new(pb::StatusResponse {
             revision,
+            rejected: self
+                .snapshots
+                .borrow()
+                .rejected
+                .iter()
+                .map(|(resource, (revision, reason))| pb::RejectedResource {
+                    resource: resource.clone(),
+                    revision: *revision,
+                    reason: reason.clone(),
+                })
+                .collect(),
             proxies: recs
                 .into_iter()
                 .map(|r| pb::ProxyStatus {
@@ -265,7 +284,7 @@ impl Admin for AdminService {
             .map(|(revision, value)| pb::HistoryEntry {
                 revision,
                 applied_unix_ms: crate::store::applied_at(&value),
-                json: decode_resource(&value).map(|r| policy::to_value(&r).to_string()).unwrap_or_default(),
+                json: decode_resource(&value).map(|r| doc::to_value(&r).to_string()).unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(pb::HistoryResponse { resource: id.to_string(), entries, truncated }))
@@ -289,7 +308,7 @@ impl Admin for AdminService {
             .ok_or_else(|| Status::not_found(format!("{id} did not exist at revision {}", req.to_revision)))?;
         let resource = decode_resource(&value)
             .map_err(|e| Status::failed_precondition(format!("{id} at revision {found_rev} cannot be read: {e}")))?;
-        let problems = policy::validate(&resource);
+        let problems = weft_policy::validate(&resource);
         if !problems.is_empty() {
             let text: Vec<String> = problems.iter().map(|p| format!("{id}: {}: {}", p.field, p.message)).collect();
             return Err(Status::invalid_argument(format!(

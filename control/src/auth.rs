@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Status};
 
-use crate::policy::ResourceId;
+use weft_policy::ResourceId;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
@@ -26,7 +26,7 @@ impl Role {
             "proxy" => Ok(Role::Proxy),
             other => match other.strip_prefix("tenant:") {
                 Some(t) if !t.is_empty() => {
-                    crate::policy::check_name("tenant", t)?;
+                    weft_policy::names::check_tenant("tenant", t)?;
                     Ok(Role::Tenant(t.to_string()))
                 }
                 _ => Err(format!("role '{other}' is not admin, proxy or tenant:<name>")),

@@ -24,9 +24,9 @@ use xds_proto::v1 as pb;
 use xds_proto::v1::discovery_server::Discovery;
 
 use crate::index::Snapshot;
-use crate::policy::check_name;
 use crate::store::{EndpointRecord, ProxyRecord, REGISTRATIONS_PER_TXN, Removal, Store};
 use crate::traces::TraceLog;
+use weft_policy::names::check_service;
 
 /// How many services one sidecar may subscribe to.
 pub const MAX_SUBSCRIPTIONS: usize = 1024;
@@ -137,7 +137,7 @@ impl Discovery for DiscoveryService {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
         };
-        check_name("service", &hello.service).map_err(|e| Status::invalid_argument(format!("Hello: {e}")))?;
+        check_service("service", &hello.service).map_err(|e| Status::invalid_argument(format!("Hello: {e}")))?;
         if hello.proxy_id.is_empty() || hello.proxy_id.contains('/') {
             return Err(Status::invalid_argument("Hello: proxy_id must be non-empty and hold no '/'"));
         }
@@ -265,7 +265,7 @@ impl Session {
             Msg::Subscribe(s) => {
                 let mut new = Vec::new();
                 for service in s.services {
-                    if self.sent.contains_key(&service) || check_name("service", &service).is_err() {
+                    if self.sent.contains_key(&service) || check_service("service", &service).is_err() {
                         continue;
                     }
                     if self.sent.len() >= MAX_SUBSCRIPTIONS {

@@ -1,17 +1,22 @@
 //! The control plane's in-memory view of etcd, and the immutable snapshots
 //! it publishes to proxy sessions.
 //!
-//! The index is fed key by key from the watcher. After each batch it rebuilds
-//! only the services the batch touched; every service's wire config is an
-//! `Arc`, so sessions find what changed by pointer comparison.
+//! The index keeps policy as the typed model (`weft_policy::model`): a
+//! stored resource is checked by the same rules `weftctl` and the sidecars
+//! apply, and one that breaks them (written around `weftctl`) is refused
+//! here: the last good version of that key stays in force, and the refusal is
+//! listed in `weftctl status`. It is fed key by key from the watcher; after
+//! each batch it rebuilds only the services the batch touched, into their
+//! wire form. Every service's wire config is an `Arc`, so sessions find what
+//! changed by pointer comparison.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use weft_policy::model::{self, Policy};
+use weft_policy::{ResourceId, wire};
 use xds_proto::v1 as pb;
 
-use crate::convert;
-use crate::policy::{Resource, ResourceId};
 use crate::store::{self, EndpointRecord};
 
 /// One published state of the mesh.
@@ -20,6 +25,8 @@ pub struct Snapshot {
     /// The etcd revision this snapshot reflects.
     pub revision: u64,
     pub services: HashMap<String, Arc<pb::ServiceConfig>>,
+    /// Stored resources that break the rules, by key: (their revision, why).
+    pub rejected: Arc<BTreeMap<String, (u64, String)>>,
 }
 
 impl Snapshot {
@@ -30,17 +37,28 @@ impl Snapshot {
     }
 }
 
+/// A resource in force, with the etcd revision it was written at.
+#[derive(Debug, Clone)]
+struct Versioned<T> {
+    value: T,
+    revision: u64,
+}
+
 #[derive(Default)]
 pub struct Index {
     prefix: String,
-    routes: HashMap<String, BTreeMap<String, pb::Route>>,
-    resilience: HashMap<String, pb::Resilience>,
-    /// Keyed by service (or `*`), then tenant.
-    tenant_policies: HashMap<String, BTreeMap<String, pb::TenantPolicy>>,
-    endpoints: HashMap<String, BTreeMap<String, pb::Endpoint>>,
+    /// By service, then tenant ("" for the default route).
+    routes: HashMap<String, BTreeMap<String, Versioned<model::Route>>>,
+    resilience: HashMap<String, Versioned<model::Resilience>>,
+    /// By service (or `*`), then tenant.
+    tenant_policies: HashMap<String, BTreeMap<String, Versioned<model::TenantPolicy>>>,
+    endpoints: HashMap<String, BTreeMap<String, EndpointRecord>>,
     /// Per service, the proxy ids with a departure marker (they left on
     /// purpose; see `store::Removal`).
-    departed: HashMap<String, std::collections::BTreeSet<String>>,
+    departed: HashMap<String, BTreeSet<String>>,
+    rejected: BTreeMap<String, (u64, String)>,
+    rejected_changed: bool,
+    published_rejected: Arc<BTreeMap<String, (u64, String)>>,
     built: HashMap<String, Arc<pb::ServiceConfig>>,
     dirty: HashSet<String>,
     all_dirty: bool,
@@ -51,8 +69,9 @@ impl Index {
         Index { prefix: format!("{}/", prefix.trim_end_matches('/')), ..Default::default() }
     }
 
-    /// Applies a put of `key`. Bad values are logged and skipped: the last
-    /// good value of that key (if any) stays in force.
+    /// Applies a put of `key`. A value that cannot be decoded or breaks the
+    /// rules is refused: the last good value of that key (if any) stays in
+    /// force.
     pub fn put(&mut self, key: &str, value: &[u8], mod_revision: u64) {
         let Some(suffix) = key.strip_prefix(&self.prefix) else {
             return;
@@ -67,10 +86,7 @@ impl Index {
                     if let Some(d) = self.departed.get_mut(service) {
                         d.remove(proxy);
                     }
-                    self.endpoints
-                        .entry(service.to_string())
-                        .or_default()
-                        .insert(proxy.to_string(), convert::endpoint(&rec));
+                    self.endpoints.entry(service.to_string()).or_default().insert(proxy.to_string(), rec);
                     self.dirty.insert(service.to_string());
                 }
                 Err(e) => tracing::warn!(key, error = %e, "skipping undecodable endpoint record"),
@@ -91,36 +107,49 @@ impl Index {
             tracing::debug!(key, "ignoring unknown key");
             return;
         };
-        let resource = match store::decode_resource(value) {
-            Ok(r) if r.id() == id => r,
-            Ok(r) => {
-                tracing::warn!(key, found = %r.id(), "skipping resource stored under the wrong key");
-                return;
+        let checked = store::decode_resource(value).and_then(|doc| {
+            if doc.id() != id {
+                return Err(format!("holds {} under the key of {id}", doc.id()));
             }
-            Err(e) => {
-                tracing::warn!(key, error = %e, "skipping undecodable resource; its last good value stays in force");
+            weft_policy::check(&doc)
+                .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        });
+        let policy = match checked {
+            Ok(p) => p,
+            Err(reason) => {
+                tracing::warn!(key, revision = mod_revision, %reason, "refusing a stored resource that breaks the rules; its last good version stays in force");
+                metrics::counter!("weft_control_rejected_resources_total").increment(1);
+                self.rejected.insert(id.to_string(), (mod_revision, reason));
+                self.rejected_changed = true;
                 return;
             }
         };
-        match resource {
-            Resource::Route(r) => match convert::route(&r, mod_revision) {
-                Ok(pr) => {
-                    self.routes.entry(r.service.clone()).or_default().insert(r.tenant.clone().unwrap_or_default(), pr);
-                    self.dirty.insert(r.service);
-                }
-                Err(e) => tracing::warn!(key, error = %e, "skipping route"),
-            },
-            Resource::Resilience(r) => match convert::resilience(&r, mod_revision) {
-                Ok(pr) => {
-                    self.resilience.insert(r.service.clone(), pr);
-                    self.dirty.insert(r.service);
-                }
-                Err(e) => tracing::warn!(key, error = %e, "skipping resilience"),
-            },
-            Resource::TenantPolicy(t) => {
-                let pt = convert::tenant_policy(&t, mod_revision);
-                self.mark(&t.service);
-                self.tenant_policies.entry(t.service).or_default().insert(t.tenant, pt);
+        if self.rejected.remove(&id.to_string()).is_some() {
+            self.rejected_changed = true;
+        }
+        match policy {
+            Policy::Route(r) => {
+                let service = r.service.clone();
+                let tenant = r.tenant.clone().unwrap_or_default();
+                self.routes
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(tenant, Versioned { value: r, revision: mod_revision });
+                self.dirty.insert(service);
+            }
+            Policy::Resilience(r) => {
+                let service = r.service.clone();
+                self.resilience.insert(service.clone(), Versioned { value: r, revision: mod_revision });
+                self.dirty.insert(service);
+            }
+            Policy::TenantPolicy(t) => {
+                let service = t.service.as_str().to_string();
+                self.mark(&service);
+                let tenant = t.tenant.clone();
+                self.tenant_policies
+                    .entry(service)
+                    .or_default()
+                    .insert(tenant, Versioned { value: t, revision: mod_revision });
             }
         }
     }
@@ -155,8 +184,12 @@ impl Index {
             }
             return;
         }
-        match ResourceId::from_key_suffix(suffix) {
-            Some(ResourceId::Route { service, tenant }) => {
+        let Some(id) = ResourceId::from_key_suffix(suffix) else { return };
+        if self.rejected.remove(&id.to_string()).is_some() {
+            self.rejected_changed = true;
+        }
+        match id {
+            ResourceId::Route { service, tenant } => {
                 if let Some(rs) = self.routes.get_mut(&service) {
                     rs.remove(&tenant.unwrap_or_default());
                     if rs.is_empty() {
@@ -165,17 +198,16 @@ impl Index {
                 }
                 self.dirty.insert(service);
             }
-            Some(ResourceId::Resilience { service }) => {
+            ResourceId::Resilience { service } => {
                 self.resilience.remove(&service);
                 self.dirty.insert(service);
             }
-            Some(ResourceId::TenantPolicy { tenant, service }) => {
+            ResourceId::TenantPolicy { tenant, service } => {
                 if let Some(ps) = self.tenant_policies.get_mut(&service) {
                     ps.remove(&tenant);
                 }
                 self.mark(&service);
             }
-            None => {}
         }
     }
 
@@ -187,9 +219,10 @@ impl Index {
         }
     }
 
-    /// True when something since the last snapshot changes what sidecars see.
+    /// True when something since the last snapshot changes what sidecars
+    /// (or `weftctl status`) see.
     pub fn is_dirty(&self) -> bool {
-        self.all_dirty || !self.dirty.is_empty()
+        self.all_dirty || !self.dirty.is_empty() || self.rejected_changed
     }
 
     /// Rebuilds the touched services and returns the new snapshot.
@@ -220,22 +253,31 @@ impl Index {
                 }
             }
         }
-        Snapshot { revision, services: self.built.clone() }
+        if std::mem::take(&mut self.rejected_changed) {
+            self.published_rejected = Arc::new(self.rejected.clone());
+        }
+        Snapshot { revision, services: self.built.clone(), rejected: self.published_rejected.clone() }
     }
 
     fn build(&self, service: &str) -> Option<pb::ServiceConfig> {
-        let routes: Vec<pb::Route> =
-            self.routes.get(service).map(|r| r.values().cloned().collect()).unwrap_or_default();
+        let routes: Vec<pb::Route> = self
+            .routes
+            .get(service)
+            .map(|r| r.values().map(|v| wire::route(&v.value, v.revision)).collect())
+            .unwrap_or_default();
         let endpoints: Vec<pb::Endpoint> =
-            self.endpoints.get(service).map(|e| e.values().cloned().collect()).unwrap_or_default();
-        let resilience = self.resilience.get(service).cloned();
-        let mut tenant_policies: Vec<pb::TenantPolicy> =
-            self.tenant_policies.get(service).map(|t| t.values().cloned().collect()).unwrap_or_default();
+            self.endpoints.get(service).map(|e| e.values().map(EndpointRecord::to_wire).collect()).unwrap_or_default();
+        let resilience = self.resilience.get(service).map(|v| wire::resilience(&v.value, v.revision));
+        let mut tenant_policies: Vec<pb::TenantPolicy> = self
+            .tenant_policies
+            .get(service)
+            .map(|t| t.values().map(|v| wire::tenant_policy(&v.value, v.revision)).collect())
+            .unwrap_or_default();
         if let Some(global) = self.tenant_policies.get("*") {
             // A service-specific policy wins over the `*` one for the same tenant.
-            for (tenant, p) in global {
+            for (tenant, v) in global {
                 if !tenant_policies.iter().any(|t| &t.tenant == tenant) {
-                    tenant_policies.push(p.clone());
+                    tenant_policies.push(wire::tenant_policy(&v.value, v.revision));
                 }
             }
         }
@@ -261,11 +303,10 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy;
 
     fn route_json(service: &str, weight: u32) -> Vec<u8> {
         let v = serde_json::json!({"kind":"Route","service":service,"rules":[{"backends":[{"subset":{},"weight":weight}]}]});
-        store::encode_resource(&policy::from_value(v).unwrap()).into_bytes()
+        store::encode_resource(&weft_policy::doc::from_value(v).unwrap()).into_bytes()
     }
 
     #[test]
@@ -281,12 +322,26 @@ mod tests {
     }
 
     #[test]
-    fn bad_value_keeps_last_good() {
+    fn bad_value_keeps_last_good_and_is_listed() {
         let mut idx = Index::new("/weft");
         idx.put("/weft/routes/a", &route_json("a", 1), 2);
         idx.put("/weft/routes/a", b"{not json", 3);
         let s = idx.snapshot(3);
         assert_eq!(s.services["a"].routes[0].revision, 2);
+        assert!(s.rejected["route/a"].1.contains("not weft JSON"), "{:?}", s.rejected);
+        // Decodes, but breaks the rules (weights sum to 0): refused too.
+        idx.put("/weft/routes/a", &route_json("a", 0), 4);
+        let s = idx.snapshot(4);
+        assert_eq!(s.services["a"].routes[0].revision, 2);
+        assert_eq!(
+            s.rejected["route/a"],
+            (4, "rules[0].backends: weights sum to 0: no backend would get traffic".to_string())
+        );
+        // A good version clears it.
+        idx.put("/weft/routes/a", &route_json("a", 3), 5);
+        let s = idx.snapshot(5);
+        assert_eq!(s.services["a"].routes[0].revision, 5);
+        assert!(s.rejected.is_empty());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! weft control plane: keeps routing and per-tenant policy in etcd and pushes
 //! it to sidecars over the `weft.v1` discovery stream.
 //!
-//! - [`policy`]: resource types, YAML parsing and validation (shared with weftctl)
+//! - policy resources, their rules and wire form: the `weft-policy` crate
 //! - [`store`]: the etcd adapter and key layout
 //! - [`index`] and [`watcher`]: etcd → immutable snapshots
 //! - [`discovery`]: one session per sidecar (registration, push, ACK/NACK)
@@ -14,13 +14,11 @@
 
 pub mod admin;
 pub mod auth;
-pub mod convert;
 pub mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod index;
 pub mod lease;
-pub mod policy;
 pub mod server;
 pub mod store;
 pub mod traces;

@@ -52,7 +52,7 @@ pub async fn run(
     let traces = Arc::new(TraceLog::new(10_000));
     let discovery = DiscoveryService::new(
         config.store.clone(),
-        rx,
+        rx.clone(),
         config.replica.clone(),
         config.lease_ttl_secs,
         traces.clone(),
@@ -69,7 +69,7 @@ pub async fn run(
         }
     });
 
-    let admin_api = AdminService::new(config.store.clone(), traces, config.replica.clone());
+    let admin_api = AdminService::new(config.store.clone(), traces, config.replica.clone(), rx.clone());
     let grpc_stop = stopped(stop_rx);
     tokio::spawn(async move {
         shutdown.await;

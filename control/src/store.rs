@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{self, Kind, Resource, ResourceId, SCHEMA_VERSION};
+use weft_policy::doc::{self, SCHEMA_VERSION};
+use weft_policy::{Kind, Resource, ResourceId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -41,6 +42,18 @@ pub struct EndpointRecord {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub ready: bool,
+}
+
+impl EndpointRecord {
+    /// The endpoint as sidecars get it.
+    pub fn to_wire(&self) -> xds_proto::v1::Endpoint {
+        xds_proto::v1::Endpoint {
+            proxy_id: self.proxy_id.clone(),
+            address: self.address.clone(),
+            labels: self.labels.clone().into_iter().collect(),
+            ready: self.ready,
+        }
+    }
 }
 
 /// A sidecar whose records are to be removed: it left on purpose.
@@ -110,8 +123,8 @@ pub fn applied_at(value: &[u8]) -> u64 {
     serde_json::from_slice::<Stored>(value).map(|s| s.applied_at).unwrap_or(0)
 }
 
-/// Decodes a stored policy value. Structural problems only; semantic checks
-/// are the sidecar's too, so a value written around weftctl is NACKed there.
+/// Decodes a stored policy value: structure only. Whether it keeps the rules
+/// is [`weft_policy::check`]'s to say (the index refuses what does not).
 pub fn decode_resource(value: &[u8]) -> std::result::Result<Resource, String> {
     let stored: Stored = serde_json::from_slice(value).map_err(|e| format!("not weft JSON: {e}"))?;
     if stored.schema > SCHEMA_VERSION {
@@ -120,17 +133,12 @@ pub fn decode_resource(value: &[u8]) -> std::result::Result<Resource, String> {
             stored.schema
         ));
     }
-    policy::from_value(stored.resource)
-        .map_err(|p| if p.field.is_empty() { p.message } else { format!("{}: {}", p.field, p.message) })
+    doc::from_value(stored.resource).map_err(|p| p.to_string())
 }
 
 pub fn encode_resource(resource: &Resource) -> String {
-    serde_json::to_string(&Stored {
-        schema: SCHEMA_VERSION,
-        resource: policy::to_value(resource),
-        applied_at: unix_ms(),
-    })
-    .expect("serializable")
+    serde_json::to_string(&Stored { schema: SCHEMA_VERSION, resource: doc::to_value(resource), applied_at: unix_ms() })
+        .expect("serializable")
 }
 
 /// What `apply` did to one resource.

@@ -10,9 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use hashbrown::HashMap;
-use http::{HeaderName, HeaderValue, Method, StatusCode};
+use weft_policy::model;
 use xds_proto::v1 as pb;
 
 use crate::resilience::{Health, ServiceStats, Settings};
@@ -22,6 +21,13 @@ use crate::resilience::{Health, ServiceStats, Settings};
 pub struct InvalidPolicy {
     pub resource: String,
     pub message: String,
+}
+
+impl From<weft_policy::InvalidPolicy> for InvalidPolicy {
+    fn from(e: weft_policy::InvalidPolicy) -> InvalidPolicy {
+        let message = e.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        InvalidPolicy { resource: e.resource, message }
+    }
 }
 
 /// Everything the sidecar knows, at one version.
@@ -63,84 +69,16 @@ pub struct Route {
     pub rules: Vec<Rule>,
 }
 
+/// A route rule as the sidecar uses it: the policy's rule, with each
+/// backend's endpoints resolved.
 #[derive(Debug)]
 pub struct Rule {
-    pub path_prefix: Option<String>,
-    pub method: Option<Method>,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub matches: model::Match,
     pub backends: Vec<Backend>,
     pub timeout: Option<Duration>,
-    pub retry: Option<RetryPolicy>,
-    pub fallback: Option<Fallback>,
-    pub fault: Option<Fault>,
-}
-
-/// Faults injected on each try of matching requests.
-#[derive(Debug, Clone)]
-pub struct Fault {
-    /// Only requests carrying this header are affected.
-    pub header: Option<HeaderName>,
-    /// (probability 0..=1, delay)
-    pub delay: Option<(f64, Duration)>,
-    /// (probability 0..=1, HTTP status, gRPC status for gRPC callers)
-    pub abort: Option<(f64, StatusCode, Option<u16>)>,
-}
-
-impl Fault {
-    pub fn applies<B>(&self, req: &http::Request<B>) -> bool {
-        self.header.as_ref().is_none_or(|h| req.headers().contains_key(h))
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Retries after the first try.
-    pub attempts: u32,
-    pub per_try_timeout: Option<Duration>,
-    pub on: RetryOn,
-}
-
-/// Which outcomes are retried.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RetryOn {
-    /// Any 5xx, and a per-try timeout.
-    pub server_error: bool,
-    /// 502, 503, 504.
-    pub gateway_error: bool,
-    pub connect_failure: bool,
-    pub reset: bool,
-    /// gRPC UNAVAILABLE.
-    pub unavailable: bool,
-}
-
-impl RetryOn {
-    fn parse(conds: &[String]) -> Result<RetryOn, String> {
-        let mut on = RetryOn::default();
-        if conds.is_empty() {
-            return Ok(RetryOn { gateway_error: true, connect_failure: true, reset: true, unavailable: true, ..on });
-        }
-        for c in conds {
-            match c.as_str() {
-                "5xx" => on.server_error = true,
-                "gateway-error" => on.gateway_error = true,
-                "connect-failure" => on.connect_failure = true,
-                "reset" => on.reset = true,
-                "unavailable" => on.unavailable = true,
-                // Known to the control plane, not retried by this sidecar.
-                "cancelled" | "deadline-exceeded" | "resource-exhausted" => {}
-                other => return Err(format!("unknown retry condition '{other}'")),
-            }
-        }
-        Ok(on)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum Fallback {
-    /// Send the request to another service.
-    Service(String),
-    /// Answer with a fixed response.
-    Static { status: StatusCode, body: Bytes },
+    pub retry: Option<model::Retry>,
+    pub fallback: Option<model::Fallback>,
+    pub fault: Option<model::Fault>,
 }
 
 #[derive(Debug)]
@@ -197,18 +135,9 @@ impl BuildContext {
 }
 
 impl Rule {
+    #[inline]
     pub fn matches<B>(&self, req: &http::Request<B>) -> bool {
-        if let Some(p) = &self.path_prefix
-            && !req.uri().path().starts_with(p.as_str())
-        {
-            return false;
-        }
-        if let Some(m) = &self.method
-            && req.method() != m
-        {
-            return false;
-        }
-        self.headers.iter().all(|(k, v)| req.headers().get(k) == Some(v))
+        self.matches.matches(req)
     }
 }
 
@@ -223,135 +152,40 @@ fn route_name(service: &str, tenant: &str) -> String {
     if tenant.is_empty() { format!("route/{service}") } else { format!("route/{service}/{tenant}") }
 }
 
-/// Converts one wire route; `endpoints` are the service's ready endpoints.
+/// Converts one wire route under the policy rules (`weft_policy`), and
+/// resolves each backend's subset to the service's ready `endpoints`.
 fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> Result<Route, InvalidPolicy> {
-    let bad = |message: String| InvalidPolicy { resource: route_name(service, &r.tenant), message };
-    if r.service != service {
-        return Err(bad(format!("route names service '{}' inside service '{service}'", r.service)));
-    }
-    if r.rules.is_empty() {
-        return Err(bad("a route needs at least one rule".into()));
-    }
-    let mut rules = Vec::with_capacity(r.rules.len());
-    for (i, rule) in r.rules.iter().enumerate() {
-        let m = rule.r#match.clone().unwrap_or_default();
-        let method = if m.method.is_empty() {
-            None
-        } else {
-            Some(
-                Method::from_bytes(m.method.as_bytes())
-                    .map_err(|_| bad(format!("rules[{i}].match.method: '{}' is not a method", m.method)))?,
-            )
-        };
-        let path_prefix = if m.path_prefix.is_empty() {
-            None
-        } else if !m.path_prefix.starts_with('/') {
-            return Err(bad(format!("rules[{i}].match.path_prefix: '{}' must start with '/'", m.path_prefix)));
-        } else {
-            Some(m.path_prefix.clone())
-        };
-        let mut headers = Vec::new();
-        for (k, v) in &m.headers {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| bad(format!("rules[{i}].match.headers: '{k}' is not a header name")))?;
-            let value =
-                HeaderValue::from_str(v).map_err(|_| bad(format!("rules[{i}].match.headers.{k}: invalid value")))?;
-            headers.push((name, value));
-        }
-        if rule.backends.is_empty() {
-            return Err(bad(format!("rules[{i}].backends: a rule needs at least one backend")));
-        }
-        if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() == 0 {
-            return Err(bad(format!("rules[{i}].backends: weights sum to 0: no backend would get traffic")));
-        }
-        let backends = rule
-            .backends
-            .iter()
-            .map(|b| {
-                let subset: BTreeMap<String, String> = b.subset.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                let endpoints = endpoints
-                    .iter()
-                    .filter(|e| subset.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
-                    .cloned()
-                    .collect();
-                Backend { subset, weight: b.weight, endpoints }
-            })
-            .collect();
-        let retry = match &rule.retry {
-            Some(r) if r.attempts > 0 => Some(RetryPolicy {
-                attempts: r.attempts.min(10),
-                per_try_timeout: (r.per_try_timeout_ms > 0).then(|| Duration::from_millis(r.per_try_timeout_ms)),
-                on: RetryOn::parse(&r.on).map_err(|e| bad(format!("rules[{i}].retry.on: {e}")))?,
-            }),
-            _ => None,
-        };
-        let fallback = match &rule.fallback {
-            None => None,
-            Some(f) if !f.service.is_empty() => {
-                if f.service == service {
-                    return Err(bad(format!("rules[{i}].fallback.service: a service cannot fall back to itself")));
-                }
-                Some(Fallback::Service(f.service.clone()))
-            }
-            Some(f) => {
-                let status = u16::try_from(f.status)
-                    .ok()
-                    .and_then(|s| StatusCode::from_u16(s).ok())
-                    .ok_or_else(|| bad(format!("rules[{i}].fallback.status: {} is not an HTTP status", f.status)))?;
-                Some(Fallback::Static { status, body: Bytes::from(f.body.clone()) })
-            }
-        };
-        let fault = match &rule.fault {
-            None => None,
-            Some(f) => {
-                let header =
-                    if f.header.is_empty() {
-                        None
-                    } else {
-                        Some(HeaderName::from_bytes(f.header.as_bytes()).map_err(|_| {
-                            bad(format!("rules[{i}].fault.header: '{}' is not a header name", f.header))
-                        })?)
-                    };
-                let pct = |v: f64, what: &str| {
-                    if (0.0..=100.0).contains(&v) {
-                        Ok(v / 100.0)
-                    } else {
-                        Err(bad(format!("rules[{i}].fault.{what}.percent: {v} is not 0-100")))
-                    }
-                };
-                let delay = if f.delay_ms > 0 {
-                    Some((pct(f.delay_percent, "delay")?, Duration::from_millis(f.delay_ms)))
-                } else {
-                    None
-                };
-                let abort = if f.abort_status > 0 || f.abort_grpc_status > 0 {
-                    let status = if f.abort_status > 0 {
-                        u16::try_from(f.abort_status).ok().and_then(|s| StatusCode::from_u16(s).ok()).ok_or_else(
-                            || bad(format!("rules[{i}].fault.abort.status: {} is not an HTTP status", f.abort_status)),
-                        )?
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    let grpc = (f.abort_grpc_status > 0).then_some(f.abort_grpc_status.min(16) as u16);
-                    Some((pct(f.abort_percent, "abort")?, status, grpc))
-                } else {
-                    None
-                };
-                Some(Fault { header, delay, abort })
-            }
-        };
-        rules.push(Rule {
-            fault,
-            path_prefix,
-            method,
-            headers,
-            backends,
-            timeout: (rule.timeout_ms > 0).then(|| Duration::from_millis(rule.timeout_ms)),
-            retry,
-            fallback,
+    let route = model::Route::try_from(r).map_err(InvalidPolicy::from)?;
+    if route.service != service {
+        return Err(InvalidPolicy {
+            resource: route_name(service, &r.tenant),
+            message: format!("route names service '{}' inside service '{service}'", route.service),
         });
     }
-    Ok(Route { tenant: (!r.tenant.is_empty()).then(|| r.tenant.clone()), revision: r.revision, rules })
+    let rules = route
+        .rules
+        .into_iter()
+        .map(|rule| Rule {
+            backends: rule
+                .backends
+                .into_iter()
+                .map(|b| {
+                    let endpoints = endpoints
+                        .iter()
+                        .filter(|e| b.subset.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+                        .cloned()
+                        .collect();
+                    Backend { subset: b.subset, weight: b.weight, endpoints }
+                })
+                .collect(),
+            matches: rule.matches,
+            timeout: rule.timeout,
+            retry: rule.retry,
+            fallback: rule.fallback,
+            fault: rule.fault,
+        })
+        .collect();
+    Ok(Route { tenant: route.tenant, revision: r.revision, rules })
 }
 
 /// Builds a service from its wire config. `previous` supplies last good
@@ -428,6 +262,30 @@ pub fn build_service(
             })
             .collect();
     }
+    let settings = match cfg.resilience.as_ref().map(model::Resilience::try_from) {
+        None => Settings::default(),
+        Some(Ok(r)) => Settings::from(&r),
+        Some(Err(e)) => {
+            problems.push(e.into());
+            previous.map(|p| p.settings.clone()).unwrap_or_default()
+        }
+    };
+    let mut tenants = HashMap::new();
+    for p in &cfg.tenant_policies {
+        let state = previous.and_then(|s| s.tenants.get(&p.tenant)).map(|(_, st)| st.clone()).unwrap_or_default();
+        let limits = match model::TenantPolicy::try_from(p) {
+            Ok(t) => crate::tenancy::Limits::from(&t),
+            Err(e) => {
+                problems.push(e.into());
+                // The last good limits of this tenant, if it had any.
+                match previous.and_then(|s| s.tenants.get(&p.tenant)) {
+                    Some((limits, _)) => limits.clone(),
+                    None => continue,
+                }
+            }
+        };
+        tenants.insert(p.tenant.clone(), (limits, state));
+    }
     let holds = endpoints.iter().any(|e| e.is_held());
     let service = Service {
         name: cfg.name.clone(),
@@ -439,16 +297,8 @@ pub fn build_service(
         endpoints,
         holds,
         all_ready: Arc::new(ready),
-        settings: cfg.resilience.as_ref().map(Settings::from).unwrap_or_default(),
-        tenants: cfg
-            .tenant_policies
-            .iter()
-            .map(|p| {
-                let state =
-                    previous.and_then(|s| s.tenants.get(&p.tenant)).map(|(_, st)| st.clone()).unwrap_or_default();
-                (p.tenant.clone(), (crate::tenancy::Limits::from(p), state))
-            })
-            .collect(),
+        settings,
+        tenants,
         stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
         source,
     };

@@ -46,7 +46,7 @@ pub fn request_head(data: &[u8]) {
     }
     let tenant_header = HeaderName::from_static(crate::TENANT_HEADER);
     match crate::tenant_of(&req, &tenant_header) {
-        Ok(t) => assert!(crate::is_name(t.as_bytes()), "tenant '{t}'"),
+        Ok(t) => assert!(weft_policy::names::is_tenant(t.as_bytes()), "tenant '{t}'"),
         Err(e) => assert_eq!(e.status(), http::StatusCode::BAD_REQUEST, "{e}"),
     }
 

@@ -44,17 +44,12 @@ pub const TENANT_HEADER: &str = "x-tenant-id";
 pub fn tenant_of<B>(req: &http::Request<B>, header: &http::HeaderName) -> Result<String, errors::ProxyError> {
     match req.headers().get(header) {
         None => Ok("default".to_string()),
-        Some(v) if is_name(v.as_bytes()) => Ok(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        Some(v) if weft_policy::names::is_tenant(v.as_bytes()) => {
+            Ok(String::from_utf8_lossy(v.as_bytes()).into_owned())
+        }
         Some(v) if v.is_empty() => Ok("default".to_string()),
         Some(v) => Err(errors::ProxyError::BadTenant(errors::clip(&String::from_utf8_lossy(v.as_bytes())))),
     }
-}
-
-/// A name as the control plane accepts it for services and tenants.
-pub fn is_name(b: &[u8]) -> bool {
-    (1..=63).contains(&b.len())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.'))
-        && !matches!(b[0], b'-' | b'.')
 }
 
 /// Fails when a request has more than one `Host` header: the two could

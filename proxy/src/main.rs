@@ -166,8 +166,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// The control plane refuses a Hello with any other name, forever.
 fn weft_control_name_check(service: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
-        weft_proxy::is_name(service.as_bytes()),
-        "--service '{service}': use 1-63 lowercase letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+        weft_policy::names::is_service(service.as_bytes()),
+        "--service '{service}': use 1-63 lowercase letters, digits, '-' or '_', not starting with '-' (no '.': callers name a service by the first label of their Host)"
     );
     Ok(())
 }

@@ -18,12 +18,13 @@ use http_body_util::BodyExt;
 use crate::balance::{self, InFlight};
 use crate::body::{BoxResponse, ProxyBody, full};
 use crate::breaker::Admission;
-use crate::config::{Fallback, RetryOn, Rule, Service};
+use crate::config::{Rule, Service};
 use crate::errors::{GRPC_UNAVAILABLE, ProxyError, is_grpc};
 use crate::resilience;
 use crate::state::Shared;
 use crate::telemetry;
 use crate::upstream::{PooledBody, Upstream};
+use weft_policy::model::{Fallback, RetryCondition, RetryOn};
 
 /// How long a request for a service never seen before waits for discovery.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
@@ -186,7 +187,7 @@ impl Outbound {
         let may_retry = matches!(body, ReqBody::Buffered(_))
             && (parts.method.is_idempotent() || grpc || parts.headers.contains_key("idempotency-key"));
 
-        let max_tries = 1 + if may_retry { retry.as_ref().map(|r| r.attempts).unwrap_or(0) } else { 0 };
+        let max_tries = 1 + if may_retry { retry.as_ref().map(|r| r.attempts.get()).unwrap_or(0) } else { 0 };
         let settings = &svc.settings;
         svc.stats.deposit(settings);
         let _svc_guard = if settings.max_concurrent > 0 {
@@ -250,8 +251,11 @@ impl Outbound {
             let mut attempt_req = Request::from_parts(attempt_head, b);
             *attempt_req.extensions_mut() = http::Extensions::new();
             let fault = rule.and_then(|r| r.fault.as_ref()).filter(|f| f.applies(&attempt_req));
-            let delay = fault.and_then(|f| f.delay).filter(|(p, _)| rand::rng().random_bool(*p)).map(|(_, d)| d);
-            let injected = fault.and_then(|f| f.abort).filter(|(p, _, _)| rand::rng().random_bool(*p));
+            let delay = fault
+                .and_then(|f| f.delay.as_ref())
+                .filter(|d| rand::rng().random_bool(d.percent / 100.0))
+                .map(|d| d.duration);
+            let injected = fault.and_then(|f| f.abort.as_ref()).filter(|a| rand::rng().random_bool(a.percent / 100.0));
             // An injected delay counts against the timeouts like a slow upstream.
             let per_try = retry.as_ref().and_then(|r| r.per_try_timeout).filter(|_| may_retry);
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -277,7 +281,7 @@ impl Outbound {
                     addr: endpoint.addr.to_string(),
                     ms: try_timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
                 }),
-                Some((_, status, grpc_status)) => Err(ProxyError::FaultAbort { status, grpc_status }),
+                Some(a) => Err(ProxyError::FaultAbort { status: a.status, grpc_status: a.grpc_status }),
                 None => {
                     let _guard = InFlight::endpoint(&endpoint.health);
                     let sent = Instant::now();
@@ -316,10 +320,10 @@ impl Outbound {
                 endpoint.health.observe_rtt(SHED_PENALTY);
             }
             let in_time = deadline.is_none_or(|d| Instant::now() < d);
-            let retryable = failed
-                && retry.as_ref().is_some_and(|r| should_retry(&r.on, &outcome))
-                && attempt + 1 < max_tries
-                && in_time;
+            // Retried on what the rule's conditions name, a failure for the
+            // breaker or not (gRPC CANCELLED, RESOURCE_EXHAUSTED ...).
+            let retryable =
+                retry.as_ref().is_some_and(|r| should_retry(r.on, &outcome)) && attempt + 1 < max_tries && in_time;
             let shed_retry = (shed || held_gone)
                 && reuse
                 && !shed_retried
@@ -523,23 +527,22 @@ fn is_failure(o: &Outcome) -> bool {
     }
 }
 
-fn should_retry(on: &RetryOn, o: &Outcome) -> bool {
+/// Whether a try's outcome is retried under `on`.
+fn should_retry(on: RetryOn, o: &Outcome) -> bool {
+    use RetryCondition::*;
+    let status = |s: http::StatusCode| {
+        (on.contains(ServerError) && s.is_server_error())
+            || (on.contains(GatewayError) && matches!(s.as_u16(), 502..=504))
+    };
     match o {
-        Ok(resp) => {
-            let s = resp.status().as_u16();
-            (on.server_error && resp.status().is_server_error())
-                || (on.gateway_error && matches!(s, 502..=504))
-                || (on.unavailable && grpc_status(resp) == Some(GRPC_UNAVAILABLE))
+        Ok(resp) => status(resp.status()) || grpc_status(resp).is_some_and(|g| on.retries_grpc(g)),
+        Err(ProxyError::FaultAbort { status: s, grpc_status }) => {
+            status(*s) || grpc_status.is_some_and(|g| on.retries_grpc(u32::from(g)))
         }
-        Err(ProxyError::FaultAbort { status, grpc_status }) => {
-            (on.server_error && status.is_server_error())
-                || (on.gateway_error && matches!(status.as_u16(), 502..=504))
-                || (on.unavailable && *grpc_status == Some(14))
-        }
-        Err(ProxyError::Connect { .. }) => on.connect_failure,
-        Err(ProxyError::Reset { .. }) => on.reset,
-        Err(ProxyError::Timeout { .. }) => on.server_error || on.gateway_error,
-        Err(ProxyError::Upstream { .. }) => on.reset || on.server_error,
+        Err(ProxyError::Connect { .. }) => on.contains(ConnectFailure),
+        Err(ProxyError::Reset { .. }) => on.contains(Reset),
+        Err(ProxyError::Timeout { .. }) => on.contains(ServerError) || on.contains(GatewayError),
+        Err(ProxyError::Upstream { .. }) => on.contains(Reset) || on.contains(ServerError),
         Err(_) => false,
     }
 }
@@ -660,7 +663,7 @@ pub fn service_of<B>(req: &Request<B>) -> Result<String, ProxyError> {
     }
     // `inference.default.svc` style names route to `inference`.
     let first = name.split('.').next().unwrap_or(&name);
-    if first.is_empty() || first.len() > 63 {
+    if !weft_policy::names::is_service(first.as_bytes()) {
         return Err(ProxyError::BadAuthority(crate::errors::clip(&authority)));
     }
     Ok(first.to_string())

@@ -8,8 +8,6 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use xds_proto::v1 as pb;
-
 /// Milliseconds since the process started: the clock of ejection deadlines.
 pub fn now_ms() -> u64 {
     ms_at(Instant::now())
@@ -47,28 +45,18 @@ impl Default for Settings {
     }
 }
 
-impl From<&pb::Resilience> for Settings {
-    fn from(r: &pb::Resilience) -> Self {
+impl From<&weft_policy::model::Resilience> for Settings {
+    fn from(r: &weft_policy::model::Resilience) -> Self {
         let d = Settings::default();
+        let cb = r.circuit_breaker.as_ref();
+        let budget = r.retry_budget.clone().unwrap_or(weft_policy::model::RetryBudget::DEFAULT);
         Settings {
-            consecutive_failures: r.consecutive_failures,
-            base_ejection: if r.base_ejection_ms > 0 {
-                Duration::from_millis(r.base_ejection_ms)
-            } else {
-                d.base_ejection
-            },
-            max_ejection_percent: if r.consecutive_failures > 0 {
-                r.max_ejection_percent.min(100)
-            } else {
-                d.max_ejection_percent
-            },
-            max_concurrent: r.max_concurrent_requests as usize,
-            budget_ratio: if r.retry_budget_ratio > 0.0 { r.retry_budget_ratio } else { d.budget_ratio },
-            budget_min_per_second: if r.retry_budget_ratio > 0.0 || r.retry_budget_min_per_second > 0 {
-                r.retry_budget_min_per_second as f64
-            } else {
-                d.budget_min_per_second
-            },
+            consecutive_failures: cb.map(|c| c.consecutive_failures.get()).unwrap_or(0),
+            base_ejection: cb.map(|c| c.base_ejection).unwrap_or(d.base_ejection),
+            max_ejection_percent: cb.map(|c| u32::from(c.max_ejection_percent)).unwrap_or(d.max_ejection_percent),
+            max_concurrent: r.max_concurrent_requests.map(|n| n.get() as usize).unwrap_or(0),
+            budget_ratio: budget.ratio,
+            budget_min_per_second: f64::from(budget.min_per_second),
         }
     }
 }

@@ -9,8 +9,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use xds_proto::v1 as pb;
-
 /// Response header (or gRPC trailer) in which a service reports the
 /// inference tokens a call used.
 pub const USAGE_HEADER: &str = "x-weft-usage-tokens";
@@ -24,13 +22,13 @@ pub struct Limits {
     pub tokens_per_minute: u64,
 }
 
-impl From<&pb::TenantPolicy> for Limits {
-    fn from(p: &pb::TenantPolicy) -> Self {
+impl From<&weft_policy::model::TenantPolicy> for Limits {
+    fn from(p: &weft_policy::model::TenantPolicy) -> Self {
         Limits {
-            requests_per_second: p.requests_per_second.max(0.0),
-            burst: f64::from(p.burst),
-            max_concurrent: p.max_concurrent_requests as usize,
-            tokens_per_minute: p.tokens_per_minute,
+            requests_per_second: p.rate_limit.as_ref().map(|r| r.requests_per_second).unwrap_or(0.0),
+            burst: p.rate_limit.as_ref().map(|r| f64::from(r.burst)).unwrap_or(0.0),
+            max_concurrent: p.max_concurrent_requests.map(|n| n.get() as usize).unwrap_or(0),
+            tokens_per_minute: p.tokens_per_minute.map(|n| n.get()).unwrap_or(0),
         }
     }
 }

@@ -22,9 +22,11 @@ use tokio::process::{Child, Command};
 pub use weft_examples::{Info, pb as example_pb};
 
 pub mod cluster;
+pub mod fake_control;
 pub mod load;
 
 pub use cluster::EtcdCluster;
+pub use fake_control::FakeControl;
 pub use load::Load;
 
 /// The directory holding the workspace binaries.

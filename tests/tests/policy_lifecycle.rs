@@ -103,9 +103,10 @@ async fn one_tenants_bad_resource_never_blocks_or_alters_another_tenants() {
     let acme = weftctl(&url, &["get", "route", "inference/acme"], None).await;
     assert!(acme.stdout.contains(&acme_rev.to_string()), "{acme:?}");
 
-    // At the sidecar: one etcd transaction with a bad globex route (written
-    // around weftctl) and a good acme change. acme's applies; globex keeps
-    // its last good route; the NACK names globex only.
+    // One etcd transaction with a bad globex route (written around weftctl)
+    // and a good acme change: acme's applies everywhere; the control plane
+    // refuses globex's, which keeps its last good route, and names globex
+    // only.
     let mut etcd = mesh.etcd.client().await;
     let good = r#"{"schema":1,"resource":{"kind":"Route","service":"inference","tenant":"acme","rules":[{"backends":[{"subset":{"version":"v2"},"weight":1}]}]}}"#;
     let bad = r#"{"schema":1,"resource":{"kind":"Route","service":"inference","tenant":"globex","rules":[{"backends":[{"subset":{"version":"v2"},"weight":0}]}]}}"#;
@@ -119,9 +120,9 @@ async fn one_tenants_bad_resource_never_blocks_or_alters_another_tenants() {
         caller.route_revision("inference", "acme").await == Some(new_rev)
     })
     .await;
-    let cfg = caller.config().await;
-    assert!(cfg["last_nack"].as_str().unwrap_or("").contains("route/inference/globex"), "{cfg}");
-    assert!(!cfg["last_nack"].as_str().unwrap_or("").contains("route/inference/acme"), "{cfg}");
+    let status = weftctl(&url, &["status"], None).await;
+    assert!(status.stdout.contains(&format!("REJECTED route/inference/globex (rev {new_rev})")), "{status:?}");
+    assert!(!status.stdout.contains("REJECTED route/inference/acme"), "{status:?}");
     assert!(caller.route_revision("inference", "globex").await.unwrap() < new_rev);
     for _ in 0..10 {
         let a = harness::request(caller.outbound, "inference", "/", &[("x-tenant-id", "acme")]).await.unwrap();

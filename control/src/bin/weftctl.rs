@@ -10,7 +10,7 @@ use tonic::Code;
 use xds_proto::v1 as pb;
 use xds_proto::v1::admin_client::AdminClient;
 
-use weft_control::policy;
+use weft_policy as policy;
 
 #[derive(Parser, Debug)]
 #[command(name = "weftctl", version, about = "Manage weft policy")]
@@ -191,10 +191,10 @@ async fn connect(url: &str) -> Result<Client, Fail> {
 }
 
 /// Reads a policy file (or stdin), at most one byte past
-/// [`policy::MAX_FILE_BYTES`]: the parser refuses it then, without this
+/// [`policy::documents::MAX_FILE_BYTES`]: the parser refuses it then, without this
 /// reading gigabytes first.
 fn read_input(file: &str) -> Result<(String, String), Fail> {
-    let limit = policy::MAX_FILE_BYTES as u64 + 1;
+    let limit = policy::documents::MAX_FILE_BYTES as u64 + 1;
     let mut bytes = Vec::new();
     let name = if file == "-" {
         std::io::stdin().take(limit).read_to_end(&mut bytes).map_err(|e| Fail(1, format!("reading stdin: {e}")))?;
@@ -204,7 +204,7 @@ fn read_input(file: &str) -> Result<(String, String), Fail> {
         f.take(limit).read_to_end(&mut bytes).map_err(|e| Fail(1, format!("{file}: {e}")))?;
         file.to_string()
     };
-    let text = if bytes.len() > policy::MAX_FILE_BYTES {
+    let text = if bytes.len() > policy::documents::MAX_FILE_BYTES {
         String::from_utf8_lossy(&bytes).into_owned()
     } else {
         String::from_utf8(bytes).map_err(|e| Fail(1, format!("{name}: not UTF-8 text ({e})")))?
@@ -212,9 +212,9 @@ fn read_input(file: &str) -> Result<(String, String), Fail> {
     Ok((name, text))
 }
 
-fn parse(file: &str) -> Result<Vec<policy::Located>, Fail> {
+fn parse(file: &str) -> Result<Vec<policy::documents::Located>, Fail> {
     let (name, text) = read_input(file)?;
-    match policy::parse_documents(&name, &text) {
+    match policy::documents::parse(&name, &text) {
         Ok(r) if r.is_empty() => Err(Fail(1, format!("{name}: no resources found"))),
         Ok(r) => Ok(r),
         Err(problems) => Err(Fail(1, problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))),
@@ -232,14 +232,14 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             Ok(())
         }
         Command::Apply { file, wait, timeout } => {
-            let timeout = policy::parse_duration(&timeout).map_err(|e| Fail(1, format!("--timeout: {e}")))?;
+            let timeout = policy::duration::parse(&timeout).map_err(|e| Fail(1, format!("--timeout: {e}")))?;
             let resources = parse(&file)?;
             let mut client = connect(&cli.control).await?;
             let req = pb::ApplyRequest {
                 resources: resources
                     .iter()
                     .map(|l| pb::ResourceDoc {
-                        json: policy::to_value(&l.resource).to_string(),
+                        json: policy::doc::to_value(&l.resource).to_string(),
                         origin: l.origin.clone(),
                     })
                     .collect(),
@@ -259,14 +259,14 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             let mut client = connect(&cli.control).await?;
             for l in &resources {
                 let id = l.resource.id();
-                let (kind, name) = kind_and_name(&id);
-                let new = policy::to_value(&l.resource);
+                let (kind, name) = id.kind_and_name();
+                let new = policy::doc::to_value(&l.resource);
                 match client.get(pb::GetRequest { kind, name, tenant: String::new() }).await {
                     Ok(resp) => {
                         let current = resp.into_inner().resources.into_iter().next();
                         let old: serde_json::Value =
                             current.as_ref().and_then(|c| serde_json::from_str(&c.json).ok()).unwrap_or_default();
-                        let changes = policy::diff_values(&old, &new);
+                        let changes = policy::diff::diff_values(&old, &new);
                         if changes.is_empty() {
                             out!("{id} unchanged");
                         } else {
@@ -293,7 +293,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     for (i, e) in resp.entries.iter().enumerate() {
                         let change = match values.get(i + 1) {
                             Some(older) => {
-                                let d = policy::diff_values(older, &values[i]);
+                                let d = policy::diff::diff_values(older, &values[i]);
                                 if d.is_empty() { "no change".to_string() } else { d.join("; ") }
                             }
                             None if resp.truncated => "(older revisions compacted)".to_string(),
@@ -323,7 +323,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             Ok(())
         }
         Command::Rollback { kind, name, to, wait, timeout } => {
-            let timeout = policy::parse_duration(&timeout).map_err(|e| Fail(1, format!("--timeout: {e}")))?;
+            let timeout = policy::duration::parse(&timeout).map_err(|e| Fail(1, format!("--timeout: {e}")))?;
             let mut client = connect(&cli.control).await?;
             let resp = client.rollback(pb::RollbackRequest { kind, name, to_revision: to }).await?.into_inner();
             for r in &resp.results {
@@ -397,7 +397,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         }
         Command::Traces { degraded: _, service, since, limit, output } => {
             let since_secs = match since {
-                Some(s) => policy::parse_duration(&s).map_err(|e| Fail(1, format!("--since: {e}")))?.as_secs().max(1),
+                Some(s) => policy::duration::parse(&s).map_err(|e| Fail(1, format!("--since: {e}")))?.as_secs().max(1),
                 None => 0,
             };
             let mut client = connect(&cli.control).await?;
@@ -472,22 +472,15 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                             nack
                         );
                     }
+                    for r in &resp.rejected {
+                        out!("REJECTED {} (rev {}): {}", r.resource, r.revision, r.reason);
+                    }
                 }
                 Output::Json => out!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default()),
                 Output::Yaml => out!("{}", serde_saphyr::to_string(&rows).unwrap_or_default().trim_end()),
             }
             Ok(())
         }
-    }
-}
-
-/// The `KIND NAME` form of a resource id, as the admin API takes it.
-fn kind_and_name(id: &policy::ResourceId) -> (String, String) {
-    match id {
-        policy::ResourceId::Route { service, tenant: None } => ("route".into(), service.clone()),
-        policy::ResourceId::Route { service, tenant: Some(t) } => ("route".into(), format!("{service}/{t}")),
-        policy::ResourceId::Resilience { service } => ("resilience".into(), service.clone()),
-        policy::ResourceId::TenantPolicy { tenant, service } => ("tenantpolicy".into(), format!("{tenant}/{service}")),
     }
 }
 

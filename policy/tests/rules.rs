@@ -1,0 +1,237 @@
+//! The rules, one by one: each bad document is refused with the field and a
+//! message, and the same resource on the wire is refused the same way.
+
+use std::time::Duration;
+
+use weft_policy::documents::{self, LocatedProblem};
+use weft_policy::model::{self, Policy, RetryCondition, RetryOn};
+use weft_policy::{doc, wire};
+
+fn problems(yaml: &str) -> Vec<LocatedProblem> {
+    match documents::parse("t.yaml", yaml) {
+        Ok(r) => panic!("accepted: {:?}", r.iter().map(|l| l.resource.id().to_string()).collect::<Vec<_>>()),
+        Err(p) => p,
+    }
+}
+
+fn route(rule: &str) -> String {
+    format!(
+        "kind: Route\nservice: inference\nrules:\n  - backends: [ {{ subset: {{ version: v1 }}, weight: 1 }} ]\n{rule}"
+    )
+}
+
+/// (what, document, field, words in the message)
+fn cases() -> Vec<(&'static str, String, &'static str, &'static str)> {
+    let r = route;
+    vec![
+        ("service name", "kind: Route\nservice: Inference\nrules:\n  - backends: [ { weight: 1 } ]\n".into(), "service", "lowercase"),
+        ("dotted service", "kind: Route\nservice: api.v2\nrules:\n  - backends: [ { weight: 1 } ]\n".into(), "service", "first label"),
+        ("empty service", "kind: Route\nservice: ''\nrules:\n  - backends: [ { weight: 1 } ]\n".into(), "service", "must not be empty"),
+        ("long service", format!("kind: Route\nservice: {}\nrules:\n  - backends: [ {{ weight: 1 }} ]\n", "a".repeat(64)), "service", "longer than 63"),
+        ("tenant name", "kind: Route\nservice: a\ntenant: ACME\nrules:\n  - backends: [ { weight: 1 } ]\n".into(), "tenant", "lowercase"),
+        ("no rules", "kind: Route\nservice: a\nrules: []\n".into(), "rules", "at least one rule"),
+        ("path prefix", r("    match: { path_prefix: v1 }\n"), "rules[0].match.path_prefix", "start with '/'"),
+        ("method", r("    match: { method: post }\n"), "rules[0].match.method", "not an HTTP method"),
+        ("method token", r("    match: { method: BREW }\n"), "rules[0].match.method", "not an HTTP method"),
+        ("header name", r("    match: { headers: { X-Model: large } }\n"), "rules[0].match.headers.X-Model", "lowercase header name"),
+        ("header value", r("    match: { headers: { x-model: \"a\\nb\" } }\n"), "rules[0].match.headers.x-model", "not a header value"),
+        ("no backends", "kind: Route\nservice: a\nrules:\n  - backends: []\n".into(), "rules[0].backends", "at least one backend"),
+        ("zero weights", "kind: Route\nservice: a\nrules:\n  - backends: [ { weight: 0 } ]\n".into(), "rules[0].backends", "sum to 0"),
+        ("big weight", "kind: Route\nservice: a\nrules:\n  - backends: [ { weight: 10001 } ]\n".into(), "rules[0].backends[0].weight", "at most 10000"),
+        ("empty label", "kind: Route\nservice: a\nrules:\n  - backends: [ { subset: { version: '' }, weight: 1 } ]\n".into(), "rules[0].backends[0].subset", "never match"),
+        ("same subset", "kind: Route\nservice: a\nrules:\n  - backends: [ { subset: { v: a } }, { subset: { v: a } } ]\n".into(), "rules[0].backends[1].subset", "twice"),
+        ("timeout", r("    timeout: 2 parsecs\n"), "rules[0].timeout", "not a duration"),
+        ("zero timeout", r("    timeout: 0s\n"), "rules[0].timeout", "greater than zero"),
+        ("long timeout", r("    timeout: 25h\n"), "rules[0].timeout", "longer than a day"),
+        ("attempts 0", r("    retry: { attempts: 0 }\n"), "rules[0].retry.attempts", "between 1 and 10"),
+        ("attempts 11", r("    retry: { attempts: 11 }\n"), "rules[0].retry.attempts", "between 1 and 10"),
+        ("per try", r("    retry: { attempts: 1, per_try_timeout: soon }\n"), "rules[0].retry.per_try_timeout", "not a duration"),
+        ("per try > timeout", r("    timeout: 1s\n    retry: { attempts: 1, per_try_timeout: 2s }\n"), "rules[0].retry.per_try_timeout", "longer than the rule's timeout 1s"),
+        ("retry on", r("    retry: { attempts: 1, on: [5xx, teapot] }\n"), "rules[0].retry.on", "unknown condition 'teapot'"),
+        ("fallback both", r("    fallback: { service: lite, status: 200 }\n"), "rules[0].fallback", "not both"),
+        ("fallback none", r("    fallback: { body: x }\n"), "rules[0].fallback", "set service or status"),
+        ("fallback self", r("    fallback: { service: inference }\n"), "rules[0].fallback.service", "itself"),
+        ("fallback name", r("    fallback: { service: Lite }\n"), "rules[0].fallback.service", "lowercase"),
+        ("fallback body", r("    fallback: { service: lite, body: x }\n"), "rules[0].fallback.body", "goes with status"),
+        ("fallback status", r("    fallback: { status: 700 }\n"), "rules[0].fallback.status", "200-599"),
+        ("fallback 1xx", r("    fallback: { status: 101 }\n"), "rules[0].fallback.status", "200-599"),
+        ("fault empty", r("    fault: { header: x-chaos }\n"), "rules[0].fault", "delay, abort or both"),
+        ("fault header", r("    fault: { header: X-Chaos, delay: { percent: 1, duration: 1s } }\n"), "rules[0].fault.header", "lowercase header name"),
+        ("delay percent", r("    fault: { delay: { percent: 101, duration: 1s } }\n"), "rules[0].fault.delay.percent", "percentage"),
+        ("delay duration", r("    fault: { delay: { percent: 1, duration: 0ms } }\n"), "rules[0].fault.delay.duration", "greater than zero"),
+        ("abort percent", r("    fault: { abort: { percent: -1, status: 503 } }\n"), "rules[0].fault.abort.percent", "percentage"),
+        ("abort status", r("    fault: { abort: { percent: 1 } }\n"), "rules[0].fault.abort", "set status"),
+        ("abort http", r("    fault: { abort: { percent: 1, status: 99 } }\n"), "rules[0].fault.abort.status", "200-599"),
+        ("abort grpc", r("    fault: { abort: { percent: 1, grpc_status: 17 } }\n"), "rules[0].fault.abort.grpc_status", "1-16"),
+        ("breaker failures", "kind: Resilience\nservice: a\ncircuit_breaker: { consecutive_failures: 0, base_ejection: 1s }\n".into(), "circuit_breaker.consecutive_failures", "at least 1"),
+        ("breaker ejection", "kind: Resilience\nservice: a\ncircuit_breaker: { consecutive_failures: 1, base_ejection: '1' }\n".into(), "circuit_breaker.base_ejection", "no unit"),
+        ("breaker percent", "kind: Resilience\nservice: a\ncircuit_breaker: { consecutive_failures: 1, base_ejection: 1s, max_ejection_percent: 101 }\n".into(), "circuit_breaker.max_ejection_percent", "between 0 and 100"),
+        ("service cap", "kind: Resilience\nservice: a\nmax_concurrent_requests: 0\n".into(), "max_concurrent_requests", "at least 1"),
+        ("budget ratio", "kind: Resilience\nservice: a\nretry_budget: { ratio: 11 }\n".into(), "retry_budget.ratio", "between 0 and 10"),
+        ("budget negative", "kind: Resilience\nservice: a\nretry_budget: { ratio: -0.1 }\n".into(), "retry_budget.ratio", "between 0 and 10"),
+        ("tenant rps", "kind: TenantPolicy\ntenant: acme\nservice: a\nrate_limit: { requests_per_second: 0 }\n".into(), "rate_limit.requests_per_second", "greater than 0"),
+        ("tenant cap", "kind: TenantPolicy\ntenant: acme\nservice: a\nmax_concurrent_requests: 0\n".into(), "max_concurrent_requests", "at least 1"),
+        ("tenant tokens", "kind: TenantPolicy\ntenant: acme\nservice: a\ntokens_per_minute: 0\n".into(), "tokens_per_minute", "at least 1"),
+        ("tenant empty", "kind: TenantPolicy\ntenant: acme\nservice: a\n".into(), "rate_limit", "needs rate_limit"),
+        ("tenant service", "kind: TenantPolicy\ntenant: acme\nservice: 'a b'\nmax_concurrent_requests: 1\n".into(), "service", "lowercase"),
+        ("unknown field", r("    retries: 3\n"), "rules[0].retries", "unknown field `retries`"),
+        ("unknown kind", "kind: Gateway\nservice: a\n".into(), "kind", "unknown kind"),
+        ("wrong type", "kind: Resilience\nservice: a\nmax_concurrent_requests: lots\n".into(), "max_concurrent_requests", "invalid type"),
+    ]
+}
+
+#[test]
+fn every_rule_names_its_field() {
+    for (what, yaml, field, words) in cases() {
+        let p = problems(&yaml);
+        assert!(
+            p.iter().any(|p| p.field == field && p.message.contains(words)),
+            "{what}: want {field}: ...{words}...; got {p:#?}"
+        );
+    }
+}
+
+/// The same rules hold for a resource that arrives on the wire: whatever a
+/// document may not say, the control plane may not push.
+#[test]
+fn the_wire_keeps_the_same_rules() {
+    let route = |f: &dyn Fn(&mut xds_proto::v1::RouteRule)| {
+        let good = documents::parse("t.yaml", &route("    timeout: 2s\n    retry: { attempts: 2 }\n")).unwrap();
+        let Ok(Policy::Route(r)) = weft_policy::check(&good[0].resource) else { panic!() };
+        let mut pb = wire::route(&r, 3);
+        f(&mut pb.rules[0]);
+        model::Route::try_from(&pb)
+    };
+    assert!(route(&|_| {}).is_ok());
+    type Change = Box<dyn Fn(&mut xds_proto::v1::RouteRule)>;
+    let bad: Vec<(&str, Change, &str)> = vec![
+        ("attempts", Box::new(|r| r.retry.as_mut().unwrap().attempts = 11), "rules[0].retry.attempts"),
+        ("attempts 0", Box::new(|r| r.retry.as_mut().unwrap().attempts = 0), "rules[0].retry.attempts"),
+        ("method", Box::new(|r| r.r#match.as_mut().unwrap().method = "FOO".into()), "rules[0].match.method"),
+        ("on", Box::new(|r| r.retry.as_mut().unwrap().on = vec!["sometimes".into()]), "rules[0].retry.on"),
+        (
+            "per try",
+            Box::new(|r| r.retry.as_mut().unwrap().per_try_timeout_ms = 3000),
+            "rules[0].retry.per_try_timeout",
+        ),
+        ("long", Box::new(|r| r.timeout_ms = 90_000_000), "rules[0].timeout"),
+        (
+            "grpc abort",
+            Box::new(|r| r.fault = Some(xds_proto::v1::Fault { abort_grpc_status: 17, ..Default::default() })),
+            "rules[0].fault.abort.grpc_status",
+        ),
+        ("weights", Box::new(|r| r.backends[0].weight = 0), "rules[0].backends"),
+        ("fallback", Box::new(|r| r.fallback = Some(Default::default())), "rules[0].fallback"),
+    ];
+    for (what, f, field) in bad {
+        let e = route(&*f).expect_err(what);
+        assert_eq!(e.resource, "route/inference");
+        assert!(e.errors.iter().any(|x| x.field == field), "{what}: {e}");
+    }
+    let res = xds_proto::v1::Resilience {
+        service: "a".into(),
+        consecutive_failures: Some(0),
+        base_ejection_ms: Some(1000),
+        max_ejection_percent: Some(50),
+        ..Default::default()
+    };
+    let e = model::Resilience::try_from(&res).unwrap_err();
+    assert_eq!(e.to_string(), "resilience/a: circuit_breaker.consecutive_failures: must be at least 1");
+}
+
+#[test]
+fn a_valid_document_survives_the_wire_both_ways() {
+    let yaml =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/policy/tenants-and-faults.yaml"))
+            .unwrap();
+    for located in documents::parse("p.yaml", &yaml).unwrap() {
+        let policy = weft_policy::check(&located.resource).unwrap();
+        match &policy {
+            Policy::Route(r) => assert_eq!(model::Route::try_from(&wire::route(r, 9)).unwrap(), *r),
+            Policy::Resilience(r) => assert_eq!(model::Resilience::try_from(&wire::resilience(r, 9)).unwrap(), *r),
+            Policy::TenantPolicy(t) => {
+                assert_eq!(model::TenantPolicy::try_from(&wire::tenant_policy(t, 9)).unwrap(), *t)
+            }
+        }
+    }
+}
+
+#[test]
+fn a_zero_retry_budget_ratio_means_zero() {
+    let docs =
+        documents::parse("b.yaml", "kind: Resilience\nservice: a\nretry_budget: { ratio: 0, min_per_second: 3 }\n")
+            .unwrap();
+    let Policy::Resilience(r) = weft_policy::check(&docs[0].resource).unwrap() else { panic!() };
+    let budget = r.retry_budget.clone().unwrap();
+    assert_eq!((budget.ratio, budget.min_per_second), (0.0, 3));
+    let back = model::Resilience::try_from(&wire::resilience(&r, 1)).unwrap();
+    assert_eq!(back.retry_budget.unwrap().ratio, 0.0, "not the default 0.2");
+}
+
+#[test]
+fn every_retry_condition_parses_and_the_default_is_documented() {
+    for c in RetryCondition::ALL {
+        assert_eq!(RetryCondition::parse(c.as_str()), Ok(c));
+    }
+    let d: Vec<&str> = RetryOn::DEFAULT.iter().map(|c| c.as_str()).collect();
+    assert_eq!(d, ["gateway-error", "connect-failure", "reset", "unavailable"]);
+    let on: RetryOn = [RetryCondition::Cancelled, RetryCondition::ResourceExhausted].into_iter().collect();
+    assert!(on.retries_grpc(1) && on.retries_grpc(8) && !on.retries_grpc(14) && !on.retries_grpc(4));
+}
+
+#[test]
+fn problems_are_reported_at_the_line_of_their_field() {
+    let yaml = "kind: Route\nservice: inference\nrules:\n  - backends: [ { weight: 1 } ]\n    timeout: 2s\n  - backends:\n      - { weight: 1 }\n    retry: { attempts: 0 }\n  - backends: [ { weight: 1 } ]\n    timeout: forever\n";
+    let p = problems(yaml);
+    let at = |field: &str| p.iter().find(|p| p.field == field).map(|p| p.line);
+    assert_eq!(at("rules[1].retry.attempts"), Some(8), "{p:#?}");
+    assert_eq!(at("rules[2].timeout"), Some(10), "{p:#?}");
+    // A missing field is reported where its parent is.
+    let p = problems("kind: Route\nservice: a\nrules:\n  - backends: [ { weight: 1 } ]\n  - match: { method: GET }\n");
+    assert_eq!((p[0].field.as_str(), p[0].line), ("rules[1]", 5), "{p:#?}");
+    // Documents after the first keep their own lines.
+    let p = problems("kind: Resilience\nservice: a\n---\nkind: Resilience\nservice: b\nmax_concurrent_requests: 0\n");
+    assert_eq!(p[0].to_string(), "t.yaml:6: resilience/b: max_concurrent_requests: must be at least 1");
+}
+
+#[test]
+fn rule_matching() {
+    let docs = documents::parse(
+        "m.yaml",
+        &route("  - match: { path_prefix: /v1/run, method: POST, headers: { x-model: large } }\n    backends: [ { weight: 1 } ]\n"),
+    )
+    .unwrap();
+    let Policy::Route(r) = weft_policy::check(&docs[0].resource).unwrap() else { panic!() };
+    let m = &r.rules[1].matches;
+    let req = |method: &str, path: &str, model: Option<&str>| {
+        let mut b = http::Request::builder().method(method).uri(path);
+        if let Some(v) = model {
+            b = b.header("x-model", v);
+        }
+        b.body(()).unwrap()
+    };
+    assert!(m.matches(&req("POST", "/v1/run/x", Some("large"))));
+    assert!(!m.matches(&req("GET", "/v1/run", Some("large"))), "method");
+    assert!(!m.matches(&req("POST", "/v2/run", Some("large"))), "path");
+    assert!(!m.matches(&req("POST", "/v1/run", Some("small"))), "header value");
+    assert!(!m.matches(&req("POST", "/v1/run", None)), "header missing");
+    assert!(r.rules[0].matches.matches(&req("DELETE", "/anything", None)), "an empty match takes all");
+    assert_eq!(r.rules[0].timeout, None);
+    assert_eq!(r.rules[1].timeout, None);
+}
+
+#[test]
+fn durations_become_durations() {
+    let docs = documents::parse(
+        "d.yaml",
+        &route("    timeout: 1m30s\n    retry: { attempts: 3, per_try_timeout: 1.5s, on: [deadline-exceeded] }\n"),
+    )
+    .unwrap();
+    let Policy::Route(r) = weft_policy::check(&docs[0].resource).unwrap() else { panic!() };
+    let rule = &r.rules[0];
+    assert_eq!(rule.timeout, Some(Duration::from_secs(90)));
+    let retry = rule.retry.as_ref().unwrap();
+    assert_eq!((retry.attempts.get(), retry.per_try_timeout), (3, Some(Duration::from_millis(1500))));
+    assert!(retry.on.contains(RetryCondition::DeadlineExceeded) && !retry.on.contains(RetryCondition::ServerError));
+    let _ = doc::to_value(&docs[0].resource);
+}
