@@ -15,7 +15,12 @@ use tokio::sync::watch;
 
 use crate::state::Shared;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, metrics: PrometheusHandle, drain: watch::Sender<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    metrics: PrometheusHandle,
+    drain: watch::Sender<bool>,
+) {
     let drain = Arc::new(drain);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -88,7 +93,7 @@ fn endpoint_gauges(shared: &Shared) {
     use std::sync::Mutex;
     static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let table = shared.table.load();
-    let now = crate::resilience::now_ms();
+    let now = crate::clock::now_ms();
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     for name in seen.iter().filter(|n| !table.services.contains_key(*n)) {
         for state in ["ready", "not-ready", "ejected", "held"] {
@@ -115,7 +120,7 @@ fn endpoint_gauges(shared: &Shared) {
 
 /// The current table as JSON: per service, its routes (with the revision of
 /// each) and endpoints.
-pub fn config_json(shared: &Shared) -> serde_json::Value {
+pub(crate) fn config_json(shared: &Shared) -> serde_json::Value {
     let table = shared.table.load();
     let mut services = serde_json::Map::new();
     let mut names: Vec<&String> = table.services.keys().collect();

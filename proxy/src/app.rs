@@ -1,28 +1,27 @@
 //! Wiring of `weft-proxy`: listeners, discovery client, probe, admin, drain.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::body::BoxResponse;
-use crate::config::Table;
 use crate::inbound::Inbound;
-use crate::listener::Tracker;
 use crate::outbound::Outbound;
-use crate::state::{Identity, Shared};
-use crate::upstream::Upstream;
-use crate::{admin, discovery, probe};
+pub use crate::state::Identity;
+use crate::state::Shared;
+use crate::transport::body::BoxResponse;
+use crate::transport::listener::{self, Tracker};
+use crate::transport::pool::Upstream;
+use crate::{admin, control_client, probe};
 
 pub struct Options {
     pub controls: Vec<String>,
@@ -33,7 +32,7 @@ pub struct Options {
     pub tenant_header: http::HeaderName,
     pub token: Option<String>,
     /// Bounds of each listener's connections.
-    pub limits: crate::listener::Limits,
+    pub limits: listener::Limits,
     /// Longest wait for the app's response head (inbound).
     pub app_timeout: Duration,
     /// On drain, how long the listeners keep accepting after the sidecar
@@ -51,34 +50,16 @@ pub struct Listeners {
 /// then stops accepting, deregisters and lets in-flight requests finish.
 pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Output = ()>) {
     let (ready_tx, ready_rx) = watch::channel(false);
-    let (subscription_tx, subscription_rx) = mpsc::channel(crate::state::SUBSCRIPTION_QUEUE);
-    let (table_changed, _) = watch::channel(0);
-    let (reports, reports_rx) = mpsc::channel(crate::state::REPORT_QUEUE);
-    let shared = Arc::new(Shared {
-        identity: opts.identity.clone(),
-        tenant_header: opts.tenant_header.clone(),
-        token: opts.token.clone(),
-        table: ArcSwap::from_pointee(Table::default()),
-        table_changed,
-        subscriptions: Mutex::new(HashSet::from([opts.identity.service.clone()])),
-        subscription_tx,
-        app_ready: ready_rx,
-        config_received: AtomicBool::new(false),
-        control_connected: AtomicBool::new(false),
-        last_nack: Mutex::new(None),
-        reports,
-        reports_dropped: AtomicU64::new(0),
-        endpoint_hold_ms: AtomicU64::new(crate::config::DEFAULT_ENDPOINT_HOLD_MS),
-    });
+    let (shared, queues) = Shared::new(opts.identity.clone(), opts.tenant_header.clone(), opts.token.clone(), ready_rx);
     let (drain_tx, mut drain_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let probe = tokio::spawn(probe::run(opts.app, ready_tx));
-    let discovery = tokio::spawn(discovery::run(
+    let discovery = tokio::spawn(control_client::run(
         shared.clone(),
         opts.controls.clone(),
-        subscription_rx,
-        reports_rx,
+        queues.subscriptions,
+        queues.reports,
         stop_rx.clone(),
     ));
     let sweeper = {
@@ -105,7 +86,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let admin = tokio::spawn(admin::serve(listeners.admin, shared.clone(), opts.metrics.clone(), drain_tx));
 
     let outbound =
-        Arc::new(Outbound { shared: shared.clone(), upstream: Upstream::new(), replay_limit: opts.replay_limit });
+        Arc::new(Outbound { shared: shared.clone(), sender: Upstream::new(), replay_limit: opts.replay_limit });
     let inbound = Arc::new(Inbound {
         shared: shared.clone(),
         app: opts.app,
@@ -113,9 +94,8 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         app_timeout: opts.app_timeout,
     });
     let (accept_tx, accept_rx) = watch::channel(false);
-    let out_conns = Tracker::new("outbound", crate::listener::Limits { call_timeout: None, ..opts.limits });
-    let in_conns =
-        Tracker::new("inbound", crate::listener::Limits { call_timeout: Some(opts.app_timeout), ..opts.limits });
+    let out_conns = Tracker::new("outbound", listener::Limits { call_timeout: None, ..opts.limits });
+    let in_conns = Tracker::new("inbound", listener::Limits { call_timeout: Some(opts.app_timeout), ..opts.limits });
     let draining = Arc::new(AtomicBool::new(false));
     let out_task = tokio::spawn(serve(
         listeners.outbound,
@@ -167,14 +147,10 @@ async fn serve<F, Fut>(
     draining: Arc<AtomicBool>,
     handler: F,
 ) where
-    F: Fn(http::Request<hyper::body::Incoming>, &Arc<crate::listener::ConnState>) -> Fut
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>, &Arc<listener::ConnState>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = BoxResponse> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(crate::upstream::BoxedExec);
+    let mut builder = auto::Builder::new(crate::transport::connect::BoxedExec);
     builder.http2().max_concurrent_streams(1024);
     builder.http1().writev(false);
     let builder = Arc::new(builder);
@@ -203,9 +179,9 @@ async fn serve<F, Fut>(
             let close = req.version() < http::Version::HTTP_2 && draining.load(Ordering::Relaxed);
             Served { call: h(req, &conn_state), in_flight, close }
         });
-        let io = TokioIo::new(crate::listener::TrackedIo::new(stream, state.clone()));
+        let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
         let conn = builder.serve_connection(io, svc).into_owned();
-        tokio::spawn(crate::listener::watched(conn, state, tracker.clone()));
+        tokio::spawn(listener::watched(conn, state, tracker.clone()));
     }
 }
 
@@ -216,7 +192,7 @@ pin_project_lite::pin_project! {
     struct Served<F> {
         #[pin]
         call: F,
-        in_flight: Option<crate::listener::RequestGuard>,
+        in_flight: Option<listener::RequestGuard>,
         close: bool,
     }
 }

@@ -9,7 +9,8 @@ use prost::Message;
 use xds_proto::v1 as pb;
 
 use crate::config::{BuildContext, build_service};
-use crate::outbound::{Degraded, ensure_traceparent, merge_tracestate, service_of};
+use crate::http::headers::{TRACEPARENT, ensure_traceparent, merge_tracestate, service_of, tenant_of};
+use crate::http::response::Degraded;
 
 /// The request head as a caller's app or a peer sends it, in a line format
 /// a fuzzer can grow: `METHOD URI` on the first line, then `name: value`
@@ -45,14 +46,14 @@ pub fn request_head(data: &[u8]) {
         Err(e) => assert_eq!(e.status(), http::StatusCode::BAD_REQUEST, "{e}"),
     }
     let tenant_header = HeaderName::from_static(crate::TENANT_HEADER);
-    match crate::tenant_of(&req, &tenant_header) {
+    match tenant_of(&req, &tenant_header) {
         Ok(t) => assert!(weft_policy::names::is_tenant(t.as_bytes()), "tenant '{t}'"),
         Err(e) => assert_eq!(e.status(), http::StatusCode::BAD_REQUEST, "{e}"),
     }
 
-    let had = req.headers().get(&crate::outbound::TRACEPARENT).cloned();
+    let had = req.headers().get(&TRACEPARENT).cloned();
     ensure_traceparent(&mut req);
-    let now = req.headers().get(&crate::outbound::TRACEPARENT).expect("a traceparent is always there");
+    let now = req.headers().get(&TRACEPARENT).expect("a traceparent is always there");
     match had {
         Some(v) => assert_eq!(now, &v, "a caller's traceparent is kept"),
         None => {
@@ -100,7 +101,7 @@ pub fn service_config(data: &[u8]) {
 pub fn update(data: &[u8]) {
     let Ok(update) = pb::Update::decode(data) else { return };
     let ctx = BuildContext::at(1_000);
-    let (table, errors) = crate::discovery::apply_update(&crate::config::Table::default(), &update, ctx);
+    let (table, errors) = crate::control_client::apply_update(&crate::config::Table::default(), &update, ctx);
     assert_eq!(table.version, update.version);
     for e in &errors {
         assert!(!e.resource.is_empty() && !e.message.is_empty(), "{e:?}");
@@ -124,5 +125,15 @@ fn check_service(s: &crate::config::Service, ctx: BuildContext) {
                 assert!(b.endpoints.iter().all(|e| e.ready && s.all_ready.iter().any(|r| Arc::ptr_eq(r, e))));
             }
         }
+    }
+}
+
+/// Whether a sidecar takes `cfg` without a NACK (the problems otherwise).
+pub fn accepts(cfg: &pb::ServiceConfig) -> Result<(), String> {
+    let (_, problems) = build_service(cfg, None, BuildContext::at(1));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
     }
 }

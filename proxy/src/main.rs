@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
+use weft_proxy::app::Identity;
 use weft_proxy::app::{self, Listeners, Options, parse_labels};
-use weft_proxy::state::Identity;
 
 #[derive(Parser, Debug)]
 #[command(name = "weft-proxy", version, about = "weft sidecar proxy")]
@@ -39,7 +39,7 @@ struct Args {
     id: Option<String>,
     /// Largest request body (bytes) buffered for retries and fallback;
     /// larger bodies stream through and are not retried.
-    #[arg(long, env = "WEFT_RETRY_BODY_LIMIT", default_value_t = weft_proxy::outbound::DEFAULT_REPLAY_LIMIT)]
+    #[arg(long, env = "WEFT_RETRY_BODY_LIMIT", default_value_t = weft_proxy::DEFAULT_REPLAY_LIMIT)]
     retry_body_limit: u64,
     /// The request header that names the tenant (absent = `default`).
     #[arg(long, env = "WEFT_TENANT_HEADER", default_value = weft_proxy::TENANT_HEADER)]
@@ -108,7 +108,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("{flag} {addr}: not host:port"))?
             .next()
             .with_context(|| format!("{flag} {addr}: resolves to no address"))?;
-        weft_proxy::listener::bind(sock, args.reuse_port).with_context(|| format!("binding {flag} {addr}"))
+        weft_proxy::transport::listener::bind(sock, args.reuse_port).with_context(|| format!("binding {flag} {addr}"))
     };
     let inbound = bind("--inbound", &args.inbound)?;
     let outbound = bind("--outbound", &args.outbound)?;
@@ -147,7 +147,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             replay_limit: args.retry_body_limit,
             tenant_header,
             token: args.token,
-            limits: weft_proxy::listener::Limits {
+            limits: weft_proxy::transport::listener::Limits {
                 max_connections: args.max_connections,
                 header_timeout: args.header_timeout,
                 idle_timeout: args.idle_timeout,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub async fn run(app: SocketAddr, ready: watch::Sender<bool>) {
+pub(crate) async fn run(app: SocketAddr, ready: watch::Sender<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
@@ -19,65 +19,102 @@ pub struct Identity {
     pub advertise: SocketAddr,
 }
 
-pub struct Shared {
-    pub identity: Identity,
+pub(crate) struct Shared {
+    pub(crate) identity: Identity,
     /// The request header that names the tenant.
-    pub tenant_header: http::HeaderName,
+    pub(crate) tenant_header: http::HeaderName,
     /// Bearer token for the control plane.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// The live config; requests load it without locking.
-    pub table: ArcSwap<Table>,
+    pub(crate) table: ArcSwap<Table>,
     /// Bumped (to the table version) whenever a new table is stored.
-    pub table_changed: watch::Sender<u64>,
+    pub(crate) table_changed: watch::Sender<u64>,
     /// Services this sidecar has subscribed to (touched only on a table
     /// miss and by the subscription sweep).
-    pub subscriptions: Mutex<HashSet<String>>,
+    pub(crate) subscriptions: Mutex<HashSet<String>>,
     /// Subscription changes for the discovery client (bounded: a change that
     /// does not fit is refused, see [`Shared::subscribe`]).
-    pub subscription_tx: mpsc::Sender<SubscriptionChange>,
-    pub app_ready: watch::Receiver<bool>,
-    pub config_received: AtomicBool,
-    pub control_connected: AtomicBool,
-    pub last_nack: Mutex<Option<String>>,
+    pub(crate) subscription_tx: mpsc::Sender<SubscriptionChange>,
+    pub(crate) app_ready: watch::Receiver<bool>,
+    pub(crate) config_received: AtomicBool,
+    pub(crate) control_connected: AtomicBool,
+    pub(crate) last_nack: Mutex<Option<String>>,
     /// Degraded calls waiting to be reported to the control plane.
-    pub reports: mpsc::Sender<xds_proto::v1::DegradedCall>,
-    pub reports_dropped: AtomicU64,
+    pub(crate) reports: mpsc::Sender<xds_proto::v1::DegradedCall>,
+    pub(crate) reports_dropped: AtomicU64,
     /// How long vanished endpoints are held (`Update.endpoint_hold_ms`).
-    pub endpoint_hold_ms: AtomicU64,
+    pub(crate) endpoint_hold_ms: AtomicU64,
+}
+
+/// The receiving ends of [`Shared`]'s queues, for the discovery client.
+pub(crate) struct Queues {
+    pub(crate) subscriptions: mpsc::Receiver<SubscriptionChange>,
+    pub(crate) reports: mpsc::Receiver<xds_proto::v1::DegradedCall>,
+}
+
+impl Shared {
+    /// State for a sidecar of `identity`, with an empty table, subscribed
+    /// to its own service.
+    pub(crate) fn new(
+        identity: Identity,
+        tenant_header: http::HeaderName,
+        token: Option<String>,
+        app_ready: watch::Receiver<bool>,
+    ) -> (Arc<Shared>, Queues) {
+        let (subscription_tx, subscriptions) = mpsc::channel(SUBSCRIPTION_QUEUE);
+        let (reports, reports_rx) = mpsc::channel(REPORT_QUEUE);
+        let shared = Arc::new(Shared {
+            subscriptions: Mutex::new(HashSet::from([identity.service.clone()])),
+            identity,
+            tenant_header,
+            token,
+            table: ArcSwap::from_pointee(Table::default()),
+            table_changed: watch::channel(0).0,
+            subscription_tx,
+            app_ready,
+            config_received: AtomicBool::new(false),
+            control_connected: AtomicBool::new(false),
+            last_nack: Mutex::new(None),
+            reports,
+            reports_dropped: AtomicU64::new(0),
+            endpoint_hold_ms: AtomicU64::new(crate::config::DEFAULT_ENDPOINT_HOLD_MS),
+        });
+        (shared, Queues { subscriptions, reports: reports_rx })
+    }
 }
 
 /// How many degraded-call reports wait for the control plane at most.
-pub const REPORT_QUEUE: usize = 4096;
+pub(crate) const REPORT_QUEUE: usize = 4096;
 
 /// What the discovery client is asked to tell the control plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubscriptionChange {
+pub(crate) enum SubscriptionChange {
     Subscribe(String),
     /// Also removes the services from the table.
     Unsubscribe(Vec<String>),
 }
 
 /// Subscription changes queued for the discovery client at most.
-pub const SUBSCRIPTION_QUEUE: usize = 4096;
+pub(crate) const SUBSCRIPTION_QUEUE: usize = 4096;
 
 /// How often the subscription sweep runs; [`EPOCH`] counts its runs.
-pub const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 /// A known service the app has not called for this many sweeps is
 /// unsubscribed (10 minutes).
-pub const IDLE_KNOWN_SWEEPS: u64 = 60;
+pub(crate) const IDLE_KNOWN_SWEEPS: u64 = 60;
 /// An unknown service (the control plane knows nothing of it: a typo, a
 /// bogus `Host`) is unsubscribed after this many sweeps without calls.
-pub const IDLE_UNKNOWN_SWEEPS: u64 = 3;
+pub(crate) const IDLE_UNKNOWN_SWEEPS: u64 = 3;
 
 /// A coarse clock for subscription use: bumped by each sweep, stored by each
 /// call into its service's stats (one relaxed load, and a store only when it
 /// moved).
-pub static EPOCH: AtomicU64 = AtomicU64::new(1);
+pub(crate) static EPOCH: AtomicU64 = AtomicU64::new(1);
 
 impl Shared {
     /// Queues a report without waiting; when the queue is full the report is
     /// dropped and counted.
-    pub fn report_degraded(&self, call: xds_proto::v1::DegradedCall) {
+    pub(crate) fn report_degraded(&self, call: xds_proto::v1::DegradedCall) {
         if self.reports.try_send(call).is_err() {
             self.reports_dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("weft_degraded_reports_dropped_total").increment(1);
@@ -90,7 +127,7 @@ impl Shared {
     /// names cannot lock the app out of real services. Returns false when
     /// there is no room (every subscription is a known service) or the
     /// discovery client is that far behind.
-    pub fn subscribe(&self, service: &str) -> bool {
+    pub(crate) fn subscribe(&self, service: &str) -> bool {
         let mut subs = self.subscriptions.lock().expect("lock");
         if subs.contains(service) {
             return true;
@@ -122,7 +159,7 @@ impl Shared {
     /// unsubscribes services the app stopped calling, so that a caller's
     /// table (and the `service` labels of its metrics) only holds what it
     /// uses. The sidecar's own service stays.
-    pub fn sweep_subscriptions(&self) {
+    pub(crate) fn sweep_subscriptions(&self) {
         let epoch = EPOCH.fetch_add(1, Ordering::Relaxed) + 1;
         let table = self.table.load();
         let mut subs = self.subscriptions.lock().expect("lock");
@@ -150,6 +187,6 @@ impl Shared {
 }
 
 /// Resolves once the flag turns true (or its sender is gone).
-pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }

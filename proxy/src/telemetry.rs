@@ -67,7 +67,7 @@ thread_local! {
 /// handles whose `tenant` label may now be wrong.
 static TENANT_GENERATION: AtomicU64 = AtomicU64::new(0);
 
-pub fn record_request(
+pub(crate) fn record_request(
     direction: &'static str,
     service: &str,
     tenant: &str,
@@ -113,7 +113,7 @@ static TENANTS: Mutex<Option<TenantLabels>> = Mutex::new(None);
 
 /// Sets the tenants the configuration names (tenant routes and limits),
 /// which always get a `tenant` label of their own.
-pub fn set_configured_tenants<'a>(names: impl IntoIterator<Item = &'a str>) {
+pub(crate) fn set_configured_tenants<'a>(names: impl IntoIterator<Item = &'a str>) {
     let configured: HashSet<Box<str>> = names.into_iter().map(Box::from).collect();
     let mut t = TENANTS.lock().unwrap_or_else(|e| e.into_inner());
     let t = t.get_or_insert_with(TenantLabels::default);

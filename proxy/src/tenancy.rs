@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 
 /// Response header (or gRPC trailer) in which a service reports the
 /// inference tokens a call used.
-pub const USAGE_HEADER: &str = "x-weft-usage-tokens";
+pub(crate) const USAGE_HEADER: &str = "x-weft-usage-tokens";
 
 /// One tenant's limits on this service, as global figures.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    pub requests_per_second: f64,
-    pub burst: f64,
-    pub max_concurrent: usize,
-    pub tokens_per_minute: u64,
+pub(crate) struct Limits {
+    pub(crate) requests_per_second: f64,
+    pub(crate) burst: f64,
+    pub(crate) max_concurrent: usize,
+    pub(crate) tokens_per_minute: u64,
 }
 
 impl From<&weft_policy::model::TenantPolicy> for Limits {
@@ -35,14 +35,14 @@ impl From<&weft_policy::model::TenantPolicy> for Limits {
 
 /// Why a request was shed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shed {
+pub(crate) enum Shed {
     RateLimited,
     Concurrency,
     TokenQuota,
 }
 
 impl Shed {
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Shed::RateLimited => "rate-limited",
             Shed::Concurrency => "tenant-concurrency",
@@ -53,8 +53,8 @@ impl Shed {
 
 /// One tenant's counters at this instance, kept across config versions.
 #[derive(Debug)]
-pub struct State {
-    pub in_flight: AtomicUsize,
+pub(crate) struct State {
+    pub(crate) in_flight: AtomicUsize,
     bucket: Mutex<Bucket>,
     window: Mutex<Window>,
 }
@@ -89,7 +89,7 @@ impl State {
     /// Admits a request or says why not. `instances` is the number of ready
     /// instances the figures are shared across. On success the returned guard
     /// counts the request in flight until dropped.
-    pub fn admit(self: &Arc<Self>, limits: &Limits, instances: usize) -> Result<Option<TenantGuard>, Shed> {
+    pub(crate) fn admit(self: &Arc<Self>, limits: &Limits, instances: usize) -> Result<Option<TenantGuard>, Shed> {
         let n = instances.max(1) as f64;
         if limits.tokens_per_minute > 0 {
             let share = (limits.tokens_per_minute as f64 / n).ceil() as u64;
@@ -134,7 +134,7 @@ impl State {
     }
 
     /// Adds the tokens a call reported.
-    pub fn add_usage(&self, tokens: u64) {
+    pub(crate) fn add_usage(&self, tokens: u64) {
         let mut w = self.window.lock().expect("lock");
         if w.start.elapsed() >= WINDOW {
             w.start = Instant::now();
@@ -147,13 +147,7 @@ impl State {
 /// Counts a request in flight for a tenant until dropped (the response body
 /// holds it, so a streamed answer counts until it ends).
 #[derive(Debug)]
-pub struct TenantGuard(Arc<State>);
-
-impl TenantGuard {
-    pub fn state(&self) -> &Arc<State> {
-        &self.0
-    }
-}
+pub(crate) struct TenantGuard(Arc<State>);
 
 impl Drop for TenantGuard {
     fn drop(&mut self) {
@@ -162,7 +156,7 @@ impl Drop for TenantGuard {
 }
 
 /// Parses a usage header value.
-pub fn parse_usage(v: &http::HeaderValue) -> Option<u64> {
+pub(crate) fn parse_usage(v: &http::HeaderValue) -> Option<u64> {
     v.to_str().ok()?.trim().parse().ok()
 }
 

@@ -11,14 +11,14 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::outbound::Verdict;
+use super::pool::PooledBody;
+use crate::config::Verdict;
 use crate::tenancy::{self, TenantGuard};
-use crate::upstream::PooledBody;
 
-pub type ProxyBody = Either<Tapped, Full<Bytes>>;
-pub type BoxResponse = http::Response<ProxyBody>;
+pub(crate) type ProxyBody = Either<Tapped, Full<Bytes>>;
+pub(crate) type BoxResponse = http::Response<ProxyBody>;
 
-pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+pub(crate) fn full(b: impl Into<Bytes>) -> ProxyBody {
     Either::Right(Full::new(b.into()))
 }
 
@@ -26,33 +26,33 @@ pub fn full(b: impl Into<Bytes>) -> ProxyBody {
 /// the upstream call fails, whether it was the client's body that broke
 /// (a malformed chunked body, a client gone mid-upload): then the client is
 /// answered 400 and the endpoint is not blamed.
-pub fn stream(b: Incoming, watch: &ClientBodyWatch) -> ProxyBody {
+pub(crate) fn stream(b: Incoming, watch: &ClientBodyWatch) -> ProxyBody {
     Either::Left(Tapped { inner: PooledBody::plain(b), guard: None, usage: None, verdict: None, client: watch.clone() })
 }
 
 /// See [`stream`].
 #[derive(Clone, Debug)]
-pub struct ClientBodyWatch(Option<Arc<AtomicBool>>);
+pub(crate) struct ClientBodyWatch(Option<Arc<AtomicBool>>);
 
 impl ClientBodyWatch {
     /// A watch for `body`. A body that has already ended (no body, or
     /// `content-length: 0`) cannot break: nothing to allocate.
-    pub fn new(body: &Incoming) -> ClientBodyWatch {
+    pub(crate) fn new(body: &Incoming) -> ClientBodyWatch {
         ClientBodyWatch((!body.is_end_stream()).then(|| Arc::new(AtomicBool::new(false))))
     }
 
-    pub fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         self.0.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
     }
 }
 
 /// A streamed upstream response body passed through as is.
-pub fn reply(b: PooledBody) -> ProxyBody {
+pub(crate) fn reply(b: PooledBody) -> ProxyBody {
     reply_judged(b, None)
 }
 
 /// The same, giving the breaker `verdict` from the call's trailers.
-pub fn reply_judged(b: PooledBody, verdict: Option<Verdict>) -> ProxyBody {
+pub(crate) fn reply_judged(b: PooledBody, verdict: Option<Verdict>) -> ProxyBody {
     Either::Left(Tapped { inner: b, guard: None, usage: None, verdict, client: ClientBodyWatch(None) })
 }
 
@@ -60,7 +60,7 @@ pub fn reply_judged(b: PooledBody, verdict: Option<Verdict>) -> ProxyBody {
 /// flight until the body ends, adds the inference tokens reported in a
 /// `x-weft-usage-tokens` trailer to the tenant's quota, and gives the
 /// breaker its verdict on a gRPC call from the call's trailers.
-pub struct Tapped {
+pub(crate) struct Tapped {
     inner: PooledBody,
     guard: Option<TenantGuard>,
     usage: Option<Arc<tenancy::State>>,
@@ -70,7 +70,7 @@ pub struct Tapped {
 }
 
 impl Tapped {
-    pub fn new(inner: PooledBody, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
+    pub(crate) fn new(inner: PooledBody, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
         Tapped { inner, guard, usage, verdict: None, client: ClientBodyWatch(None) }
     }
 }
@@ -91,7 +91,7 @@ impl Body for Tapped {
                         state.add_usage(n);
                     }
                     if let Some(v) = this.verdict.take() {
-                        v.give(crate::errors::grpc_status(t) == Some(crate::errors::GRPC_UNAVAILABLE));
+                        v.give(crate::grpc::status(t) == Some(crate::grpc::UNAVAILABLE));
                     }
                 }
             }

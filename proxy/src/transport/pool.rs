@@ -8,7 +8,6 @@
 //! h2c has one multiplexed connection per address.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,23 +18,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use hashbrown::HashMap;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
+use http::{HeaderValue, Request, Response, Uri, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
-use crate::body::ProxyBody;
-use crate::errors::ProxyError;
+use super::Error;
+use super::body::ProxyBody;
+use super::connect::{connect_h1, connect_h2, upstream_error};
+use crate::http::headers::strip_hop_by_hop;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_IDLE_PER_ADDR: usize = 256;
-const H2_PING: Duration = Duration::from_secs(20);
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     pools: Arc<Pools>,
 }
 
@@ -47,7 +43,7 @@ impl Default for Upstream {
 
 impl Upstream {
     /// Must be called within a tokio runtime (it starts the idle sweeper).
-    pub fn new() -> Upstream {
+    pub(crate) fn new() -> Upstream {
         let pools = Arc::new(Pools::default());
         tokio::spawn(sweep(Arc::downgrade(&pools)));
         Upstream { pools }
@@ -56,12 +52,12 @@ impl Upstream {
     /// Sends `req` to `addr`, keeping the caller's HTTP version. The timeout,
     /// when set, covers the time to the response head; when it fires, the
     /// upstream request is dropped, which cancels it.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         addr: SocketAddr,
         mut req: Request<ProxyBody>,
         timeout: Option<Duration>,
-    ) -> Result<Response<PooledBody>, ProxyError> {
+    ) -> Result<Response<PooledBody>, Error> {
         let h2 = req.version() == Version::HTTP_2;
         strip_hop_by_hop(req.headers_mut());
         let fut = async {
@@ -99,7 +95,7 @@ impl Upstream {
                 biased;
                 r = &mut fut => r?,
                 _ = tokio::time::sleep(t) => {
-                    return Err(ProxyError::Timeout { addr: addr.to_string(), ms: t.as_millis() as u64 });
+                    return Err(Error::Timeout { addr: addr.to_string(), ms: t.as_millis() as u64 });
                 }
             },
             None => fut.await?,
@@ -109,8 +105,8 @@ impl Upstream {
     }
 }
 
-type Sender = http1::SendRequest<ProxyBody>;
-type H2Sender = http2::SendRequest<ProxyBody>;
+pub(crate) type Sender = http1::SendRequest<ProxyBody>;
+pub(crate) type H2Sender = http2::SendRequest<ProxyBody>;
 
 struct Idle {
     tx: Sender,
@@ -163,7 +159,7 @@ impl Pools {
         self: &Arc<Self>,
         addr: SocketAddr,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<PooledBody>, ProxyError> {
+    ) -> Result<Response<PooledBody>, Error> {
         // A pooled connection the app has just closed hands the request back
         // unsent; it then goes on a fresh connection.
         while let Some(mut tx) = self.take_h1(addr) {
@@ -193,10 +189,10 @@ impl Pools {
             return resp.map(PooledBody::plain);
         }
         let home = Home { pools: Arc::downgrade(self), addr, tx };
-        resp.map(|inner| PooledBody { inner, home: Some(home), ended: false })
+        resp.map(|inner| PooledBody { inner: Inner::Wire(inner), home: Some(home), ended: false })
     }
 
-    async fn send_h2(&self, addr: SocketAddr, mut req: Request<ProxyBody>) -> Result<Response<PooledBody>, ProxyError> {
+    async fn send_h2(&self, addr: SocketAddr, mut req: Request<ProxyBody>) -> Result<Response<PooledBody>, Error> {
         let shared = {
             let mut conns = self.h2.lock().unwrap_or_else(|e| e.into_inner());
             match conns.get_mut(&addr) {
@@ -230,75 +226,6 @@ impl Pools {
     }
 }
 
-async fn connect_h1(addr: SocketAddr) -> Result<Sender, ProxyError> {
-    let io = TokioIo::new(dial(addr).await?);
-    let (tx, conn) = http1::Builder::new().writev(false).handshake(io).await.map_err(|e| handshake_error(addr, &e))?;
-    drive(addr, conn);
-    Ok(tx)
-}
-
-async fn connect_h2(addr: SocketAddr) -> Result<H2Sender, ProxyError> {
-    let io = TokioIo::new(dial(addr).await?);
-    let (tx, conn) = http2::Builder::new(BoxedExec)
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_PING)
-        .handshake(io)
-        .await
-        .map_err(|e| handshake_error(addr, &e))?;
-    drive(addr, conn);
-    Ok(tx)
-}
-
-/// Spawns hyper's HTTP/2 tasks (one per stream on each side of a call)
-/// boxed. A task's future is moved several times on its way into the
-/// runtime and written over when it ends, and a call's future is kilobytes;
-/// boxed, each of those moves is a pointer. HTTP/1.1 spawns nothing.
-#[derive(Clone, Copy)]
-pub struct BoxedExec;
-
-impl<F> hyper::rt::Executor<F> for BoxedExec
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(Box::pin(fut));
-    }
-}
-
-/// Runs a connection until it closes.
-fn drive(addr: SocketAddr, conn: impl Future<Output = hyper::Result<()>> + Send + 'static) {
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%addr, error = %e, "upstream connection ended with an error");
-        }
-    });
-}
-
-/// A TCP connection to an upstream: no Nagle delay, TCP keep-alive on.
-async fn dial(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
-    let connect_err = |reason: String| ProxyError::Connect { addr: addr.to_string(), reason };
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(connect_err(e.to_string())),
-        Err(_) => return Err(connect_err(format!("no connection within {CONNECT_TIMEOUT:?}"))),
-    };
-    let _ = stream.set_nodelay(true);
-    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
-    Ok(stream)
-}
-
-fn handshake_error(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
-    ProxyError::Connect { addr: addr.to_string(), reason: error_chain(e) }
-}
-
-fn upstream_error(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
-    match h2_reset(e) {
-        Some(reason) => ProxyError::Reset { addr: addr.to_string(), reason: format!("{reason:?}") },
-        None => ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(e) },
-    }
-}
-
 /// Every tick, closes idle connections that outlived the idle timeout or
 /// that the app has closed; ends with the pools.
 async fn sweep(pools: Weak<Pools>) {
@@ -329,23 +256,45 @@ struct Home {
 /// A response body from an upstream. For HTTP/1.1 it carries its
 /// connection, which goes back to the pool when the body has been read to
 /// the end; a body dropped before its end closes the connection instead.
-pub struct PooledBody {
-    inner: Incoming,
+pub(crate) struct PooledBody {
+    inner: Inner,
     home: Option<Home>,
     ended: bool,
 }
 
+/// What a pooled body reads from: the wire, or (in unit tests of the layers
+/// above) a body made up by the test.
+enum Inner {
+    Wire(Incoming),
+    #[cfg(test)]
+    Made(http_body_util::Full<Bytes>),
+}
+
 impl PooledBody {
     /// A body with no pooled connection behind it (h2, or a request body).
-    pub fn plain(inner: Incoming) -> PooledBody {
-        PooledBody { inner, home: None, ended: false }
+    pub(crate) fn plain(inner: Incoming) -> PooledBody {
+        PooledBody { inner: Inner::Wire(inner), home: None, ended: false }
+    }
+
+    /// A body made up by a unit test.
+    #[cfg(test)]
+    pub(crate) fn full(b: impl Into<Bytes>) -> PooledBody {
+        PooledBody { inner: Inner::Made(http_body_util::Full::new(b.into())), home: None, ended: false }
+    }
+
+    fn inner_ended(&self) -> bool {
+        match &self.inner {
+            Inner::Wire(b) => b.is_end_stream(),
+            #[cfg(test)]
+            Inner::Made(b) => b.is_end_stream(),
+        }
     }
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
         if let Some(home) = self.home.take()
-            && (self.ended || self.inner.is_end_stream())
+            && (self.ended || self.inner_ended())
             && let Some(pools) = home.pools.upgrade()
         {
             pools.put_h1(home.addr, home.tx);
@@ -359,7 +308,11 @@ impl Body for PooledBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let r = match &mut this.inner {
+            Inner::Wire(b) => Pin::new(b).poll_frame(cx),
+            #[cfg(test)]
+            Inner::Made(b) => Pin::new(b).poll_frame(cx).map(|f| f.map(|f| f.map_err(|never| match never {}))),
+        };
         if let Poll::Ready(None) = r {
             this.ended = true;
         }
@@ -367,11 +320,15 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
+        self.ended || self.inner_ended()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Wire(b) => b.size_hint(),
+            #[cfg(test)]
+            Inner::Made(b) => b.size_hint(),
+        }
     }
 }
 
@@ -380,72 +337,15 @@ fn authority(addr: SocketAddr) -> Authority {
     Authority::try_from(addr.to_string()).expect("a socket address is an authority")
 }
 
-/// The HTTP/2 reset code, when the upstream reset the stream or connection.
-fn h2_reset(e: &(dyn std::error::Error + 'static)) -> Option<h2::Reason> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason();
-        }
-        cur = err.source();
-    }
-    None
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// Removes connection-level headers, which must not be forwarded.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is cheaper than a
-    // hashed lookup per hop-by-hop header.
-    if !h.keys().any(is_hop_by_hop) {
-        return;
-    }
-    if let Some(conn) = h.get(header::CONNECTION).cloned()
-        && let Ok(list) = conn.to_str()
-    {
-        for name in list.split(',') {
-            let name = name.trim();
-            if !name.is_empty() && !name.eq_ignore_ascii_case("close") && !name.eq_ignore_ascii_case("keep-alive") {
-                h.remove(name);
-            }
-        }
-    }
-    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, header::PROXY_AUTHENTICATE] {
-        h.remove(name);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
-    if h.get(header::TE).is_some_and(|v| v != "trailers") {
-        h.remove(header::TE);
-    }
-}
-
-fn is_hop_by_hop(name: &header::HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::TE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::transport::connect::BoxedExec;
     use tokio::net::TcpListener;
 
     use super::*;
@@ -520,7 +420,7 @@ mod tests {
     }
 
     async fn get(up: &Upstream, addr: SocketAddr) -> Response<PooledBody> {
-        let req = Request::builder().uri("/").header("host", "app").body(crate::body::full("")).unwrap();
+        let req = Request::builder().uri("/").header("host", "app").body(crate::transport::body::full("")).unwrap();
         up.send(addr, req, Some(Duration::from_secs(5))).await.expect("upstream answers")
     }
 
@@ -529,34 +429,6 @@ mod tests {
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_stripped() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("host", "app"),
-            ("connection", "x-private, close"),
-            ("x-private", "1"),
-            ("keep-alive", "timeout=5"),
-            ("proxy-connection", "keep-alive"),
-            ("upgrade", "websocket"),
-            ("te", "gzip"),
-            ("x-kept", "1"),
-        ] {
-            h.insert(header::HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        strip_hop_by_hop(&mut h);
-        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        left.sort();
-        assert_eq!(left, ["host", "x-kept"]);
-        // `te: trailers` is end to end (gRPC needs it); so is a message with
-        // no hop-by-hop header at all.
-        let mut h = HeaderMap::new();
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::HOST, HeaderValue::from_static("app"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 2);
     }
 
     #[tokio::test]
@@ -645,7 +517,7 @@ mod tests {
     }
 
     async fn h2_get_ok(up: &Upstream, addr: SocketAddr) {
-        let req = Request::builder().version(Version::HTTP_2).uri("/").body(crate::body::full("")).unwrap();
+        let req = Request::builder().version(Version::HTTP_2).uri("/").body(crate::transport::body::full("")).unwrap();
         let resp = up.send(addr, req, Some(Duration::from_secs(5))).await.expect("h2 answer");
         assert_eq!(resp.status(), 200);
         assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
@@ -676,7 +548,7 @@ mod tests {
         let (addr, _, _) = h2_app(false).await;
         let up = Upstream::new();
         let call = |uri: &'static str| {
-            Request::builder().version(Version::HTTP_2).uri(uri).body(crate::body::full("")).unwrap()
+            Request::builder().version(Version::HTTP_2).uri(uri).body(crate::transport::body::full("")).unwrap()
         };
         let resp = up.send(addr, call("http://inference:8080/x"), None).await.unwrap();
         assert_eq!(resp.headers()["x-authority"], "inference:8080");
@@ -703,8 +575,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let up = Upstream::new();
-        let req = Request::builder().uri("/").body(crate::body::full("")).unwrap();
+        let req = Request::builder().uri("/").body(crate::transport::body::full("")).unwrap();
         let err = up.send(addr, req, None).await.err().expect("nothing listens");
-        assert!(matches!(err, ProxyError::Connect { .. }), "{err:?}");
+        assert!(matches!(err, Error::Connect { .. }), "{err:?}");
     }
 }

@@ -15,13 +15,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use xds_proto::v1 as pb;
 use xds_proto::v1::discovery_client::DiscoveryClient;
 
+use crate::clock::now_ms;
 use crate::config::{BuildContext, Table, build_service};
-use crate::resilience::now_ms;
 use crate::state::{Shared, SubscriptionChange};
 
 /// Applies one update to the current table. Returns the new table and the
 /// problems (one per rejected resource).
-pub fn apply_update(current: &Table, update: &pb::Update, ctx: BuildContext) -> (Table, Vec<pb::ResourceError>) {
+pub(crate) fn apply_update(current: &Table, update: &pb::Update, ctx: BuildContext) -> (Table, Vec<pb::ResourceError>) {
     let mut services = current.services.clone();
     let mut errors = Vec::new();
     for cfg in &update.services {
@@ -36,7 +36,7 @@ pub fn apply_update(current: &Table, update: &pb::Update, ctx: BuildContext) -> 
 /// Drops held endpoints whose hold ran out by `ctx.now_ms`: the services
 /// holding them are rebuilt from the config they were built from. `None`
 /// when nothing ran out.
-pub fn expire_holds(current: &Table, ctx: BuildContext) -> Option<Table> {
+pub(crate) fn expire_holds(current: &Table, ctx: BuildContext) -> Option<Table> {
     let mut services = current.services.clone();
     let mut changed = false;
     for (name, svc) in &current.services {
@@ -55,7 +55,7 @@ fn next_expiry(table: &Table) -> Option<u64> {
 }
 
 /// Runs until `stop` turns true; then deregisters if connected.
-pub async fn run(
+pub(crate) async fn run(
     shared: Arc<Shared>,
     controls: Vec<String>,
     mut subscription_rx: mpsc::Receiver<SubscriptionChange>,

@@ -7,22 +7,20 @@
 //! `max_ejection_percent` of a service's ready endpoints are ejected,
 //! counting the one about to be.
 //!
-//! Every function takes the time (`now`, [`crate::resilience::now_ms`]
+//! Every function takes the time (`now`, [`crate::clock::now_ms`]
 //! clock), so the whole life of a breaker is unit-tested without waiting.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::config::Endpoint;
-use crate::resilience::Settings;
+use super::{Health, Settings};
 
 /// The longest ejection.
-pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+pub(crate) const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 /// One endpoint's breaker, kept across config versions (in its health).
 #[derive(Debug, Default)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     failures: AtomicU32,
     /// Ejected until then; during a probe, until the probe's window ends.
     ejected_until_ms: AtomicU64,
@@ -33,7 +31,7 @@ pub struct Breaker {
 
 /// How a picked endpoint may be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// The breaker is closed.
     Normal,
     /// This call is the one probe of a half-open endpoint; its outcome
@@ -45,7 +43,7 @@ pub enum Admission {
 
 /// What a failure did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Counted (or ignored: a late answer from before an ejection).
     Counted,
     /// The threshold is reached: eject, if the service's cap allows
@@ -57,7 +55,7 @@ pub enum Failure {
 
 impl Breaker {
     #[inline]
-    pub fn is_ejected(&self, now: u64) -> bool {
+    pub(crate) fn is_ejected(&self, now: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now
     }
 
@@ -67,7 +65,7 @@ impl Breaker {
     /// caller away until the probe answers (or its window runs out, if the
     /// probe is abandoned).
     #[inline]
-    pub fn admit(&self, now: u64, s: &Settings) -> Admission {
+    pub(crate) fn admit(&self, now: u64, s: &Settings) -> Admission {
         if !self.half_open.load(Ordering::Relaxed) {
             return Admission::Normal;
         }
@@ -82,7 +80,7 @@ impl Breaker {
         }
     }
 
-    pub fn record_success(&self, admission: Admission) {
+    pub(crate) fn record_success(&self, admission: Admission) {
         self.failures.store(0, Ordering::Relaxed);
         if admission == Admission::Probe {
             self.ejected_until_ms.store(0, Ordering::Relaxed);
@@ -94,7 +92,7 @@ impl Breaker {
     /// Counts a failed try. A probe's failure ejects again at once; other
     /// failures while half-open (calls that started before the ejection) do
     /// not count.
-    pub fn record_failure(&self, admission: Admission, s: &Settings, now: u64) -> Failure {
+    pub(crate) fn record_failure(&self, admission: Admission, s: &Settings, now: u64) -> Failure {
         if s.consecutive_failures == 0 {
             return Failure::Counted;
         }
@@ -110,7 +108,7 @@ impl Breaker {
     }
 
     /// Ejects for base × (ejections so far + 1), at most [`MAX_EJECTION`].
-    pub fn eject(&self, now: u64, s: &Settings) {
+    pub(crate) fn eject(&self, now: u64, s: &Settings) {
         let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let period = (s.base_ejection * n).min(MAX_EJECTION);
         self.ejected_until_ms.store(now + period.as_millis() as u64, Ordering::Relaxed);
@@ -119,36 +117,33 @@ impl Breaker {
     }
 
     /// How many times in a row it has been ejected.
-    pub fn ejections(&self) -> u32 {
+    pub(crate) fn ejections(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)
     }
 }
 
-/// Breaker bookkeeping for a failed try of `endpoint`, one of a service
-/// whose ready endpoints are `ready`. Returns true when the endpoint was
-/// ejected (first time or again). The cap check and the ejection happen
-/// under `lock` (the service's), so two failures at once cannot both pass
-/// the cap.
-pub fn on_failure(
-    endpoint: &Endpoint,
+/// Breaker bookkeeping for a failed try of the endpoint of `health`, one of
+/// a service whose ready endpoints' healths are `ready`. Returns true when
+/// the endpoint was ejected (first time or again). The cap check and the
+/// ejection happen under `lock` (the service's), so two failures at once
+/// cannot both pass the cap.
+pub(crate) fn on_failure<'a>(
+    health: &Health,
     admission: Admission,
-    ready: &[Arc<Endpoint>],
+    ready: impl Iterator<Item = &'a Health>,
     s: &Settings,
     lock: &std::sync::Mutex<()>,
     now: u64,
 ) -> bool {
-    match endpoint.health.breaker.record_failure(admission, s, now) {
+    match health.breaker.record_failure(admission, s, now) {
         Failure::Counted => false,
         Failure::Reejected => true,
         Failure::Threshold => {
             let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
-            if endpoint.health.breaker.is_ejected(now) {
+            if health.breaker.is_ejected(now) || !cap_allows(ready, s, now) {
                 return false;
             }
-            if !cap_allows(ready, s, now) {
-                return false;
-            }
-            endpoint.health.breaker.eject(now, s);
+            health.breaker.eject(now, s);
             true
         }
     }
@@ -156,18 +151,20 @@ pub fn on_failure(
 
 /// True when one more ejection keeps the ejected share of the ready
 /// endpoints within `max_ejection_percent`.
-pub fn cap_allows(ready: &[Arc<Endpoint>], s: &Settings, now: u64) -> bool {
-    let ejected = ready.iter().filter(|e| e.health.breaker.is_ejected(now)).count();
-    (ejected as u64 + 1) * 100 <= u64::from(s.max_ejection_percent) * ready.len() as u64
+pub(crate) fn cap_allows<'a>(ready: impl Iterator<Item = &'a Health>, s: &Settings, now: u64) -> bool {
+    let (mut n, mut ejected) = (0u64, 0u64);
+    for h in ready {
+        n += 1;
+        ejected += u64::from(h.breaker.is_ejected(now));
+    }
+    (ejected + 1) * 100 <= u64::from(s.max_ejection_percent) * n
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::resilience::Health;
 
     fn settings(failures: u32, pct: u32) -> Settings {
         Settings {
@@ -178,19 +175,8 @@ mod tests {
         }
     }
 
-    fn endpoints(n: u16, ready: bool) -> Vec<Arc<Endpoint>> {
-        (1..=n)
-            .map(|port| {
-                Arc::new(Endpoint {
-                    proxy_id: format!("p{port}"),
-                    addr: format!("127.0.0.1:{port}").parse().unwrap(),
-                    labels: BTreeMap::new(),
-                    ready,
-                    health: Arc::new(Health::born_at(0)),
-                    held_until_ms: 0,
-                })
-            })
-            .collect()
+    fn endpoints(n: u16) -> Vec<Arc<Health>> {
+        (1..=n).map(|_| Arc::new(Health::born_at(0))).collect()
     }
 
     #[test]
@@ -262,17 +248,17 @@ mod tests {
 
     /// Every endpoint in `bad` fails `rounds` times in a row; returns how
     /// many ended up ejected.
-    fn fail(eps: &[Arc<Endpoint>], ready: &[Arc<Endpoint>], bad: usize, s: &Settings) -> usize {
+    fn fail(eps: &[Arc<Health>], ready: &[Arc<Health>], bad: usize, s: &Settings) -> usize {
         let lock = Mutex::new(());
         for _ in 0..3 * s.consecutive_failures {
             for e in &eps[..bad] {
-                let adm = e.health.breaker.admit(1_000, s);
+                let adm = e.breaker.admit(1_000, s);
                 if adm != Admission::Refused {
-                    on_failure(e, adm, ready, s, &lock, 1_000);
+                    on_failure(e, adm, ready.iter().map(|h| &**h), s, &lock, 1_000);
                 }
             }
         }
-        eps.iter().filter(|e| e.health.breaker.is_ejected(1_000)).count()
+        eps.iter().filter(|e| e.breaker.is_ejected(1_000)).count()
     }
 
     #[test]
@@ -292,14 +278,14 @@ mod tests {
             (1, 1, 50, 0), // ejecting the only endpoint would be 100 %
         ];
         for (n, bad, pct, want) in cases {
-            let eps = endpoints(n, true);
+            let eps = endpoints(n);
             let got = fail(&eps, &eps, bad, &settings(2, pct));
             assert_eq!(got, want, "{bad} bad of {n}, cap {pct} %");
             // Only bad endpoints are ever ejected.
-            assert!(eps[bad..].iter().all(|e| !e.health.breaker.is_ejected(1_000)));
+            assert!(eps[bad..].iter().all(|e| !e.breaker.is_ejected(1_000)));
         }
         // Not-ready endpoints do not count: 3 ready of 4, cap 50 % -> 1.
-        let eps = endpoints(4, true);
+        let eps = endpoints(4);
         let ready: Vec<_> = eps[..3].to_vec();
         assert_eq!(fail(&eps, &ready, 3, &settings(2, 50)), 1);
     }

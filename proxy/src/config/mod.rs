@@ -14,13 +14,14 @@ use hashbrown::HashMap;
 use weft_policy::model;
 use xds_proto::v1 as pb;
 
-use crate::resilience::{Health, ServiceStats, Settings};
+use crate::health::breaker::{self, Admission};
+use crate::health::{Health, ServiceStats, Settings};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{resource}: {message}")]
-pub struct InvalidPolicy {
-    pub resource: String,
-    pub message: String,
+pub(crate) struct InvalidPolicy {
+    pub(crate) resource: String,
+    pub(crate) message: String,
 }
 
 impl From<weft_policy::InvalidPolicy> for InvalidPolicy {
@@ -32,118 +33,151 @@ impl From<weft_policy::InvalidPolicy> for InvalidPolicy {
 
 /// Everything the sidecar knows, at one version.
 #[derive(Debug, Default)]
-pub struct Table {
+pub(crate) struct Table {
     /// The version (etcd revision) of the last update applied.
-    pub version: u64,
-    pub services: HashMap<String, Arc<Service>>,
+    pub(crate) version: u64,
+    pub(crate) services: HashMap<String, Arc<Service>>,
 }
 
 #[derive(Debug)]
-pub struct Service {
-    pub name: String,
+pub(crate) struct Service {
+    pub(crate) name: String,
     /// False when the control plane knows nothing of this service.
-    pub known: bool,
+    pub(crate) known: bool,
     /// The route for every tenant without a route of its own.
-    pub default_route: Option<Arc<Route>>,
-    pub tenant_routes: HashMap<String, Arc<Route>>,
-    pub endpoints: Vec<Arc<Endpoint>>,
+    pub(crate) default_route: Option<Arc<Route>>,
+    pub(crate) tenant_routes: HashMap<String, Arc<Route>>,
+    pub(crate) endpoints: Vec<Arc<Endpoint>>,
     /// All ready endpoints, for requests no route rule covers.
-    pub all_ready: Arc<Vec<Arc<Endpoint>>>,
+    pub(crate) all_ready: Arc<Vec<Arc<Endpoint>>>,
     /// Some endpoint is held (see [`Endpoint::held_until_ms`]): calls keep
     /// their request head for a second try.
-    pub holds: bool,
-    pub settings: Settings,
+    pub(crate) holds: bool,
+    pub(crate) settings: Settings,
     /// Per-tenant limits (global figures) and this instance's counters,
     /// enforced by the inbound sidecar of this service.
-    pub tenants: HashMap<String, (crate::tenancy::Limits, Arc<crate::tenancy::State>)>,
+    pub(crate) tenants: HashMap<String, (crate::tenancy::Limits, Arc<crate::tenancy::State>)>,
     /// Counters shared across config versions of this service.
-    pub stats: Arc<ServiceStats>,
+    pub(crate) stats: Arc<ServiceStats>,
     /// The wire form this was built from, for `/config` and to rebuild.
-    pub source: pb::ServiceConfig,
+    pub(crate) source: pb::ServiceConfig,
 }
 
 #[derive(Debug)]
-pub struct Route {
-    pub tenant: Option<String>,
-    pub revision: u64,
-    pub rules: Vec<Rule>,
+pub(crate) struct Route {
+    pub(crate) rules: Vec<Rule>,
 }
 
 /// A route rule as the sidecar uses it: the policy's rule, with each
 /// backend's endpoints resolved.
 #[derive(Debug)]
-pub struct Rule {
-    pub matches: model::Match,
-    pub backends: Vec<Backend>,
-    pub timeout: Option<Duration>,
-    pub retry: Option<model::Retry>,
-    pub fallback: Option<model::Fallback>,
-    pub fault: Option<model::Fault>,
+pub(crate) struct Rule {
+    pub(crate) matches: model::Match,
+    pub(crate) backends: Vec<Backend>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retry: Option<model::Retry>,
+    pub(crate) fallback: Option<model::Fallback>,
+    pub(crate) fault: Option<model::Fault>,
 }
 
 #[derive(Debug)]
-pub struct Backend {
-    pub subset: BTreeMap<String, String>,
-    pub weight: u32,
+pub(crate) struct Backend {
+    pub(crate) weight: u32,
     /// Ready endpoints whose labels match the subset, resolved at build time.
-    pub endpoints: Vec<Arc<Endpoint>>,
+    pub(crate) endpoints: Vec<Arc<Endpoint>>,
 }
 
 #[derive(Debug)]
-pub struct Endpoint {
-    pub proxy_id: String,
-    pub addr: SocketAddr,
-    pub labels: BTreeMap<String, String>,
-    pub ready: bool,
+pub(crate) struct Endpoint {
+    pub(crate) proxy_id: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) ready: bool,
     /// Shared across config versions for the same address.
-    pub health: Arc<Health>,
+    pub(crate) health: Arc<Health>,
     /// Non-zero for an endpoint the control plane stopped listing without
     /// saying it departed: it is kept (and used) until this time
-    /// ([`crate::resilience::now_ms`] clock) unless it comes back first.
-    pub held_until_ms: u64,
+    /// ([`crate::clock::now_ms`] clock) unless it comes back first.
+    pub(crate) held_until_ms: u64,
 }
 
 impl Endpoint {
-    pub fn is_held(&self) -> bool {
+    pub(crate) fn is_held(&self) -> bool {
         self.held_until_ms != 0
+    }
+}
+
+/// The breaker's verdict on a gRPC call whose status comes in trailers,
+/// given by the response body when they pass. Not given when the caller
+/// goes away first or the body ends without trailers.
+pub(crate) struct Verdict {
+    pub(crate) svc: Arc<Service>,
+    pub(crate) endpoint: Arc<Endpoint>,
+    pub(crate) admission: Admission,
+}
+
+impl Verdict {
+    /// `failed`: UNAVAILABLE, or the stream broke.
+    pub(crate) fn give(self, failed: bool) {
+        if failed {
+            self.svc.endpoint_failed(&self.endpoint, self.admission, crate::clock::now_ms());
+        } else {
+            self.endpoint.health.breaker.record_success(self.admission);
+        }
     }
 }
 
 /// What building a service needs beyond its config: the clock and how long
 /// to hold endpoints that vanish without departing.
 #[derive(Debug, Clone, Copy)]
-pub struct BuildContext {
-    /// Now ([`crate::resilience::now_ms`] clock).
-    pub now_ms: u64,
+pub(crate) struct BuildContext {
+    /// Now ([`crate::clock::now_ms`] clock).
+    pub(crate) now_ms: u64,
     /// How long a vanished endpoint is held.
-    pub hold_ms: u64,
+    pub(crate) hold_ms: u64,
     /// Held endpoints are kept at least until this time: the start of the
     /// current discovery stream plus the hold, since a control plane that was
     /// just reached (restarted, or another replica) may not have every
     /// instance registered yet.
-    pub hold_floor_ms: u64,
+    pub(crate) hold_floor_ms: u64,
 }
 
 /// The hold used until the control plane says otherwise.
-pub const DEFAULT_ENDPOINT_HOLD_MS: u64 = 30_000;
+pub(crate) const DEFAULT_ENDPOINT_HOLD_MS: u64 = 30_000;
 
 impl BuildContext {
     /// A context for tests and for a first build: nothing to hold yet.
-    pub fn at(now_ms: u64) -> BuildContext {
+    pub(crate) fn at(now_ms: u64) -> BuildContext {
         BuildContext { now_ms, hold_ms: DEFAULT_ENDPOINT_HOLD_MS, hold_floor_ms: 0 }
     }
 }
 
 impl Rule {
     #[inline]
-    pub fn matches<B>(&self, req: &http::Request<B>) -> bool {
+    pub(crate) fn matches<B>(&self, req: &http::Request<B>) -> bool {
         self.matches.matches(req)
     }
 }
 
+/// What a failed try counts as, latency-wise (peak-EWMA takes it at once
+/// and lets it fade over seconds), so an endpoint that fails fast does not
+/// look cheap.
+pub(crate) const FAILURE_PENALTY: Duration = Duration::from_millis(50);
+
 impl Service {
+    /// Breaker bookkeeping for a failed try of `endpoint`: it may be
+    /// ejected, within the service's cap.
+    pub(crate) fn endpoint_failed(&self, endpoint: &Endpoint, admission: Admission, now: u64) {
+        endpoint.health.observe_rtt(FAILURE_PENALTY);
+        let ready = self.all_ready.iter().map(|e| &*e.health);
+        if breaker::on_failure(&endpoint.health, admission, ready, &self.settings, &self.stats.ejection_lock, now) {
+            metrics::counter!("weft_breaker_ejections_total", "service" => self.name.clone()).increment(1);
+            tracing::info!(service = self.name, endpoint = %endpoint.addr, ejections = endpoint.health.breaker.ejections(), "endpoint ejected");
+        }
+    }
+
     /// The route that applies to `tenant`.
-    pub fn route_for(&self, tenant: &str) -> Option<&Arc<Route>> {
+    pub(crate) fn route_for(&self, tenant: &str) -> Option<&Arc<Route>> {
         self.tenant_routes.get(tenant).or(self.default_route.as_ref())
     }
 }
@@ -175,7 +209,7 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
                         .filter(|e| b.subset.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
                         .cloned()
                         .collect();
-                    Backend { subset: b.subset, weight: b.weight, endpoints }
+                    Backend { weight: b.weight, endpoints }
                 })
                 .collect(),
             matches: rule.matches,
@@ -185,14 +219,14 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
             fault: rule.fault,
         })
         .collect();
-    Ok(Route { tenant: route.tenant, revision: r.revision, rules })
+    Ok(Route { rules })
 }
 
 /// Builds a service from its wire config. `previous` supplies last good
 /// routes (kept when the new one is invalid), endpoint stats (kept across
 /// versions) and the endpoints to hold (see [`held_endpoints`]). Returns the
 /// service and the problems found.
-pub fn build_service(
+pub(crate) fn build_service(
     cfg: &pb::ServiceConfig,
     previous: Option<&Service>,
     ctx: BuildContext,
@@ -342,7 +376,7 @@ fn held_endpoints(
 
 impl Service {
     /// The earliest time a held endpoint's hold runs out, if any.
-    pub fn next_hold_expiry(&self) -> Option<u64> {
+    pub(crate) fn next_hold_expiry(&self) -> Option<u64> {
         self.endpoints.iter().filter(|e| e.is_held()).map(|e| e.held_until_ms).min()
     }
 }
@@ -396,10 +430,10 @@ mod tests {
         let (s, problems) = build_service(&bad_cfg, Some(&good), BuildContext::at(1));
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].resource, "route/inference");
-        assert_eq!(s.default_route.as_ref().unwrap().revision, 7);
+        assert_eq!(s.source.routes[0].revision, 7);
         // A later rebuild (e.g. an endpoint change) still has the good route.
         let (again, _) = build_service(&s.source, Some(&s), BuildContext::at(1));
-        assert_eq!(again.default_route.as_ref().unwrap().revision, 7);
+        assert_eq!(again.source.routes[0].revision, 7);
     }
 
     #[test]

@@ -9,13 +9,13 @@ use std::sync::atomic::Ordering;
 use rand::Rng;
 
 use crate::config::Endpoint;
-use crate::resilience::Health;
+use crate::health::Health;
 
 /// The outcome of a pick.
-pub struct Picked {
-    pub endpoint: Option<Arc<Endpoint>>,
+pub(crate) struct Picked {
+    pub(crate) endpoint: Option<Arc<Endpoint>>,
     /// True when an ejected endpoint was passed over.
-    pub skipped_ejected: bool,
+    pub(crate) skipped_ejected: bool,
 }
 
 /// A local endpoint is kept unless it has more than this many times the
@@ -32,7 +32,7 @@ fn overloaded(local: &Endpoint, remote: &Endpoint) -> bool {
 
 /// Picks among the eligible endpoints. `region` is the caller's region:
 /// endpoints there are preferred while they are healthy and not overloaded.
-pub fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64, region: Option<&str>) -> Picked {
+pub(crate) fn p2c(endpoints: &[Arc<Endpoint>], tried: &[SocketAddr], now_ms: u64, region: Option<&str>) -> Picked {
     // The common case, a first try with no region preference, draws two
     // endpoints straight from the list: constant work per call whatever the
     // number of instances. The list is filtered only when a draw lands on an
@@ -107,20 +107,20 @@ fn cheaper<'a>(a: &'a Arc<Endpoint>, b: &'a Arc<Endpoint>, now_ms: u64) -> &'a A
 }
 
 /// True when at least one endpoint is not ejected.
-pub fn any_eligible(endpoints: &[Arc<Endpoint>], now_ms: u64) -> bool {
+pub(crate) fn any_eligible(endpoints: &[Arc<Endpoint>], now_ms: u64) -> bool {
     endpoints.iter().any(|e| !e.health.is_ejected(now_ms))
 }
 
 /// Counts a request as in flight until dropped.
-pub struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+pub(crate) struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl<'a> InFlight<'a> {
-    pub fn new(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+    pub(crate) fn new(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         InFlight(counter)
     }
 
-    pub fn endpoint(health: &'a Health) -> Self {
+    pub(crate) fn endpoint(health: &'a Health) -> Self {
         Self::new(&health.in_flight)
     }
 }
@@ -152,7 +152,7 @@ mod tests {
     fn prefers_the_callers_region() {
         let eps = vec![ep(1, "east"), ep(2, "west"), ep(3, "west")];
         for _ in 0..50 {
-            let p = p2c(&eps, &[], crate::resilience::now_ms(), Some("east"));
+            let p = p2c(&eps, &[], crate::clock::now_ms(), Some("east"));
             assert_eq!(p.endpoint.unwrap().addr.port(), 1);
         }
     }
@@ -161,7 +161,7 @@ mod tests {
     fn spills_over_when_the_local_endpoint_is_overloaded() {
         let eps = vec![ep(1, "east"), ep(2, "west")];
         eps[0].health.observe_rtt(Duration::from_millis(1));
-        let now = crate::resilience::now_ms();
+        let now = crate::clock::now_ms();
         let _busy: Vec<_> = (0..2).map(|_| InFlight::endpoint(&eps[0].health)).collect();
         assert_eq!(p2c(&eps, &[], now, Some("east")).endpoint.unwrap().addr.port(), 1, "2 in flight is not overloaded");
         let _more = InFlight::endpoint(&eps[0].health);
@@ -170,19 +170,19 @@ mod tests {
 
     #[test]
     fn never_picks_an_ejected_endpoint_and_marks_the_calls_it_diverted() {
-        let s = crate::resilience::Settings { consecutive_failures: 1, ..Default::default() };
+        let s = crate::health::Settings { consecutive_failures: 1, ..Default::default() };
         // One endpoint, then 8 of which 6 are ejected.
         let one = vec![ep(1, "x")];
-        assert_eq!(p2c(&one, &[], crate::resilience::now_ms(), None).endpoint.unwrap().addr.port(), 1);
-        one[0].health.breaker.eject(crate::resilience::now_ms(), &s);
-        let p = p2c(&one, &[], crate::resilience::now_ms(), None);
+        assert_eq!(p2c(&one, &[], crate::clock::now_ms(), None).endpoint.unwrap().addr.port(), 1);
+        one[0].health.breaker.eject(crate::clock::now_ms(), &s);
+        let p = p2c(&one, &[], crate::clock::now_ms(), None);
         assert!(p.endpoint.is_none() && p.skipped_ejected);
 
         let eps: Vec<_> = (1..=8).map(|port| ep(port, "x")).collect();
         for e in &eps[2..] {
-            e.health.breaker.eject(crate::resilience::now_ms(), &s);
+            e.health.breaker.eject(crate::clock::now_ms(), &s);
         }
-        let now = crate::resilience::now_ms();
+        let now = crate::clock::now_ms();
         let mut diverted = 0;
         for _ in 0..4000 {
             let p = p2c(&eps, &[], now, None);
@@ -204,7 +204,7 @@ mod tests {
         eps[0].health.observe_rtt(Duration::from_millis(50));
         eps[1].health.observe_rtt(Duration::from_millis(1));
         for _ in 0..20 {
-            assert_eq!(p2c(&eps, &[], crate::resilience::now_ms(), None).endpoint.unwrap().addr.port(), 2);
+            assert_eq!(p2c(&eps, &[], crate::clock::now_ms(), None).endpoint.unwrap().addr.port(), 2);
         }
     }
 }

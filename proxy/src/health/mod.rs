@@ -1,33 +1,28 @@
-//! What protects callers from a failing service: per-endpoint health
-//! (latency, load, and its [`crate::breaker::Breaker`]), the service's
-//! concurrency cap, and the retry budget that keeps retries from multiplying
-//! an outage.
+//! What the sidecar knows of the health of the services it calls: per
+//! endpoint, latency and load (for P2C) and its [`breaker::Breaker`]; per
+//! service, the resilience settings, the calls in flight (for the
+//! concurrency cap) and the [`budget::Budget`] that keeps retries from
+//! multiplying an outage. Kept across config versions; nothing here knows of
+//! routes or requests.
+
+pub(crate) mod breaker;
+pub(crate) mod budget;
 
 use std::sync::Mutex;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Milliseconds since the process started: the clock of ejection deadlines.
-pub fn now_ms() -> u64 {
-    ms_at(Instant::now())
-}
-
-/// [`now_ms`] of an instant already read.
-pub fn ms_at(t: Instant) -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    t.saturating_duration_since(*START.get_or_init(Instant::now)).as_millis() as u64 + 1
-}
+use crate::clock::now_ms;
 
 /// A service's resilience settings; zero values switch a feature off.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub consecutive_failures: u32,
-    pub base_ejection: Duration,
-    pub max_ejection_percent: u32,
-    pub max_concurrent: usize,
-    pub budget_ratio: f64,
-    pub budget_min_per_second: f64,
+pub(crate) struct Settings {
+    pub(crate) consecutive_failures: u32,
+    pub(crate) base_ejection: Duration,
+    pub(crate) max_ejection_percent: u32,
+    pub(crate) max_concurrent: usize,
+    pub(crate) budget_ratio: f64,
+    pub(crate) budget_min_per_second: f64,
 }
 
 impl Default for Settings {
@@ -63,9 +58,9 @@ impl From<&weft_policy::model::Resilience> for Settings {
 
 /// Per-endpoint health and load, kept across config versions.
 #[derive(Debug)]
-pub struct Health {
-    pub in_flight: AtomicUsize,
-    pub breaker: crate::breaker::Breaker,
+pub(crate) struct Health {
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) breaker: breaker::Breaker,
     /// Peak-EWMA of the time to response head, in microseconds (f64 bits).
     rtt_us: AtomicU64,
     /// When `rtt_us` was last updated (`now_ms`).
@@ -82,7 +77,7 @@ impl Default for Health {
 
 impl Health {
     /// A new endpoint first seen at `born_ms` (`now_ms` clock).
-    pub fn born_at(born_ms: u64) -> Self {
+    pub(crate) fn born_at(born_ms: u64) -> Self {
         Health {
             in_flight: AtomicUsize::new(0),
             breaker: Default::default(),
@@ -98,18 +93,18 @@ const DEFAULT_RTT_US: f64 = 1_000.0;
 /// Decay time of the latency estimate.
 const RTT_DECAY_MS: f64 = 10_000.0;
 /// New endpoints take traffic gradually over this long.
-pub const WARMUP_MS: u64 = 10_000;
+pub(crate) const WARMUP_MS: u64 = 10_000;
 
 impl Health {
     /// Records the time to response head of one request (peak-EWMA: a
     /// slower answer is taken at once, a faster one blends in over time).
-    pub fn observe_rtt(&self, rtt: Duration) {
+    pub(crate) fn observe_rtt(&self, rtt: Duration) {
         self.observe_rtt_at(rtt, now_ms());
     }
 
     /// [`Health::observe_rtt`] with the clock already read (`now` from
     /// [`ms_at`]).
-    pub fn observe_rtt_at(&self, rtt: Duration, now: u64) {
+    pub(crate) fn observe_rtt_at(&self, rtt: Duration, now: u64) {
         let sample = rtt.as_secs_f64() * 1e6;
         let old = self.decayed_rtt(now);
         let elapsed = now.saturating_sub(self.rtt_at_ms.swap(now, Ordering::Relaxed)) as f64;
@@ -132,7 +127,7 @@ impl Health {
 
     /// Expected cost of one more request: latency × (in flight + 1),
     /// up to 4× higher while the endpoint warms up.
-    pub fn cost(&self, now: u64) -> f64 {
+    pub(crate) fn cost(&self, now: u64) -> f64 {
         let load = (self.in_flight.load(Ordering::Relaxed) + 1) as f64;
         let age = now.saturating_sub(self.born_ms) as f64;
         let warm = (age / WARMUP_MS as f64).clamp(0.25, 1.0);
@@ -140,18 +135,18 @@ impl Health {
     }
 
     #[inline]
-    pub fn is_ejected(&self, now: u64) -> bool {
+    pub(crate) fn is_ejected(&self, now: u64) -> bool {
         self.breaker.is_ejected(now)
     }
 }
 
 /// Per-service counters, kept across config versions.
 #[derive(Debug)]
-pub struct ServiceStats {
-    pub in_flight: AtomicUsize,
-    budget: Mutex<Budget>,
+pub(crate) struct ServiceStats {
+    pub(crate) in_flight: AtomicUsize,
+    budget: Mutex<budget::Budget>,
     /// Held while deciding an ejection against the service's cap.
-    pub ejection_lock: Mutex<()>,
+    pub(crate) ejection_lock: Mutex<()>,
     /// The subscription sweep's epoch of the last call ([`crate::state::EPOCH`]).
     last_used: AtomicU64,
 }
@@ -160,71 +155,35 @@ impl Default for ServiceStats {
     fn default() -> Self {
         ServiceStats {
             in_flight: AtomicUsize::new(0),
-            budget: Mutex::new(Budget { tokens: 0.0, refilled: Instant::now(), primed: false }),
+            budget: Mutex::new(budget::Budget::default()),
             ejection_lock: Mutex::new(()),
             last_used: AtomicU64::new(crate::state::EPOCH.load(Ordering::Relaxed)),
         }
     }
 }
 
-#[derive(Debug)]
-struct Budget {
-    tokens: f64,
-    refilled: Instant,
-    /// The floor is available from the start: a service that fails on its
-    /// first call can still be retried.
-    primed: bool,
-}
-
 impl ServiceStats {
     /// Notes a call (for the subscription sweep).
     #[inline]
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let epoch = crate::state::EPOCH.load(Ordering::Relaxed);
         if self.last_used.load(Ordering::Relaxed) != epoch {
             self.last_used.store(epoch, Ordering::Relaxed);
         }
     }
 
-    pub fn last_used(&self) -> u64 {
+    pub(crate) fn last_used(&self) -> u64 {
         self.last_used.load(Ordering::Relaxed)
     }
 
-    /// Every request deposits `ratio` of a retry; the floor adds
-    /// `min_per_second` per second. Capped at ten seconds' worth.
-    pub fn deposit(&self, s: &Settings) {
-        let mut b = self.budget.lock().expect("lock");
-        Self::refill(&mut b, s);
-        b.tokens = (b.tokens + s.budget_ratio).min(Self::cap(s));
+    /// A call deposits its share of a retry (see [`budget::Budget`]).
+    pub(crate) fn deposit(&self, s: &Settings) {
+        self.budget.lock().unwrap_or_else(|e| e.into_inner()).deposit(s, tokio::time::Instant::now());
     }
 
     /// Takes one retry from the budget, if there is one.
-    pub fn withdraw(&self, s: &Settings) -> bool {
-        let mut b = self.budget.lock().expect("lock");
-        Self::refill(&mut b, s);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// At most ten seconds of the floor, and never less than ten retries'
-    /// worth, so a long healthy spell cannot bank a burst of retries.
-    fn cap(s: &Settings) -> f64 {
-        (s.budget_min_per_second * 10.0).max(10.0)
-    }
-
-    fn refill(b: &mut Budget, s: &Settings) {
-        if !b.primed {
-            b.primed = true;
-            b.tokens = s.budget_min_per_second.min(Self::cap(s));
-        }
-        let now = Instant::now();
-        let secs = now.duration_since(b.refilled).as_secs_f64();
-        b.refilled = now;
-        b.tokens = (b.tokens + secs * s.budget_min_per_second).min(Self::cap(s));
+    pub(crate) fn withdraw(&self, s: &Settings) -> bool {
+        self.budget.lock().unwrap_or_else(|e| e.into_inner()).withdraw(s, tokio::time::Instant::now())
     }
 }
 
@@ -252,20 +211,5 @@ mod tests {
         let (o, y, n) = (old.cost(now), young.cost(now), newborn.cost(now));
         assert!((n / o - 4.0).abs() < 0.01, "a new endpoint costs 4x: {n} vs {o}");
         assert!(y > o && y < n, "{o} < {y} < {n}");
-    }
-
-    #[test]
-    fn budget_caps_retries() {
-        let stats = ServiceStats::default();
-        let s = Settings { budget_ratio: 0.1, budget_min_per_second: 0.0, ..Settings::default() };
-        for _ in 0..100 {
-            stats.deposit(&s);
-        }
-        let mut retries = 0;
-        while stats.withdraw(&s) {
-            retries += 1;
-        }
-        assert!(retries <= 10, "{retries}");
-        assert!(retries >= 9, "{retries}");
     }
 }

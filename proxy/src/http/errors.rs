@@ -4,11 +4,13 @@
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
-use crate::body::{BoxResponse, full};
+use crate::transport;
+use crate::transport::body::{BoxResponse, full};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("unknown service '{0}': no route and no endpoint is registered for it")]
     UnknownService(String),
     #[error("service '{0}' has no ready endpoints")]
@@ -43,13 +45,11 @@ pub enum ProxyError {
     Shed { reason: crate::tenancy::Shed, tenant: String, service: String },
     #[error("fault injected by route policy")]
     FaultAbort { status: StatusCode, grpc_status: Option<u16> },
-    #[error("sidecar is draining")]
-    Draining,
 }
 
 impl ProxyError {
     /// The `x-weft-error` reason.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             ProxyError::UnknownService(_) => "unknown-service",
             ProxyError::NoEndpoints(_) => "no-endpoints",
@@ -64,7 +64,6 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream-failure",
             ProxyError::Reset { .. } => "reset",
             ProxyError::TooManyServices(_) => "too-many-services",
-            ProxyError::Draining => "draining",
             ProxyError::Overloaded(_) => "overloaded",
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::Shed { reason, .. } => reason.reason(),
@@ -72,7 +71,7 @@ impl ProxyError {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -91,7 +90,7 @@ impl ProxyError {
     }
 
     /// The gRPC status code for gRPC callers.
-    pub fn grpc_status(&self) -> u16 {
+    pub(crate) fn grpc_status(&self) -> u16 {
         match self {
             ProxyError::FaultAbort { grpc_status: Some(g), .. } => *g,
             ProxyError::Shed { .. } => 8, // RESOURCE_EXHAUSTED
@@ -107,7 +106,7 @@ impl ProxyError {
         }
     }
 
-    pub fn into_response(self, grpc: bool) -> BoxResponse {
+    pub(crate) fn into_response(self, grpc: bool) -> BoxResponse {
         let message = self.to_string();
         let mut resp = if grpc {
             let mut r = Response::new(full(Bytes::new()));
@@ -138,7 +137,7 @@ fn shed_what(reason: &crate::tenancy::Shed) -> &'static str {
 }
 
 /// A client-supplied value cut to a length fit for an error message.
-pub fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     const MAX: usize = 64;
     if s.len() <= MAX {
         return s.to_string();
@@ -150,29 +149,31 @@ pub fn clip(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-/// gRPC's percent-encoding of grpc-message.
+/// What gRPC percent-encodes in `grpc-message`: everything outside
+/// printable ASCII, and `%` itself.
+const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
+
 fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
+    utf8_percent_encode(s, GRPC_MESSAGE).to_string()
+}
+
+impl From<transport::Error> for ProxyError {
+    fn from(e: transport::Error) -> ProxyError {
+        match e {
+            transport::Error::Connect { addr, reason } => ProxyError::Connect { addr, reason },
+            transport::Error::Reset { addr, reason } => ProxyError::Reset { addr, reason },
+            transport::Error::Upstream { addr, reason } => ProxyError::Upstream { addr, reason },
+            transport::Error::Timeout { addr, ms } => ProxyError::Timeout { addr, ms },
         }
     }
-    out
 }
 
-/// The `grpc-status` in a header or trailer block.
-pub fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
-    // A typed name: looking up by `&str` parses the name on every call.
-    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-    h.get(&GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// gRPC UNAVAILABLE: the status that counts against an endpoint.
-pub const GRPC_UNAVAILABLE: u32 = 14;
-
-pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
-    req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(percent_encode("no ready endpoints: 100% é"), "no ready endpoints: 100%25 %C3%A9");
+    }
 }

@@ -306,7 +306,7 @@ async fn sweep(tracker: Weak<Tracker>) {
         let Some(t) = tracker.upgrade() else { return };
         // Several listeners advance the one clock: it moves to the seconds
         // since start, whoever gets there first.
-        let now = crate::resilience::now_ms().div_ceil(1000) as u32;
+        let now = crate::clock::now_ms().div_ceil(1000) as u32;
         TICK.fetch_max(now, Ordering::Relaxed);
         let now = TICK.load(Ordering::Relaxed);
         let mut conns = t.conns.lock().unwrap_or_else(|e| e.into_inner());

@@ -9,33 +9,35 @@ use hyper::body::Incoming;
 
 use http_body_util::Either;
 
-use crate::body::{BoxResponse, ClientBodyWatch, Tapped, stream};
-use crate::errors::{ProxyError, is_grpc};
-use crate::listener::ConnState;
-use crate::outbound::{Degraded, finish};
+use crate::grpc::is_grpc;
+use crate::http::errors::ProxyError;
+use crate::http::headers::{single_host, tenant_of};
+use crate::http::response::{Degraded, finish};
 use crate::state::Shared;
 use crate::tenancy;
-use crate::tenant_of;
-use crate::upstream::Upstream;
+use crate::transport;
+use crate::transport::body::{BoxResponse, ClientBodyWatch, Tapped, stream};
+use crate::transport::listener::ConnState;
+use crate::transport::pool::Upstream;
 
-pub struct Inbound {
-    pub shared: Arc<Shared>,
-    pub app: SocketAddr,
-    pub upstream: Upstream,
+pub(crate) struct Inbound {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) app: SocketAddr,
+    pub(crate) upstream: Upstream,
     /// Longest wait for the app's response head: a hung app must not hold
     /// a tenant's slots (or the caller) forever.
-    pub app_timeout: std::time::Duration,
+    pub(crate) app_timeout: std::time::Duration,
 }
 
 impl Inbound {
     /// `conn` is the connection the call came on: it keeps the time limit
     /// of an HTTP/1.1 call's wait for the app (see `listener::Deadline`).
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: Arc<ConnState>) -> BoxResponse {
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: Arc<ConnState>) -> BoxResponse {
         let started = Instant::now();
         let grpc = is_grpc(&req);
         let service = &self.shared.identity.service;
         let mut degraded = Degraded::default();
-        let tenant = match crate::single_host(&req).and_then(|()| tenant_of(&req, &self.shared.tenant_header)) {
+        let tenant = match single_host(&req).and_then(|()| tenant_of(&req, &self.shared.tenant_header)) {
             Ok(t) => t,
             Err(e) => return finish(Err(e), &degraded, grpc, "inbound", service, "-", started),
         };
@@ -65,11 +67,12 @@ impl Inbound {
         let mut sent = if req.version() < http::Version::HTTP_2 {
             // The connection's sweeper keeps the time: no timer per call.
             conn.deadline(self.upstream.send(self.app, req, None)).await.unwrap_or_else(|()| {
-                Err(ProxyError::Timeout { addr: self.app.to_string(), ms: self.app_timeout.as_millis() as u64 })
+                Err(transport::Error::Timeout { addr: self.app.to_string(), ms: self.app_timeout.as_millis() as u64 })
             })
         } else {
             self.upstream.send(self.app, req, Some(self.app_timeout)).await
-        };
+        }
+        .map_err(ProxyError::from);
         if let Err(e) = &mut sent
             && client.failed()
         {

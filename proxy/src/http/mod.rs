@@ -1,0 +1,6 @@
+//! HTTP as the sidecar speaks it: the sidecar's own error answers,
+//! request-head handling, and the marks every answer gets.
+
+pub(crate) mod errors;
+pub(crate) mod headers;
+pub(crate) mod response;

@@ -1,0 +1,150 @@
+//! The outbound path: the app calls `http://<service>/...` through the
+//! sidecar; the service is the request's authority.
+//!
+//! - [`resolve`]: the service in the table, or subscribe and wait for it;
+//! - [`route`]: the rule that applies, a backend by weight, an endpoint;
+//! - [`balance`]: P2C over peak-EWMA latency × load, region-aware;
+//! - [`call`]: one call, phase by phase: its body, the concurrency cap, each
+//!   try and its breaker bookkeeping, the decision to try again, and the end;
+//! - [`retry`]: what is a failure, what is retried, how long to back off;
+//! - [`replay`]: request bodies kept for another try, or streamed once;
+//! - [`fault`]: injected delays and aborts;
+//! - [`fallback`]: the answer when the service cannot give one.
+
+pub(crate) mod balance;
+pub(crate) mod call;
+pub(crate) mod fallback;
+pub(crate) mod fault;
+pub(crate) mod replay;
+pub(crate) mod resolve;
+pub(crate) mod retry;
+pub(crate) mod route;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::http::errors::ProxyError;
+use crate::http::headers::{TRACEPARENT, ensure_traceparent, service_of, tenant_of};
+use crate::http::response::{Degraded, finish};
+use crate::state::Shared;
+use crate::transport;
+use crate::transport::body::{BoxResponse, ProxyBody};
+use crate::transport::pool::{PooledBody, Upstream};
+
+/// The default of `--retry-body-limit`.
+pub const DEFAULT_REPLAY_LIMIT: u64 = 1024 * 1024;
+
+/// Sends one try to an endpoint: the pooled upstream clients, or a mock in
+/// the unit tests of [`call`].
+pub(crate) trait Sender: Send + Sync + 'static {
+    /// The timeout, when set, covers the time to the response head.
+    fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<ProxyBody>,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<Response<PooledBody>, transport::Error>> + Send;
+}
+
+impl Sender for Upstream {
+    fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<ProxyBody>,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<Response<PooledBody>, transport::Error>> + Send {
+        Upstream::send(self, addr, req, timeout)
+    }
+}
+
+pub(crate) struct Outbound<S = Upstream> {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) sender: S,
+    /// Request bodies with a declared length up to this are buffered so they
+    /// can be retried or sent to a fallback; larger ones stream through.
+    pub(crate) replay_limit: u64,
+}
+
+impl<S: Sender> Outbound<S> {
+    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> BoxResponse {
+        let started = Instant::now();
+        let grpc = crate::grpc::is_grpc(&req);
+        let mut degraded = Degraded::default();
+        // Malformed requests get a 400 under the labels "-": what they name
+        // must not grow the metrics.
+        let (service, tenant) =
+            match service_of(&req).and_then(|s| Ok((s, tenant_of(&req, &self.shared.tenant_header)?))) {
+                Ok(st) => st,
+                Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", "-", started),
+            };
+        ensure_traceparent(&mut req);
+        // A cheap clone (shared bytes); parsed only if the call is degraded.
+        let traceparent = req.headers().get(&TRACEPARENT).cloned();
+        let result = self.forward(&service, &tenant, grpc, req, &mut degraded).await;
+        // Only services the control plane knows get a label of their own.
+        let label = match &result {
+            Err(ProxyError::UnknownService(_) | ProxyError::NoDiscovery(_) | ProxyError::TooManyServices(_)) => "-",
+            _ => service.as_str(),
+        };
+        let resp = finish(result, &degraded, grpc, "outbound", label, &tenant, started);
+        if degraded.any() {
+            self.report(traceparent, service, tenant, &degraded, resp.status().as_u16());
+        }
+        resp
+    }
+
+    /// Resolves the service and runs the call.
+    async fn forward(
+        &self,
+        service: &str,
+        tenant: &str,
+        grpc: bool,
+        req: Request<Incoming>,
+        degraded: &mut Degraded,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let svc = self.resolve(service).await?;
+        degraded.stale_config = !self.shared.control_connected.load(std::sync::atomic::Ordering::Relaxed);
+        if !svc.known {
+            return Err(ProxyError::UnknownService(service.to_string()));
+        }
+        call::Call::new(self, &svc, tenant, grpc, &req, degraded).run(req).await
+    }
+
+    /// Logs a degraded call and queues its report for the control plane.
+    #[cold]
+    fn report(
+        &self,
+        traceparent: Option<http::HeaderValue>,
+        service: String,
+        tenant: String,
+        degraded: &Degraded,
+        status: u16,
+    ) {
+        let trace_id =
+            traceparent.as_ref().and_then(|v| v.to_str().ok()).and_then(|v| v.get(3..35)).unwrap_or("").to_string();
+        tracing::info!(trace_id, service, tenant, reasons = %degraded.header_value(), status, "degraded call");
+        self.shared.report_degraded(xds_proto::v1::DegradedCall {
+            trace_id,
+            service,
+            reasons: degraded.header_value(),
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            tenant,
+            status: u32::from(status),
+        });
+    }
+
+    /// The caller's region label, which endpoints are preferred in.
+    pub(crate) fn region(&self) -> Option<&str> {
+        self.shared.identity.labels.get("region").map(String::as_str)
+    }
+}
