@@ -1,24 +1,30 @@
 //! One outbound call, phase by phase:
 //!
-//! 1. [`Call::new`]: the rule that applies and the call's deadline;
+//! 1. [`run`]: the rule that applies and the call's deadline;
 //! 2. [`Call::prepare`]: its body (kept for another try, or streamed once)
 //!    and how many tries it may have;
 //! 3. [`Call::admit`]: the service's concurrency cap;
-//! 4. [`Call::try_once`] and [`Call::send`]: an endpoint, its breaker
-//!    admission, the fault drawn for the try, the try itself within the
-//!    per-try and call timeouts;
-//! 5. [`Call::judge`]: the endpoint's breaker bookkeeping;
-//! 6. [`Call::again`]: whether another try goes (the rule's conditions, or a
+//! 4. [`Call::next_try`]: an endpoint, its breaker admission, the request
+//!    for it and the fault drawn for it;
+//! 5. [`Call::timeout`], [`Call::inject`] and [`Call::observe`] around the
+//!    try itself, which is sent within the per-try and call timeouts;
+//! 6. [`Call::judge`]: the endpoint's breaker bookkeeping;
+//! 7. [`Call::again`]: whether another try goes (the rule's conditions, or a
 //!    free one when the callee shed the call or a held endpoint is gone),
 //!    within the retry budget;
-//! 7. [`Call::conclude`]: the answer, or the fallback.
+//! 8. [`Call::conclude`]: the answer, or the fallback.
 //!
 //! The decisions (what is a failure, what is retried, how long to back
-//! off) are [`super::retry`]'s; this is the loop that applies them.
+//! off) are [`super::retry`]'s; this is the loop that applies them. Only
+//! the body, the try, the backoff and a fallback are awaited; every other
+//! phase is a plain function, so a call's future holds its state once and
+//! moves nothing large between phases (each nested future would copy its
+//! arguments and result).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use http::request::Parts;
 use http::{Request, Response};
@@ -35,16 +41,79 @@ use crate::config::{Endpoint, Rule, Service, Verdict};
 use crate::health::breaker::Admission;
 use crate::http::errors::ProxyError;
 use crate::http::response::Degraded;
+use crate::transport;
 use crate::transport::body::{ProxyBody, reply_judged};
+use crate::transport::pool::PooledBody;
 
-/// One try and what came of it.
+/// One try: where it goes, and what it carries.
+struct Try<'r> {
+    endpoint: Arc<Endpoint>,
+    admission: Admission,
+    req: Request<ProxyBody>,
+    injected: Injected<'r>,
+}
+
+/// What a try came to, besides its outcome.
 struct Tried {
     endpoint: Arc<Endpoint>,
     admission: Admission,
-    outcome: Outcome,
     /// An injected fault, or the client's own body, decided the outcome: the
     /// endpoint's health is left alone.
     neutral: bool,
+}
+
+/// How a call ends: an answer, or the rule's fallback for an error.
+/// Returned in place once per call, never stored: boxing the answer would
+/// cost an allocation per call to save nothing.
+#[allow(clippy::large_enum_variant)]
+enum Concluded {
+    Answer(Result<Response<ProxyBody>, ProxyError>),
+    FallBack(ProxyError),
+}
+
+/// Runs one call of `req` to `svc`.
+pub(crate) async fn run<S: Sender>(
+    out: &Outbound<S>,
+    svc: &Arc<Service>,
+    tenant: &str,
+    grpc: bool,
+    req: Request<Incoming>,
+    degraded: &mut Degraded,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut call = Call::new(out, svc, tenant, grpc, &req, degraded);
+    let (parts, body) = req.into_parts();
+    let mut body = call.prepare(&parts, body).await?;
+    call.head = Some(parts);
+    let _cap = match call.admit() {
+        Ok(cap) => cap,
+        Err(e) => return Box::pin(call.fall_back(&mut body, e)).await,
+    };
+    let mut attempt = 0;
+    while let Some(t) = call.next_try(&mut body) {
+        let mut timeout = call.timeout();
+        let outcome = match call.inject(&t, &mut timeout).await {
+            Some(injected) => injected,
+            None => {
+                let _in_flight = InFlight::endpoint(&t.endpoint.health);
+                let sent = Instant::now();
+                let r = out.sender.send(t.endpoint.addr, t.req, timeout).await;
+                call.observe(&t.endpoint, r, sent, &body)
+            }
+        };
+        let tried = Tried { endpoint: t.endpoint, admission: t.admission, neutral: outcome.1 };
+        call.tried.push(tried.endpoint.addr);
+        let go = call.again(attempt, &tried, &outcome.0, &body);
+        call.last = Some(outcome.0);
+        if !go {
+            break;
+        }
+        attempt += 1;
+        tokio::time::sleep(retry::backoff(attempt)).await;
+    }
+    match call.conclude() {
+        Concluded::Answer(r) => r,
+        Concluded::FallBack(e) => Box::pin(call.fall_back(&mut body, e)).await,
+    }
 }
 
 pub(crate) struct Call<'a, S> {
@@ -68,7 +137,7 @@ pub(crate) struct Call<'a, S> {
 }
 
 impl<'a, S: Sender> Call<'a, S> {
-    pub(crate) fn new<B>(
+    fn new<B>(
         out: &'a Outbound<S>,
         svc: &'a Arc<Service>,
         tenant: &str,
@@ -93,25 +162,6 @@ impl<'a, S: Sender> Call<'a, S> {
             verdict: None,
             degraded,
         }
-    }
-
-    pub(crate) async fn run(mut self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-        let (parts, body) = req.into_parts();
-        let mut body = self.prepare(&parts, body).await?;
-        self.head = Some(parts);
-        let _cap = match self.admit() {
-            Ok(cap) => cap,
-            Err(e) => return Box::pin(self.fall_back(&mut body, e)).await,
-        };
-        let mut attempt = 0;
-        while let Some(tried) = self.try_once(&mut body).await {
-            if !self.again(attempt, tried, &body) {
-                break;
-            }
-            attempt += 1;
-            tokio::time::sleep(retry::backoff(attempt)).await;
-        }
-        self.conclude(&mut body).await
     }
 
     /// Reads or wraps the body, and settles how many tries the call may have.
@@ -146,8 +196,9 @@ impl<'a, S: Sender> Call<'a, S> {
         Ok(Some(InFlight::new(&stats.in_flight)))
     }
 
-    /// One try: `None` when there is no endpoint (or nothing left to send).
-    async fn try_once(&mut self, body: &mut ReqBody) -> Option<Tried> {
+    /// The next try: `None` when there is no endpoint (or nothing left to
+    /// send).
+    fn next_try(&mut self, body: &mut ReqBody) -> Option<Try<'a>> {
         let now = now_ms();
         let picked = route::pick(self.svc, self.rule, &self.tried, now, self.out.region());
         self.degraded.breaker |= picked.skipped_ejected;
@@ -167,46 +218,56 @@ impl<'a, S: Sender> Call<'a, S> {
         let mut req = Request::from_parts(head, b);
         *req.extensions_mut() = http::Extensions::new();
         let injected = fault::draw(self.rule.and_then(|r| r.fault.as_ref()), &req);
-        let (outcome, neutral) = self.send(&endpoint, req, injected, body).await;
-        self.tried.push(endpoint.addr);
-        Some(Tried { endpoint, admission, outcome, neutral })
+        Some(Try { endpoint, admission, req, injected })
     }
 
-    /// Sends one try within the per-try and call timeouts, after an injected
-    /// delay (counted against them like a slow upstream) or as an injected
-    /// abort. The flag is true when the endpoint is not to blame.
-    async fn send(&self, e: &Endpoint, req: Request<ProxyBody>, inj: Injected<'_>, body: &ReqBody) -> (Outcome, bool) {
+    /// A try's timeout: the per-try timeout (when the call may be retried)
+    /// within what is left of the call's.
+    fn timeout(&self) -> Option<Duration> {
         let per_try =
             self.rule.and_then(|r| r.retry.as_ref()).and_then(|r| r.per_try_timeout).filter(|_| self.may_retry);
         let remaining = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let mut timeout = match (per_try, remaining) {
+        match (per_try, remaining) {
             (Some(p), Some(r)) => Some(p.min(r)),
             (p, r) => p.or(r),
-        };
-        if let Some(d) = inj.delay {
-            match timeout {
-                Some(t) if d >= t => {
-                    tokio::time::sleep(t).await;
-                    let ms = t.as_millis() as u64;
-                    return (Err(ProxyError::Timeout { addr: e.addr.to_string(), ms }), true);
+        }
+    }
+
+    /// An injected delay (counted against the timeout like a slow upstream,
+    /// which it shortens) or abort; `Some` when the fault decided the try,
+    /// which is then not the endpoint's doing.
+    async fn inject(&self, t: &Try<'_>, timeout: &mut Option<Duration>) -> Option<(Outcome, bool)> {
+        if let Some(d) = t.injected.delay {
+            match *timeout {
+                Some(limit) if d >= limit => {
+                    tokio::time::sleep(limit).await;
+                    let ms = limit.as_millis() as u64;
+                    return Some((Err(ProxyError::Timeout { addr: t.endpoint.addr.to_string(), ms }), true));
                 }
-                t => {
+                limit => {
                     tokio::time::sleep(d).await;
-                    timeout = t.map(|t| t - d);
+                    *timeout = limit.map(|l| l - d);
                 }
             }
         }
-        if let Some(a) = inj.abort {
-            return (Err(ProxyError::FaultAbort { status: a.status, grpc_status: a.grpc_status }), true);
-        }
-        let _in_flight = InFlight::endpoint(&e.health);
-        let sent = Instant::now();
-        let r = self.out.sender.send(e.addr, req, timeout).await;
-        let done = Instant::now();
+        let a = t.injected.abort?;
+        Some((Err(ProxyError::FaultAbort { status: a.status, grpc_status: a.grpc_status }), true))
+    }
+
+    /// The try's outcome, and its latency recorded for the endpoint; a
+    /// client whose streamed body broke off gets a 400, and the endpoint
+    /// nothing against it (the flag).
+    fn observe(
+        &self,
+        e: &Endpoint,
+        r: Result<Response<PooledBody>, transport::Error>,
+        sent: Instant,
+        body: &ReqBody,
+    ) -> (Outcome, bool) {
         match r {
-            // The client's fault: a 400, and nothing against the endpoint.
             Err(err) if body.client_failed() => (Err(ProxyError::ClientBody(err.to_string())), true),
             r => {
+                let done = Instant::now();
                 e.health.observe_rtt_at(done - sent, ms_at(done));
                 (r.map_err(ProxyError::from), false)
             }
@@ -214,13 +275,13 @@ impl<'a, S: Sender> Call<'a, S> {
     }
 
     /// The breaker's bookkeeping for a try.
-    fn judge(&mut self, t: &Tried) {
+    fn judge(&mut self, t: &Tried, outcome: &Outcome) {
         if t.neutral {
             return;
         }
-        if retry::is_failure(&t.outcome) {
+        if retry::is_failure(outcome) {
             self.svc.endpoint_failed(&t.endpoint, t.admission, now_ms());
-        } else if self.grpc && matches!(&t.outcome, Ok(r) if retry::status_in_trailers(r)) {
+        } else if self.grpc && matches!(outcome, Ok(r) if retry::status_in_trailers(r)) {
             // A gRPC call's status is still to come, in the trailers: the
             // response body gives the verdict when they arrive.
             self.verdict =
@@ -230,22 +291,22 @@ impl<'a, S: Sender> Call<'a, S> {
         }
     }
 
-    /// Whether the call gets another try, taking a retry from the budget
-    /// for it; keeps the try's outcome as the call's latest.
-    fn again(&mut self, attempt: u32, t: Tried, body: &ReqBody) -> bool {
-        self.judge(&t);
-        let shed = matches!(&t.outcome, Ok(r) if retry::is_callee_shed(r));
+    /// Whether the call gets another try after `t`, taking a retry from the
+    /// budget for it.
+    fn again(&mut self, attempt: u32, t: &Tried, outcome: &Outcome, body: &ReqBody) -> bool {
+        self.judge(t, outcome);
+        let shed = matches!(outcome, Ok(r) if retry::is_callee_shed(r));
         if shed {
             // Steer later picks away from an instance that is shedding.
             t.endpoint.health.observe_rtt(retry::SHED_PENALTY);
         }
         // A held endpoint (its record vanished) may be gone after all: a
         // refused connection never reached anyone.
-        let held_gone = t.endpoint.is_held() && matches!(t.outcome, Err(ProxyError::Connect { .. }));
+        let held_gone = t.endpoint.is_held() && matches!(outcome, Err(ProxyError::Connect { .. }));
         let in_time = self.deadline.is_none_or(|d| Instant::now() < d);
         let retryable = in_time
             && attempt + 1 < self.max_tries
-            && self.rule.and_then(|r| r.retry.as_ref()).is_some_and(|r| retry::should_retry(r.on, &t.outcome));
+            && self.rule.and_then(|r| r.retry.as_ref()).is_some_and(|r| retry::should_retry(r.on, outcome));
         // The one try a call gets outside its rule's attempts, whatever its
         // method: the request never reached an app.
         let free = (shed || held_gone)
@@ -255,7 +316,6 @@ impl<'a, S: Sender> Call<'a, S> {
             && body.is_buffered()
             && self.head.is_some()
             && self.svc.all_ready.iter().any(|e| !self.tried.contains(&e.addr));
-        self.last = Some(t.outcome);
         if !retryable && !free {
             return false;
         }
@@ -271,7 +331,7 @@ impl<'a, S: Sender> Call<'a, S> {
 
     /// The answer: the last try's, or the fallback's when the call failed,
     /// found no endpoint, timed out or stayed shed.
-    async fn conclude(mut self, body: &mut ReqBody) -> Result<Response<ProxyBody>, ProxyError> {
+    fn conclude(&mut self) -> Concluded {
         let last = self.last.take().unwrap_or_else(|| Err(ProxyError::NoEndpoints(self.svc.name.clone())));
         let fallback = self.rule.is_some_and(|r| r.fallback.is_some());
         if let Ok(resp) = &last
@@ -281,24 +341,23 @@ impl<'a, S: Sender> Call<'a, S> {
             self.degraded.shed = true;
             if fallback && self.head.is_some() {
                 let err = ProxyError::Upstream { addr: self.svc.name.clone(), reason: "shed by the callee".into() };
-                return Box::pin(self.fall_back(body, err)).await;
+                return Concluded::FallBack(err);
             }
         }
         if retry::is_failure(&last) || matches!(last, Err(ProxyError::NoEndpoints(_))) {
             self.degraded.timeout |= matches!(last, Err(ProxyError::Timeout { .. }));
             if fallback {
-                let err = match last {
+                return Concluded::FallBack(match last {
                     Err(e) => e,
                     Ok(resp) => ProxyError::Upstream {
                         addr: self.svc.name.clone(),
                         reason: format!("answered {}", resp.status()),
                     },
-                };
-                return Box::pin(self.fall_back(body, err)).await;
+                });
             }
         }
         let verdict = self.verdict.take();
-        last.map(|r| r.map(|b| reply_judged(b, verdict)))
+        Concluded::Answer(last.map(|r| r.map(|b| reply_judged(b, verdict))))
     }
 
     /// The rule's fallback answers, when the request can still be sent;

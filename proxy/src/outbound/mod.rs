@@ -114,7 +114,7 @@ impl<S: Sender> Outbound<S> {
         if !svc.known {
             return Err(ProxyError::UnknownService(service.to_string()));
         }
-        call::Call::new(self, &svc, tenant, grpc, &req, degraded).run(req).await
+        call::run(self, &svc, tenant, grpc, req, degraded).await
     }
 
     /// Logs a degraded call and queues its report for the control plane.

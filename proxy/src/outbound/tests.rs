@@ -189,7 +189,7 @@ async fn call(out: &Arc<Outbound<Mock>>, method: &str) -> (u16, Degraded) {
     let req = incoming(method, if method == "POST" { "payload" } else { "" }).await;
     let mut degraded = Degraded::default();
     let svc: Arc<Service> = out.resolve("inference").await.unwrap();
-    let result = super::call::Call::new(out, &svc, "default", false, &req, &mut degraded).run(req).await;
+    let result = super::call::run(out, &svc, "default", false, req, &mut degraded).await;
     let status = match result {
         Ok(resp) => {
             let status = resp.status().as_u16();
