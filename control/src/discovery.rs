@@ -28,6 +28,13 @@ use crate::store::{EndpointRecord, ProxyRecord, REGISTRATIONS_PER_TXN, Removal, 
 use crate::traces::TraceLog;
 use weft_policy::names::check_service;
 
+/// Buckets of `weft_control_push_seconds` (from a change to the update
+/// handed to a sidecar's stream): tens of microseconds for one service, up
+/// to seconds for a full snapshot to a slow stream. A histogram so that
+/// control-plane instances can be summed.
+pub const PUSH_SECONDS_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
 /// How many services one sidecar may subscribe to.
 pub const MAX_SUBSCRIPTIONS: usize = 1024;
 

@@ -53,6 +53,8 @@ pub struct Mode {
     /// Inference tokens reported per answer in `x-weft-usage-tokens`
     /// (a header, or a trailer on `/stream`); 0 = none.
     pub usage_tokens: AtomicU64,
+    /// Requests that found every slot of the capacity taken and waited.
+    pub queued: AtomicU64,
     /// How many requests are served at once (like a GPU); unset = no limit.
     gate: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
@@ -76,8 +78,16 @@ impl Mode {
     }
 
     /// Serves at most `n` requests at once; the rest queue. Set once.
+    /// A capacity of 0 holds every request until [`Mode::add_capacity`].
     pub fn set_capacity(&self, n: usize) {
         let _ = self.gate.set(Arc::new(tokio::sync::Semaphore::new(n)));
+    }
+
+    /// Lets `n` more requests be served at once.
+    pub fn add_capacity(&self, n: usize) {
+        if let Some(g) = self.gate.get() {
+            g.add_permits(n);
+        }
     }
 }
 
@@ -149,7 +159,13 @@ pub async fn serve_http(listener: TcpListener, info: Info) {
                     mode.hits.fetch_add(1, Ordering::Relaxed);
                     let mut watch = CancelWatch { mode: mode.clone(), answered: false };
                     let _permit = match mode.gate.get() {
-                        Some(g) => Some(g.clone().acquire_owned().await.expect("never closed")),
+                        Some(g) => Some(match g.clone().try_acquire_owned() {
+                            Ok(p) => p,
+                            Err(_) => {
+                                mode.queued.fetch_add(1, Ordering::Relaxed);
+                                g.clone().acquire_owned().await.expect("never closed")
+                            }
+                        }),
                         None => None,
                     };
                     if mode.hang.load(Ordering::Relaxed) {

@@ -33,7 +33,7 @@ pub(crate) mod inbound;
 pub(crate) mod outbound;
 pub(crate) mod probe;
 pub(crate) mod state;
-pub(crate) mod telemetry;
+pub mod telemetry;
 pub(crate) mod tenancy;
 pub mod transport;
 

@@ -100,6 +100,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .next()
         .with_context(|| format!("--app {}: resolves to no address", args.app))?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("weft_request_duration_seconds".into()),
+            weft_proxy::telemetry::REQUEST_SECONDS_BUCKETS,
+        )
+        .context("setting the request duration buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     let bind = |flag: &str, addr: &str| -> anyhow::Result<TcpListener> {

@@ -24,10 +24,14 @@ pub use weft_examples::{Info, pb as example_pb};
 pub mod cluster;
 pub mod fake_control;
 pub mod load;
+pub mod req;
+pub mod topology;
 
 pub use cluster::EtcdCluster;
 pub use fake_control::FakeControl;
 pub use load::Load;
+pub use req::{Req, Response, degraded, header, metric, pooled_client, served_by};
+pub use topology::{App, Bed, Instance, Topology};
 
 /// The directory holding the workspace binaries.
 pub fn bin_dir() -> PathBuf {
@@ -520,10 +524,10 @@ pub struct Backend {
 impl Backend {
     pub async fn http(service: &str, version: &str) -> Backend {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let mode = std::sync::Arc::new(weft_examples::Mode::default());
-        let info = Info { service: service.into(), version: version.into(), outbound: None, mode: mode.clone() };
-        Backend { addr, mode, task: tokio::spawn(weft_examples::serve_http(l, info)) }
+        Self::serve_http(
+            l,
+            Info { service: service.into(), version: version.into(), outbound: None, mode: Default::default() },
+        )
     }
 
     /// An instance that answers every request with `status`.
@@ -535,16 +539,27 @@ impl Backend {
 
     pub async fn grpc(service: &str, version: &str) -> Backend {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve_grpc(
+            l,
+            Info { service: service.into(), version: version.into(), outbound: None, mode: Default::default() },
+        )
+    }
+
+    /// The example HTTP app on a bound listener.
+    pub fn serve_http(l: tokio::net::TcpListener, info: Info) -> Backend {
         let addr = l.local_addr().unwrap();
-        let mode = std::sync::Arc::new(weft_examples::Mode::default());
-        let info = Info { service: service.into(), version: version.into(), outbound: None, mode: mode.clone() };
-        Backend {
-            addr,
-            mode,
-            task: tokio::spawn(async move {
-                let _ = weft_examples::serve_grpc(l, info).await;
-            }),
-        }
+        let mode = info.mode.clone();
+        Backend { addr, mode, task: tokio::spawn(weft_examples::serve_http(l, info)) }
+    }
+
+    /// The example gRPC app on a bound listener.
+    pub fn serve_grpc(l: tokio::net::TcpListener, info: Info) -> Backend {
+        let addr = l.local_addr().unwrap();
+        let mode = info.mode.clone();
+        let task = tokio::spawn(async move {
+            let _ = weft_examples::serve_grpc(l, info).await;
+        });
+        Backend { addr, mode, task }
     }
 
     pub fn stop(&self) {
@@ -613,20 +628,17 @@ pub async fn apply(control: &str, yaml: &str) -> CtlOutput {
     out
 }
 
-pub type Response = (u16, http::HeaderMap, String);
-
 /// One HTTP/1.1 GET to `addr` with the given Host.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Response, String> {
-    request(addr, host, path, &[]).await
+    Req::get(addr, host, path).send().await
 }
 
-/// One HTTP/1.1 GET with extra headers (a new client each time: fine for tests).
+/// One HTTP/1.1 GET with extra headers.
 pub async fn request(addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> Result<Response, String> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    send(&client, addr, host, path, headers).await
+    Req::get(addr, host, path).headers(headers).send().await
 }
 
-/// Sends with a shared (pooled) client.
+/// One GET with extra headers on `client`.
 pub async fn send(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     addr: SocketAddr,
@@ -634,27 +646,7 @@ pub async fn send(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Response, String> {
-    let mut b = http::Request::builder().uri(format!("http://{addr}{path}")).header("host", host);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let req = b.body(Full::new(Bytes::new())).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(15), client.request(req))
-        .await
-        .map_err(|_| "request timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into()))
-}
-
-pub fn pooled_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>()
-}
-
-/// Which instance answered, from the example backend's `x-served-by`.
-pub fn served_by(r: &Response) -> String {
-    r.1.get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
+    Req::get(addr, host, path).headers(headers).send_on(client).await
 }
 
 /// Sends a signal to a process (SIGSTOP/SIGCONT freeze and thaw it).
@@ -683,20 +675,26 @@ pub struct Mesh {
 
 impl Mesh {
     pub async fn start(lease_ttl: u32) -> Mesh {
-        let etcd = Etcd::start().await;
-        let control = Control::start(&etcd, lease_ttl).await;
-        let urls = [control.url()];
-        let v1 = Backend::http("inference", "v1").await;
-        let v2 = Backend::http("inference", "v2").await;
-        let caller_app = Backend::http("caller", "v1").await;
-        let (inf_v1, inf_v2, caller) = tokio::join!(
-            Sidecar::start(&urls, "inference", "version=v1,region=east", v1.addr, "inference-v1"),
-            Sidecar::start(&urls, "inference", "version=v2,region=east", v2.addr, "inference-v2"),
-            Sidecar::start(&urls, "caller", "region=east", caller_app.addr, "caller-1"),
-        );
-        let mesh = Mesh { etcd, control, v1, v2, inf_v1, inf_v2, caller_app, caller };
-        mesh.wait_endpoints("inference", 2).await;
-        mesh
+        let bed = Topology::new()
+            .lease_ttl(lease_ttl)
+            .instance("inference", "version=v1,region=east")
+            .instance("inference", "version=v2,region=east")
+            .caller("caller", "region=east", &[])
+            .start()
+            .await;
+        let Bed { etcd, control, instances, caller, .. } = bed;
+        let mut instances = instances.into_iter();
+        let (i1, i2) = (instances.next().expect("v1"), instances.next().expect("v2"));
+        Mesh {
+            etcd,
+            control,
+            v1: i1.app,
+            v2: i2.app,
+            inf_v1: i1.sidecar,
+            inf_v2: i2.sidecar,
+            caller_app: caller.app,
+            caller: caller.sidecar,
+        }
     }
 
     /// Waits until the caller's sidecar sees `n` endpoints of `service`

@@ -1,9 +1,10 @@
 //! A sidecar's life: readiness of its app decides whether it gets traffic,
 //! and `POST /drain` deregisters it while in-flight requests finish.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use harness::{Mesh, eventually, get, pooled_client, send, served_by, weftctl};
+use harness::{Mesh, Req, eventually, get, pooled_client, send, served_by, weftctl};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_app_gets_no_traffic_and_drain_finishes_in_flight_then_deregisters() {
@@ -40,19 +41,19 @@ async fn not_ready_app_gets_no_traffic_and_drain_finishes_in_flight_then_deregis
         assert_eq!(served_by(&r), "inference/v2", "{r:?}");
     }
 
-    // Drain v2 with requests in flight.
+    // Drain v2 with four requests held in its app.
+    let v2 = &mesh.v2;
+    v2.mode.set_capacity(0);
     let outbound = mesh.caller.outbound;
-    let in_flight: Vec<_> =
-        (0..4).map(|_| tokio::spawn(async move { get(outbound, "inference", "/?sleep_ms=1000").await })).collect();
-    let inf_v2 = &mesh.inf_v2;
-    eventually("requests reach v2", Duration::from_secs(10), || async move {
-        inf_v2.metrics().await.contains("direction=\"inbound\"")
+    let in_flight: Vec<_> = (0..4).map(|_| tokio::spawn(get(outbound, "inference", "/held"))).collect();
+    eventually("the four requests are in v2's app", Duration::from_secs(10), || async move {
+        v2.mode.queued.load(Ordering::Relaxed) == 4
     })
     .await;
     let drain = harness::request(mesh.inf_v2.admin, "localhost", "/drain", &[]).await.unwrap();
     assert_eq!(drain.0, 405, "GET /drain is refused: {drain:?}");
-    let resp = post(mesh.inf_v2.admin, "/drain").await;
-    assert_eq!(resp, 202);
+    let resp = Req::post(mesh.inf_v2.admin, "localhost", "/drain", "").send().await.unwrap();
+    assert_eq!(resp.0, 202);
     eventually("v2 is deregistered", Duration::from_secs(10), || {
         let url = url.clone();
         async move {
@@ -61,9 +62,20 @@ async fn not_ready_app_gets_no_traffic_and_drain_finishes_in_flight_then_deregis
         }
     })
     .await;
+    // After the grace period the sidecar stops accepting, while the four
+    // requests are still held.
+    let inbound = mesh.inf_v2.inbound;
+    eventually("v2's sidecar stops accepting", Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(inbound).await.is_err()
+    })
+    .await;
+    assert!(in_flight.iter().all(|t| !t.is_finished()), "the held requests are still in flight");
+    assert!(!mesh.inf_v2.wait_exit(Duration::ZERO).await, "the sidecar waits for them");
+    // Released, they finish with the app's answer, and then the sidecar exits.
+    v2.mode.add_capacity(4);
     for t in in_flight {
         let r = t.await.unwrap().expect("in-flight request finished during drain");
-        assert_eq!(r.0, 200);
+        assert_eq!((r.0, served_by(&r).as_str()), (200, "inference/v2"), "{r:?}");
     }
     assert!(mesh.inf_v2.wait_exit(Duration::from_secs(20)).await, "drained sidecar exits");
     // No instance of inference is ready now.
@@ -73,12 +85,4 @@ async fn not_ready_app_gets_no_traffic_and_drain_finishes_in_flight_then_deregis
         r.0 == 503 && r.1["x-weft-error"] == "no-endpoints"
     })
     .await;
-}
-
-async fn post(addr: std::net::SocketAddr, path: &str) -> u16 {
-    let client = pooled_client();
-    let req = http::Request::post(format!("http://{addr}{path}"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    client.request(req).await.unwrap().status().as_u16()
 }

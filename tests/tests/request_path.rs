@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use harness::{Mesh, apply, example_pb, get, pooled_client, request, send, served_by};
+use harness::{Mesh, Req, apply, example_pb, get, metric, pooled_client, request, send, served_by};
+use http_body_util::BodyExt;
 use tokio_stream::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,14 +43,35 @@ async fn http1_through_two_sidecars() {
     let r = send(&client, mesh.caller.outbound, "inference", "/", &[]).await.unwrap();
     assert_eq!(r.0, 200);
 
-    // Streaming bodies pass through chunk by chunk.
-    let r = send(&client, mesh.caller.outbound, "inference", "/stream?chunks=4&gap_ms=5", &[]).await.unwrap();
-    assert_eq!(r.0, 200);
-    assert_eq!(r.2.lines().count(), 4, "{}", r.2);
+    // Streaming bodies pass through chunk by chunk: the first chunk arrives
+    // alone, 300 ms before the next is even written (a proxy that buffered
+    // the body would hand over all four at once).
+    let resp =
+        Req::get(mesh.caller.outbound, "inference", "/stream?chunks=4&gap_ms=300").open_on(&client).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = loop {
+        match body.frame().await.expect("a first frame").unwrap().into_data() {
+            Ok(d) if !d.is_empty() => break d,
+            _ => continue,
+        }
+    };
+    assert_eq!(String::from_utf8_lossy(&first).lines().count(), 1, "{first:?}");
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&rest).lines().count(), 3, "{rest:?}");
 
-    // The request shows in the sidecars' metrics.
+    // The request shows in the sidecars' metrics; latencies are histograms
+    // (buckets can be summed across instances, quantiles cannot), with
+    // buckets below a millisecond.
     let m = mesh.caller.metrics().await;
     assert!(m.contains("weft_requests_total{direction=\"outbound\",service=\"inference\""), "{m}");
+    let bucket = "weft_request_duration_seconds_bucket{direction=\"outbound\",service=\"inference\",le=\"0.00025\"}";
+    assert!(m.contains(bucket), "{m}");
+    assert!(metric(&m, "weft_request_duration_seconds_count", &["direction=\"outbound\""]) >= 5.0, "{m}");
+    assert!(!m.contains("quantile="), "{m}");
+    let m = mesh.control.metrics().await;
+    assert!(m.contains("weft_control_push_seconds_bucket{le=\"0.0001\"}"), "{m}");
+    assert!(metric(&m, "weft_control_push_seconds_count", &[]) >= 1.0, "{m}");
 }
 
 /// Sends a raw absolute-form request line.
@@ -129,7 +151,7 @@ rules:
       - { subset: { version: v2 }, weight: 1 }
   - match: { method: DELETE }
     backends:
-      - { subset: { version: v1 }, weight: 1 }
+      - { subset: { version: v2 }, weight: 1 }
   - backends:
       - { subset: { version: v1 }, weight: 90 }
       - { subset: { version: v2 }, weight: 10 }
@@ -152,6 +174,12 @@ rules:
     for _ in 0..20 {
         let r = send(&client, mesh.caller.outbound, "inference", "/canary/x", &[("x-model", "large")]).await.unwrap();
         assert_eq!(served_by(&r), "inference/v2");
+    }
+    // A DELETE matches its own rule: v2 every time (the catch-all would
+    // send it to v2 one time in ten).
+    for _ in 0..20 {
+        let r = Req::get(mesh.caller.outbound, "inference", "/split").method("DELETE").send_on(&client).await.unwrap();
+        assert_eq!(served_by(&r), "inference/v2", "{r:?}");
     }
     // Header absent: the catch-all rule, so v1 most of the time; never a 404.
     let mut seen_v1 = false;

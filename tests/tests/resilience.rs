@@ -4,83 +4,44 @@
 
 use std::time::Duration;
 
-use harness::{Backend, Control, Etcd, Sidecar, apply, eventually, pooled_client, send, served_by};
+use harness::{App, Bed, Req, Topology, apply, degraded, eventually, metric, pooled_client, send, served_by};
 
-/// etcd, a control plane, `inference` v1 (healthy) and v2 (answers 503),
-/// `inference-lite`, and a caller sidecar.
-struct Bed {
-    _etcd: Etcd,
-    control: Control,
-    _apps: Vec<Backend>,
-    _sidecars: Vec<Sidecar>,
-    caller: Sidecar,
+/// `inference` v1 (healthy) and v2 (answers 503), `inference-lite`, and a
+/// caller.
+async fn bed() -> Bed {
+    Topology::new()
+        .instances("inference", &["v1"])
+        .instances("inference", &["v2"])
+        .app(App::Failing(503))
+        .instances("inference-lite", &["v1"])
+        .start()
+        .await
 }
 
-impl Bed {
-    async fn start() -> Bed {
-        let etcd = Etcd::start().await;
-        let control = Control::start(&etcd, 5).await;
-        let urls = [control.url()];
-        let v1 = Backend::http("inference", "v1").await;
-        let v2 = Backend::failing("inference", "v2", 503).await;
-        let lite = Backend::http("inference-lite", "v1").await;
-        let app = Backend::http("agent", "v1").await;
-        let (s1, s2, s3, caller) = tokio::join!(
-            Sidecar::start(&urls, "inference", "version=v1", v1.addr, "res-v1"),
-            Sidecar::start(&urls, "inference", "version=v2", v2.addr, "res-v2"),
-            Sidecar::start(&urls, "inference-lite", "version=v1", lite.addr, "res-lite"),
-            Sidecar::start(&urls, "agent", "", app.addr, "res-agent"),
-        );
-        let _ = send(&pooled_client(), caller.outbound, "inference", "/", &[]).await;
-        let _ = send(&pooled_client(), caller.outbound, "inference-lite", "/", &[]).await;
-        let c = &caller;
-        eventually("caller sees inference v1 and v2", Duration::from_secs(20), || async move {
-            c.endpoint_addrs("inference").await.len() == 2 && c.endpoint_addrs("inference-lite").await.len() == 1
-        })
-        .await;
-        Bed { _etcd: etcd, control, _apps: vec![v1, v2, lite, app], _sidecars: vec![s1, s2, s3], caller }
-    }
-
-    async fn call(&self, method: &str, headers: &[(&str, &str)]) -> harness::Response {
-        let client = pooled_client();
-        let mut b = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{}/run", self.caller.outbound))
-            .header("host", "inference");
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let req = b.body(http_body_util::Full::new(bytes::Bytes::from_static(b"{\"prompt\":\"hi\"}"))).unwrap();
-        let resp = client.request(req).await.unwrap();
-        let (parts, body) = resp.into_parts();
-        let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
-        (parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into())
-    }
+/// A call to `inference` with a small JSON body.
+async fn call(bed: &Bed, method: &str, headers: &[(&str, &str)]) -> harness::Response {
+    Req::post(bed.caller.sidecar.outbound, "inference", "/run", &b"{\"prompt\":\"hi\"}"[..])
+        .method(method)
+        .headers(headers)
+        .send()
+        .await
+        .unwrap()
 }
 
-fn degraded(r: &harness::Response) -> String {
-    r.1.get("x-weft-degraded").and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
-}
-
-/// The value of a Prometheus counter line that contains every `needle`.
 fn counter(metrics: &str, name: &str, needles: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric(metrics, name, needles)
 }
 
 const SPLIT_WITH_RETRY: &str = "kind: Route\nservice: inference\nrules:\n  - backends:\n      - { subset: { version: v1 }, weight: 50 }\n      - { subset: { version: v2 }, weight: 50 }\n    retry: { attempts: 2, on: [5xx] }\n---\nkind: Resilience\nservice: inference\nretry_budget: { ratio: 1.0, min_per_second: 100 }\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_turn_failures_into_degraded_successes_only_when_safe() {
-    let bed = Bed::start().await;
+    let bed = bed().await;
     apply(&bed.control.url(), SPLIT_WITH_RETRY).await;
 
     let mut retried = 0;
     for _ in 0..40 {
-        let r = bed.call("GET", &[]).await;
+        let r = call(&bed, "GET", &[]).await;
         assert_eq!(r.0, 200, "a GET is retried onto the healthy instance: {r:?}");
         assert_eq!(served_by(&r), "inference/v1");
         if degraded(&r) == "retry=1" {
@@ -95,7 +56,7 @@ async fn retries_turn_failures_into_degraded_successes_only_when_safe() {
     // A POST is not idempotent: no retry, the 503 reaches the caller.
     let mut failed = 0;
     for _ in 0..30 {
-        let r = bed.call("POST", &[]).await;
+        let r = call(&bed, "POST", &[]).await;
         if r.0 == 503 {
             failed += 1;
             assert_eq!(degraded(&r), "", "{r:?}");
@@ -104,36 +65,39 @@ async fn retries_turn_failures_into_degraded_successes_only_when_safe() {
     assert!(failed >= 5, "POSTs should not be retried, yet {failed} of 30 failed");
     // With an idempotency-key it is retried, the key and body kept.
     for _ in 0..20 {
-        let r = bed.call("POST", &[("idempotency-key", "k-123")]).await;
+        let r = call(&bed, "POST", &[("idempotency-key", "k-123")]).await;
         assert_eq!(r.0, 200, "{r:?}");
         assert_eq!(r.1["echo-idempotency-key"], "k-123", "the key is kept on every try");
         assert!(r.2.contains("\"request_bytes\":15"), "body replayed whole: {}", r.2);
     }
 
-    let m = bed.caller.metrics().await;
+    let m = bed.caller.sidecar.metrics().await;
     assert!(counter(&m, "weft_retries_total", &["service=\"inference\""]) >= 8.0, "{m}");
     assert!(counter(&m, "weft_requests_total", &["degraded=\"true\"", "code=\"200\""]) >= 8.0, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_budget_caps_retries_during_an_outage() {
-    let bed = Bed::start().await;
+    let bed = bed().await;
     // Only the failing v2; a budget of 10 % of requests and no floor.
     apply(
         &bed.control.url(),
         "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v2 }, weight: 1 } ]\n    retry: { attempts: 3, on: [5xx] }\n---\nkind: Resilience\nservice: inference\nretry_budget: { ratio: 0.1, min_per_second: 0 }\n",
     )
     .await;
+    let before = bed.instance("inference", "v2").app.mode.hits();
     for _ in 0..100 {
-        let r = bed.call("GET", &[]).await;
+        let r = call(&bed, "GET", &[]).await;
         assert_eq!(r.0, 503);
     }
-    let m = bed.caller.metrics().await;
+    let m = bed.caller.sidecar.metrics().await;
     let retries = counter(&m, "weft_retries_total", &["service=\"inference\""]);
     // Without a budget this would be 300 retries (3 per call). With it: 10 %
-    // of the calls, plus at most the budget's cap (10) banked before.
-    assert!(retries <= 21.0, "{retries} retries for 100 calls");
-    println!("retries during the outage: {retries} for 100 calls");
+    // of the calls, plus at most the budget's cap (10) banked before; and
+    // no fewer than the 10 % (a sidecar that never retries fails here).
+    assert!((10.0..=21.0).contains(&retries), "{retries} retries for 100 calls");
+    let hits = bed.instance("inference", "v2").app.mode.hits() - before;
+    assert_eq!(hits as f64, 100.0 + retries, "every retry reached the app");
 }
 
 /// A gRPC stream that ends UNAVAILABLE in its trailers, after messages,
@@ -141,30 +105,13 @@ async fn retry_budget_caps_retries_during_an_outage() {
 /// that end OK do not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_status_in_trailers_counts_for_the_breaker() {
-    let etcd = Etcd::start().await;
-    let control = Control::start(&etcd, 5).await;
-    let urls = [control.url()];
-    let (v1, v2, app) = (
-        Backend::grpc("inference", "v1").await,
-        Backend::grpc("inference", "v2").await,
-        Backend::http("agent", "v1").await,
-    );
-    let (_s1, _s2, caller) = tokio::join!(
-        Sidecar::start(&urls, "inference", "version=v1", v1.addr, "gt-v1"),
-        Sidecar::start(&urls, "inference", "version=v2", v2.addr, "gt-v2"),
-        Sidecar::start(&urls, "agent", "", app.addr, "gt-agent"),
-    );
+    let bed = Topology::new().instances("inference", &["v1", "v2"]).app(App::Grpc).start().await;
     apply(
-        &control.url(),
+        &bed.control_url(),
         "kind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 3, base_ejection: 30s, max_ejection_percent: 50 }\n",
     )
     .await;
-    let _ = send(&pooled_client(), caller.outbound, "inference", "/", &[]).await;
-    let c = &caller;
-    eventually("caller sees both instances", Duration::from_secs(20), || async move {
-        c.endpoint_addrs("inference").await.len() == 2
-    })
-    .await;
+    let caller = &bed.caller.sidecar;
     let client = harness::inference_client(caller.outbound, "http://inference").await;
     let stream = |prompt: &str| {
         let req = harness::example_pb::InferRequest { prompt: prompt.into(), tokens: 2 };
@@ -203,7 +150,7 @@ async fn grpc_status_in_trailers_counts_for_the_breaker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_ejects_the_failing_instance_and_fallback_answers_when_nothing_is_left() {
-    let bed = Bed::start().await;
+    let bed = bed().await;
     apply(
         &bed.control.url(),
         "kind: Route\nservice: inference\nrules:\n  - backends:\n      - { subset: { version: v1 }, weight: 50 }\n      - { subset: { version: v2 }, weight: 50 }\n    retry: { attempts: 1, on: [5xx] }\n---\nkind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 3, base_ejection: 30s, max_ejection_percent: 50 }\nretry_budget: { ratio: 1.0, min_per_second: 100 }\n",
@@ -211,16 +158,16 @@ async fn breaker_ejects_the_failing_instance_and_fallback_answers_when_nothing_i
     .await;
     let b = &bed;
     eventually("v2 is ejected", Duration::from_secs(20), || async move {
-        let r = b.call("GET", &[]).await;
+        let r = call(b, "GET", &[]).await;
         assert_eq!(r.0, 200, "{r:?}");
-        counter(&b.caller.metrics().await, "weft_breaker_ejections_total", &["service=\"inference\""]) >= 1.0
+        counter(&b.caller.sidecar.metrics().await, "weft_breaker_ejections_total", &["service=\"inference\""]) >= 1.0
     })
     .await;
     // While v2 is out, every call goes straight to v1 with no retry; those the
     // 50/50 split would have sent to v2 are marked "breaker".
     let mut marked = 0;
     for _ in 0..40 {
-        let r = bed.call("GET", &[]).await;
+        let r = call(&bed, "GET", &[]).await;
         assert_eq!((r.0, served_by(&r).as_str()), (200, "inference/v1"));
         match degraded(&r).as_str() {
             "breaker" => marked += 1,
@@ -239,13 +186,13 @@ async fn breaker_ejects_the_failing_instance_and_fallback_answers_when_nothing_i
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let tp = format!("00-{trace}-b7ad6b7169203331-01");
     for _ in 0..5 {
-        let r = bed.call("POST", &[("traceparent", &tp)]).await;
+        let r = call(&bed, "POST", &[("traceparent", &tp)]).await;
         assert_eq!(r.0, 200, "{r:?}");
         assert_eq!(served_by(&r), "inference-lite/v1");
         assert!(degraded(&r).contains("fallback=inference-lite"), "{r:?}");
         assert!(r.1["tracestate"].to_str().unwrap().contains("fallback:inference-lite"), "{r:?}");
     }
-    let r = harness::get(bed.caller.outbound, "inference", "/other").await.unwrap();
+    let r = harness::get(bed.caller.sidecar.outbound, "inference", "/other").await.unwrap();
     assert_eq!(r.0, 200);
     assert_eq!(r.2, "cached answer");
     assert!(degraded(&r).contains("fallback=static"), "{r:?}");
@@ -264,41 +211,51 @@ async fn breaker_ejects_the_failing_instance_and_fallback_answers_when_nothing_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_max_concurrent_requests_calls_fail_fast_as_shed() {
-    let bed = Bed::start().await;
+    let bed = bed().await;
     apply(
         &bed.control.url(),
         "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v1 }, weight: 1 } ]\n---\nkind: Resilience\nservice: inference\nmax_concurrent_requests: 2\n",
     )
     .await;
-    let outbound = bed.caller.outbound;
-    // Four calls of 1.5 s at once against a cap of two.
-    let slow: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(async move { harness::get(outbound, "inference", "/?sleep_ms=1500").await }))
-        .collect();
-    let (mut ok, mut shed) = (0, 0);
-    for t in slow {
-        let r = t.await.unwrap().unwrap();
-        match r.0 {
-            200 => ok += 1,
-            503 => {
-                assert_eq!(r.1["x-weft-error"], "overloaded");
-                assert_eq!(degraded(&r), "shed");
-                shed += 1;
-            }
-            _ => panic!("unexpected answer {r:?}"),
-        }
+    let outbound = bed.caller.sidecar.outbound;
+    let v1 = &bed.instance("inference", "v1").app;
+    // The app holds every call it gets: two calls fill the cap of two...
+    let before = v1.mode.hits();
+    v1.mode.hang.store(true, std::sync::atomic::Ordering::Relaxed);
+    let held: Vec<_> = (0..2).map(|_| tokio::spawn(harness::get(outbound, "inference", "/held"))).collect();
+    eventually("both calls reach the app", Duration::from_secs(10), || async move { v1.mode.hits() == before + 2 })
+        .await;
+    // ...and the next ones fail at once while those two are still held: a
+    // call that queued, or was admitted, would wait for the app forever.
+    for _ in 0..5 {
+        let r = tokio::time::timeout(Duration::from_secs(5), harness::get(outbound, "inference", "/more"))
+            .await
+            .expect("a call over the cap answers without waiting for the calls in flight")
+            .unwrap();
+        assert_eq!(r.0, 503, "{r:?}");
+        assert_eq!(r.1["x-weft-error"], "overloaded");
+        assert_eq!(degraded(&r), "shed");
     }
-    assert!(ok >= 1 && shed >= 1, "{ok} admitted, {shed} shed: the cap of 2 was not applied");
-    let m = bed.caller.metrics().await;
-    assert!(counter(&m, "weft_requests_total", &["code=\"503\"", "degraded=\"true\""]) >= 1.0, "{m}");
+    assert_eq!(v1.mode.hits(), before + 2, "no call over the cap reached the app");
+    assert!(held.iter().all(|t| !t.is_finished()), "the two calls in the cap are still in flight");
+    let m = bed.caller.sidecar.metrics().await;
+    assert_eq!(counter(&m, "weft_requests_total", &["code=\"503\"", "degraded=\"true\""]), 5.0, "{m}");
+    // The callers give up: their calls are cancelled, the capacity is back.
+    for t in held {
+        t.abort();
+    }
+    v1.mode.heal();
     let client = pooled_client();
-    let r = send(&client, outbound, "inference", "/", &[]).await.unwrap();
-    assert_eq!(r.0, 200, "capacity is back once the slow calls finish");
+    eventually("capacity is back once the held calls are gone", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move { send(&client, outbound, "inference", "/", &[]).await.is_ok_and(|r| r.0 == 200) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_faults_are_retried_or_time_out_and_degraded_calls_are_listed_by_weftctl_traces() {
-    let bed = Bed::start().await;
+    let bed = bed().await;
     apply(
         &bed.control.url(),
         r#"
@@ -324,7 +281,7 @@ retry_budget: { ratio: 1.0, min_per_second: 100 }
     let client = pooled_client();
     // Without the header: no fault.
     for _ in 0..10 {
-        let r = send(&client, bed.caller.outbound, "inference", "/flaky", &[]).await.unwrap();
+        let r = send(&client, bed.caller.sidecar.outbound, "inference", "/flaky", &[]).await.unwrap();
         assert_eq!((r.0, degraded(&r).as_str()), (200, ""), "{r:?}");
     }
     // With it, 30 % of tries abort; retries turn them into successes (all ten
@@ -333,17 +290,23 @@ retry_budget: { ratio: 1.0, min_per_second: 100 }
     for i in 0..60 {
         let trace = format!("{:032x}", 0xabc000 + i);
         let tp = format!("00-{trace}-00f067aa0ba902b7-01");
-        let r = send(&client, bed.caller.outbound, "inference", "/flaky", &[("x-chaos", "1"), ("traceparent", &tp)])
-            .await
-            .unwrap();
-        assert_eq!(r.0, 200, "{r:?} {}", bed.caller.config().await);
+        let r = send(
+            &client,
+            bed.caller.sidecar.outbound,
+            "inference",
+            "/flaky",
+            &[("x-chaos", "1"), ("traceparent", &tp)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.0, 200, "{r:?} {}", bed.caller.sidecar.config().await);
         if degraded(&r).starts_with("retry=") {
             retried_traces.push(trace);
         }
     }
     assert!(retried_traces.len() >= 5, "only {} of 60 calls needed a retry", retried_traces.len());
     // A delay longer than the route timeout: 504, marked timeout.
-    let r = send(&client, bed.caller.outbound, "inference", "/slow", &[]).await.unwrap();
+    let r = send(&client, bed.caller.sidecar.outbound, "inference", "/slow", &[]).await.unwrap();
     assert_eq!(r.0, 504, "{r:?}");
     assert_eq!(degraded(&r), "timeout");
 
@@ -371,23 +334,14 @@ retry_budget: { ratio: 1.0, min_per_second: 100 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_prefer_their_region_and_spill_over_when_it_has_no_ready_endpoint() {
-    let etcd = Etcd::start().await;
-    let control = Control::start(&etcd, 5).await;
-    let urls = [control.url()];
-    let east = Backend::http("inference", "east").await;
-    let west = Backend::http("inference", "west").await;
-    let app = Backend::http("agent", "v1").await;
-    let (_e, _w, caller) = tokio::join!(
-        Sidecar::start(&urls, "inference", "region=east", east.addr, "reg-east"),
-        Sidecar::start(&urls, "inference", "region=west", west.addr, "reg-west"),
-        Sidecar::start(&urls, "agent", "region=east", app.addr, "reg-agent"),
-    );
-    let _ = send(&pooled_client(), caller.outbound, "inference", "/", &[]).await;
-    let c = &caller;
-    eventually("caller sees both regions", Duration::from_secs(20), || async move {
-        c.endpoint_addrs("inference").await.len() == 2
-    })
-    .await;
+    let bed = Topology::new()
+        .instance("inference", "version=east,region=east")
+        .instance("inference", "version=west,region=west")
+        .caller("agent", "region=east", &[])
+        .start()
+        .await;
+    let (caller, c) = (&bed.caller.sidecar, &bed.caller.sidecar);
+    let east = &bed.instance("inference", "east").app;
     let client = pooled_client();
     for _ in 0..30 {
         let r = send(&client, caller.outbound, "inference", "/", &[]).await.unwrap();
@@ -398,7 +352,7 @@ async fn callers_prefer_their_region_and_spill_over_when_it_has_no_ready_endpoin
         let cfg = c.config().await;
         cfg["services"]["inference"]["endpoints"]
             .as_array()
-            .is_some_and(|e| e.iter().any(|e| e["proxy_id"] == "reg-east" && e["ready"] == false))
+            .is_some_and(|e| e.iter().any(|e| e["proxy_id"] == "inference-east" && e["ready"] == false))
     })
     .await;
     for _ in 0..10 {
@@ -409,23 +363,23 @@ async fn callers_prefer_their_region_and_spill_over_when_it_has_no_ready_endpoin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_served_while_the_control_plane_is_away_are_marked_stale_config() {
-    let mut bed = Bed::start().await;
+    let mut bed = bed().await;
     apply(
         &bed.control.url(),
         "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v1 }, weight: 1 } ]\n",
     )
     .await;
-    let r = harness::get(bed.caller.outbound, "inference", "/").await.unwrap();
+    let r = harness::get(bed.caller.sidecar.outbound, "inference", "/").await.unwrap();
     assert_eq!(degraded(&r), "");
     bed.control.kill().await;
-    let c = &bed.caller;
+    let c = &bed.caller.sidecar;
     eventually(
         "caller notices",
         Duration::from_secs(20),
         || async move { c.config().await["control_connected"] == false },
     )
     .await;
-    let r = harness::get(bed.caller.outbound, "inference", "/").await.unwrap();
+    let r = harness::get(bed.caller.sidecar.outbound, "inference", "/").await.unwrap();
     assert_eq!(r.0, 200);
     assert_eq!(degraded(&r), "stale-config");
 }

@@ -5,61 +5,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use harness::{Backend, Control, Etcd, Sidecar, apply, eventually, pooled_client, send, served_by};
+use harness::{Bed, Topology, apply, eventually, pooled_client, send, served_by};
 
-struct Bed {
-    _etcd: Etcd,
-    control: Control,
-    urls: Vec<String>,
-    apps: Vec<Backend>,
-    sidecars: Vec<Sidecar>,
-    caller: Sidecar,
-    _caller_app: Backend,
-}
-
-impl Bed {
-    async fn start(versions: &[&str], caller_args: &[&str]) -> Bed {
-        let etcd = Etcd::start().await;
-        let control = Control::start(&etcd, 5).await;
-        let urls = vec![control.url()];
-        let caller_app = Backend::http("agent", "v1").await;
-        let caller = Sidecar::start_with(&urls, "agent", "", caller_app.addr, "t-agent", caller_args).await;
-        let mut bed =
-            Bed { _etcd: etcd, control, urls, apps: Vec::new(), sidecars: Vec::new(), caller, _caller_app: caller_app };
-        for v in versions {
-            bed.add_instance(v).await;
-        }
-        bed
+/// `inference` instances of the given versions and a caller with these
+/// flags; every sidecar sees every instance (limits are shared out by the
+/// number of instances).
+async fn bed(versions: &[&str], caller_args: &[&str]) -> Bed {
+    let bed = Topology::new().instances("inference", versions).caller("agent", "", caller_args).start().await;
+    for i in bed.of("inference") {
+        harness::topology::wait_ready_endpoints(&i.sidecar, "inference", versions.len()).await;
     }
-
-    /// Starts one more `inference` instance and waits until the caller and
-    /// every inference sidecar see all instances ready.
-    async fn add_instance(&mut self, version: &str) {
-        let app = Backend::http("inference", version).await;
-        let id = format!("t-inf-{}", self.apps.len());
-        self.sidecars.push(Sidecar::start(&self.urls, "inference", &format!("version={version}"), app.addr, &id).await);
-        self.apps.push(app);
-        let _ = send(&pooled_client(), self.caller.outbound, "inference", "/", &[]).await;
-        let n = self.apps.len();
-        for s in self.sidecars.iter().chain(std::iter::once(&self.caller)) {
-            eventually(
-                &format!("{} sees {n} ready inference instances", s.id),
-                Duration::from_secs(20),
-                || async move {
-                    let cfg = s.config().await;
-                    cfg["services"]["inference"]["endpoints"]
-                        .as_array()
-                        .is_some_and(|e| e.iter().filter(|e| e["ready"] == true).count() == n)
-                },
-            )
-            .await;
-        }
-    }
+    bed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_route_pins_the_tenant_to_a_canary_by_a_configurable_header() {
-    let bed = Bed::start(&["v1", "v2"], &["--tenant-header", "x-org"]).await;
+    let bed = bed(&["v1", "v2"], &["--tenant-header", "x-org"]).await;
     apply(
         &bed.control.url(),
         "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: { version: v1 }, weight: 1 } ]\n---\nkind: Route\nservice: inference\ntenant: acme\nrules:\n  - match: { headers: { x-model: large } }\n    backends: [ { subset: { version: v2 }, weight: 1 } ]\n  - backends: [ { subset: { version: v1 }, weight: 1 } ]\n",
@@ -67,24 +28,32 @@ async fn a_tenant_route_pins_the_tenant_to_a_canary_by_a_configurable_header() {
     .await;
     let client = pooled_client();
     for _ in 0..10 {
-        let acme = send(&client, bed.caller.outbound, "inference", "/", &[("x-org", "acme"), ("x-model", "large")])
-            .await
-            .unwrap();
-        assert_eq!(served_by(&acme), "inference/v2");
-        let acme_small = send(&client, bed.caller.outbound, "inference", "/", &[("x-org", "acme")]).await.unwrap();
-        assert_eq!(served_by(&acme_small), "inference/v1");
-        let globex = send(&client, bed.caller.outbound, "inference", "/", &[("x-org", "globex"), ("x-model", "large")])
-            .await
-            .unwrap();
-        assert_eq!(served_by(&globex), "inference/v1");
-        // x-tenant-id is not the tenant header of this sidecar.
-        let other =
-            send(&client, bed.caller.outbound, "inference", "/", &[("x-tenant-id", "acme"), ("x-model", "large")])
+        let acme =
+            send(&client, bed.caller.sidecar.outbound, "inference", "/", &[("x-org", "acme"), ("x-model", "large")])
                 .await
                 .unwrap();
+        assert_eq!(served_by(&acme), "inference/v2");
+        let acme_small =
+            send(&client, bed.caller.sidecar.outbound, "inference", "/", &[("x-org", "acme")]).await.unwrap();
+        assert_eq!(served_by(&acme_small), "inference/v1");
+        let globex =
+            send(&client, bed.caller.sidecar.outbound, "inference", "/", &[("x-org", "globex"), ("x-model", "large")])
+                .await
+                .unwrap();
+        assert_eq!(served_by(&globex), "inference/v1");
+        // x-tenant-id is not the tenant header of this sidecar.
+        let other = send(
+            &client,
+            bed.caller.sidecar.outbound,
+            "inference",
+            "/",
+            &[("x-tenant-id", "acme"), ("x-model", "large")],
+        )
+        .await
+        .unwrap();
         assert_eq!(served_by(&other), "inference/v1");
     }
-    let m = bed.caller.metrics().await;
+    let m = bed.caller.sidecar.metrics().await;
     assert!(m.contains("tenant=\"acme\"") && m.contains("tenant=\"globex\""), "{m}");
 }
 
@@ -120,7 +89,7 @@ async fn offer(outbound: std::net::SocketAddr, tenant: &'static str, rate: u64, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_is_a_global_figure_shared_out_across_1_3_and_5_instances() {
-    let mut bed = Bed::start(&["v1"], &[]).await;
+    let mut bed = bed(&["v1"], &[]).await;
     apply(
         &bed.control.url(),
         "kind: TenantPolicy\ntenant: acme\nservice: inference\nrate_limit: { requests_per_second: 40, burst: 10 }\n",
@@ -129,14 +98,14 @@ async fn a_rate_limit_is_a_global_figure_shared_out_across_1_3_and_5_instances()
     let (rate, secs, limit, burst) = (120, 4, 40.0, 10.0);
     let mut report = Vec::new();
     for target in [1usize, 3, 5] {
-        while bed.apps.len() < target {
-            bed.add_instance("v1").await;
+        while bed.of("inference").count() < target {
+            bed.add("inference", "version=v1", &[]).await;
         }
         // Buckets are full again by now: globex's second of load below (and
         // starting instances) gives every acme bucket at least a second at
         // 40/s / n, more than its capacity of 10 / n.
         let started = Instant::now();
-        let (ok, shed) = offer(bed.caller.outbound, "acme", rate, secs).await;
+        let (ok, shed) = offer(bed.caller.sidecar.outbound, "acme", rate, secs).await;
         let elapsed = started.elapsed().as_secs_f64();
         // What a perfect limiter admits: the rate over the run plus one burst.
         let ideal = limit * elapsed + burst;
@@ -147,7 +116,7 @@ async fn a_rate_limit_is_a_global_figure_shared_out_across_1_3_and_5_instances()
         ));
         assert!(error.abs() <= 0.25, "{}", report.join("; "));
         // Another tenant is not limited.
-        let (other_ok, other_shed) = offer(bed.caller.outbound, "globex", 60, 1).await;
+        let (other_ok, other_shed) = offer(bed.caller.sidecar.outbound, "globex", 60, 1).await;
         assert_eq!((other_ok, other_shed), (60, 0));
     }
     println!("{}", report.join("\n"));
@@ -155,13 +124,13 @@ async fn a_rate_limit_is_a_global_figure_shared_out_across_1_3_and_5_instances()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenants_flood_does_not_hurt_another_tenant() {
-    let bed = Bed::start(&["gpu"], &[]).await;
+    let bed = bed(&["gpu"], &[]).await;
     // A model server that runs 4 calls at once, 30 ms each.
-    bed.apps[0].mode.set_capacity(4);
-    bed.apps[0].mode.latency_ms.store(30, Ordering::Relaxed);
+    bed.instances[0].app.mode.set_capacity(4);
+    bed.instances[0].app.mode.latency_ms.store(30, Ordering::Relaxed);
     apply(&bed.control.url(), "kind: TenantPolicy\ntenant: tenant-a\nservice: inference\nmax_concurrent_requests: 2\n")
         .await;
-    let outbound = bed.caller.outbound;
+    let outbound = bed.caller.sidecar.outbound;
     let b_calls = |n: usize| async move {
         let client = pooled_client();
         let mut lat = Vec::new();
@@ -173,9 +142,9 @@ async fn one_tenants_flood_does_not_hurt_another_tenant() {
             ok += usize::from(r.0 == 200);
         }
         lat.sort();
-        (ok, lat[(lat.len() * 99).div_ceil(100) - 1])
+        (ok, lat[lat.len() / 2])
     };
-    let (alone_ok, alone_p99) = b_calls(60).await;
+    let (alone_ok, alone_p50) = b_calls(60).await;
 
     // Tenant A floods with 20 callers: 10 × its limit.
     let stop = Arc::new(AtomicBool::new(false));
@@ -202,20 +171,26 @@ async fn one_tenants_flood_does_not_hurt_another_tenant() {
         async move { a.load(Ordering::Relaxed) > 0 }
     })
     .await;
-    let (flood_ok, flood_p99) = b_calls(60).await;
+    let app = &bed.instances[0].app;
+    let queued = app.mode.queued.load(Ordering::Relaxed);
+    let (flood_ok, flood_p50) = b_calls(60).await;
+    // Tenant A holds at most its 2 slots and B calls one at a time: the
+    // model server's 4 are never all taken, so B never waits for A. Without
+    // the limit, A's 20 callers would keep the server's queue full.
+    let queued_under_flood = app.mode.queued.load(Ordering::Relaxed) - queued;
     stop.store(true, Ordering::Relaxed);
     for f in flood {
         f.await.unwrap();
     }
     println!(
-        "tenant B alone: {alone_ok}/60 ok, p99 {alone_p99:?}; under A's flood: {flood_ok}/60 ok, p99 {flood_p99:?} ({:.2}x); A admitted {}, shed {}",
-        flood_p99.as_secs_f64() / alone_p99.as_secs_f64(),
+        "tenant B alone: {alone_ok}/60 ok, median {alone_p50:?}; under A's flood: {flood_ok}/60 ok, median {flood_p50:?}; A admitted {}, shed {}; calls that queued at the app: {queued_under_flood}",
         a_ok.load(Ordering::Relaxed),
         a_shed.load(Ordering::Relaxed)
     );
     assert_eq!((alone_ok, flood_ok), (60, 60), "tenant B's success rate changed");
-    assert!(flood_p99 <= alone_p99 * 4, "tenant B's p99 went from {alone_p99:?} to {flood_p99:?}");
-    let m = bed.sidecars[0].metrics().await;
+    assert_eq!(queued_under_flood, 0, "calls waited for the model server: tenant A took more than its share");
+    assert!(a_ok.load(Ordering::Relaxed) > 0, "tenant A was admitted within its limit");
+    let m = bed.instances[0].sidecar.metrics().await;
     assert!(
         m.contains("weft_tenant_shed_total{service=\"inference\",tenant=\"tenant-a\",reason=\"tenant-concurrency\"}"),
         "{m}"
@@ -224,28 +199,28 @@ async fn one_tenants_flood_does_not_hurt_another_tenant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_quota_sheds_once_the_tenants_tokens_for_the_minute_are_spent() {
-    let bed = Bed::start(&["llm"], &[]).await;
-    bed.apps[0].mode.usage_tokens.store(30, Ordering::Relaxed);
+    let bed = bed(&["llm"], &[]).await;
+    bed.instances[0].app.mode.usage_tokens.store(30, Ordering::Relaxed);
     apply(&bed.control.url(), "kind: TenantPolicy\ntenant: acme\nservice: inference\ntokens_per_minute: 100\n---\nkind: TenantPolicy\ntenant: initech\nservice: '*'\ntokens_per_minute: 50\n").await;
     let client = pooled_client();
     // 30 tokens a call: 0, 30, 60, 90 used before calls 1-4; the 5th is shed.
     for i in 0..4 {
-        let r = send(&client, bed.caller.outbound, "inference", "/", &[("x-tenant-id", "acme")]).await.unwrap();
+        let r = send(&client, bed.caller.sidecar.outbound, "inference", "/", &[("x-tenant-id", "acme")]).await.unwrap();
         assert_eq!(r.0, 200, "call {i}: {r:?}");
     }
-    let r = send(&client, bed.caller.outbound, "inference", "/", &[("x-tenant-id", "acme")]).await.unwrap();
+    let r = send(&client, bed.caller.sidecar.outbound, "inference", "/", &[("x-tenant-id", "acme")]).await.unwrap();
     assert_eq!(r.0, 429, "{r:?}");
     assert_eq!(r.1["x-weft-error"], "token-quota");
     assert_eq!(r.1["x-weft-degraded"], "shed");
     // Other tenants are unaffected.
-    let r = send(&client, bed.caller.outbound, "inference", "/", &[("x-tenant-id", "globex")]).await.unwrap();
+    let r = send(&client, bed.caller.sidecar.outbound, "inference", "/", &[("x-tenant-id", "globex")]).await.unwrap();
     assert_eq!(r.0, 200);
 
     // Usage reported in a trailer (HTTP/2, streamed answer) counts too.
     let mut statuses = Vec::new();
     for _ in 0..3 {
         let r = harness::h2_send(
-            bed.caller.outbound,
+            bed.caller.sidecar.outbound,
             "inference",
             "/stream?chunks=2&gap_ms=1",
             &[("x-tenant-id", "initech")],

@@ -48,6 +48,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.lease_ttl >= 1, "--lease-ttl must be at least 1 second");
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("weft_control_push_seconds".into()),
+            weft_control::discovery::PUSH_SECONDS_BUCKETS,
+        )
+        .context("setting the push duration buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     let tokens = match &args.tokens {
