@@ -213,31 +213,53 @@ impl Admin for AdminService {
     }
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        auth::require_admin(&auth::role(&request), "see the status of every sidecar")?;
+        let role = auth::role(&request);
+        let services = request.into_inner().services;
+        for s in &services {
+            if s != "*" {
+                weft_policy::names::check_service("services", s).map_err(Status::invalid_argument)?;
+            }
+        }
+        // A tenant sees the sidecars its changes reach, to wait for them
+        // (`apply --wait`); only an admin sees the whole mesh.
+        let tenant = match &role {
+            auth::Role::Tenant(t) if !services.is_empty() => Some(t.as_str()),
+            _ => {
+                auth::require_admin(&role, "see the status of every sidecar")?;
+                None
+            }
+        };
         let revision = self.store.ping().await.map_err(store_status)?;
         let recs = self.store.proxies().await.map_err(store_status)?;
+        let in_scope = |subs: &[String]| services.is_empty() || services.iter().any(|s| s == "*" || subs.contains(s));
+        let rejected = self
+            .snapshots
+            .borrow()
+            .rejected
+            .iter()
+            .filter(|(resource, _)| tenant.is_none_or(|t| auth::owned_by(resource, t)))
+            .map(|(resource, (revision, reason))| pb::RejectedResource {
+                resource: resource.clone(),
+                revision: *revision,
+                reason: reason.clone(),
+            })
+            .collect();
         Ok(Response::new(pb::StatusResponse {
             revision,
-            rejected: self
-                .snapshots
-                .borrow()
-                .rejected
-                .iter()
-                .map(|(resource, (revision, reason))| pb::RejectedResource {
-                    resource: resource.clone(),
-                    revision: *revision,
-                    reason: reason.clone(),
-                })
-                .collect(),
+            rejected,
             proxies: recs
                 .into_iter()
+                .filter(|r| in_scope(&r.subscriptions))
                 .map(|r| pb::ProxyStatus {
+                    last_nack: match tenant {
+                        Some(t) => auth::redact_nack(&r.last_nack, t),
+                        None => r.last_nack,
+                    },
+                    address: if tenant.is_some() { String::new() } else { r.address },
                     proxy_id: r.proxy_id,
                     service: r.service,
-                    address: r.address,
                     acked_version: r.acked_version,
                     nacked_version: r.nacked_version,
-                    last_nack: r.last_nack,
                     subscriptions: r.subscriptions,
                     control_replica: r.control_replica,
                 })

@@ -122,6 +122,35 @@ pub fn may_read(role: &Role, id: &ResourceId) -> bool {
     }
 }
 
+/// Is the resource named `resource` (as `ResourceId` prints it, e.g.
+/// `route/inference/acme`) the tenant's own?
+pub fn owned_by(resource: &str, tenant: &str) -> bool {
+    let mut parts = resource.split('/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("route"), Some(_), Some(t)) => t == tenant,
+        (Some("tenantpolicy"), Some(t), Some(_)) => t == tenant,
+        _ => false,
+    }
+}
+
+/// A sidecar's last NACK (`resource: reason; ...`) as a tenant may see it:
+/// the reasons about its own resources, and how many others there were.
+pub fn redact_nack(nack: &str, tenant: &str) -> String {
+    if nack.is_empty() {
+        return String::new();
+    }
+    let (own, others): (Vec<&str>, Vec<&str>) =
+        nack.split("; ").partition(|part| part.split_once(": ").is_some_and(|(r, _)| owned_by(r, tenant)));
+    let mut out = own.join("; ");
+    if !others.is_empty() {
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        out.push_str(&format!("{} problem(s) in resources not yours", others.len()));
+    }
+    out
+}
+
 /// Only admins see the whole mesh (status).
 pub fn require_admin(role: &Role, what: &str) -> Result<(), Status> {
     match role {
@@ -149,5 +178,21 @@ mod tests {
         assert!(may_modify(&acme, &shared).unwrap_err().message().contains("every tenant shares"));
         assert!(may_modify(&Role::Admin, &shared).is_ok());
         assert!(!may_read(&acme, &shared) && may_read(&acme, &own));
+    }
+
+    #[test]
+    fn tenants_see_only_their_own_resources_problems() {
+        assert!(owned_by("route/inference/acme", "acme"));
+        assert!(owned_by("tenantpolicy/acme/inference", "acme"));
+        assert!(!owned_by("route/inference", "acme"));
+        assert!(!owned_by("route/inference/globex", "acme"));
+        assert!(!owned_by("resilience/inference", "acme"));
+        let nack = "route/inference/acme: rules[0].backends: weights sum to 0; tenantpolicy/globex/inference: bad; resilience/inference: bad";
+        assert_eq!(
+            redact_nack(nack, "acme"),
+            "route/inference/acme: rules[0].backends: weights sum to 0; 2 problem(s) in resources not yours"
+        );
+        assert_eq!(redact_nack(nack, "initech"), "3 problem(s) in resources not yours");
+        assert_eq!(redact_nack("", "acme"), "");
     }
 }

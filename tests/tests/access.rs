@@ -66,7 +66,7 @@ async fn tenant_tokens_read_and_change_only_their_own_tenant() {
     let del = run(as_(ACME, &["delete", "route", "inference/globex"]), None).await;
     assert!(del.stderr.contains("403: token for tenant acme cannot modify tenant globex"), "{del:?}");
     let status = run(as_(ACME, &["status"]), None).await;
-    assert!(status.stderr.contains("403"), "{status:?}");
+    assert!(status.stderr.contains("403: token for tenant acme cannot see the status of every sidecar"), "{status:?}");
 
     // Sidecars need a proxy (or admin) token.
     let app = Backend::http("inference", "v1").await;
@@ -74,6 +74,15 @@ async fn tenant_tokens_read_and_change_only_their_own_tenant() {
         Sidecar::start_with(std::slice::from_ref(&url), "inference", "", app.addr, "tok-inf", &["--token", PROXY])
             .await;
     assert!(sidecar.config().await["services"]["inference"]["routes"].as_array().is_some_and(|r| r.len() == 3));
+
+    // A tenant waits for its own change to reach the sidecars it affects.
+    let waited = run(
+        as_(ACME, &["apply", "-f", "-", "--wait", "--timeout", "20s"]),
+        Some(route(Some("acme")).replace("weight: 1", "weight: 2")),
+    )
+    .await;
+    assert_eq!(waited.code, 0, "{waited:?}");
+    assert!(waited.stdout.contains("1 sidecar(s) ACKed rev"), "{waited:?}");
     let ch = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await.unwrap();
     let mut raw = xds_proto::v1::discovery_client::DiscoveryClient::new(ch);
     let (tx, rx) = tokio::sync::mpsc::channel(1);

@@ -442,7 +442,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         }
         Command::Status { output } => {
             let mut client = connect(&cli.control).await?;
-            let resp = client.status(pb::StatusRequest {}).await?.into_inner();
+            let resp = client.status(pb::StatusRequest { services: Vec::new() }).await?.into_inner();
             let rows: Vec<serde_json::Value> = resp
                 .proxies
                 .iter()
@@ -509,7 +509,7 @@ fn format_time(unix_ms: u64) -> String {
 async fn wait_acked(client: &mut Client, services: &[String], revision: u64, timeout: Duration) -> Result<(), Fail> {
     let deadline = Instant::now() + timeout;
     loop {
-        let status = client.status(pb::StatusRequest {}).await?.into_inner();
+        let status = client.status(pb::StatusRequest { services: services.to_vec() }).await?.into_inner();
         let affected: Vec<&pb::ProxyStatus> = status
             .proxies
             .iter()
