@@ -446,3 +446,23 @@ async fn get_and_delete_resources() {
     assert_eq!(bad.code, 1);
     assert!(bad.stderr.contains("unknown kind 'widget'"), "{bad:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_wait_names_the_sidecars_that_have_not_acked() {
+    // A lease TTL of 10 s: the control plane notices a frozen sidecar's
+    // stream only after 3.3 s of unanswered pings, long after the wait below.
+    let mesh = Mesh::start(10).await;
+    let url = mesh.control_url();
+    let pid = mesh.inf_v2.pid();
+    signal(pid, "STOP");
+    let out = weftctl(&url, &["apply", "-f", "-", "--wait", "--timeout", "1s"], Some(ALL_V2)).await;
+    signal(pid, "CONT");
+    assert_eq!(out.code, 1, "{out:?}");
+    let rev = applied_rev(&out);
+    let want = format!("inference-v2 (inference) has not ACKed rev {rev}");
+    assert!(out.stderr.contains(&want), "{out:?}");
+    assert!(!out.stderr.contains("inference-v1"), "the sidecars that ACKed are not named: {out:?}");
+    // Awake, it catches up; the next wait succeeds.
+    let out = apply(&url, ALL_V1).await;
+    assert!(out.stdout.contains("3 sidecar(s) ACKed"), "{out:?}");
+}

@@ -1,0 +1,108 @@
+//! The command line: global flags and one subcommand per operation.
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "weftctl", version, about = "Manage weft policy")]
+pub(crate) struct Cli {
+    /// Control plane gRPC URL.
+    #[arg(long, global = true, env = "WEFT_CONTROL", default_value = "http://127.0.0.1:7070")]
+    pub(crate) control: String,
+    /// Bearer token for a control plane started with --tokens.
+    #[arg(long, global = true, env = "WEFT_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Validate and apply a multi-document YAML file, all or nothing.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: String,
+        /// Block until every affected sidecar has ACKed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// What `apply -f FILE` would change, field by field.
+    Diff {
+        #[arg(short = 'f', long = "file")]
+        file: String,
+    },
+    /// A resource's revisions (newest first), when each was applied, and
+    /// what each changed.
+    History {
+        kind: String,
+        name: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Apply a resource as it was at an earlier revision (a new revision).
+    Rollback {
+        kind: String,
+        name: String,
+        #[arg(long = "to")]
+        to: u64,
+        /// Block until every affected sidecar has ACKed.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// Check a file offline, with the same checks as apply.
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        file: String,
+    },
+    /// Show resources: KIND is route, resilience or tenantpolicy.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Delete one resource.
+    Delete { kind: String, name: String },
+    /// The instances of a service: address, labels, readiness, owning proxy.
+    Endpoints {
+        service: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Recent degraded calls (retry, fallback, breaker, timeout, shed) that
+    /// this control plane replica's sidecars reported.
+    Traces {
+        /// Only degraded calls (the only kind kept today).
+        #[arg(long, default_value_t = true)]
+        degraded: bool,
+        #[arg(long)]
+        service: Option<String>,
+        /// Only calls newer than this (e.g. 30s, 5m).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Connected sidecars: service, ACKed version, last NACK.
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub(crate) enum Output {
+    Table,
+    Yaml,
+    Json,
+}

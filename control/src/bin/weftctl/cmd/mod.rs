@@ -1,0 +1,10 @@
+//! One module per command.
+
+pub(crate) mod apply;
+pub(crate) mod diff;
+pub(crate) mod endpoints;
+pub(crate) mod get;
+pub(crate) mod history;
+pub(crate) mod status;
+pub(crate) mod traces;
+pub(crate) mod validate;
