@@ -16,11 +16,11 @@ use xds_proto::v1::admin_server::AdminServer;
 use xds_proto::v1::discovery_server::DiscoveryServer;
 
 use crate::admin::AdminService;
-use crate::discovery::DiscoveryService;
-use crate::index::Snapshot;
+use crate::admin::traces::TraceLog;
+use crate::push::DiscoveryService;
+use crate::push::index::Snapshot;
 use crate::store::Store;
-use crate::traces::TraceLog;
-use crate::watcher;
+use crate::store::watcher;
 
 pub struct Config {
     pub store: Store,
@@ -29,7 +29,7 @@ pub struct Config {
     pub lease_ttl_secs: i64,
     pub metrics: PrometheusHandle,
     /// Bearer tokens; `None` = open API.
-    pub tokens: Option<Arc<crate::auth::Tokens>>,
+    pub tokens: Option<Arc<crate::admin::auth::Tokens>>,
     /// Discovery streams this replica takes at most.
     pub max_sidecars: usize,
 }
@@ -82,8 +82,11 @@ pub async fn run(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(ping))
         .http2_keepalive_timeout(Some(ping))
-        .add_service(DiscoveryServer::with_interceptor(discovery, crate::auth::interceptor(config.tokens.clone())))
-        .add_service(AdminServer::with_interceptor(admin_api, crate::auth::interceptor(config.tokens.clone())))
+        .add_service(DiscoveryServer::with_interceptor(
+            discovery,
+            crate::admin::auth::interceptor(config.tokens.clone()),
+        ))
+        .add_service(AdminServer::with_interceptor(admin_api, crate::admin::auth::interceptor(config.tokens.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop)
         .await?;
     Ok(())

@@ -50,13 +50,15 @@ async fn main() -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full("weft_control_push_seconds".into()),
-            weft_control::discovery::PUSH_SECONDS_BUCKETS,
+            weft_control::push::PUSH_SECONDS_BUCKETS,
         )
         .context("setting the push duration buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     let tokens = match &args.tokens {
-        Some(path) => Some(std::sync::Arc::new(weft_control::auth::Tokens::load(path).map_err(anyhow::Error::msg)?)),
+        Some(path) => {
+            Some(std::sync::Arc::new(weft_control::admin::auth::Tokens::load(path).map_err(anyhow::Error::msg)?))
+        }
         None => None,
     };
     let listen = args

@@ -9,7 +9,7 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::watch;
 
-use crate::index::{Index, Snapshot};
+use crate::push::index::{Index, Snapshot};
 use crate::store::Store;
 
 /// Why the index was rebuilt from a full load.

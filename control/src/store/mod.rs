@@ -8,6 +8,9 @@
 //! (leased, short-lived: the sidecar left on purpose, see [`Removal`]).
 //! Values are JSON with a `schema` field.
 
+pub mod lease;
+pub mod watcher;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,15 +1,17 @@
 //! The admin gRPC API that `weftctl` speaks. Every write is validated here
 //! again (the CLI is not trusted) before anything reaches etcd.
 
+pub mod auth;
+pub mod traces;
+
 use tonic::{Request, Response, Status};
 use xds_proto::v1 as pb;
 use xds_proto::v1::admin_server::Admin;
 
 use std::sync::Arc;
 
-use crate::auth;
+use crate::admin::traces::TraceLog;
 use crate::store::{Action, Store, StoreError, decode_resource};
-use crate::traces::TraceLog;
 use weft_policy::documents::{MAX_APPLY_BYTES, MAX_APPLY_RESOURCES, MAX_RESOURCE_BYTES};
 use weft_policy::{Resource, ResourceId, doc, normalize_kind};
 
@@ -18,7 +20,7 @@ pub struct AdminService {
     store: Store,
     traces: Arc<TraceLog>,
     replica: String,
-    snapshots: tokio::sync::watch::Receiver<Arc<crate::index::Snapshot>>,
+    snapshots: tokio::sync::watch::Receiver<Arc<crate::push::index::Snapshot>>,
 }
 
 impl AdminService {
@@ -26,7 +28,7 @@ impl AdminService {
         store: Store,
         traces: Arc<TraceLog>,
         replica: String,
-        snapshots: tokio::sync::watch::Receiver<Arc<crate::index::Snapshot>>,
+        snapshots: tokio::sync::watch::Receiver<Arc<crate::push::index::Snapshot>>,
     ) -> Self {
         AdminService { store, traces, replica, snapshots }
     }

@@ -11,6 +11,8 @@
 //! its records; when the replica dies, its lease expires and takes the
 //! records of all its sidecars with it, which reconnect to another replica.
 
+pub mod index;
+
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,9 +25,9 @@ use tonic::{Request, Response, Status, Streaming};
 use xds_proto::v1 as pb;
 use xds_proto::v1::discovery_server::Discovery;
 
-use crate::index::Snapshot;
+use crate::admin::traces::TraceLog;
+use crate::push::index::Snapshot;
 use crate::store::{EndpointRecord, ProxyRecord, REGISTRATIONS_PER_TXN, Removal, Store};
-use crate::traces::TraceLog;
 use weft_policy::names::check_service;
 
 /// Buckets of `weft_control_push_seconds` (from a change to the update
@@ -92,7 +94,7 @@ impl DiscoveryService {
         let (records, rx) = mpsc::channel(RECORD_QUEUE);
         tokio::spawn(write_records(store.clone(), rx));
         let (lease_tx, lease) = watch::channel(None);
-        tokio::spawn(crate::lease::hold(store.clone(), lease_ttl, lease_tx));
+        tokio::spawn(crate::store::lease::hold(store.clone(), lease_ttl, lease_tx));
         // Long enough for a replica's sidecars to reach another replica (their
         // backoff tops out at 5 s) or for the replica to take a new lease,
         // and register again.
@@ -125,7 +127,7 @@ impl Discovery for DiscoveryService {
     type StreamStream = UpdateStream;
 
     async fn stream(&self, request: Request<Streaming<pb::ProxyMessage>>) -> Result<Response<UpdateStream>, Status> {
-        if let crate::auth::Role::Tenant(t) = crate::auth::role(&request) {
+        if let crate::admin::auth::Role::Tenant(t) = crate::admin::auth::role(&request) {
             return Err(Status::permission_denied(format!("403: token for tenant {t} cannot open a discovery stream")));
         }
         use std::sync::atomic::Ordering;
