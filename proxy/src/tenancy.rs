@@ -3,7 +3,11 @@
 //! global figure for the whole service; every instance enforces its share
 //! (the figure divided by the service's ready instances, so the shares follow
 //! instances as they come and go).
+//!
+//! The rate limit is `governor`'s GCRA limiter (one per tenant and service
+//! at this instance), rebuilt when the tenant's share changes.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,15 +59,29 @@ impl Shed {
 #[derive(Debug)]
 pub(crate) struct State {
     pub(crate) in_flight: AtomicUsize,
-    bucket: Mutex<Bucket>,
+    rate: Mutex<Option<Rate>>,
     window: Mutex<Window>,
 }
 
+/// The rate limiter for one share of a tenant's rate limit.
 #[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    refilled: Instant,
-    primed: bool,
+struct Rate {
+    /// The share it was built for: requests per second, and burst.
+    share: (f64, u32),
+    limiter: governor::DefaultDirectRateLimiter,
+}
+
+impl Rate {
+    /// A limiter admitting `per_second` requests a second, `burst` at once
+    /// (at least one, so small shares still pass).
+    fn new(per_second: f64, burst: u32) -> Rate {
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        // One request's worth of the rate, kept within what `Duration` and
+        // governor take (a share of 1e-9/s would be 30 years).
+        let period = Duration::from_secs_f64((1.0 / per_second).clamp(1e-9, 1e9));
+        let quota = governor::Quota::with_period(period).expect("a non-zero period").allow_burst(burst);
+        Rate { share: (per_second, burst.get()), limiter: governor::RateLimiter::direct(quota) }
+    }
 }
 
 #[derive(Debug)]
@@ -79,7 +97,7 @@ impl Default for State {
         let now = Instant::now();
         State {
             in_flight: AtomicUsize::new(0),
-            bucket: Mutex::new(Bucket { tokens: 0.0, refilled: now, primed: false }),
+            rate: Mutex::new(None),
             window: Mutex::new(Window { start: now, used: 0 }),
         }
     }
@@ -112,23 +130,14 @@ impl State {
             }
         }
         if limits.requests_per_second > 0.0 {
-            let rate = limits.requests_per_second / n;
-            // A bucket holds at least one request, so small shares still pass.
-            let capacity = (limits.burst / n).max(1.0);
-            let mut b = self.bucket.lock().expect("lock");
-            let now = Instant::now();
-            if !b.primed {
-                b.primed = true;
-                b.tokens = capacity;
-            } else {
-                let refill = now.duration_since(b.refilled).as_secs_f64() * rate;
-                b.tokens = (b.tokens + refill).min(capacity);
+            let share = (limits.requests_per_second / n, (limits.burst / n).floor() as u32);
+            let mut rate = self.rate.lock().expect("lock");
+            if rate.as_ref().is_none_or(|r| r.share != share) {
+                *rate = Some(Rate::new(share.0, share.1));
             }
-            b.refilled = now;
-            if b.tokens < 1.0 {
+            if rate.as_ref().is_some_and(|r| r.limiter.check().is_err()) {
                 return Err(Shed::RateLimited);
             }
-            b.tokens -= 1.0;
         }
         Ok(guard)
     }

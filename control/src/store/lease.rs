@@ -26,8 +26,23 @@ use tokio::time::Instant;
 
 use crate::store::Store;
 
-/// How long to wait between failed grants or keep-alive stream openings.
+/// How long to wait between keep-alive stream openings, and at most
+/// between failed grants: the replica's sidecars are unregistered until a
+/// grant succeeds, so it is tried again soon.
 const RETRY: Duration = Duration::from_millis(500);
+
+/// Between failed grants: 50 ms doubling to half of [`RETRY`], each plus up
+/// to as much again in jitter (so the replicas of a mesh do not retry in
+/// step when etcd comes back).
+fn grant_delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(RETRY / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
 
 /// Why a held lease was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,13 +58,14 @@ pub enum Lost {
 pub async fn hold(store: Store, ttl_secs: i64, lease: watch::Sender<Option<i64>>) {
     let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
     loop {
+        let mut delays = grant_delays();
         let id = loop {
             match store.grant_lease(ttl_secs).await {
                 Ok(id) => break id,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot grant the replica lease; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(RETRY) => {}
+                        _ = tokio::time::sleep(delays.next().unwrap_or(RETRY)) => {}
                         _ = lease.closed() => return,
                     }
                 }

@@ -131,29 +131,52 @@ async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: A
     }
 }
 
-/// Exponential backoff with jitter, 100 ms to 5 s.
+/// Exponential backoff (`backon`): 100 ms doubling to 2.5 s, each delay
+/// plus up to as much again in jitter, so at most 5 s.
 pub struct Backoff {
-    next: Duration,
+    delays: backon::ExponentialBackoff,
 }
 
 impl Backoff {
     pub fn new() -> Backoff {
-        Backoff { next: Duration::from_millis(100) }
+        Backoff { delays: reconnect_delays() }
     }
     pub fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
+        self.delays = reconnect_delays();
     }
     pub async fn wait(&mut self) {
-        let jitter =
-            (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
-                % 100) as u64;
-        tokio::time::sleep(self.next + Duration::from_millis(jitter)).await;
-        self.next = (self.next * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(self.delays.next().unwrap_or(MAX_DELAY)).await;
     }
+}
+
+const MAX_DELAY: Duration = Duration::from_secs(5);
+
+fn reconnect_delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(MAX_DELAY / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 impl Default for Backoff {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_start_at_100ms_and_never_pass_5s() {
+        let d: Vec<Duration> = reconnect_delays().take(30).collect();
+        assert_eq!(d.len(), 30, "the delays never run out");
+        assert!(d[0] >= Duration::from_millis(100) && d[0] < Duration::from_millis(200), "{d:?}");
+        assert!(d.iter().all(|d| *d <= MAX_DELAY), "{d:?}");
+        assert!(d[29] >= MAX_DELAY / 2, "{d:?}");
     }
 }

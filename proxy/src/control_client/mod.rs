@@ -62,7 +62,18 @@ pub(crate) async fn run(
     mut reports_rx: mpsc::Receiver<pb::DegradedCall>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    // 100 ms doubling to 2.5 s, each plus up to as much again in jitter
+    // (at most 5 s); back to 100 ms after a stream that worked.
+    let delays = || {
+        use backon::BackoffBuilder;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_millis(2500))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = delays();
     let mut attempt = 0usize;
     loop {
         if *stop.borrow() {
@@ -73,18 +84,17 @@ pub(crate) async fn run(
         match session(&shared, url, &mut subscription_rx, &mut reports_rx, &mut stop).await {
             Ok(Ended::Stopped) => return,
             Ok(Ended::Lost) => {
-                backoff = Duration::from_millis(100);
+                backoff = delays();
                 tracing::warn!(control = %url, "discovery stream ended; keeping the last config and reconnecting");
             }
             Err(e) => tracing::warn!(control = %url, error = %e, "discovery stream failed; keeping the last config"),
         }
         shared.control_connected.store(false, Ordering::Relaxed);
-        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
         tokio::select! {
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = crate::state::stopped(&mut stop) => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
