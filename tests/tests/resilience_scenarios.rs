@@ -252,3 +252,61 @@ rules:
     let e = client.infer(example_pb::InferRequest { prompt: "fail".into(), tokens: 1 }).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (tonic::Code::Unavailable, "asked to fail"));
 }
+
+/// Sends 20 calls; how many failed, and the statuses they failed with.
+async fn failures(bed: &Bed, n: usize) -> Vec<u16> {
+    let client = pooled_client();
+    let mut failed = Vec::new();
+    for _ in 0..n {
+        let r = send(&client, bed.caller.sidecar.outbound, "inference", "/", &[]).await.unwrap();
+        if r.0 != 200 {
+            failed.push(r.0);
+        }
+    }
+    failed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_retry_condition_retries_what_it_names_and_the_defaults_are_gateway_errors_and_resets() {
+    let bed = bed(&["good", "bad"]).await;
+    let bad = &bed.instance("inference", "bad").app.mode;
+    let url = bed.control_url();
+    // Half the first tries go to the bad instance; a retry goes to the good.
+    let policy = |on: &str| {
+        let on = if on.is_empty() { String::new() } else { format!(", on: [{on}]") };
+        format!(
+            "kind: Route\nservice: inference\nrules:\n  - backends:\n      - {{ subset: {{ version: good }}, weight: 1 }}\n      - {{ subset: {{ version: bad }}, weight: 1 }}\n    retry: {{ attempts: 1{on} }}\n---\nkind: Resilience\nservice: inference\nretry_budget: {{ ratio: 1.0, min_per_second: 100 }}\n"
+        )
+    };
+    // (what the bad instance does, retry.on, whether its failures are
+    // retried). The caller sees the bad app's reset as a 502 from that
+    // app's sidecar, marked `x-weft-error: reset`: a 5xx and a gateway
+    // error too.
+    let cases: [(&str, &str, bool); 9] = [
+        ("reset", "reset", true),
+        ("reset", "5xx", true),
+        ("reset", "connect-failure", false),
+        ("reset", "", true),
+        ("504", "gateway-error", true),
+        ("504", "reset", false),
+        ("504", "", true),
+        ("500", "", false),
+        ("500", "5xx", true),
+    ];
+    for (fault, on, retried) in cases {
+        bad.heal();
+        match fault {
+            "reset" => bad.reset.store(true, Ordering::Relaxed),
+            status => bad.fail(100, status.parse().unwrap()),
+        }
+        apply(&url, &policy(on)).await;
+        let failed = failures(&bed, 20).await;
+        if retried {
+            assert!(failed.is_empty(), "{fault} under on: [{on}] was not retried: {failed:?}");
+        } else {
+            let want = if fault == "reset" { 502 } else { fault.parse().unwrap() };
+            assert!(!failed.is_empty(), "{fault} under on: [{on}] was retried");
+            assert!(failed.iter().all(|s| *s == want), "{fault} under on: [{on}]: {failed:?}");
+        }
+    }
+}

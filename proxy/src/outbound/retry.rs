@@ -46,7 +46,11 @@ pub(crate) fn should_retry(on: RetryOn, o: &Outcome) -> bool {
             || (on.contains(GatewayError) && matches!(s.as_u16(), 502..=504))
     };
     match o {
-        Ok(resp) => status(resp.status()) || grpc_status(resp).is_some_and(|g| on.retries_grpc(g)),
+        Ok(resp) => {
+            status(resp.status())
+                || grpc_status(resp).is_some_and(|g| on.retries_grpc(g))
+                || callee_error(resp).is_some_and(|c| on.contains(c))
+        }
         Err(ProxyError::FaultAbort { status: s, grpc_status }) => {
             status(*s) || grpc_status.is_some_and(|g| on.retries_grpc(u32::from(g)))
         }
@@ -55,6 +59,21 @@ pub(crate) fn should_retry(on: RetryOn, o: &Outcome) -> bool {
         Err(ProxyError::Timeout { .. }) => on.contains(ServerError) || on.contains(GatewayError),
         Err(ProxyError::Upstream { .. }) => on.contains(Reset) || on.contains(ServerError),
         Err(_) => false,
+    }
+}
+
+/// What a 502 from the callee's sidecar says happened between it and its
+/// app: in a mesh a caller sees its callee's resets and refused connections
+/// this way, not on its own socket, and `reset` and `connect-failure` mean
+/// them too.
+fn callee_error(resp: &http::Response<PooledBody>) -> Option<RetryCondition> {
+    if resp.status() != http::StatusCode::BAD_GATEWAY {
+        return None;
+    }
+    match resp.headers().get("x-weft-error")?.as_bytes() {
+        b"reset" | b"upstream-failure" => Some(RetryCondition::Reset),
+        b"connect-failure" => Some(RetryCondition::ConnectFailure),
+        _ => None,
     }
 }
 
@@ -86,7 +105,14 @@ mod tests {
     use super::*;
 
     fn answer(status: u16, grpc: Option<u32>) -> Outcome {
+        answer_with(status, grpc, None)
+    }
+
+    fn answer_with(status: u16, grpc: Option<u32>, weft_error: Option<&str>) -> Outcome {
         let mut b = http::Response::builder().status(status);
+        if let Some(e) = weft_error {
+            b = b.header("x-weft-error", e);
+        }
         if let Some(g) = grpc {
             b = b.header("grpc-status", g);
         }
@@ -114,6 +140,20 @@ mod tests {
             ("502", answer(502, None), true, vec![ServerError, GatewayError]),
             ("503", answer(503, None), true, vec![ServerError, GatewayError]),
             ("504", answer(504, None), true, vec![ServerError, GatewayError]),
+            ("callee's app reset", answer_with(502, None, Some("reset")), true, vec![ServerError, GatewayError, Reset]),
+            (
+                "callee's app broke off",
+                answer_with(502, None, Some("upstream-failure")),
+                true,
+                vec![ServerError, GatewayError, Reset],
+            ),
+            (
+                "callee's app refused",
+                answer_with(502, None, Some("connect-failure")),
+                true,
+                vec![ServerError, GatewayError, ConnectFailure],
+            ),
+            ("callee timed out", answer_with(504, None, Some("timeout")), true, vec![ServerError, GatewayError]),
             ("grpc unavailable", answer(200, Some(14)), true, vec![Unavailable]),
             ("grpc cancelled", answer(200, Some(1)), false, vec![Cancelled]),
             ("grpc deadline", answer(200, Some(4)), false, vec![DeadlineExceeded]),
