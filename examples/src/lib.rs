@@ -232,6 +232,10 @@ async fn handle(req: Request<Incoming>, info: &Info) -> Response<Body> {
         }
     }
     if path == "/stream" {
+        if usage > 0 {
+            // HTTP/1.1 sends only the trailers the head announces.
+            builder = builder.header("trailer", "x-weft-usage-tokens");
+        }
         let chunks = query(&req, "chunks").unwrap_or(5);
         let gap = Duration::from_millis(query(&req, "gap_ms").unwrap_or(20));
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(4);

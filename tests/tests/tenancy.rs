@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use harness::{Bed, Topology, apply, eventually, pooled_client, send, served_by};
+use http_body_util::BodyExt;
 
 /// `inference` instances of the given versions and a caller with these
 /// flags; every sidecar sees every instance (limits are shared out by the
@@ -201,7 +202,7 @@ async fn one_tenants_flood_does_not_hurt_another_tenant() {
 async fn a_token_quota_sheds_once_the_tenants_tokens_for_the_minute_are_spent() {
     let bed = bed(&["llm"], &[]).await;
     bed.instances[0].app.mode.usage_tokens.store(30, Ordering::Relaxed);
-    apply(&bed.control.url(), "kind: TenantPolicy\ntenant: acme\nservice: inference\ntokens_per_minute: 100\n---\nkind: TenantPolicy\ntenant: initech\nservice: '*'\ntokens_per_minute: 50\n").await;
+    apply(&bed.control.url(), "kind: TenantPolicy\ntenant: acme\nservice: inference\ntokens_per_minute: 100\n---\nkind: TenantPolicy\ntenant: initech\nservice: '*'\ntokens_per_minute: 50\n---\nkind: TenantPolicy\ntenant: umbrella\nservice: '*'\ntokens_per_minute: 50\n").await;
     let client = pooled_client();
     // 30 tokens a call: 0, 30, 60, 90 used before calls 1-4; the 5th is shed.
     for i in 0..4 {
@@ -231,4 +232,69 @@ async fn a_token_quota_sheds_once_the_tenants_tokens_for_the_minute_are_spent() 
     }
     // initech's '*' policy: 50 tokens; 30 per streamed call via trailer.
     assert_eq!(statuses, vec![200, 200, 429], "usage from trailers was not counted");
+
+    // HTTP/1.1 too: a chunked answer's trailers pass through both sidecars
+    // to the caller (who asked for them with `TE: trailers`) and count.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let resp = harness::Req::get(bed.caller.sidecar.outbound, "inference", "/stream?chunks=2&gap_ms=1")
+            .header("te", "trailers")
+            .header("x-tenant-id", "umbrella")
+            .open()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let collected = resp.into_body().collect().await.unwrap();
+        if status == 200 {
+            let trailers = collected.trailers().cloned().expect("the trailers reached the caller");
+            assert_eq!(trailers["x-weft-usage-tokens"], "30");
+            assert_eq!(String::from_utf8_lossy(&collected.to_bytes()).lines().count(), 2);
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, vec![200, 200, 429], "usage from HTTP/1.1 trailers was not counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_callee_sheds_goes_to_another_instance_and_then_to_the_fallback() {
+    let bed = bed(&["a", "b"], &[]).await;
+    apply(
+        &bed.control_url(),
+        "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    fallback: { status: 200, body: busy }\n---\nkind: TenantPolicy\ntenant: acme\nservice: inference\nmax_concurrent_requests: 2\n",
+    )
+    .await;
+    // Two instances, a share of one call each; the apps hold what they get.
+    for i in bed.of("inference") {
+        i.app.mode.set_capacity(0);
+    }
+    let outbound = bed.caller.sidecar.outbound;
+    let post = move || harness::Req::post(outbound, "inference", "/run", "{}").header("x-tenant-id", "acme");
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let req = post();
+            tokio::spawn(async move { req.send().await })
+        })
+        .collect();
+    let queued = |b: &Bed| b.of("inference").map(|i| i.app.mode.queued.load(Ordering::Relaxed)).collect::<Vec<_>>();
+    let b = &bed;
+    eventually("one call held at each instance", Duration::from_secs(10), || async move { queued(b) == [1, 1] }).await;
+    // A third POST (no retry policy, not idempotent): the first instance it
+    // tries sheds it, it goes once to the other, which sheds it too, and the
+    // fallback answers.
+    let r = post().send().await.unwrap();
+    assert_eq!((r.0, r.2.as_str()), (200, "busy"), "{r:?}");
+    let marks = harness::degraded(&r);
+    assert!(marks.contains("shed") && marks.contains("fallback=static"), "{marks}");
+    for i in bed.of("inference") {
+        let m = i.sidecar.metrics().await;
+        let shed = harness::metric(&m, "weft_tenant_shed_total", &["tenant=\"acme\"", "reason=\"tenant-concurrency\""]);
+        assert_eq!(shed, 1.0, "{} shed it once: {m}", i.sidecar.id);
+    }
+    assert_eq!(queued(&bed), [1, 1], "the shed call never reached an app");
+    for i in bed.of("inference") {
+        i.app.mode.add_capacity(1);
+    }
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().0, 200);
+    }
 }
