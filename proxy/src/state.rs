@@ -190,3 +190,63 @@ impl Shared {
 pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{BuildContext, Table, build_service};
+
+    fn shared() -> (Arc<Shared>, Queues) {
+        let identity = Identity {
+            id: "a".into(),
+            service: "agent".into(),
+            labels: Default::default(),
+            advertise: ([127, 0, 0, 1], 1).into(),
+        };
+        Shared::new(identity, http::HeaderName::from_static("x-tenant-id"), None, watch::channel(true).1)
+    }
+
+    /// A table where every subscribed service is known to the control
+    /// plane, but those named in `unknown`.
+    fn table_of(subs: &HashSet<String>, unknown: &[&str]) -> Table {
+        let mut t = Table::default();
+        for name in subs {
+            let cfg = xds_proto::v1::ServiceConfig {
+                name: name.clone(),
+                known: !unknown.contains(&name.as_str()),
+                ..Default::default()
+            };
+            t.services.insert(name.clone(), Arc::new(build_service(&cfg, None, BuildContext::at(0)).0));
+        }
+        t
+    }
+
+    #[test]
+    fn at_the_cap_an_unknown_service_makes_room_and_known_ones_never_do() {
+        let (shared, mut queues) = shared();
+        for i in 0.. {
+            if shared.subscriptions.lock().unwrap().len() == crate::MAX_SUBSCRIPTIONS {
+                break;
+            }
+            assert!(shared.subscribe(&format!("s{i}")), "room for {i}");
+        }
+        while queues.subscriptions.try_recv().is_ok() {}
+        let subs = shared.subscriptions.lock().unwrap().clone();
+        shared.table.store(Arc::new(table_of(&subs, &["s7"])));
+        // The one unknown service (a bogus name) makes room for a new one.
+        assert!(shared.subscribe("billing"));
+        assert!(matches!(queues.subscriptions.try_recv(), Ok(SubscriptionChange::Unsubscribe(v)) if v == ["s7"]));
+        assert!(matches!(queues.subscriptions.try_recv(), Ok(SubscriptionChange::Subscribe(s)) if s == "billing"));
+        // Every subscription is a service the control plane knows: no room,
+        // and nothing is unsubscribed for it.
+        let subs = shared.subscriptions.lock().unwrap().clone();
+        shared.table.store(Arc::new(table_of(&subs, &[])));
+        assert!(!shared.subscribe("ledger"));
+        assert!(queues.subscriptions.try_recv().is_err());
+        assert_eq!(shared.subscriptions.lock().unwrap().len(), crate::MAX_SUBSCRIPTIONS);
+        // Already subscribed: fine at the cap.
+        assert!(shared.subscribe("billing"));
+    }
+}

@@ -81,6 +81,20 @@ async fn diff_history_and_rollback() {
     let missing = weftctl(&url, &["history", "route", "nosuch"], None).await;
     assert_eq!(missing.code, 1);
     assert!(missing.stderr.contains("route/nosuch not found"), "{missing:?}");
+
+    // etcd compacts: history stops at what is left and says so; a rollback
+    // to a compacted revision is refused, naming it.
+    let now = etcd.get("/weft/", None).await.unwrap().header().unwrap().revision();
+    etcd.compact(now, None).await.unwrap();
+    let h = weftctl(&url, &["history", "route", "inference"], None).await;
+    assert_eq!(h.code, 0, "{h:?}");
+    let lines: Vec<&str> = h.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "only the revision in force is left: {h:?}");
+    assert!(lines[1].ends_with("(older revisions compacted)"), "{h:?}");
+    let gone = weftctl(&url, &["rollback", "route", "inference", "--to", &r2.to_string()], None).await;
+    assert_eq!(gone.code, 1, "{gone:?}");
+    assert!(gone.stderr.contains(&format!("revision {r2} of route/inference was compacted away")), "{gone:?}");
+    assert_eq!(weights(&mesh).await, vec![90, 10], "nothing changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

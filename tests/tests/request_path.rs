@@ -235,3 +235,47 @@ async fn route_timeout_answers_504() {
     let r = get(mesh.caller.outbound, "inference", "/?sleep_ms=10").await.unwrap();
     assert_eq!(r.0, 200);
 }
+
+/// Threads of process `pid` whose name starts with `prefix`.
+fn threads(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_with_several_workers_serve_concurrent_calls() {
+    let bed = harness::Topology::new()
+        .instances("inference", &["v1", "v2"])
+        .args(&["--workers", "3"])
+        .caller("agent", "", &["--workers", "2"])
+        .start()
+        .await;
+    assert_eq!(threads(bed.caller.sidecar.pid(), "tokio-rt-worker"), 2);
+    assert_eq!(threads(bed.instance("inference", "v1").sidecar.pid(), "tokio-rt-worker"), 3);
+    let outbound = bed.caller.sidecar.outbound;
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            tokio::spawn(async move {
+                let client = pooled_client();
+                let mut served = Vec::new();
+                for i in 0..50 {
+                    let path = format!("/w{t}/{i}");
+                    let r = Req::post(outbound, "inference", &path, format!("{t}-{i}")).send_on(&client).await.unwrap();
+                    assert_eq!(r.0, 200, "{r:?}");
+                    assert!(r.2.contains(&format!("\"path\":\"{path}\"")), "each answer is its own call's: {r:?}");
+                    served.push(served_by(&r));
+                }
+                served
+            })
+        })
+        .collect();
+    let mut served = Vec::new();
+    for t in tasks {
+        served.extend(t.await.unwrap());
+    }
+    assert_eq!(served.len(), 400);
+    assert!(served.iter().any(|s| s == "inference/v1") && served.iter().any(|s| s == "inference/v2"), "both served");
+}

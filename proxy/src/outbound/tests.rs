@@ -139,8 +139,10 @@ fn outbound(mock: Mock, cfgs: Vec<pb::ServiceConfig>) -> Arc<Outbound<Mock>> {
         labels: Default::default(),
         advertise: ([127, 0, 0, 1], 1).into(),
     };
-    let (shared, _queues) =
+    let (shared, queues) =
         Shared::new(identity, http::HeaderName::from_static("x-tenant-id"), None, tokio::sync::watch::channel(true).1);
+    // No discovery client reads them; they stay open so subscribing works.
+    std::mem::forget(queues);
     let mut table = Table::default();
     for cfg in cfgs {
         let (svc, problems) = build_service(&cfg, None, BuildContext::at(crate::clock::now_ms()));
@@ -154,6 +156,10 @@ fn outbound(mock: Mock, cfgs: Vec<pb::ServiceConfig>) -> Arc<Outbound<Mock>> {
 
 /// A request with a real `Incoming` body, off an in-memory connection.
 async fn incoming(method: &str, body: &'static str) -> Request<Incoming> {
+    incoming_to("inference", method, body).await
+}
+
+async fn incoming_to(host: &'static str, method: &str, body: &'static str) -> Request<Incoming> {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tx = Arc::new(Mutex::new(Some(tx)));
@@ -174,7 +180,7 @@ async fn incoming(method: &str, body: &'static str) -> Request<Incoming> {
     let req = Request::builder()
         .method(method)
         .uri("/v1/run")
-        .header("host", "inference")
+        .header("host", host)
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .unwrap();
     tokio::spawn(async move {
@@ -454,4 +460,30 @@ async fn a_held_endpoint_that_refuses_the_connection_costs_one_free_try() {
         assert_eq!(status, 200, "never a refused connection for the caller, whatever its method");
     }
     assert!(mock.tries().contains(&1), "the held endpoint was still tried");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_discovery_never_answers_for_is_a_503_no_discovery_after_three_seconds() {
+    let out = outbound(Mock::default(), vec![]);
+    let started = Instant::now();
+    let resp = out.clone().handle(incoming_to("billing", "GET", "").await).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-weft-error"], "no-discovery");
+    assert_eq!(started.elapsed(), Duration::from_secs(3), "the wait for discovery is bounded");
+    assert!(out.shared.subscriptions.lock().unwrap().contains("billing"), "the sidecar asked for it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn injected_aborts_are_retried_and_never_count_against_the_endpoint() {
+    let route = "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    retry: { attempts: 5, on: [5xx] }\n    fault: { abort: { percent: 100, status: 503 } }\n---\nkind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 1, base_ejection: 30s, max_ejection_percent: 100 }\nretry_budget: { ratio: 1, min_per_second: 100 }\n";
+    let mock = Mock::default().on(1, &[Reply::Status(200)]);
+    let out = outbound(mock.clone(), vec![service(route, &[1])]);
+    for _ in 0..10 {
+        let (status, degraded) = call(&out, "GET").await;
+        assert_eq!((status, degraded.retries), (503, 5), "every try aborted, and was retried");
+    }
+    assert!(mock.tries().is_empty(), "an aborted try never reaches the endpoint");
+    let svc = out.shared.table.load().services["inference"].clone();
+    let e = &svc.all_ready[0];
+    assert!(!e.health.is_ejected(crate::clock::now_ms()), "one failure ejects, yet the endpoint is not ejected");
 }
