@@ -220,8 +220,6 @@ pub fn parse_yaml(doc: &str) -> Result<Parsed, (usize, String)> {
 /// Parses and checks a multi-document YAML file. Returns every resource
 /// when all are valid, else every problem found.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Located>, Vec<LocatedProblem>> {
-    let mut resources = Vec::new();
-    let mut problems = Vec::new();
     let at_file = |message: String| LocatedProblem {
         file: file.to_string(),
         line: 1,
@@ -236,55 +234,19 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Located>, Vec<LocatedProblem>
             MAX_FILE_BYTES / (1024 * 1024)
         ))]);
     }
+    let mut resources = Vec::new();
+    let mut problems = Vec::new();
     let mut total = 0usize;
     for (start_line, doc) in split_documents(text) {
         if doc.trim().lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
             continue;
         }
-        let problem = |e: FieldError, resource: String, line: usize| LocatedProblem {
-            file: file.to_string(),
-            line: start_line + line - 1,
-            resource,
-            field: e.field,
-            message: e.message,
-        };
-        let parsed = match parse_yaml(&doc) {
-            Ok(p) => p,
-            Err((line, msg)) => {
-                problems.push(problem(FieldError::new("", msg), "document".into(), line));
-                continue;
-            }
-        };
-        let label = describe(&parsed.value);
-        match doc::from_value(parsed.value.clone()) {
-            Err(e) => {
-                let line = parsed.line_of(&e.field);
-                problems.push(problem(e, label, line));
-            }
-            Ok(resource) => {
-                let mut found = crate::validate(&resource);
-                let size = doc::to_value(&resource).to_string().len();
+        match parse_document(file, start_line, &doc) {
+            Ok((resource, size)) => {
                 total += size;
-                if size > MAX_RESOURCE_BYTES {
-                    found.push(FieldError::new(
-                        "",
-                        format!(
-                            "{} KiB as stored, more than the limit of {} KiB",
-                            size / 1024,
-                            MAX_RESOURCE_BYTES / 1024
-                        ),
-                    ));
-                }
-                if found.is_empty() {
-                    resources.push(Located { origin: format!("{file}:{start_line}"), resource });
-                } else {
-                    let label = resource.id().to_string();
-                    for e in found {
-                        let line = parsed.line_of(&e.field);
-                        problems.push(problem(e, label.clone(), line));
-                    }
-                }
+                resources.push(resource);
             }
+            Err(found) => problems.extend(found),
         }
     }
     if resources.len() > MAX_APPLY_RESOURCES {
@@ -300,9 +262,54 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Located>, Vec<LocatedProblem>
             MAX_APPLY_BYTES / 1024
         )));
     }
-    // Two documents for the same resource would make "one transaction" ambiguous.
+    problems.extend(defined_twice(file, &resources));
+    if problems.is_empty() { Ok(resources) } else { Err(problems) }
+}
+
+/// One document, starting at `start_line` of `file`: the resource and its
+/// size as stored, or its problems, each at the line of its field.
+fn parse_document(file: &str, start_line: usize, doc: &str) -> Result<(Located, usize), Vec<LocatedProblem>> {
+    let problem = |e: FieldError, resource: String, line: usize| LocatedProblem {
+        file: file.to_string(),
+        line: start_line + line - 1,
+        resource,
+        field: e.field,
+        message: e.message,
+    };
+    let parsed =
+        parse_yaml(doc).map_err(|(line, msg)| vec![problem(FieldError::new("", msg), "document".into(), line)])?;
+    let label = describe(&parsed.value);
+    let resource = doc::from_value(parsed.value.clone()).map_err(|e| {
+        let line = parsed.line_of(&e.field);
+        vec![problem(e, label, line)]
+    })?;
+    let mut found = crate::validate(&resource);
+    let size = doc::to_value(&resource).to_string().len();
+    if size > MAX_RESOURCE_BYTES {
+        found.push(FieldError::new(
+            "",
+            format!("{} KiB as stored, more than the limit of {} KiB", size / 1024, MAX_RESOURCE_BYTES / 1024),
+        ));
+    }
+    if !found.is_empty() {
+        let label = resource.id().to_string();
+        return Err(found
+            .into_iter()
+            .map(|e| {
+                let line = parsed.line_of(&e.field);
+                problem(e, label.clone(), line)
+            })
+            .collect());
+    }
+    Ok((Located { origin: format!("{file}:{start_line}"), resource }, size))
+}
+
+/// Two documents for the same resource would make "one transaction"
+/// ambiguous: each repeat is a problem, at its line.
+fn defined_twice(file: &str, resources: &[Located]) -> Vec<LocatedProblem> {
+    let mut problems = Vec::new();
     let mut ids: Vec<(ResourceId, &str)> = Vec::new();
-    for r in &resources {
+    for r in resources {
         let id = r.resource.id();
         if let Some((_, first)) = ids.iter().find(|(i, _)| *i == id) {
             let (f, line) = r.origin.rsplit_once(':').unwrap_or((file, "1"));
@@ -317,7 +324,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Located>, Vec<LocatedProblem>
             ids.push((id, &r.origin));
         }
     }
-    if problems.is_empty() { Ok(resources) } else { Err(problems) }
+    problems
 }
 
 /// Splits on `---` lines; yields (1-based line of the document's first line, text).

@@ -62,27 +62,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         queues.reports,
         stop_rx.clone(),
     ));
-    let sweeper = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(crate::state::SWEEP_PERIOD);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                shared.sweep_subscriptions();
-            }
-        })
-    };
-    let upkeep_handle = opts.metrics.clone();
-    // Histogram samples are held until upkeep folds them into the
-    // summaries: at 80k requests/s every second of delay is ~0.6 MB.
-    let upkeep = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            upkeep_handle.run_upkeep();
-        }
-    });
+    let housekeeping = spawn_housekeeping(&shared, &opts.metrics);
     let admin = tokio::spawn(admin::serve(listeners.admin, shared.clone(), opts.metrics.clone(), drain_tx));
 
     let outbound =
@@ -132,10 +112,38 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         );
     }
     probe.abort();
-    sweeper.abort();
-    upkeep.abort();
+    housekeeping.iter().for_each(|t| t.abort());
     admin.abort();
     tracing::info!("stopped");
+}
+
+/// The periodic tasks: the subscription sweep, and the metrics upkeep.
+fn spawn_housekeeping(
+    shared: &Arc<Shared>,
+    metrics: &metrics_exporter_prometheus::PrometheusHandle,
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let sweeper = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::state::SWEEP_PERIOD);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                shared.sweep_subscriptions();
+            }
+        })
+    };
+    // Histogram samples are held until upkeep folds them into the
+    // buckets: at 80k requests/s every second of delay is ~0.6 MB.
+    let metrics = metrics.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            metrics.run_upkeep();
+        }
+    });
+    [sweeper, upkeep]
 }
 
 /// Accepts HTTP/1.1 and h2c connections until `stop`, within the

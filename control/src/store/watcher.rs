@@ -41,14 +41,9 @@ async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: A
     loop {
         let start = match resume_from {
             Some(rev) => rev + 1,
-            None => match store.load_all().await {
-                Ok((rev, kvs)) => {
-                    index = Index::new(store.prefix());
-                    for kv in &kvs {
-                        if let Ok(key) = kv.key_str() {
-                            index.put(key, kv.value(), kv.mod_revision() as u64);
-                        }
-                    }
+            None => match full_load(&store).await {
+                Ok((loaded, rev)) => {
+                    index = loaded;
                     snapshots.send_replace(Arc::new(index.snapshot(rev)));
                     if !first {
                         tracing::info!(revision = rev, "resynced from a full load");
@@ -98,22 +93,7 @@ async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: A
                     }
                     synced.store(true, Ordering::Relaxed);
                     backoff.reset();
-                    let mut last = resume_from.unwrap_or(0);
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let Ok(key) = kv.key_str() else { continue };
-                        match ev.event_type() {
-                            EventType::Put => index.put(key, kv.value(), kv.mod_revision() as u64),
-                            EventType::Delete => index.delete(key),
-                        }
-                        last = last.max(kv.mod_revision() as u64);
-                    }
-                    if let Some(h) = resp.header() {
-                        // Progress notifications move the revision without events.
-                        if resp.events().is_empty() {
-                            last = last.max(h.revision() as u64);
-                        }
-                    }
+                    let last = apply_events(&mut index, &resp, resume_from.unwrap_or(0));
                     resume_from = Some(last);
                     if index.is_dirty() {
                         snapshots.send_replace(Arc::new(index.snapshot(last)));
@@ -129,6 +109,39 @@ async fn follow(store: Store, snapshots: watch::Sender<Arc<Snapshot>>, synced: A
             }
         }
     }
+}
+
+/// Every key under the prefix, indexed, and the revision it was read at.
+async fn full_load(store: &Store) -> Result<(Index, u64), crate::store::StoreError> {
+    let (rev, kvs) = store.load_all().await?;
+    let mut index = Index::new(store.prefix());
+    for kv in &kvs {
+        if let Ok(key) = kv.key_str() {
+            index.put(key, kv.value(), kv.mod_revision() as u64);
+        }
+    }
+    Ok((index, rev))
+}
+
+/// Applies one watch response's events to the index; the revision the
+/// index is now at (`last` before).
+fn apply_events(index: &mut Index, resp: &etcd_client::WatchResponse, mut last: u64) -> u64 {
+    for ev in resp.events() {
+        let Some(kv) = ev.kv() else { continue };
+        let Ok(key) = kv.key_str() else { continue };
+        match ev.event_type() {
+            EventType::Put => index.put(key, kv.value(), kv.mod_revision() as u64),
+            EventType::Delete => index.delete(key),
+        }
+        last = last.max(kv.mod_revision() as u64);
+    }
+    // Progress notifications move the revision without events.
+    if let Some(h) = resp.header()
+        && resp.events().is_empty()
+    {
+        last = last.max(h.revision() as u64);
+    }
+    last
 }
 
 /// Exponential backoff (`backon`): 100 ms doubling to 2.5 s, each delay

@@ -223,15 +223,56 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
 }
 
 /// Builds a service from its wire config. `previous` supplies last good
-/// routes (kept when the new one is invalid), endpoint stats (kept across
-/// versions) and the endpoints to hold (see [`held_endpoints`]). Returns the
-/// service and the problems found.
+/// routes, settings and limits (kept when the new ones are invalid),
+/// endpoint and tenant state (kept across versions) and the endpoints to
+/// hold (see [`held_endpoints`]). Returns the service and the problems
+/// found.
 pub(crate) fn build_service(
     cfg: &pb::ServiceConfig,
     previous: Option<&Service>,
     ctx: BuildContext,
 ) -> (Service, Vec<InvalidPolicy>) {
     let mut problems = Vec::new();
+    let endpoints = endpoints_of(cfg, previous, ctx, &mut problems);
+    let ready: Vec<Arc<Endpoint>> = endpoints.iter().filter(|e| e.ready).cloned().collect();
+    let (default_route, tenant_routes) = routes_of(cfg, previous, &ready, &mut problems);
+    let source = source_in_force(cfg, previous, &problems);
+    let settings = match cfg.resilience.as_ref().map(model::Resilience::try_from) {
+        None => Settings::default(),
+        Some(Ok(r)) => Settings::from(&r),
+        Some(Err(e)) => {
+            problems.push(e.into());
+            previous.map(|p| p.settings.clone()).unwrap_or_default()
+        }
+    };
+    let tenants = tenants_of(cfg, previous, &mut problems);
+    let holds = endpoints.iter().any(|e| e.is_held());
+    let service = Service {
+        name: cfg.name.clone(),
+        // Records lost with a lease make a service look unknown; while its
+        // instances are held it is not.
+        known: cfg.known || holds,
+        default_route,
+        tenant_routes,
+        endpoints,
+        holds,
+        all_ready: Arc::new(ready),
+        settings,
+        tenants,
+        stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
+        source,
+    };
+    (service, problems)
+}
+
+/// The service's endpoints: those listed (each keeping its health across
+/// versions, by address), and those held.
+fn endpoints_of(
+    cfg: &pb::ServiceConfig,
+    previous: Option<&Service>,
+    ctx: BuildContext,
+    problems: &mut Vec<InvalidPolicy>,
+) -> Vec<Arc<Endpoint>> {
     let old_health: HashMap<SocketAddr, Arc<Health>> =
         previous.map(|p| p.endpoints.iter().map(|e| (e.addr, e.health.clone())).collect()).unwrap_or_default();
     let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
@@ -255,11 +296,23 @@ pub(crate) fn build_service(
         let held = held_endpoints(cfg, prev, &endpoints, ctx);
         endpoints.extend(held);
     }
-    let ready: Vec<Arc<Endpoint>> = endpoints.iter().filter(|e| e.ready).cloned().collect();
+    endpoints
+}
+
+type Routes = (Option<Arc<Route>>, HashMap<String, Arc<Route>>);
+
+/// The default route and the tenants' routes, against the ready endpoints;
+/// a route that breaks the rules is replaced by its last good version.
+fn routes_of(
+    cfg: &pb::ServiceConfig,
+    previous: Option<&Service>,
+    ready: &[Arc<Endpoint>],
+    problems: &mut Vec<InvalidPolicy>,
+) -> Routes {
     let mut default_route = None;
     let mut tenant_routes = HashMap::new();
     for r in &cfg.routes {
-        let route = match convert_route(&cfg.name, r, &ready) {
+        let route = match convert_route(&cfg.name, r, ready) {
             Ok(route) => Some(Arc::new(route)),
             Err(e) => {
                 problems.push(e);
@@ -267,7 +320,7 @@ pub(crate) fn build_service(
                 // against the new endpoints.
                 previous
                     .and_then(|p| p.source.routes.iter().find(|o| o.tenant == r.tenant))
-                    .and_then(|old| convert_route(&cfg.name, old, &ready).ok())
+                    .and_then(|old| convert_route(&cfg.name, old, ready).ok())
                     .map(Arc::new)
             }
         };
@@ -279,8 +332,16 @@ pub(crate) fn build_service(
             }
         }
     }
-    // Record, as the source, what is actually in force, so a later rebuild
-    // keeps the last good route rather than the rejected one.
+    (default_route, tenant_routes)
+}
+
+/// What is actually in force, recorded as the service's source: a later
+/// rebuild keeps the last good route rather than the rejected one.
+fn source_in_force(
+    cfg: &pb::ServiceConfig,
+    previous: Option<&Service>,
+    problems: &[InvalidPolicy],
+) -> pb::ServiceConfig {
     let mut source = cfg.clone();
     if !problems.is_empty() {
         source.routes = cfg
@@ -296,14 +357,16 @@ pub(crate) fn build_service(
             })
             .collect();
     }
-    let settings = match cfg.resilience.as_ref().map(model::Resilience::try_from) {
-        None => Settings::default(),
-        Some(Ok(r)) => Settings::from(&r),
-        Some(Err(e)) => {
-            problems.push(e.into());
-            previous.map(|p| p.settings.clone()).unwrap_or_default()
-        }
-    };
+    source
+}
+
+/// Each tenant's limits (the last good ones when new ones break the rules)
+/// with its counters, kept across versions.
+fn tenants_of(
+    cfg: &pb::ServiceConfig,
+    previous: Option<&Service>,
+    problems: &mut Vec<InvalidPolicy>,
+) -> HashMap<String, (crate::tenancy::Limits, Arc<crate::tenancy::State>)> {
     let mut tenants = HashMap::new();
     for p in &cfg.tenant_policies {
         let state = previous.and_then(|s| s.tenants.get(&p.tenant)).map(|(_, st)| st.clone()).unwrap_or_default();
@@ -311,7 +374,6 @@ pub(crate) fn build_service(
             Ok(t) => crate::tenancy::Limits::from(&t),
             Err(e) => {
                 problems.push(e.into());
-                // The last good limits of this tenant, if it had any.
                 match previous.and_then(|s| s.tenants.get(&p.tenant)) {
                     Some((limits, _)) => limits.clone(),
                     None => continue,
@@ -320,23 +382,7 @@ pub(crate) fn build_service(
         };
         tenants.insert(p.tenant.clone(), (limits, state));
     }
-    let holds = endpoints.iter().any(|e| e.is_held());
-    let service = Service {
-        name: cfg.name.clone(),
-        // Records lost with a lease make a service look unknown; while its
-        // instances are held it is not.
-        known: cfg.known || holds,
-        default_route,
-        tenant_routes,
-        endpoints,
-        holds,
-        all_ready: Arc::new(ready),
-        settings,
-        tenants,
-        stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
-        source,
-    };
-    (service, problems)
+    tenants
 }
 
 /// The endpoints of `prev` that `cfg` no longer lists but that are kept:

@@ -103,13 +103,19 @@ enum Ended {
     Lost,
 }
 
-async fn session(
-    shared: &Arc<Shared>,
-    url: &str,
-    subscription_rx: &mut mpsc::Receiver<SubscriptionChange>,
-    reports_rx: &mut mpsc::Receiver<pb::DegradedCall>,
-    stop: &mut watch::Receiver<bool>,
-) -> anyhow::Result<Ended> {
+fn message(msg: pb::proxy_message::Msg) -> pb::ProxyMessage {
+    pb::ProxyMessage { msg: Some(msg) }
+}
+
+/// An open discovery stream: what to send on, what comes back.
+struct Stream {
+    tx: mpsc::Sender<pb::ProxyMessage>,
+    inbound: tonic::Streaming<pb::ControlMessage>,
+}
+
+/// Connects to `url`, says Hello (with the app's readiness as of now) and
+/// subscribes again to every service subscribed so far.
+async fn open(shared: &Shared, url: &str, ready: bool) -> anyhow::Result<Stream> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -127,10 +133,7 @@ async fn session(
         Ok(req)
     });
     let (tx, rx) = mpsc::channel::<pb::ProxyMessage>(64);
-    let send = |msg: pb::proxy_message::Msg| pb::ProxyMessage { msg: Some(msg) };
-    let mut ready_rx = shared.app_ready.clone();
-    let ready = *ready_rx.borrow_and_update();
-    tx.send(send(pb::proxy_message::Msg::Hello(pb::Hello {
+    tx.send(message(pb::proxy_message::Msg::Hello(pb::Hello {
         proxy_id: shared.identity.id.clone(),
         service: shared.identity.service.clone(),
         labels: shared.identity.labels.clone().into_iter().collect(),
@@ -140,9 +143,22 @@ async fn session(
     .await?;
     let subs: Vec<String> = shared.subscriptions.lock().expect("lock").iter().cloned().collect();
     if !subs.is_empty() {
-        tx.send(send(pb::proxy_message::Msg::Subscribe(pb::Subscribe { services: subs }))).await?;
+        tx.send(message(pb::proxy_message::Msg::Subscribe(pb::Subscribe { services: subs }))).await?;
     }
-    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    Ok(Stream { tx, inbound })
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    url: &str,
+    subscription_rx: &mut mpsc::Receiver<SubscriptionChange>,
+    reports_rx: &mut mpsc::Receiver<pb::DegradedCall>,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Ended> {
+    let mut ready_rx = shared.app_ready.clone();
+    let ready = *ready_rx.borrow_and_update();
+    let Stream { tx, mut inbound } = open(shared, url, ready).await?;
     shared.control_connected.store(true, Ordering::Relaxed);
     tracing::info!(control = %url, "discovery stream open");
     // What this control plane lists may lack instances that have not
@@ -159,19 +175,14 @@ async fn session(
                         shared.endpoint_hold_ms.store(update.endpoint_hold_ms, Ordering::Relaxed);
                     }
                     let reply = apply(shared, &update, build_context(shared, stream_started));
-                    tx.send(send(reply)).await?;
+                    tx.send(message(reply)).await?;
                 }
                 Some(_) => {}
             },
             // Holds run out only while connected: a sidecar that cannot reach
             // the control plane cannot confirm anything gone.
             _ = async { tokio::time::sleep_until(expiry_at.expect("guarded")).await }, if expiry_at.is_some() => {
-                let ctx = build_context(shared, stream_started);
-                if let Some(table) = expire_holds(&shared.table.load(), ctx) {
-                    tracing::info!("held endpoints that did not come back are dropped");
-                    shared.table.store(Arc::new(table));
-                    shared.table_changed.send_replace(shared.table.load().version);
-                }
+                drop_expired_holds(shared, build_context(shared, stream_started));
             }
             Some(change) = subscription_rx.recv() => {
                 // In order: a service may be unsubscribed and subscribed again.
@@ -180,35 +191,52 @@ async fn session(
                     changes.push(c);
                 }
                 for msg in subscription_messages(shared, changes) {
-                    tx.send(send(msg)).await?;
+                    tx.send(message(msg)).await?;
                 }
             }
-            Some(first) = reports_rx.recv() => {
-                // Batch what is queued; the request path never waits on this.
-                let mut calls = vec![first];
-                while calls.len() < 256 {
-                    match reports_rx.try_recv() {
-                        Ok(c) => calls.push(c),
-                        Err(_) => break,
-                    }
-                }
-                let dropped = shared.reports_dropped.swap(0, Ordering::Relaxed);
-                tx.send(send(pb::proxy_message::Msg::Degraded(pb::DegradedReports { calls, dropped }))).await?;
-            }
+            Some(first) = reports_rx.recv() => tx.send(message(reports(shared, first, reports_rx))).await?,
             changed = ready_rx.changed() => {
                 if changed.is_ok() {
                     let ready = *ready_rx.borrow_and_update();
-                    tx.send(send(pb::proxy_message::Msg::Readiness(pb::Readiness { ready }))).await?;
+                    tx.send(message(pb::proxy_message::Msg::Readiness(pb::Readiness { ready }))).await?;
                 }
             }
             _ = crate::state::stopped(stop) => {
-                let _ = tx.send(send(pb::proxy_message::Msg::Deregister(pb::Deregister {}))).await;
+                let _ = tx.send(message(pb::proxy_message::Msg::Deregister(pb::Deregister {}))).await;
                 // Give the control plane a moment to act on it before the stream closes.
                 let _ = tokio::time::timeout(Duration::from_secs(2), inbound.message()).await;
                 return Ok(Ended::Stopped);
             }
         }
     }
+}
+
+/// Drops the held endpoints whose hold ran out.
+fn drop_expired_holds(shared: &Shared, ctx: BuildContext) {
+    if let Some(table) = expire_holds(&shared.table.load(), ctx) {
+        tracing::info!("held endpoints that did not come back are dropped");
+        shared.table.store(Arc::new(table));
+        shared.table_changed.send_replace(shared.table.load().version);
+    }
+}
+
+/// One batch of degraded-call reports: `first` and what else is queued (at
+/// most 256), with the count of reports dropped since the last batch. The
+/// request path never waits on this.
+fn reports(
+    shared: &Shared,
+    first: pb::DegradedCall,
+    reports_rx: &mut mpsc::Receiver<pb::DegradedCall>,
+) -> pb::proxy_message::Msg {
+    let mut calls = vec![first];
+    while calls.len() < 256 {
+        match reports_rx.try_recv() {
+            Ok(c) => calls.push(c),
+            Err(_) => break,
+        }
+    }
+    let dropped = shared.reports_dropped.swap(0, Ordering::Relaxed);
+    pb::proxy_message::Msg::Degraded(pb::DegradedReports { calls, dropped })
 }
 
 /// Turns queued subscription changes into stream messages (consecutive
