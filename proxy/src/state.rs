@@ -106,10 +106,7 @@ pub(crate) const IDLE_KNOWN_SWEEPS: u64 = 60;
 /// bogus `Host`) is unsubscribed after this many sweeps without calls.
 pub(crate) const IDLE_UNKNOWN_SWEEPS: u64 = 3;
 
-/// A coarse clock for subscription use: bumped by each sweep, stored by each
-/// call into its service's stats (one relaxed load, and a store only when it
-/// moved).
-pub(crate) static EPOCH: AtomicU64 = AtomicU64::new(1);
+pub(crate) use crate::clock::EPOCH;
 
 impl Shared {
     /// Queues a report without waiting; when the queue is full the report is

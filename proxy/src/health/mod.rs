@@ -147,7 +147,7 @@ pub(crate) struct ServiceStats {
     budget: Mutex<budget::Budget>,
     /// Held while deciding an ejection against the service's cap.
     pub(crate) ejection_lock: Mutex<()>,
-    /// The subscription sweep's epoch of the last call ([`crate::state::EPOCH`]).
+    /// The subscription sweep's epoch of the last call ([`crate::clock::EPOCH`]).
     last_used: AtomicU64,
 }
 
@@ -157,7 +157,7 @@ impl Default for ServiceStats {
             in_flight: AtomicUsize::new(0),
             budget: Mutex::new(budget::Budget::default()),
             ejection_lock: Mutex::new(()),
-            last_used: AtomicU64::new(crate::state::EPOCH.load(Ordering::Relaxed)),
+            last_used: AtomicU64::new(crate::clock::EPOCH.load(Ordering::Relaxed)),
         }
     }
 }
@@ -166,7 +166,7 @@ impl ServiceStats {
     /// Notes a call (for the subscription sweep).
     #[inline]
     pub(crate) fn touch(&self) {
-        let epoch = crate::state::EPOCH.load(Ordering::Relaxed);
+        let epoch = crate::clock::EPOCH.load(Ordering::Relaxed);
         if self.last_used.load(Ordering::Relaxed) != epoch {
             self.last_used.store(epoch, Ordering::Relaxed);
         }

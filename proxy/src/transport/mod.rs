@@ -4,6 +4,7 @@
 
 pub(crate) mod body;
 pub(crate) mod connect;
+pub(crate) mod hop;
 pub mod listener;
 pub(crate) mod pool;
 

@@ -26,7 +26,7 @@ use hyper::client::conn::{http1, http2};
 use super::Error;
 use super::body::ProxyBody;
 use super::connect::{connect_h1, connect_h2, upstream_error};
-use crate::http::headers::strip_hop_by_hop;
+use super::hop::strip_hop_by_hop;
 
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_IDLE_PER_ADDR: usize = 256;
