@@ -1,22 +1,26 @@
 //! weft sidecar proxy. The modules, from the bottom up (each uses only
 //! those above it in this list):
 //!
-//! - [`clock`], [`grpc`]: the millisecond clock, reading gRPC statuses;
+//! - [`clock`], [`grpc`], [`telemetry`]: the clocks, reading gRPC statuses,
+//!   request metrics;
 //! - [`health`]: per endpoint latency, load and circuit breaker, per
 //!   service the concurrency count and the retry budget;
+//! - [`tenancy`]: per-tenant limits at the callee (rate, concurrency, tokens);
 //! - [`config`]: the immutable table of services built from control-plane
 //!   updates (routes as the `weft-policy` model, endpoints, holds);
-//! - [`tenancy`]: per-tenant limits at the callee (rate, concurrency, tokens);
+//! - [`state`]: what the listeners, the discovery client and the admin
+//!   endpoint share (the table, subscriptions, queues);
 //! - [`transport`]: accepting connections within bounds (`listener`), pooled
-//!   HTTP/1.1 and h2c clients to upstreams (`pool`, `connect`);
-//! - [`http`]: bodies, the sidecar's own error answers, request-head
-//!   handling (authority, tenant, trace context), the degraded marks;
+//!   HTTP/1.1 and h2c clients to upstreams (`pool`, `connect`), bodies,
+//!   hop-by-hop headers;
+//! - [`http`]: the sidecar's own error answers, request-head handling
+//!   (authority, tenant, trace context), the degraded marks;
 //! - [`outbound`]: app → service: resolve, route, balance, the call with its
 //!   tries, retries, breaker bookkeeping, faults and fallback;
 //! - [`inbound`]: peer → local app, within the tenant's limits;
 //! - [`control_client`]: the discovery stream (ACK/NACK, reconnects, holds);
-//! - [`state`], [`admin`], [`probe`], [`telemetry`], [`app`]: shared state,
-//!   the admin endpoint, app readiness, metrics, and the wiring.
+//! - [`admin`], [`probe`], [`app`]: the admin endpoint, app readiness, and
+//!   the wiring.
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
