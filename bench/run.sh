@@ -345,7 +345,9 @@ if [ "$QUICK" != 1 ]; then
   cg_weft weft-inbound-h2 inbound --h2 backend-h2 backend-h2-cg "127.0.0.1:$BACKH2"
 fi
 start cg-haproxy taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind-haproxy" haproxy -f "$WORK/haproxy-cg.cfg"
-CGH=$(pgrep -f "valgrind.*haproxy-cg.cfg" | head -1)
+# The process just started is valgrind itself (taskset execs it); waiting on
+# pgrep instead raced with its start.
+CGH=${PIDS[-1]}
 cg_count haproxy "$CGH" "127.0.0.1:$CGPORT" backend ""
 [ "$QUICK" = 1 ] || cg_count haproxy-h2 "$CGH" "127.0.0.1:$CGPORT2" backend-h2 --h2
 kill "$CGH"
