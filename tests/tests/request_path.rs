@@ -279,3 +279,38 @@ async fn sidecars_with_several_workers_serve_concurrent_calls() {
     assert_eq!(served.len(), 400);
     assert!(served.iter().any(|s| s == "inference/v1") && served.iter().any(|s| s == "inference/v2"), "both served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_agents_calls_through_each_ones_own_sidecar_in_one_trace() {
+    // agent → planner → inference, each app calling the next through its
+    // own sidecar's outbound.
+    let bed = harness::Topology::new().instances("planner", &["v1"]).instances("inference", &["v1"]).start().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let tp = format!("00-{trace}-00f067aa0ba902b7-01");
+    let r = Req::get(bed.caller.sidecar.outbound, "planner", "/call/inference/step")
+        .header("traceparent", &tp)
+        .header("x-tenant-id", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.0, 200, "{r:?}");
+    assert_eq!(served_by(&r), "inference/v1", "the planner's answer is inference's");
+    assert!(r.2.contains("\"path\":\"/step\""), "{r:?}");
+    // One trace end to end, and the tenant too.
+    let echoed = harness::header(&r, "echo-traceparent");
+    assert!(echoed.starts_with(&format!("00-{trace}-")), "{echoed}");
+    assert_eq!(harness::header(&r, "echo-x-tenant-id"), "acme");
+    // Each hop went through a sidecar: the planner's own outbound called
+    // inference, and inference's inbound served it.
+    let planner = &bed.instance("planner", "v1").sidecar;
+    let m = planner.metrics().await;
+    let acme = "tenant=\"acme\"";
+    assert_eq!(
+        metric(&m, "weft_requests_total", &["direction=\"outbound\"", "service=\"inference\"", acme]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "weft_requests_total", &["direction=\"inbound\"", "service=\"planner\"", acme]), 1.0, "{m}");
+    let m = bed.instance("inference", "v1").sidecar.metrics().await;
+    assert!(metric(&m, "weft_requests_total", &["direction=\"inbound\"", "tenant=\"acme\""]) >= 1.0, "{m}");
+}
