@@ -221,3 +221,22 @@ async fn oversized_and_too_deep_policy_is_refused_naming_the_limit() {
     let out = weftctl(&url, &["get", "route"], None).await;
     assert_eq!(out.stdout.lines().count(), 1, "only the header line: {out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_refuses_at_start_a_service_name_the_control_plane_would_refuse_forever() {
+    for bad in ["api.v2", "Inference", "-x", ""] {
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::process::Command::new(harness::bin("weft-proxy"))
+                .args(["--control", "http://127.0.0.1:1", &format!("--service={bad}"), "--app", "127.0.0.1:1"])
+                .args(["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+                .output(),
+        )
+        .await
+        .expect("it exits at once")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad}: {stderr}");
+        assert!(stderr.contains(&format!("--service '{bad}'")), "{bad}: {stderr}");
+    }
+}
