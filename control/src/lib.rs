@@ -9,6 +9,7 @@
 //!   sidecar (registration, push, ACK/NACK)
 //! - [`admin`]: the gRPC API for weftctl, bearer tokens and tenant-scoped
 //!   access ([`admin::auth`]), recent degraded calls ([`admin::traces`])
+//! - [`tls`]: gRPC over TLS with a server certificate from the CA
 //! - [`server`]: wiring for the `weft-control` binary
 #![forbid(unsafe_code)]
 
@@ -18,3 +19,4 @@ pub mod fuzzing;
 pub mod push;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -32,6 +32,16 @@ pub struct Config {
     pub tokens: Option<Arc<crate::admin::auth::Tokens>>,
     /// Discovery streams this replica takes at most.
     pub max_sidecars: usize,
+    /// The CA: workload certificates for sidecars, and gRPC over TLS.
+    pub identity: Option<Identity>,
+}
+
+pub struct Identity {
+    pub ca: Arc<weft_identity::Ca>,
+    /// The lifetime of the certificates it issues.
+    pub cert_ttl: std::time::Duration,
+    /// The names sidecars and weftctl dial this replica by.
+    pub server_names: Vec<String>,
 }
 
 /// Serves until `shutdown` resolves.
@@ -57,6 +67,7 @@ pub async fn run(
         config.lease_ttl_secs,
         traces.clone(),
         config.max_sidecars,
+        config.identity.as_ref().map(|i| crate::push::Issuing { ca: i.ca.clone(), ttl: i.cert_ttl }),
     );
     let ready = Readiness { synced, lease: discovery.lease() };
     tokio::spawn(serve_admin(admin, config.store.clone(), ready, config.metrics.clone(), stopped(stop_rx.clone())));
@@ -79,16 +90,21 @@ pub async fn run(
     // unanswered pings within two thirds of the lease TTL; its records are
     // then deleted.
     let ping = std::time::Duration::from_millis((config.lease_ttl_secs as u64 * 1000 / 3).max(1000));
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(ping))
         .http2_keepalive_timeout(Some(ping))
         .add_service(DiscoveryServer::with_interceptor(
             discovery,
             crate::admin::auth::interceptor(config.tokens.clone()),
         ))
-        .add_service(AdminServer::with_interceptor(admin_api, crate::admin::auth::interceptor(config.tokens.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop)
-        .await?;
+        .add_service(AdminServer::with_interceptor(admin_api, crate::admin::auth::interceptor(config.tokens.clone())));
+    match &config.identity {
+        Some(id) => {
+            let incoming = crate::tls::incoming(grpc, id.ca.clone(), id.server_names.clone(), id.cert_ttl)?;
+            router.serve_with_incoming_shutdown(incoming, grpc_stop).await?;
+        }
+        None => router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop).await?,
+    }
     Ok(())
 }
 

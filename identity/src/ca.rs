@@ -54,7 +54,8 @@ impl Ca {
         params.distinguished_name.push(DnType::CommonName, name);
         params.distinguished_name.push(DnType::OrganizationName, "weft");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = SystemTime::now();
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + valid_for).into();
@@ -124,7 +125,9 @@ impl Ca {
         for n in names {
             let san = match n.parse::<std::net::IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(n.clone().try_into().map_err(|e| Error::invalid(format!("server name '{n}'"), e))?),
+                Err(_) => {
+                    SanType::DnsName(n.clone().try_into().map_err(|e| Error::invalid(format!("server name '{n}'"), e))?)
+                }
             };
             params.subject_alt_names.push(san);
         }
@@ -138,7 +141,10 @@ impl Ca {
         let not_after = SystemTime::now() + ttl;
         Issued {
             chain_pem: pem::certificate_pem(leaf) + &self.chain_pem(),
-            not_after_unix_ms: not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            not_after_unix_ms: not_after
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
         }
     }
 }

@@ -23,5 +23,8 @@ pub fn private_key(what: &str, pem: &str) -> Result<PrivateKeyDer<'static>, Erro
 
 /// `der` as PEM.
 pub fn certificate_pem(der: &[u8]) -> String {
-    pem::encode_config(&pem::Pem::new("CERTIFICATE", der), pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }

@@ -37,8 +37,8 @@ impl SpiffeId {
     /// The identity in a certificate's URI SANs (DER), if it has exactly
     /// one `spiffe://` URI.
     pub fn from_certificate(der: &[u8]) -> Result<SpiffeId, Error> {
-        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-            .map_err(|e| Error::invalid("certificate", e))?;
+        let (_, cert) =
+            x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| Error::invalid("certificate", e))?;
         let san = cert
             .subject_alternative_name()
             .map_err(|e| Error::invalid("certificate", e))?

@@ -162,6 +162,10 @@ pub(crate) fn config_json(shared: &Shared) -> serde_json::Value {
         "version": table.version,
         "control_connected": shared.control_connected.load(Ordering::Relaxed),
         "last_nack": *shared.last_nack.lock().expect("lock"),
+        "identity": shared.workload.as_ref().and_then(|w| w.current.load_full()).map(|c| serde_json::json!({
+            "id": c.identity.to_string(),
+            "not_after_unix_ms": c.not_after_unix_ms,
+        })),
         "services": services,
     })
 }

@@ -31,6 +31,9 @@ pub struct Options {
     pub replay_limit: u64,
     pub tenant_header: http::HeaderName,
     pub token: Option<String>,
+    /// The trust bundle (`--ca-bundle`): the control plane is checked
+    /// against it, and the sidecar gets a workload certificate.
+    pub workload: Option<Arc<crate::workload::Workload>>,
     /// Bounds of each listener's connections.
     pub limits: listener::Limits,
     /// Longest wait for the app's response head (inbound).
@@ -50,7 +53,13 @@ pub struct Listeners {
 /// then stops accepting, deregisters and lets in-flight requests finish.
 pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Output = ()>) {
     let (ready_tx, ready_rx) = watch::channel(false);
-    let (shared, queues) = Shared::new(opts.identity.clone(), opts.tenant_header.clone(), opts.token.clone(), ready_rx);
+    let (shared, queues) = Shared::new(
+        opts.identity.clone(),
+        opts.tenant_header.clone(),
+        opts.token.clone(),
+        ready_rx,
+        opts.workload.clone(),
+    );
     let (drain_tx, mut drain_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
 

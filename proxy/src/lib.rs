@@ -40,6 +40,7 @@ pub(crate) mod state;
 pub mod telemetry;
 pub(crate) mod tenancy;
 pub mod transport;
+pub mod workload;
 
 pub use outbound::DEFAULT_REPLAY_LIMIT;
 

@@ -44,9 +44,15 @@ struct Args {
     /// The request header that names the tenant (absent = `default`).
     #[arg(long, env = "WEFT_TENANT_HEADER", default_value = weft_proxy::TENANT_HEADER)]
     tenant_header: String,
-    /// Bearer token for a control plane started with --tokens (role proxy).
+    /// Bearer token for a control plane started with --tokens (role
+    /// proxy:<service>).
     #[arg(long, env = "WEFT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM roots (one, or two during a CA rotation): the control plane is
+    /// verified against them (its URLs are then https://), and the sidecar
+    /// gets a workload certificate from it.
+    #[arg(long, env = "WEFT_CA_BUNDLE")]
+    ca_bundle: Option<String>,
     /// Runtime worker threads.
     #[arg(long, env = "WEFT_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -107,6 +113,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("setting the request duration buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    let workload = match &args.ca_bundle {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).with_context(|| format!("--ca-bundle {path}: cannot read it"))?;
+            let w = weft_proxy::workload::Workload::new(&format!("--ca-bundle {path}"), pem)?;
+            if let Some(url) = args.control.iter().find(|u| !u.starts_with("https://")) {
+                anyhow::bail!("--control {url}: with --ca-bundle the control plane is https://");
+            }
+            Some(std::sync::Arc::new(w))
+        }
+        None => {
+            if let Some(url) = args.control.iter().find(|u| u.starts_with("https://")) {
+                anyhow::bail!("--control {url}: an https:// control plane needs --ca-bundle");
+            }
+            None
+        }
+    };
     let bind = |flag: &str, addr: &str| -> anyhow::Result<TcpListener> {
         let sock = addr
             .to_socket_addrs()
@@ -152,6 +174,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             replay_limit: args.retry_body_limit,
             tenant_header,
             token: args.token,
+            workload,
             limits: weft_proxy::transport::listener::Limits {
                 max_connections: args.max_connections,
                 header_timeout: args.header_timeout,

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) reports_dropped: AtomicU64,
     /// How long vanished endpoints are held (`Update.endpoint_hold_ms`).
     pub(crate) endpoint_hold_ms: AtomicU64,
+    /// The trust bundle and workload certificate, with a CA.
+    pub(crate) workload: Option<Arc<crate::workload::Workload>>,
 }
 
 /// The receiving ends of [`Shared`]'s queues, for the discovery client.
@@ -60,6 +62,7 @@ impl Shared {
         tenant_header: http::HeaderName,
         token: Option<String>,
         app_ready: watch::Receiver<bool>,
+        workload: Option<Arc<crate::workload::Workload>>,
     ) -> (Arc<Shared>, Queues) {
         let (subscription_tx, subscriptions) = mpsc::channel(SUBSCRIPTION_QUEUE);
         let (reports, reports_rx) = mpsc::channel(REPORT_QUEUE);
@@ -78,6 +81,7 @@ impl Shared {
             reports,
             reports_dropped: AtomicU64::new(0),
             endpoint_hold_ms: AtomicU64::new(crate::config::DEFAULT_ENDPOINT_HOLD_MS),
+            workload,
         });
         (shared, Queues { subscriptions, reports: reports_rx })
     }
@@ -202,7 +206,7 @@ mod tests {
             labels: Default::default(),
             advertise: ([127, 0, 0, 1], 1).into(),
         };
-        Shared::new(identity, http::HeaderName::from_static("x-tenant-id"), None, watch::channel(true).1)
+        Shared::new(identity, http::HeaderName::from_static("x-tenant-id"), None, watch::channel(true).1, None)
     }
 
     /// A table where every subscribed service is known to the control

@@ -285,6 +285,8 @@ impl Etcd {
 pub struct Control {
     child: Option<Child>,
     pub grpc: SocketAddr,
+    /// `https` when the control plane has a CA.
+    scheme: String,
     pub admin: SocketAddr,
     etcd_url: String,
     lease_ttl: u32,
@@ -340,6 +342,7 @@ impl Control {
         Control {
             child: Some(child),
             grpc: field(&line, "grpc").parse().unwrap(),
+            scheme: field(&line, "scheme"),
             admin: field(&line, "admin").parse().unwrap(),
             etcd_url: etcd_url.to_string(),
             lease_ttl,
@@ -368,7 +371,7 @@ impl Control {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        format!("{}://{}", self.scheme, self.grpc)
     }
 
     pub async fn kill(&mut self) {

@@ -1,8 +1,10 @@
 //! Bearer tokens for the control plane's gRPC API (`--tokens FILE`).
 //!
-//! The file is a YAML map from token to role: `admin` (everything), `proxy`
-//! (the discovery stream only) or `tenant:<name>` (read and change only that
-//! tenant's resources). Without a tokens file the API is open and every
+//! The file is a YAML map from token to role: `admin` (everything),
+//! `proxy:<service>` (the discovery stream, registering and getting a
+//! certificate for that service only), `proxy` (the discovery stream for any
+//! service, only while the control plane has no CA) or `tenant:<name>` (read
+//! and change only that tenant's resources). Without a tokens file the API is open and every
 //! caller is an admin; `weft-control` then listens on loopback by default.
 
 use std::collections::HashMap;
@@ -15,7 +17,8 @@ use weft_policy::ResourceId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     Admin,
-    Proxy,
+    /// A sidecar's credential: for one service, or (bare `proxy`) any.
+    Proxy(Option<String>),
     Tenant(String),
 }
 
@@ -23,14 +26,20 @@ impl Role {
     fn parse(s: &str) -> Result<Role, String> {
         match s.trim() {
             "admin" => Ok(Role::Admin),
-            "proxy" => Ok(Role::Proxy),
-            other => match other.strip_prefix("tenant:") {
-                Some(t) if !t.is_empty() => {
-                    weft_policy::names::check_tenant("tenant", t)?;
-                    Ok(Role::Tenant(t.to_string()))
+            "proxy" => Ok(Role::Proxy(None)),
+            other => {
+                if let Some(s) = other.strip_prefix("proxy:") {
+                    weft_policy::names::check_service("service", s)?;
+                    return Ok(Role::Proxy(Some(s.to_string())));
                 }
-                _ => Err(format!("role '{other}' is not admin, proxy or tenant:<name>")),
-            },
+                match other.strip_prefix("tenant:") {
+                    Some(t) if !t.is_empty() => {
+                        weft_policy::names::check_tenant("tenant", t)?;
+                        Ok(Role::Tenant(t.to_string()))
+                    }
+                    _ => Err(format!("role '{other}' is not admin, proxy:<service>, proxy or tenant:<name>")),
+                }
+            }
         }
     }
 }
@@ -73,11 +82,29 @@ pub fn interceptor(tokens: Option<Arc<Tokens>>) -> impl Fn(Request<()>) -> Resul
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .ok_or_else(|| Status::unauthenticated("401: a bearer token is required (weftctl --token)"))?;
+                if !over_tls_or_loopback(&req) {
+                    return Err(Status::unauthenticated(
+                        "401: bearer tokens are accepted over TLS only, or from loopback (give weft-control a CA)",
+                    ));
+                }
                 t.roles.get(token.trim()).cloned().ok_or_else(|| Status::unauthenticated("401: unknown token"))?
             }
         };
         req.extensions_mut().insert(role);
         Ok(req)
+    }
+}
+
+/// A token may come over TLS, or in the clear from this host only.
+fn over_tls_or_loopback(req: &Request<()>) -> bool {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    if req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().is_some() {
+        return true;
+    }
+    match req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()) {
+        Some(addr) => addr.ip().to_canonical().is_loopback(),
+        // Not a TCP connection (an in-process transport in tests).
+        None => true,
     }
 }
 
@@ -102,7 +129,7 @@ pub fn owner(id: &ResourceId) -> Option<&str> {
 pub fn may_modify(role: &Role, id: &ResourceId) -> Result<(), Status> {
     match role {
         Role::Admin => Ok(()),
-        Role::Proxy => Err(Status::permission_denied("403: a proxy token cannot change policy")),
+        Role::Proxy(_) => Err(Status::permission_denied("403: a proxy token cannot change policy")),
         Role::Tenant(t) => match owner(id) {
             Some(o) if o == t => Ok(()),
             Some(o) => Err(Status::permission_denied(format!("403: token for tenant {t} cannot modify tenant {o}"))),
@@ -117,7 +144,7 @@ pub fn may_modify(role: &Role, id: &ResourceId) -> Result<(), Status> {
 pub fn may_read(role: &Role, id: &ResourceId) -> bool {
     match role {
         Role::Admin => true,
-        Role::Proxy => false,
+        Role::Proxy(_) => false,
         Role::Tenant(t) => owner(id) == Some(t.as_str()),
     }
 }
@@ -151,11 +178,31 @@ pub fn redact_nack(nack: &str, tenant: &str) -> String {
     out
 }
 
+/// May `role` open a discovery stream for `service` (register it, and get
+/// its certificate)? `with_ca`: the control plane issues identities, so a
+/// credential must name the one service it is for.
+pub fn may_register(role: &Role, service: &str, with_ca: bool) -> Result<(), Status> {
+    match role {
+        Role::Admin => Ok(()),
+        Role::Proxy(Some(s)) if s == service => Ok(()),
+        Role::Proxy(Some(s)) => {
+            Err(Status::permission_denied(format!("403: a token for service {s} cannot register service {service}")))
+        }
+        Role::Proxy(None) if !with_ca => Ok(()),
+        Role::Proxy(None) => Err(Status::permission_denied(
+            "403: with a CA, a sidecar's token must name its service (role proxy:<service>)",
+        )),
+        Role::Tenant(t) => {
+            Err(Status::permission_denied(format!("403: token for tenant {t} cannot open a discovery stream")))
+        }
+    }
+}
+
 /// Only admins see the whole mesh (status).
 pub fn require_admin(role: &Role, what: &str) -> Result<(), Status> {
     match role {
         Role::Admin => Ok(()),
-        Role::Proxy => Err(Status::permission_denied(format!("403: a proxy token cannot {what}"))),
+        Role::Proxy(_) => Err(Status::permission_denied(format!("403: a proxy token cannot {what}"))),
         Role::Tenant(t) => Err(Status::permission_denied(format!("403: token for tenant {t} cannot {what}"))),
     }
 }
@@ -178,6 +225,21 @@ mod tests {
         assert!(may_modify(&acme, &shared).unwrap_err().message().contains("every tenant shares"));
         assert!(may_modify(&Role::Admin, &shared).is_ok());
         assert!(!may_read(&acme, &shared) && may_read(&acme, &own));
+    }
+
+    #[test]
+    fn a_sidecar_token_registers_only_its_service() {
+        assert_eq!(Role::parse("proxy:inference").unwrap(), Role::Proxy(Some("inference".into())));
+        assert_eq!(Role::parse("proxy").unwrap(), Role::Proxy(None));
+        assert!(Role::parse("proxy:api.v2").unwrap_err().contains("service"));
+        let inference = Role::Proxy(Some("inference".into()));
+        assert!(may_register(&inference, "inference", true).is_ok());
+        let e = may_register(&inference, "billing", false).unwrap_err();
+        assert_eq!(e.message(), "403: a token for service inference cannot register service billing");
+        assert!(may_register(&Role::Proxy(None), "billing", false).is_ok(), "a bare proxy token without a CA");
+        assert!(may_register(&Role::Proxy(None), "billing", true).unwrap_err().message().contains("proxy:<service>"));
+        assert!(may_register(&Role::Tenant("acme".into()), "billing", false).is_err());
+        assert!(may_register(&Role::Admin, "billing", true).is_ok());
     }
 
     #[test]

@@ -264,6 +264,8 @@ impl Admin for AdminService {
                     nacked_version: r.nacked_version,
                     subscriptions: r.subscriptions,
                     control_replica: r.control_replica,
+                    identity: r.identity,
+                    cert_not_after_unix_ms: r.cert_not_after_unix_ms,
                 })
                 .collect(),
         }))
@@ -286,7 +288,7 @@ impl Admin for AdminService {
         match &role {
             auth::Role::Admin => {}
             auth::Role::Tenant(t) => calls.retain(|c| &c.tenant == t),
-            auth::Role::Proxy => return Err(Status::permission_denied("403: a proxy token cannot read traces")),
+            auth::Role::Proxy(_) => return Err(Status::permission_denied("403: a proxy token cannot read traces")),
         }
         Ok(Response::new(pb::TracesResponse { calls, replica: self.replica.clone() }))
     }

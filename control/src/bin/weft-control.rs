@@ -36,6 +36,24 @@ struct Args {
     /// (RESOURCE_EXHAUSTED) and try another replica.
     #[arg(long, env = "WEFT_MAX_SIDECARS", default_value_t = 50_000)]
     max_sidecars: usize,
+    /// The CA certificate (PEM: a root, or an intermediate then its chain)
+    /// that signs workload certificates; with it, gRPC is served over TLS.
+    /// `weftctl ca init` makes one for a quick start.
+    #[arg(long, env = "WEFT_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<String>,
+    /// The CA's private key (PEM).
+    #[arg(long, env = "WEFT_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<String>,
+    /// The trust domain of workload identities (spiffe://<it>/svc/<service>).
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "weft.local")]
+    trust_domain: String,
+    /// Lifetime of the certificates the CA issues (sidecars renew at 2/3).
+    #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h")]
+    cert_ttl: String,
+    /// Names (DNS or IP) in this replica's server certificate, comma-separated
+    /// (default: localhost, 127.0.0.1, the hostname).
+    #[arg(long, env = "WEFT_SERVER_NAMES", value_delimiter = ',')]
+    server_names: Vec<String>,
 }
 
 #[tokio::main]
@@ -65,6 +83,11 @@ async fn main() -> anyhow::Result<()> {
         .listen
         .clone()
         .unwrap_or_else(|| if tokens.is_some() { "0.0.0.0:7070".into() } else { "127.0.0.1:7070".into() });
+    if tokens.is_some() && args.ca_cert.is_none() {
+        tracing::warn!(
+            "no CA: bearer tokens are accepted only from loopback (they would cross the network in the clear)"
+        );
+    }
     if tokens.is_none()
         && !listen.starts_with("127.")
         && !listen.starts_with("[::1]")
@@ -72,11 +95,31 @@ async fn main() -> anyhow::Result<()> {
     {
         tracing::warn!(%listen, "the API is open to anyone who can reach it: no --tokens file");
     }
+    let identity = match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => {
+            let read = |flag: &str, path: &str| {
+                std::fs::read_to_string(path).with_context(|| format!("{flag} {path}: cannot read it"))
+            };
+            let ca = weft_identity::Ca::load(&read("--ca-cert", cert)?, &read("--ca-key", key)?, &args.trust_domain)
+                .with_context(|| format!("--ca-cert {cert} / --ca-key {key}"))?;
+            let cert_ttl = humantime::parse_duration(&args.cert_ttl)
+                .map_err(|e| anyhow::anyhow!("--cert-ttl {}: {e}", args.cert_ttl))?;
+            anyhow::ensure!(cert_ttl >= std::time::Duration::from_secs(3), "--cert-ttl must be at least 3s");
+            let server_names = if args.server_names.is_empty() {
+                vec!["localhost".into(), "127.0.0.1".into(), hostname()]
+            } else {
+                args.server_names.clone()
+            };
+            Some(server::Identity { ca: std::sync::Arc::new(ca), cert_ttl, server_names })
+        }
+        _ => None,
+    };
     let grpc = TcpListener::bind(&listen).await.with_context(|| format!("binding --listen {listen}"))?;
     let admin = TcpListener::bind(&args.admin).await.with_context(|| format!("binding --admin {}", args.admin))?;
     let store = Store::connect(&args.etcd, &args.prefix).await?;
     let replica = args.replica.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
-    println!("weft-control listening grpc={} admin={}", grpc.local_addr()?, admin.local_addr()?);
+    let scheme = if identity.is_some() { "https" } else { "http" };
+    println!("weft-control listening grpc={} admin={} scheme={scheme}", grpc.local_addr()?, admin.local_addr()?);
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -85,8 +128,15 @@ async fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    let config =
-        Config { store, replica, lease_ttl_secs: args.lease_ttl, metrics, tokens, max_sidecars: args.max_sidecars };
+    let config = Config {
+        store,
+        replica,
+        lease_ttl_secs: args.lease_ttl,
+        metrics,
+        tokens,
+        max_sidecars: args.max_sidecars,
+        identity,
+    };
     server::run(config, grpc, admin, shutdown).await
 }
 

@@ -61,7 +61,22 @@ struct Shared {
     /// Open sessions, and the most this replica takes.
     sessions: std::sync::atomic::AtomicUsize,
     max_sessions: usize,
+    /// The CA that issues workload certificates, if any.
+    identity: Option<Issuing>,
 }
+
+/// How this replica issues workload certificates.
+#[derive(Clone)]
+pub struct Issuing {
+    pub ca: Arc<weft_identity::Ca>,
+    /// Their lifetime.
+    pub ttl: Duration,
+}
+
+/// A sidecar gets at most one certificate per this long (a renewal is due
+/// after two thirds of the lifetime): signing costs CPU, and a sidecar that
+/// asks in a loop must not take it from the others.
+const MIN_ISSUE_GAP: Duration = Duration::from_secs(1);
 
 /// Work for the batched record writer.
 enum RecordOp {
@@ -90,6 +105,7 @@ impl DiscoveryService {
         lease_ttl: i64,
         traces: Arc<TraceLog>,
         max_sessions: usize,
+        identity: Option<Issuing>,
     ) -> Self {
         let (records, rx) = mpsc::channel(RECORD_QUEUE);
         tokio::spawn(write_records(store.clone(), rx));
@@ -110,6 +126,7 @@ impl DiscoveryService {
                 endpoint_hold_ms,
                 sessions: Default::default(),
                 max_sessions,
+                identity,
             }),
         }
     }
@@ -127,7 +144,8 @@ impl Discovery for DiscoveryService {
     type StreamStream = UpdateStream;
 
     async fn stream(&self, request: Request<Streaming<pb::ProxyMessage>>) -> Result<Response<UpdateStream>, Status> {
-        if let crate::admin::auth::Role::Tenant(t) = crate::admin::auth::role(&request) {
+        let role = crate::admin::auth::role(&request);
+        if let crate::admin::auth::Role::Tenant(t) = &role {
             return Err(Status::permission_denied(format!("403: token for tenant {t} cannot open a discovery stream")));
         }
         use std::sync::atomic::Ordering;
@@ -147,6 +165,7 @@ impl Discovery for DiscoveryService {
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
         };
         check_service("service", &hello.service).map_err(|e| Status::invalid_argument(format!("Hello: {e}")))?;
+        crate::admin::auth::may_register(&role, &hello.service, self.inner.identity.is_some())?;
         if hello.proxy_id.is_empty() || hello.proxy_id.contains('/') {
             return Err(Status::invalid_argument("Hello: proxy_id must be non-empty and hold no '/'"));
         }
@@ -176,6 +195,8 @@ struct Session {
     /// The revision of this session's last endpoint write.
     endpoint_rev: u64,
     deregistered: bool,
+    /// When this session last issued a certificate.
+    issued_at: Option<Instant>,
 }
 
 impl Session {
@@ -200,6 +221,7 @@ impl Session {
             lease: None,
             endpoint_rev: 0,
             deregistered: false,
+            issued_at: None,
         }
     }
 
@@ -267,6 +289,37 @@ impl Session {
         tracing::info!(proxy = %self.hello.proxy_id, "sidecar disconnected");
     }
 
+    /// Signs the sidecar's certificate for the service of its Hello (which
+    /// its credential was checked against), or says why not.
+    fn issue(&mut self, csr: &[u8]) -> pb::Certificate {
+        let refuse = |error: String| pb::Certificate { error, ..Default::default() };
+        let Some(issuing) = self.shared.identity.clone() else {
+            return refuse("this control plane has no CA (weft-control --ca-cert/--ca-key)".into());
+        };
+        if self.issued_at.is_some_and(|t| t.elapsed() < MIN_ISSUE_GAP) {
+            metrics::counter!("weft_control_certificates_refused_total", "reason" => "too-soon").increment(1);
+            return refuse(format!("at most one certificate per {MIN_ISSUE_GAP:?}"));
+        }
+        match issuing.ca.issue_workload(csr, &self.hello.service, issuing.ttl) {
+            Ok(issued) => {
+                self.issued_at = Some(Instant::now());
+                metrics::counter!("weft_control_certificates_issued_total").increment(1);
+                let identity = weft_identity::SpiffeId::new(issuing.ca.trust_domain(), &self.hello.service).to_string();
+                tracing::info!(proxy = %self.hello.proxy_id, %identity, "issued a workload certificate");
+                pb::Certificate {
+                    chain_pem: issued.chain_pem,
+                    not_after_unix_ms: issued.not_after_unix_ms,
+                    identity,
+                    error: String::new(),
+                }
+            }
+            Err(e) => {
+                metrics::counter!("weft_control_certificates_refused_total", "reason" => "invalid").increment(1);
+                refuse(e.to_string())
+            }
+        }
+    }
+
     /// Handles one message; returns newly subscribed services to push.
     async fn handle(&mut self, m: pb::proxy_message::Msg) -> Option<Vec<String>> {
         use pb::proxy_message::Msg;
@@ -317,6 +370,16 @@ impl Session {
                         }
                     }
                 }
+            }
+            Msg::CertificateRequest(r) => {
+                let answer = self.issue(&r.csr_der);
+                if answer.error.is_empty() {
+                    self.record.identity = answer.identity.clone();
+                    self.record.cert_not_after_unix_ms = answer.not_after_unix_ms;
+                    self.save_record().await;
+                }
+                let msg = pb::ControlMessage { msg: Some(pb::control_message::Msg::Certificate(answer)) };
+                let _ = self.tx.send(Ok(msg)).await;
             }
             Msg::Deregister(_) => {
                 self.deregistered = true;

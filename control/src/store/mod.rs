@@ -101,6 +101,12 @@ pub struct ProxyRecord {
     pub subscriptions: Vec<String>,
     #[serde(default)]
     pub control_replica: String,
+    /// The sidecar's workload identity and its certificate's expiry (Unix
+    /// ms), once it has one.
+    #[serde(default)]
+    pub identity: String,
+    #[serde(default)]
+    pub cert_not_after_unix_ms: u64,
 }
 
 /// A policy resource as stored: `{"schema":1,"resource":{...}}`.

@@ -116,11 +116,15 @@ struct Stream {
 /// Connects to `url`, says Hello (with the app's readiness as of now) and
 /// subscribes again to every service subscribed so far.
 async fn open(shared: &Shared, url: &str, ready: bool) -> anyhow::Result<Stream> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
+    if let Some(w) = &shared.workload {
+        let roots = tonic::transport::Certificate::from_pem(&w.bundle_pem);
+        endpoint = endpoint.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(roots))?;
+    }
     let channel = endpoint.connect().await?;
     let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = match &shared.token {
         Some(t) => Some(format!("Bearer {t}").parse()?),
@@ -164,12 +168,26 @@ async fn session(
     // What this control plane lists may lack instances that have not
     // registered with it yet: endpoints it omits are held at least this long.
     let stream_started = now_ms();
+    // The key of the certificate asked for, until the answer comes.
+    let mut pending: Option<weft_identity::workload::Key> = None;
+    let mut renew_at = shared.workload.as_ref().map(|w| tokio::time::Instant::now() + w.renew_in());
     loop {
         let expiry = next_expiry(&shared.table.load());
         let expiry_at = expiry.map(|t| tokio::time::Instant::now() + Duration::from_millis(t.saturating_sub(now_ms())));
         tokio::select! {
             msg = inbound.message() => match msg? {
                 None => return Ok(Ended::Lost),
+                Some(pb::ControlMessage { msg: Some(pb::control_message::Msg::Certificate(answer)) }) => {
+                    if let (Some(w), Some(key)) = (&shared.workload, pending.take()) {
+                        renew_at = Some(tokio::time::Instant::now() + match w.install(&shared.identity.service, key, &answer) {
+                            Ok(()) => w.renew_in(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "no new workload certificate; asking again in 5s");
+                                Duration::from_secs(5)
+                            }
+                        });
+                    }
+                }
                 Some(pb::ControlMessage { msg: Some(pb::control_message::Msg::Update(update)) }) => {
                     if update.endpoint_hold_ms > 0 {
                         shared.endpoint_hold_ms.store(update.endpoint_hold_ms, Ordering::Relaxed);
@@ -179,6 +197,18 @@ async fn session(
                 }
                 Some(_) => {}
             },
+            _ = async { tokio::time::sleep_until(renew_at.expect("guarded")).await }, if renew_at.is_some() && pending.is_none() => {
+                match crate::workload::Workload::request(&shared.identity.service) {
+                    Ok((key, request)) => {
+                        pending = Some(key);
+                        tx.send(message(pb::proxy_message::Msg::CertificateRequest(request))).await?;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot make a key and signing request; trying again in 5s");
+                        renew_at = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                    }
+                }
+            }
             // Holds run out only while connected: a sidecar that cannot reach
             // the control plane cannot confirm anything gone.
             _ = async { tokio::time::sleep_until(expiry_at.expect("guarded")).await }, if expiry_at.is_some() => {

@@ -139,8 +139,13 @@ fn outbound(mock: Mock, cfgs: Vec<pb::ServiceConfig>) -> Arc<Outbound<Mock>> {
         labels: Default::default(),
         advertise: ([127, 0, 0, 1], 1).into(),
     };
-    let (shared, queues) =
-        Shared::new(identity, http::HeaderName::from_static("x-tenant-id"), None, tokio::sync::watch::channel(true).1);
+    let (shared, queues) = Shared::new(
+        identity,
+        http::HeaderName::from_static("x-tenant-id"),
+        None,
+        tokio::sync::watch::channel(true).1,
+        None,
+    );
     // No discovery client reads them; they stay open so subscribing works.
     std::mem::forget(queues);
     let mut table = Table::default();

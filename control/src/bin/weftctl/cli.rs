@@ -11,6 +11,10 @@ pub(crate) struct Cli {
     /// Bearer token for a control plane started with --tokens.
     #[arg(long, global = true, env = "WEFT_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
+    /// PEM roots to verify the control plane by (one, or two during a CA
+    /// rotation); with it the control URL is https://.
+    #[arg(long, global = true, env = "WEFT_CA_BUNDLE")]
+    pub(crate) ca_bundle: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -97,6 +101,26 @@ pub(crate) enum Command {
     Status {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
+    },
+    /// The certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CaCommand {
+    /// Writes a new self-signed root (ca.crt, ca.key) for a quick start;
+    /// give both to every weft-control (--ca-cert, --ca-key), and ca.crt to
+    /// sidecars and weftctl (--ca-bundle).
+    Init {
+        #[arg(long)]
+        out: String,
+        /// The root's common name.
+        #[arg(long, default_value = "weft root CA")]
+        name: String,
+        /// How long the root is valid.
+        #[arg(long, default_value = "3650d")]
+        valid: String,
     },
 }
 

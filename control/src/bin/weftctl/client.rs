@@ -37,6 +37,8 @@ pub(crate) type Client =
     AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 
 pub(crate) static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+/// The trust bundle's path (`--ca-bundle`).
+pub(crate) static CA_BUNDLE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
 pub(crate) async fn connect(url: &str) -> Result<Client, Fail> {
     let bearer = match TOKEN.get().cloned().flatten() {
@@ -47,10 +49,25 @@ pub(crate) async fn connect(url: &str) -> Result<Client, Fail> {
         ),
         None => None,
     };
-    let ep = tonic::transport::Endpoint::from_shared(url.to_string())
+    let mut ep = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| Fail(1, format!("--control {url}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(15));
+    match (CA_BUNDLE.get().cloned().flatten(), url.starts_with("https://")) {
+        (Some(path), true) => {
+            let pem = std::fs::read_to_string(&path).map_err(|e| Fail(1, format!("--ca-bundle {path}: {e}")))?;
+            weft_identity::pem::certificates(&format!("--ca-bundle {path}"), &pem)
+                .map_err(|e| Fail(1, e.to_string()))?;
+            let tls =
+                tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            ep = ep.tls_config(tls).map_err(|e| Fail(1, format!("--control {url}: {e}")))?;
+        }
+        (None, true) => return Err(Fail(1, format!("--control {url}: an https:// control plane needs --ca-bundle"))),
+        (Some(_), false) => {
+            return Err(Fail(1, format!("--control {url}: with --ca-bundle the control plane is https://")));
+        }
+        (None, false) => {}
+    }
     let ch = ep
         .connect()
         .await

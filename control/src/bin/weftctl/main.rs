@@ -19,7 +19,7 @@ use clap::Parser;
 use weft_policy as policy;
 
 use cli::{Cli, Command};
-use client::{Fail, TOKEN};
+use client::{CA_BUNDLE, Fail, TOKEN};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -40,6 +40,7 @@ fn duration(flag: &str, value: &str) -> Result<Duration, Fail> {
 
 async fn run(cli: Cli) -> Result<(), Fail> {
     let _ = TOKEN.set(cli.token.clone());
+    let _ = CA_BUNDLE.set(cli.ca_bundle.clone());
     let control = cli.control.as_str();
     let wait = |wait: bool, timeout: &str| -> Result<Option<Duration>, Fail> {
         let timeout = duration("--timeout", timeout)?;
@@ -61,5 +62,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             cmd::traces::run(control, service, since, limit, output).await
         }
         Command::Status { output } => cmd::status::run(control, output).await,
+        Command::Ca(cli::CaCommand::Init { out, name, valid }) => {
+            let valid = humantime::parse_duration(&valid).map_err(|e| Fail(1, format!("--valid {valid}: {e}")))?;
+            cmd::ca::init(&out, &name, valid)
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! One module per command.
 
 pub(crate) mod apply;
+pub(crate) mod ca;
 pub(crate) mod diff;
 pub(crate) mod endpoints;
 pub(crate) mod get;
