@@ -16,6 +16,7 @@
 pub mod ca;
 pub mod pem;
 pub mod spiffe;
+pub mod tls;
 pub mod workload;
 
 pub use ca::Ca;
