@@ -113,7 +113,13 @@ async fn sidecars_get_short_lived_certificates_for_their_own_service_over_tls_an
     .await;
     let first = identity(sidecar.config().await)["not_after_unix_ms"].as_u64().unwrap();
 
-    // weftctl over TLS shows who it is and when its certificate expires.
+    // weftctl over TLS shows who it is and when its certificate expires
+    // (the record is written just after the certificate is sent).
+    let (p, c) = (&pki, &control);
+    eventually("status shows the identity", Duration::from_secs(10), || async move {
+        p.weftctl(c, &["status"]).await.stdout.contains("spiffe://weft.local/svc/inference")
+    })
+    .await;
     let status = pki.weftctl(&control, &["status"]).await;
     assert_eq!(status.code, 0, "{status:?}");
     let row = status.stdout.lines().find(|l| l.starts_with("inf-1")).unwrap_or_else(|| panic!("{status:?}"));
