@@ -59,6 +59,10 @@ fn respond<B>(
             let app = *shared.app_ready.borrow();
             match (config, app, *drain.borrow()) {
                 (_, _, true) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+                (true, true, false) if !shared.has_certificate() => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no workload certificate from the control plane yet",
+                ),
                 (true, true, false) => text(StatusCode::OK, "ready"),
                 (false, _, _) => {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no config received from the control plane yet")
@@ -152,7 +156,7 @@ pub(crate) fn config_json(shared: &Shared) -> serde_json::Value {
         let endpoints: Vec<_> = s
             .endpoints
             .iter()
-            .map(|e| json!({"proxy_id": e.proxy_id, "address": e.addr.to_string(), "labels": e.labels, "ready": e.ready, "held": e.is_held()}))
+            .map(|e| json!({"proxy_id": e.proxy_id, "address": e.addr.to_string(), "labels": e.labels, "ready": e.ready, "mtls": e.mtls, "held": e.is_held()}))
             .collect();
         services.insert(name.clone(), json!({"known": s.known, "routes": routes, "endpoints": endpoints}));
     }

@@ -21,6 +21,8 @@ use crate::state::Shared;
 use crate::transport::body::BoxResponse;
 use crate::transport::listener::{self, Tracker};
 use crate::transport::pool::Upstream;
+pub use crate::transport::tls::InboundMtls;
+use crate::transport::tls::{Accepted, ClientTls, ServerTls};
 use crate::{admin, control_client, probe};
 
 pub struct Options {
@@ -34,6 +36,8 @@ pub struct Options {
     /// The trust bundle (`--ca-bundle`): the control plane is checked
     /// against it, and the sidecar gets a workload certificate.
     pub workload: Option<Arc<crate::workload::Workload>>,
+    /// With a workload: plaintext callers refused, or served and counted.
+    pub inbound_mtls: InboundMtls,
     /// Bounds of each listener's connections.
     pub limits: listener::Limits,
     /// Longest wait for the app's response head (inbound).
@@ -74,12 +78,19 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let housekeeping = spawn_housekeeping(&shared, &opts.metrics);
     let admin = tokio::spawn(admin::serve(listeners.admin, shared.clone(), opts.metrics.clone(), drain_tx));
 
-    let outbound =
-        Arc::new(Outbound { shared: shared.clone(), sender: Upstream::new(), replay_limit: opts.replay_limit });
+    // The bundle was checked when the workload was made.
+    let client_tls = opts.workload.as_ref().map(|w| Arc::new(ClientTls::new(w).expect("a checked bundle")));
+    let server_tls =
+        opts.workload.as_ref().map(|w| Arc::new(ServerTls::new(w, opts.inbound_mtls).expect("a checked bundle")));
+    let outbound = Arc::new(Outbound {
+        shared: shared.clone(),
+        sender: Upstream::new(client_tls),
+        replay_limit: opts.replay_limit,
+    });
     let inbound = Arc::new(Inbound {
         shared: shared.clone(),
         app: opts.app,
-        upstream: Upstream::new(),
+        upstream: Upstream::new(None),
         app_timeout: opts.app_timeout,
     });
     let (accept_tx, accept_rx) = watch::channel(false);
@@ -88,15 +99,20 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let draining = Arc::new(AtomicBool::new(false));
     let out_task = tokio::spawn(serve(
         listeners.outbound,
+        None,
         out_conns.clone(),
         accept_rx.clone(),
         draining.clone(),
         move |req, _| outbound.clone().handle(req),
     ));
-    let in_task =
-        tokio::spawn(serve(listeners.inbound, in_conns.clone(), accept_rx, draining.clone(), move |req, conn| {
-            inbound.clone().handle(req, conn.clone())
-        }));
+    let in_task = tokio::spawn(serve(
+        listeners.inbound,
+        server_tls,
+        in_conns.clone(),
+        accept_rx,
+        draining.clone(),
+        move |req, conn| inbound.clone().handle(req, conn.clone()),
+    ));
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
@@ -155,10 +171,12 @@ fn spawn_housekeeping(
     [sweeper, upkeep]
 }
 
-/// Accepts HTTP/1.1 and h2c connections until `stop`, within the
-/// listener's bounds ([`Tracker`]).
+/// Accepts HTTP/1.1 and HTTP/2 connections until `stop`, within the
+/// listener's bounds ([`Tracker`]); with `tls`, over mTLS (and plaintext in
+/// permissive mode).
 async fn serve<F, Fut>(
     listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
     tracker: Arc<Tracker>,
     mut stop: watch::Receiver<bool>,
     draining: Arc<AtomicBool>,
@@ -196,9 +214,29 @@ async fn serve<F, Fut>(
             let close = req.version() < http::Version::HTTP_2 && draining.load(Ordering::Relaxed);
             Served { call: h(req, &conn_state), in_flight, close }
         });
-        let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
-        let conn = builder.serve_connection(io, svc).into_owned();
-        tokio::spawn(listener::watched(conn, state, tracker.clone()));
+        let closed = tracker.on_close();
+        let Some(tls) = &tls else {
+            let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
+            let conn = builder.serve_connection(io, svc).into_owned();
+            tokio::spawn(listener::watched(conn, state, closed));
+            continue;
+        };
+        // The handshake runs on the connection's own task, bounded in time.
+        let (tls, builder) = (tls.clone(), builder.clone());
+        tokio::spawn(async move {
+            match tls.accept(stream).await {
+                Ok(Accepted::Tls(stream, peer)) => {
+                    state.set_peer(peer);
+                    let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
+                    listener::watched(builder.serve_connection(io, svc).into_owned(), state, closed).await;
+                }
+                Ok(Accepted::Plain(stream)) => {
+                    let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
+                    listener::watched(builder.serve_connection(io, svc).into_owned(), state, closed).await;
+                }
+                Err(reason) => tracing::debug!(%reason, "inbound connection refused"),
+            }
+        });
     }
 }
 

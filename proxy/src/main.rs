@@ -53,6 +53,11 @@ struct Args {
     /// gets a workload certificate from it.
     #[arg(long, env = "WEFT_CA_BUNDLE")]
     ca_bundle: Option<String>,
+    /// With --ca-bundle: `strict` (default) refuses callers that do not
+    /// present a workload certificate; `permissive` also serves plaintext
+    /// callers, counted in weft_inbound_plaintext_total (for a migration).
+    #[arg(long, env = "WEFT_INBOUND_MTLS", value_enum)]
+    inbound_mtls: Option<weft_proxy::app::InboundMtls>,
     /// Runtime worker threads.
     #[arg(long, env = "WEFT_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -126,6 +131,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if let Some(url) = args.control.iter().find(|u| u.starts_with("https://")) {
                 anyhow::bail!("--control {url}: an https:// control plane needs --ca-bundle");
             }
+            if args.inbound_mtls.is_some() {
+                anyhow::bail!("--inbound-mtls: mTLS needs --ca-bundle (without it the mesh is plaintext)");
+            }
             None
         }
     };
@@ -175,6 +183,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tenant_header,
             token: args.token,
             workload,
+            inbound_mtls: args.inbound_mtls.unwrap_or(weft_proxy::app::InboundMtls::Strict),
             limits: weft_proxy::transport::listener::Limits {
                 max_connections: args.max_connections,
                 header_timeout: args.header_timeout,

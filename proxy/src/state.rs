@@ -113,6 +113,18 @@ pub(crate) const IDLE_UNKNOWN_SWEEPS: u64 = 3;
 pub(crate) use crate::clock::EPOCH;
 
 impl Shared {
+    /// Whether this instance can take calls, its app being `app_ready`: with
+    /// a trust bundle it also needs its workload certificate (callers reach
+    /// it over mTLS).
+    pub(crate) fn ready_to_serve(&self, app_ready: bool) -> bool {
+        app_ready && self.has_certificate()
+    }
+
+    /// A workload certificate is in force, or none is needed.
+    pub(crate) fn has_certificate(&self) -> bool {
+        self.workload.as_ref().is_none_or(|w| w.current.load().is_some())
+    }
+
     /// Queues a report without waiting; when the queue is full the report is
     /// dropped and counted.
     pub(crate) fn report_degraded(&self, call: xds_proto::v1::DegradedCall) {

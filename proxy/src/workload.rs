@@ -22,7 +22,6 @@ pub struct Workload {
 
 /// A certificate in force.
 pub(crate) struct Certified {
-    #[expect(dead_code, reason = "the mTLS listener and pool present it; not wired yet")]
     pub(crate) key: Arc<CertifiedKey>,
     pub(crate) identity: SpiffeId,
     pub(crate) not_before_unix_ms: u64,
@@ -43,7 +42,7 @@ pub(crate) fn unix_ms() -> u64 {
 impl Workload {
     /// Reads and checks the bundle (`what` names it in errors).
     pub fn new(what: &str, bundle_pem: String) -> Result<Workload, weft_identity::Error> {
-        pem::certificates(what, &bundle_pem)?;
+        weft_identity::tls::roots(what, &bundle_pem)?;
         Ok(Workload { bundle_pem, current: ArcSwapOption::empty() })
     }
 

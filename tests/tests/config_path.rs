@@ -181,6 +181,7 @@ async fn removing_a_sidecar_spares_a_newer_registration_of_it() {
         address: "127.0.0.1:1".into(),
         labels: Default::default(),
         ready: true,
+        mtls: false,
     };
     let proxy = ProxyRecord { schema: 1, proxy_id: "p1".into(), service: "inference".into(), ..Default::default() };
     let old = store.put_endpoint(&ep, lease).await.unwrap();

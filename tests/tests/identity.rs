@@ -5,12 +5,16 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use harness::{Backend, Control, Etcd, Sidecar, eventually, weftctl};
+use harness::{Backend, Control, Etcd, Sidecar, eventually, example_pb, weftctl};
 use xds_proto::v1 as pb;
 
 const ADMIN: &str = "admin-token-0123456789";
 const INFERENCE: &str = "inference-token-0123456789";
 const BARE: &str = "bare-proxy-token-0123456789";
+const AGENT: &str = "agent-token-0123456789";
+const BILLING: &str = "billing-token-0123456789";
+const LEDGER: &str = "ledger-token-0123456789";
+const MODEL: &str = "model-token-0123456789";
 
 struct Pki {
     dir: tempfile::TempDir,
@@ -24,7 +28,10 @@ impl Pki {
         assert_eq!(init.code, 0, "{init:?}");
         std::fs::write(
             dir.path().join("tokens.yaml"),
-            format!("{ADMIN}: admin\n{INFERENCE}: proxy:inference\n{BARE}: proxy\n"),
+            format!(
+                "{ADMIN}: admin\n{INFERENCE}: proxy:inference\n{BARE}: proxy\n{AGENT}: proxy:agent\n\
+                 {BILLING}: proxy:billing\n{LEDGER}: proxy:ledger\n{MODEL}: proxy:model\n"
+            ),
         )
         .unwrap();
         Pki { dir }
@@ -55,6 +62,19 @@ impl Pki {
 
 /// A discovery stream over TLS with `token`, saying Hello as `service`.
 async fn hello(control: &Control, bundle: &str, token: &str, service: &str) -> Result<(), tonic::Status> {
+    register(control, bundle, token, service, "127.0.0.1:9", false).await.map(drop)
+}
+
+/// A registration of `service` at `address` by hand, in force while the
+/// returned stream is held.
+async fn register(
+    control: &Control,
+    bundle: &str,
+    token: &str,
+    service: &str,
+    address: &str,
+    mtls: bool,
+) -> Result<Held, tonic::Status> {
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read_to_string(bundle).unwrap()));
     let channel = tonic::transport::Endpoint::from_shared(control.url())
@@ -75,7 +95,9 @@ async fn hello(control: &Control, bundle: &str, token: &str, service: &str) -> R
         msg: Some(pb::proxy_message::Msg::Hello(pb::Hello {
             proxy_id: format!("forger-{service}"),
             service: service.into(),
-            address: "127.0.0.1:9".into(),
+            address: address.into(),
+            ready: true,
+            mtls,
             ..Default::default()
         })),
     })
@@ -84,8 +106,11 @@ async fn hello(control: &Control, bundle: &str, token: &str, service: &str) -> R
     let mut stream = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     // Accepted: the control plane pushes the service's state.
     stream.message().await?;
-    Ok(())
+    Ok((tx, stream))
 }
+
+/// A hand-made registration's stream: dropped, the sidecar is gone.
+type Held = (tokio::sync::mpsc::Sender<pb::ProxyMessage>, tonic::Streaming<pb::ControlMessage>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_get_short_lived_certificates_for_their_own_service_over_tls_and_renew_them() {
@@ -164,4 +189,187 @@ async fn a_credential_registers_and_gets_a_certificate_only_for_its_own_service(
     let wrong =
         weftctl(&control.url(), &["--ca-bundle", &other.path("ca.crt"), "--token", ADMIN, "status"], None).await;
     assert_eq!(wrong.code, 2, "{wrong:?}");
+}
+
+/// A sidecar of `service` with its own token and the trust bundle.
+async fn secured(
+    pki: &Pki,
+    control: &Control,
+    service: &str,
+    token: &str,
+    app: std::net::SocketAddr,
+    extra: &[&str],
+) -> Sidecar {
+    let bundle = pki.path("ca.crt");
+    let mut args = vec!["--token", token, "--ca-bundle", &bundle];
+    args.extend_from_slice(extra);
+    Sidecar::start_with(&[control.url()], service, "", app, &format!("{service}-1"), &args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_speak_mtls_the_callee_learns_who_called_and_plaintext_is_refused() {
+    let pki = Pki::init().await;
+    let etcd = Etcd::start().await;
+    let control = pki.control(&etcd, "1h").await;
+    let (inf_app, agent_app, model_app) = (
+        Backend::http("inference", "v1").await,
+        Backend::http("agent", "v1").await,
+        Backend::grpc("model", "v1").await,
+    );
+    let (inf, agent, _model) = tokio::join!(
+        secured(&pki, &control, "inference", INFERENCE, inf_app.addr, &[]),
+        secured(&pki, &control, "agent", AGENT, agent_app.addr, &[]),
+        secured(&pki, &control, "model", MODEL, model_app.addr, &[]),
+    );
+    let a = &agent;
+    eventually("the caller lists inference as speaking mTLS", Duration::from_secs(10), || async move {
+        let _ = harness::get(a.outbound, "inference", "/").await;
+        a.config().await["services"]["inference"]["endpoints"][0]["mtls"] == true
+    })
+    .await;
+
+    // HTTP/1.1: the app learns the caller's identity; a caller's own value
+    // of the header is not believed.
+    let forged = [("x-weft-client-id", "spiffe://weft.local/svc/admin")];
+    let (status, headers, body) = harness::request(agent.outbound, "inference", "/", &forged).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["echo-x-weft-client-id"], "spiffe://weft.local/svc/agent");
+    // HTTP/2 keeps its protocol over mTLS (ALPN h2).
+    let (status, headers, body) = harness::h2_send(agent.outbound, "inference", "/", &forged).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["echo-x-weft-client-id"], "spiffe://weft.local/svc/agent");
+    // gRPC, unary and streaming.
+    let mut client = harness::inference_client(agent.outbound, "http://model:50051").await;
+    let reply = client.infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 }).await.unwrap().into_inner();
+    assert_eq!(reply.text, "echo: hi");
+    let mut stream =
+        client.generate(example_pb::InferRequest { prompt: "t".into(), tokens: 3 }).await.unwrap().into_inner();
+    let mut n = 0;
+    while let Some(m) = tokio_stream::StreamExt::next(&mut stream).await {
+        m.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 3);
+
+    // Strict: a process that skips the caller's sidecar gets nothing.
+    let hits = inf_app.mode.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let direct = harness::request(inf.inbound, "inference", "/", &forged).await;
+    assert!(direct.is_err(), "plaintext to a strict inbound listener: {direct:?}");
+    assert_eq!(inf_app.mode.hits.load(std::sync::atomic::Ordering::SeqCst), hits, "the app saw nothing");
+    assert!(inf.metrics().await.contains("weft_inbound_plaintext_total{mode=\"strict\"} 1"), "{}", inf.metrics().await);
+
+    // Permissive: plaintext served and counted, with no identity.
+    let billing_app = Backend::http("billing", "v1").await;
+    let billing =
+        secured(&pki, &control, "billing", BILLING, billing_app.addr, &["--inbound-mtls", "permissive"]).await;
+    let (status, headers, _) = harness::request(billing.inbound, "billing", "/", &forged).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(headers.get("echo-x-weft-client-id").is_none(), "no identity over plaintext: {headers:?}");
+    assert!(billing.metrics().await.contains("weft_inbound_plaintext_total{mode=\"permissive\"} 1"));
+    let (_, headers, _) = harness::request(agent.outbound, "billing", "/", &[]).await.unwrap();
+    assert_eq!(headers["echo-x-weft-client-id"], "spiffe://weft.local/svc/agent", "callers still use mTLS");
+
+    // An endpoint of `ledger` that is really billing's sidecar: the caller
+    // checks who answers, refuses it, and billing's app sees nothing.
+    let bundle = pki.path("ca.crt");
+    let _forged = register(&control, &bundle, LEDGER, "ledger", &billing.inbound.to_string(), true).await.unwrap();
+    let billing_hits = billing_app.mode.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let (status, headers, body) = harness::request(agent.outbound, "ledger", "/", &[]).await.unwrap();
+    assert_eq!(status, 502, "{headers:?} {body}");
+    assert!(body.contains("the peer is spiffe://weft.local/svc/billing, not service ledger"), "{body}");
+    assert_eq!(billing_app.mode.hits.load(std::sync::atomic::Ordering::SeqCst), billing_hits);
+}
+
+/// Runs `count` HTTP/1.1 calls, one after another, from `caller` to
+/// `service`; returns the statuses that were not 200.
+async fn steady(caller: std::net::SocketAddr, service: &str, count: usize, every: Duration) -> Vec<String> {
+    let mut failed = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    for _ in 0..count {
+        tick.tick().await;
+        match harness::get(caller, service, "/").await {
+            Ok((200, _, _)) => {}
+            Ok((s, h, b)) => failed.push(format!("{s} {:?} {b}", h.get("x-weft-error"))),
+            Err(e) => failed.push(e),
+        }
+    }
+    failed
+}
+
+/// `n` calls at once: each needs a connection of its own, so most are new
+/// mTLS handshakes.
+async fn burst(caller: std::net::SocketAddr, service: &str, n: usize) -> Vec<u16> {
+    let calls = (0..n).map(|_| async move { harness::get(caller, service, "/").await.map(|r| r.0).unwrap_or(0) });
+    futures_util::future::join_all(calls).await
+}
+
+fn not_after(cfg: &serde_json::Value) -> u64 {
+    cfg["identity"]["not_after_unix_ms"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renewed_under_steady_load_lose_no_request() {
+    let pki = Pki::init().await;
+    let etcd = Etcd::start().await;
+    // Renewed every ~4 s.
+    let control = pki.control(&etcd, "6s").await;
+    let (inf_app, agent_app) = (Backend::http("inference", "v1").await, Backend::http("agent", "v1").await);
+    let (inf, agent) = tokio::join!(
+        secured(&pki, &control, "inference", INFERENCE, inf_app.addr, &[]),
+        secured(&pki, &control, "agent", AGENT, agent_app.addr, &[]),
+    );
+    let firsts = (not_after(&inf.config().await), not_after(&agent.config().await));
+    // 10 s of calls at 40/s: each side renews at least twice meanwhile.
+    let failed = steady(agent.outbound, "inference", 400, Duration::from_millis(25)).await;
+    assert!(failed.is_empty(), "{} of 400 calls failed across renewals: {failed:?}", failed.len());
+    let (inf_now, agent_now) = (not_after(&inf.config().await), not_after(&agent.config().await));
+    assert!(
+        inf_now > firsts.0 + 3_000 && agent_now > firsts.1 + 3_000,
+        "both renewed: {firsts:?} → {inf_now}, {agent_now}"
+    );
+    // The connection opened with the first certificates is still in use,
+    // and new ones are made with the renewed ones.
+    let statuses = burst(agent.outbound, "inference", 8).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(!inf.metrics().await.contains("weft_inbound_tls_failed_total"), "{}", inf.metrics().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_with_an_overlapping_bundle_loses_no_request() {
+    // The old CA and the new one; every sidecar trusts both.
+    let (old, new) = (Pki::init().await, Pki::init().await);
+    let both = old.path("both.crt");
+    let pem = |p: &Pki| std::fs::read_to_string(p.path("ca.crt")).unwrap();
+    std::fs::write(&both, format!("{}{}", pem(&old), pem(&new))).unwrap();
+    let etcd = Etcd::start().await;
+    // Replicas move to the new CA one at a time: for a while one signs with
+    // the old CA and one with the new.
+    let (mut old_control, new_control) = tokio::join!(old.control(&etcd, "6s"), new.control(&etcd, "6s"));
+    let (inf_app, agent_app) = (Backend::http("inference", "v1").await, Backend::http("agent", "v1").await);
+    let start = |service: &'static str, token: &'static str, app, urls: Vec<String>| {
+        let both = both.clone();
+        async move {
+            let args = ["--token", token, "--ca-bundle", &both];
+            Sidecar::start_with(&urls, service, "", app, &format!("{service}-1"), &args).await
+        }
+    };
+    let (inf, agent) = tokio::join!(
+        start("inference", INFERENCE, inf_app.addr, vec![old_control.url(), new_control.url()]),
+        start("agent", AGENT, agent_app.addr, vec![new_control.url()]),
+    );
+    // One certificate from each CA: calls both ways.
+    assert!(steady(agent.outbound, "inference", 20, Duration::from_millis(10)).await.is_empty());
+    assert!(steady(inf.outbound, "agent", 20, Duration::from_millis(10)).await.is_empty());
+
+    // The last replica with the old CA goes; its sidecars move to the new
+    // one and renew under load.
+    let before = not_after(&inf.config().await);
+    let load = tokio::spawn(steady(agent.outbound, "inference", 320, Duration::from_millis(25)));
+    old_control.kill().await;
+    let failed = load.await.unwrap();
+    assert!(failed.is_empty(), "{} of 320 calls failed during the CA rotation: {failed:?}", failed.len());
+    let after = not_after(&inf.config().await);
+    assert!(after > before + 3_000, "inference renewed from the new CA: {before} → {after}");
+    assert_eq!(burst(inf.outbound, "agent", 4).await, vec![200; 4]);
+    assert_eq!(burst(agent.outbound, "inference", 4).await, vec![200; 4]);
 }

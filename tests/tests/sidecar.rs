@@ -27,6 +27,7 @@ fn inference(app: std::net::SocketAddr, route_rev: u64, route: &str) -> pb::Serv
             address: app.to_string(),
             labels: [("version".to_string(), "v1".to_string())].into_iter().collect(),
             ready: true,
+            mtls: false,
         }],
         ..Default::default()
     }

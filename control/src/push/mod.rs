@@ -451,6 +451,7 @@ impl Session {
             address: self.hello.address.clone(),
             labels: self.hello.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
             ready: self.ready,
+            mtls: self.hello.mtls,
         }
     }
 

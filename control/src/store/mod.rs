@@ -45,6 +45,9 @@ pub struct EndpointRecord {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub ready: bool,
+    /// Its inbound listener speaks mTLS ([`xds_proto::v1::Hello::mtls`]).
+    #[serde(default)]
+    pub mtls: bool,
 }
 
 impl EndpointRecord {
@@ -55,6 +58,7 @@ impl EndpointRecord {
             address: self.address.clone(),
             labels: self.labels.clone().into_iter().collect(),
             ready: self.ready,
+            mtls: self.mtls,
         }
     }
 }

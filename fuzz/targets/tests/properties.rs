@@ -42,6 +42,7 @@ fn wire_seeds() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
             .into_iter()
             .collect(),
         ready,
+        mtls: false,
     };
     let mut configs = Vec::new();
     for seed in files(&fuzz_dir().join("corpus/policy")) {

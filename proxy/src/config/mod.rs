@@ -16,6 +16,7 @@ use xds_proto::v1 as pb;
 
 use crate::health::breaker::{self, Admission};
 use crate::health::{Health, ServiceStats, Settings};
+use crate::transport::pool::Peer;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{resource}: {message}")]
@@ -93,6 +94,8 @@ pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddr,
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) ready: bool,
+    /// Its sidecar speaks mTLS: dialled over it, as the service.
+    pub(crate) mtls: bool,
     /// Shared across config versions for the same address.
     pub(crate) health: Arc<Health>,
     /// Non-zero for an endpoint the control plane stopped listing without
@@ -104,6 +107,11 @@ pub(crate) struct Endpoint {
 impl Endpoint {
     pub(crate) fn is_held(&self) -> bool {
         self.held_until_ms != 0
+    }
+
+    /// Where a try to this endpoint of `service` goes.
+    pub(crate) fn peer<'a>(&self, service: &'a str) -> Peer<'a> {
+        Peer { addr: self.addr, mtls: self.mtls.then_some(service) }
     }
 }
 
@@ -283,6 +291,7 @@ fn endpoints_of(
                 addr,
                 labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 ready: e.ready,
+                mtls: e.mtls,
                 health: old_health.get(&addr).cloned().unwrap_or_default(),
                 held_until_ms: 0,
             })),
@@ -413,6 +422,7 @@ fn held_endpoints(
             addr: e.addr,
             labels: e.labels.clone(),
             ready: true,
+            mtls: e.mtls,
             health: e.health.clone(),
             held_until_ms: until,
         }));
@@ -437,6 +447,7 @@ mod tests {
             address: format!("127.0.0.1:{port}"),
             labels: [("version".to_string(), v.to_string())].into_iter().collect(),
             ready: true,
+            mtls: false,
         };
         let backend = |v: &str, w: u32| pb::WeightedBackend {
             subset: [("version".to_string(), v.to_string())].into_iter().collect(),

@@ -143,6 +143,7 @@ async fn open(shared: &Shared, url: &str, ready: bool) -> anyhow::Result<Stream>
         labels: shared.identity.labels.clone().into_iter().collect(),
         address: shared.identity.advertise.to_string(),
         ready,
+        mtls: shared.workload.is_some(),
     })))
     .await?;
     let subs: Vec<String> = shared.subscriptions.lock().expect("lock").iter().cloned().collect();
@@ -161,7 +162,7 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Ended> {
     let mut ready_rx = shared.app_ready.clone();
-    let ready = *ready_rx.borrow_and_update();
+    let mut ready = shared.ready_to_serve(*ready_rx.borrow_and_update());
     let Stream { tx, mut inbound } = open(shared, url, ready).await?;
     shared.control_connected.store(true, Ordering::Relaxed);
     tracing::info!(control = %url, "discovery stream open");
@@ -186,6 +187,12 @@ async fn session(
                                 Duration::from_secs(5)
                             }
                         });
+                        // The first certificate may make the instance ready.
+                        let now_ready = shared.ready_to_serve(*ready_rx.borrow());
+                        if now_ready != ready {
+                            ready = now_ready;
+                            tx.send(message(pb::proxy_message::Msg::Readiness(pb::Readiness { ready }))).await?;
+                        }
                     }
                 }
                 Some(pb::ControlMessage { msg: Some(pb::control_message::Msg::Update(update)) }) => {
@@ -227,7 +234,7 @@ async fn session(
             Some(first) = reports_rx.recv() => tx.send(message(reports(shared, first, reports_rx))).await?,
             changed = ready_rx.changed() => {
                 if changed.is_ok() {
-                    let ready = *ready_rx.borrow_and_update();
+                    ready = shared.ready_to_serve(*ready_rx.borrow_and_update());
                     tx.send(message(pb::proxy_message::Msg::Readiness(pb::Readiness { ready }))).await?;
                 }
             }

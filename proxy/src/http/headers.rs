@@ -103,6 +103,26 @@ pub(crate) fn ensure_traceparent<B>(req: &mut Request<B>) {
 
 pub(crate) static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
+/// The caller's identity as the callee's sidecar gives it to its app
+/// (`spiffe://…/svc/<service>`), set only from an mTLS handshake: a caller's
+/// own value is removed.
+pub(crate) static CLIENT_ID: http::HeaderName = http::HeaderName::from_static("x-weft-client-id");
+
+/// Puts the identity the caller proved (`None`: plaintext, no identity) in
+/// [`CLIENT_ID`], replacing whatever the request carried.
+pub(crate) fn set_client_id<B>(req: &mut Request<B>, caller: Option<&HeaderValue>) {
+    match caller {
+        Some(v) => {
+            req.headers_mut().insert(&CLIENT_ID, v.clone());
+        }
+        None => {
+            if req.headers().contains_key(&CLIENT_ID) {
+                req.headers_mut().remove(&CLIENT_ID);
+            }
+        }
+    }
+}
+
 /// Writes the low `out.len()` hex digits of `n` into `out`.
 fn hex_into(out: &mut [u8], mut n: u128) {
     for b in out.iter_mut().rev() {

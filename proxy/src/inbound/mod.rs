@@ -11,14 +11,14 @@ use http_body_util::Either;
 
 use crate::grpc::is_grpc;
 use crate::http::errors::ProxyError;
-use crate::http::headers::{single_host, tenant_of};
+use crate::http::headers::{set_client_id, single_host, tenant_of};
 use crate::http::response::{Degraded, finish};
 use crate::state::Shared;
 use crate::tenancy;
 use crate::transport;
 use crate::transport::body::{BoxResponse, ClientBodyWatch, Tapped, stream};
 use crate::transport::listener::ConnState;
-use crate::transport::pool::Upstream;
+use crate::transport::pool::{Peer, Upstream};
 
 pub(crate) struct Inbound {
     pub(crate) shared: Arc<Shared>,
@@ -32,7 +32,7 @@ pub(crate) struct Inbound {
 impl Inbound {
     /// `conn` is the connection the call came on: it keeps the time limit
     /// of an HTTP/1.1 call's wait for the app (see `listener::Deadline`).
-    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: Arc<ConnState>) -> BoxResponse {
+    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>, conn: Arc<ConnState>) -> BoxResponse {
         let started = Instant::now();
         let grpc = is_grpc(&req);
         let service = &self.shared.identity.service;
@@ -62,15 +62,16 @@ impl Inbound {
                 }
             }
         }
+        set_client_id(&mut req, conn.peer().map(|c| &c.header));
         let client = ClientBodyWatch::new(req.body());
         let req = req.map(|b| stream(b, &client));
         let mut sent = if req.version() < http::Version::HTTP_2 {
             // The connection's sweeper keeps the time: no timer per call.
-            conn.deadline(self.upstream.send(self.app, req, None)).await.unwrap_or_else(|()| {
+            conn.deadline(self.upstream.send(Peer::plain(self.app), req, None)).await.unwrap_or_else(|()| {
                 Err(transport::Error::Timeout { addr: self.app.to_string(), ms: self.app_timeout.as_millis() as u64 })
             })
         } else {
-            self.upstream.send(self.app, req, Some(self.app_timeout)).await
+            self.upstream.send(Peer::plain(self.app), req, Some(self.app_timeout)).await
         }
         .map_err(ProxyError::from);
         if let Err(e) = &mut sent

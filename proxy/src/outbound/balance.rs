@@ -143,6 +143,7 @@ mod tests {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             labels: BTreeMap::from([("region".to_string(), region.to_string())]),
             ready: true,
+            mtls: false,
             health: Arc::new(Health::default()),
             held_until_ms: 0,
         })

@@ -96,7 +96,7 @@ pub(crate) async fn run<S: Sender>(
             None => {
                 let _in_flight = InFlight::endpoint(&t.endpoint.health);
                 let sent = Instant::now();
-                let r = out.sender.send(t.endpoint.addr, t.req, timeout).await;
+                let r = out.sender.send(t.endpoint.peer(&svc.name), t.req, timeout).await;
                 call.observe(&t.endpoint, r, sent, &body)
             }
         };

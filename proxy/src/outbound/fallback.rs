@@ -57,8 +57,11 @@ pub(crate) async fn answer<S: Sender>(
                 a => a,
             };
             let _in_flight = InFlight::endpoint(&endpoint.health);
-            let outcome =
-                out.sender.send(endpoint.addr, req, rule.and_then(|r| r.timeout)).await.map_err(ProxyError::from);
+            let outcome = out
+                .sender
+                .send(endpoint.peer(&svc.name), req, rule.and_then(|r| r.timeout))
+                .await
+                .map_err(ProxyError::from);
             if retry::is_failure(&outcome) {
                 svc.endpoint_failed(&endpoint, admission, now);
             } else {

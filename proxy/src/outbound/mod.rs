@@ -23,7 +23,6 @@ pub(crate) mod route;
 mod tests;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,7 +35,7 @@ use crate::http::response::{Degraded, finish};
 use crate::state::Shared;
 use crate::transport;
 use crate::transport::body::{BoxResponse, ProxyBody};
-use crate::transport::pool::{PooledBody, Upstream};
+use crate::transport::pool::{Peer, PooledBody, Upstream};
 
 /// The default of `--retry-body-limit`.
 pub const DEFAULT_REPLAY_LIMIT: u64 = 1024 * 1024;
@@ -47,7 +46,7 @@ pub(crate) trait Sender: Send + Sync + 'static {
     /// The timeout, when set, covers the time to the response head.
     fn send(
         &self,
-        addr: SocketAddr,
+        peer: Peer<'_>,
         req: Request<ProxyBody>,
         timeout: Option<Duration>,
     ) -> impl Future<Output = Result<Response<PooledBody>, transport::Error>> + Send;
@@ -56,11 +55,11 @@ pub(crate) trait Sender: Send + Sync + 'static {
 impl Sender for Upstream {
     fn send(
         &self,
-        addr: SocketAddr,
+        peer: Peer<'_>,
         req: Request<ProxyBody>,
         timeout: Option<Duration>,
     ) -> impl Future<Output = Result<Response<PooledBody>, transport::Error>> + Send {
-        Upstream::send(self, addr, req, timeout)
+        Upstream::send(self, peer, req, timeout)
     }
 }
 

@@ -5,7 +5,6 @@
 //! `Incoming` request body.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use crate::http::response::Degraded;
 use crate::state::{Identity, Shared};
 use crate::transport;
 use crate::transport::body::ProxyBody;
+use crate::transport::pool::Peer;
 use crate::transport::pool::PooledBody;
 
 /// What the scripted endpoint does with a try.
@@ -70,10 +70,11 @@ impl Mock {
 impl Sender for Mock {
     async fn send(
         &self,
-        addr: SocketAddr,
+        peer: Peer<'_>,
         _req: Request<ProxyBody>,
         timeout: Option<Duration>,
     ) -> Result<Response<PooledBody>, transport::Error> {
+        let addr = peer.addr;
         let reply = {
             let mut s = self.0.lock().unwrap();
             s.log.push((addr.port(), Instant::now()));
@@ -127,6 +128,7 @@ fn service(policy: &str, ports: &[u16]) -> pb::ServiceConfig {
             address: format!("127.0.0.1:{p}"),
             labels: [("version".to_string(), format!("v{p}"))].into_iter().collect(),
             ready: true,
+            mtls: false,
         })
         .collect();
     cfg

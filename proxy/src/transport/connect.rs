@@ -1,5 +1,5 @@
 //! Connections to upstreams: dialling (no Nagle delay, TCP keep-alive),
-//! the HTTP/1.1 and h2c handshakes, the task that drives each connection, and
+//! mTLS to sidecars that speak it, the HTTP/1.1 and HTTP/2 handshakes, the task that drives each connection, and
 //! what their errors mean.
 
 use std::future::Future;
@@ -8,28 +8,64 @@ use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::Error;
 use super::pool::{H2Sender, Sender};
+use super::tls::ClientTls;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 const H2_PING: Duration = Duration::from_secs(20);
 
-pub(super) async fn connect_h1(addr: SocketAddr) -> Result<Sender, Error> {
-    let io = TokioIo::new(dial(addr).await?);
-    let (tx, conn) = http1::Builder::new().writev(false).handshake(io).await.map_err(|e| handshake_error(addr, &e))?;
+/// mTLS to an instance of a service: the client side and the service.
+pub(super) type Tls<'a> = Option<(&'a ClientTls, &'a str)>;
+
+pub(super) async fn connect_h1(addr: SocketAddr, tls: Tls<'_>) -> Result<Sender, Error> {
+    let tcp = dial(addr).await?;
+    match tls {
+        None => handshake_h1(addr, tcp).await,
+        Some((client, service)) => handshake_h1(addr, secure(addr, tcp, client, service, false).await?).await,
+    }
+}
+
+pub(super) async fn connect_h2(addr: SocketAddr, tls: Tls<'_>) -> Result<H2Sender, Error> {
+    let tcp = dial(addr).await?;
+    match tls {
+        None => handshake_h2(addr, tcp).await,
+        Some((client, service)) => handshake_h2(addr, secure(addr, tcp, client, service, true).await?).await,
+    }
+}
+
+async fn secure(
+    addr: SocketAddr,
+    tcp: TcpStream,
+    client: &ClientTls,
+    service: &str,
+    h2: bool,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+    client.connect(tcp, service, h2).await.map_err(|reason| Error::Connect { addr: addr.to_string(), reason })
+}
+
+async fn handshake_h1<T>(addr: SocketAddr, io: T) -> Result<Sender, Error>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (tx, conn) =
+        http1::Builder::new().writev(false).handshake(TokioIo::new(io)).await.map_err(|e| handshake_error(addr, &e))?;
     drive(addr, conn);
     Ok(tx)
 }
 
-pub(super) async fn connect_h2(addr: SocketAddr) -> Result<H2Sender, Error> {
-    let io = TokioIo::new(dial(addr).await?);
+async fn handshake_h2<T>(addr: SocketAddr, io: T) -> Result<H2Sender, Error>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let (tx, conn) = http2::Builder::new(BoxedExec)
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_PING)
-        .handshake(io)
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| handshake_error(addr, &e))?;
     drive(addr, conn);

@@ -67,6 +67,15 @@ const NONE: u8 = 0;
 const GRACEFUL: u8 = 1;
 const ABORT: u8 = 2;
 
+/// The identity a caller proved on an mTLS connection.
+#[derive(Debug)]
+pub(crate) struct Caller {
+    #[expect(dead_code, reason = "authorization reads it")]
+    pub(crate) id: weft_identity::SpiffeId,
+    /// The ID as the app gets it ([`crate::http::headers::CLIENT_ID`]).
+    pub(crate) header: http::HeaderValue,
+}
+
 /// What a connection's I/O, its requests and the sweeper share.
 #[derive(Debug)]
 pub struct ConnState {
@@ -87,6 +96,8 @@ pub struct ConnState {
     call_since: AtomicU32,
     call_expired: AtomicBool,
     call_waker: AtomicWaker,
+    /// The caller's identity, on an mTLS connection.
+    peer: std::sync::OnceLock<Caller>,
 }
 
 impl ConnState {
@@ -103,7 +114,19 @@ impl ConnState {
             call_since: AtomicU32::new(0),
             call_expired: AtomicBool::new(false),
             call_waker: AtomicWaker::new(),
+            peer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Notes the identity the caller proved in the mTLS handshake.
+    pub(crate) fn set_peer(&self, id: weft_identity::SpiffeId) {
+        let header = http::HeaderValue::try_from(id.to_string()).expect("a SPIFFE ID is a header value");
+        let _ = self.peer.set(Caller { id, header });
+    }
+
+    /// The caller's identity: `None` on a plaintext connection.
+    pub(crate) fn peer(&self) -> Option<&Caller> {
+        self.peer.get()
     }
 
     /// Bounds `fut` by the listener's call timeout, kept by the sweeper:
@@ -265,6 +288,12 @@ impl Tracker {
         Some(state)
     }
 
+    /// What counts an admitted connection closed, whatever ends it (a
+    /// handshake that fails, or the connection served to its end).
+    pub fn on_close(self: &Arc<Self>) -> OnClose {
+        OnClose(self.clone())
+    }
+
     fn closed(&self) {
         metrics::gauge!("weft_connections", "listener" => self.name).decrement(1.0);
         if self.open.fetch_sub(1, Ordering::Relaxed) == 1 {
@@ -398,18 +427,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 
 use hyper_util::server::graceful::GracefulConnection;
 
-/// Serves `conn` until it ends, closing it when its state is signalled.
-pub async fn watched<C>(conn: C, state: Arc<ConnState>, tracker: Arc<Tracker>)
+/// Serves `conn` until it ends, closing it when its state is signalled;
+/// then the connection is counted closed.
+pub async fn watched<C>(conn: C, state: Arc<ConnState>, closed: OnClose)
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
-    let closed = OnClose(tracker);
     Watched { conn, state, shutting: false }.await;
     drop(closed);
 }
 
-struct OnClose(Arc<Tracker>);
+/// Counts an admitted connection closed when dropped.
+pub struct OnClose(Arc<Tracker>);
 
 impl Drop for OnClose {
     fn drop(&mut self) {

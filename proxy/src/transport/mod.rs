@@ -1,12 +1,14 @@
 //! Connections: accepting them within bounds ([`listener`]), the bodies that
 //! flow over them ([`body`]), and pooled HTTP/1.1 and h2c clients to
-//! upstreams ([`pool`], [`connect`]).
+//! upstreams ([`pool`], [`connect`]), over mTLS between sidecars
+//! ([`tls`]).
 
 pub(crate) mod body;
 pub(crate) mod connect;
 pub(crate) mod hop;
 pub mod listener;
 pub(crate) mod pool;
+pub(crate) mod tls;
 
 /// Why a call to an upstream failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,6 +1,9 @@
-//! Pooled HTTP clients to upstreams: HTTP/1.1 for HTTP/1.1 callers and h2c
-//! (prior knowledge) for HTTP/2 callers, so gRPC, streaming and trailers pass
-//! through end to end.
+//! Pooled HTTP clients to upstreams: HTTP/1.1 for HTTP/1.1 callers and
+//! HTTP/2 (h2c by prior knowledge, or over mTLS with ALPN `h2`) for HTTP/2
+//! callers, so gRPC, streaming and trailers pass through end to end.
+//!
+//! A connection over mTLS is tagged with the service its peer proved to be,
+//! and is reused only for calls to that service.
 //!
 //! HTTP/1.1 has its own pool, kept lean for the hot path: idle connections
 //! per address in a LIFO stack, checked out without hashing a URI, and put
@@ -25,39 +28,64 @@ use hyper::client::conn::{http1, http2};
 
 use super::Error;
 use super::body::ProxyBody;
-use super::connect::{connect_h1, connect_h2, upstream_error};
+use super::connect::{Tls, connect_h1, connect_h2, upstream_error};
 use super::hop::strip_hop_by_hop;
+use super::tls::ClientTls;
 
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_IDLE_PER_ADDR: usize = 256;
 
 pub(crate) struct Upstream {
     pools: Arc<Pools>,
+    /// mTLS to the endpoints that speak it; `None`: plaintext to all.
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl Default for Upstream {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
+/// Where a try goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer<'a> {
+    pub(crate) addr: SocketAddr,
+    /// The service the endpoint must prove to be, when it speaks mTLS.
+    pub(crate) mtls: Option<&'a str>,
+}
+
+impl Peer<'static> {
+    pub(crate) fn plain(addr: SocketAddr) -> Peer<'static> {
+        Peer { addr, mtls: None }
+    }
+}
+
+/// The service an mTLS connection's peer proved to be; `None`: plaintext.
+type Verified = Option<Arc<str>>;
+
 impl Upstream {
     /// Must be called within a tokio runtime (it starts the idle sweeper).
-    pub(crate) fn new() -> Upstream {
+    pub(crate) fn new(tls: Option<Arc<ClientTls>>) -> Upstream {
         let pools = Arc::new(Pools::default());
         tokio::spawn(sweep(Arc::downgrade(&pools)));
-        Upstream { pools }
+        Upstream { pools, tls }
     }
 
-    /// Sends `req` to `addr`, keeping the caller's HTTP version. The timeout,
+    /// Sends `req` to `peer`, keeping the caller's HTTP version. The timeout,
     /// when set, covers the time to the response head; when it fires, the
     /// upstream request is dropped, which cancels it.
     pub(crate) async fn send(
         &self,
-        addr: SocketAddr,
+        peer: Peer<'_>,
         mut req: Request<ProxyBody>,
         timeout: Option<Duration>,
     ) -> Result<Response<PooledBody>, Error> {
+        let addr = peer.addr;
+        let tls = match (&self.tls, peer.mtls) {
+            (Some(client), Some(service)) => Some((&**client, service)),
+            _ => None,
+        };
         let h2 = req.version() == Version::HTTP_2;
         strip_hop_by_hop(req.headers_mut());
         let fut = async {
@@ -70,7 +98,7 @@ impl Upstream {
                 parts.authority.get_or_insert_with(|| authority(addr));
                 parts.path_and_query.get_or_insert_with(|| PathAndQuery::from_static("/"));
                 *req.uri_mut() = Uri::from_parts(parts).expect("valid uri");
-                self.pools.send_h2(addr, req).await
+                self.pools.send_h2(addr, tls, req).await
             } else {
                 if !req.headers().contains_key(header::HOST)
                     && let Some(a) = req.uri().authority()
@@ -84,7 +112,7 @@ impl Upstream {
                     *req.uri_mut() = Uri::from(pq);
                 }
                 *req.version_mut() = Version::HTTP_11;
-                self.pools.send_h1(addr, req).await
+                self.pools.send_h1(addr, tls, req).await
             }
         };
         // Pinned where it is rather than moved into a `Timeout`, which would
@@ -112,6 +140,7 @@ struct Idle {
     tx: Sender,
     /// The sweep tick it went idle at.
     since: u64,
+    verified: Verified,
 }
 
 /// The upstream connections of one listener:
@@ -122,7 +151,7 @@ struct Idle {
 #[derive(Default)]
 struct Pools {
     h1: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
-    h2: Mutex<HashMap<SocketAddr, (H2Sender, u64)>>,
+    h2: Mutex<HashMap<SocketAddr, (H2Sender, u64, Verified)>>,
     tick: AtomicU64,
 }
 
@@ -132,18 +161,20 @@ const SWEEP: Duration = Duration::from_secs(5);
 const IDLE_TICKS: u64 = IDLE_TIMEOUT.as_secs() / SWEEP.as_secs();
 
 impl Pools {
-    fn take_h1(&self, addr: SocketAddr) -> Option<Sender> {
+    /// An idle connection to `addr`, over mTLS to `service` or plaintext.
+    fn take_h1(&self, addr: SocketAddr, service: Option<&str>) -> Option<(Sender, Verified)> {
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop_back() {
-            if !i.tx.is_closed() {
-                return Some(i.tx);
+            // Another kind (plaintext, another service at the address): closed.
+            if !i.tx.is_closed() && i.verified.as_deref() == service {
+                return Some((i.tx, i.verified));
             }
         }
         None
     }
 
-    fn put_h1(&self, addr: SocketAddr, tx: Sender) {
+    fn put_h1(&self, addr: SocketAddr, tx: Sender, verified: Verified) {
         if tx.is_closed() {
             return;
         }
@@ -152,22 +183,23 @@ impl Pools {
         if list.len() >= MAX_IDLE_PER_ADDR {
             list.pop_front();
         }
-        list.push_back(Idle { tx, since: self.tick.load(Ordering::Relaxed) });
+        list.push_back(Idle { tx, since: self.tick.load(Ordering::Relaxed), verified });
     }
 
     async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
+        tls: Tls<'_>,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<PooledBody>, Error> {
         // A pooled connection the app has just closed hands the request back
         // unsent; it then goes on a fresh connection.
-        while let Some(mut tx) = self.take_h1(addr) {
+        while let Some((mut tx, verified)) = self.take_h1(addr, tls.map(|t| t.1)) {
             if tx.ready().await.is_err() {
                 continue;
             }
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(self.wrap(addr, tx, resp)),
+                Ok(resp) => return Ok(self.wrap(addr, tx, verified, resp)),
                 Err(mut e) => match e.take_message() {
                     Some(r) => req = r,
                     None => return Err(upstream_error(addr, e.error())),
@@ -176,27 +208,40 @@ impl Pools {
         }
         // Boxed: dialling is rare, and its state would otherwise make every
         // request's future (moved on each call) larger.
-        let mut tx = Box::pin(connect_h1(addr)).await?;
+        let mut tx = Box::pin(connect_h1(addr, tls)).await?;
+        let verified = tls.map(|t| Arc::from(t.1));
         match tx.send_request(req).await {
-            Ok(resp) => Ok(self.wrap(addr, tx, resp)),
+            Ok(resp) => Ok(self.wrap(addr, tx, verified, resp)),
             Err(e) => Err(upstream_error(addr, &e)),
         }
     }
 
-    fn wrap(self: &Arc<Self>, addr: SocketAddr, tx: Sender, resp: Response<Incoming>) -> Response<PooledBody> {
+    fn wrap(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        tx: Sender,
+        verified: Verified,
+        resp: Response<Incoming>,
+    ) -> Response<PooledBody> {
         if resp.body().is_end_stream() {
-            self.put_h1(addr, tx);
+            self.put_h1(addr, tx, verified);
             return resp.map(PooledBody::plain);
         }
-        let home = Home { pools: Arc::downgrade(self), addr, tx };
+        let home = Home { pools: Arc::downgrade(self), addr, tx, verified };
         resp.map(|inner| PooledBody { inner: Inner::Wire(inner), home: Some(home), ended: false })
     }
 
-    async fn send_h2(&self, addr: SocketAddr, mut req: Request<ProxyBody>) -> Result<Response<PooledBody>, Error> {
+    async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        tls: Tls<'_>,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, Error> {
+        let service = tls.map(|t| t.1);
         let shared = {
             let mut conns = self.h2.lock().unwrap_or_else(|e| e.into_inner());
             match conns.get_mut(&addr) {
-                Some((tx, used)) if !tx.is_closed() => {
+                Some((tx, used, verified)) if !tx.is_closed() && verified.as_deref() == service => {
                     *used = self.tick.load(Ordering::Relaxed);
                     Some(tx.clone())
                 }
@@ -214,11 +259,11 @@ impl Pools {
                 },
             }
         }
-        let mut tx = Box::pin(connect_h2(addr)).await?;
+        let mut tx = Box::pin(connect_h2(addr, tls)).await?;
         // Calls racing to dial the same address each get a connection; the
         // last one stays shared, the others close once their call ends.
         let used = self.tick.load(Ordering::Relaxed);
-        self.h2.lock().unwrap_or_else(|e| e.into_inner()).insert(addr, (tx.clone(), used));
+        self.h2.lock().unwrap_or_else(|e| e.into_inner()).insert(addr, (tx.clone(), used, service.map(Arc::from)));
         match tx.send_request(req).await {
             Ok(resp) => Ok(resp.map(PooledBody::plain)),
             Err(e) => Err(upstream_error(addr, &e)),
@@ -242,7 +287,7 @@ async fn sweep(pools: Weak<Pools>) {
             .h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, (tx, used)| now - *used <= IDLE_TICKS && !tx.is_closed());
+            .retain(|_, (tx, used, _)| now - *used <= IDLE_TICKS && !tx.is_closed());
     }
 }
 
@@ -251,6 +296,7 @@ struct Home {
     pools: Weak<Pools>,
     addr: SocketAddr,
     tx: Sender,
+    verified: Verified,
 }
 
 /// A response body from an upstream. For HTTP/1.1 it carries its
@@ -297,7 +343,7 @@ impl Drop for PooledBody {
             && (self.ended || self.inner_ended())
             && let Some(pools) = home.pools.upgrade()
         {
-            pools.put_h1(home.addr, home.tx);
+            pools.put_h1(home.addr, home.tx, home.verified);
         }
     }
 }
@@ -421,7 +467,7 @@ mod tests {
 
     async fn get(up: &Upstream, addr: SocketAddr) -> Response<PooledBody> {
         let req = Request::builder().uri("/").header("host", "app").body(crate::transport::body::full("")).unwrap();
-        up.send(addr, req, Some(Duration::from_secs(5))).await.expect("upstream answers")
+        up.send(Peer::plain(addr), req, Some(Duration::from_secs(5))).await.expect("upstream answers")
     }
 
     async fn get_ok(up: &Upstream, addr: SocketAddr) {
@@ -435,7 +481,7 @@ mod tests {
     async fn keep_alive_connections_are_reused_and_closed_ones_are_not() {
         for (mode, dialled) in [(App::KeepAlive, 1), (App::Close, 20)] {
             let (addr, accepted, _) = app(mode).await;
-            let up = Upstream::new();
+            let up = Upstream::new(None);
             for _ in 0..20 {
                 get_ok(&up, addr).await;
             }
@@ -446,7 +492,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_closed_by_the_app_is_replaced() {
         let (addr, accepted, mut closed) = app(App::DropIdle).await;
-        let up = Upstream::new();
+        let up = Upstream::new(None);
         for i in 1..=5 {
             get_ok(&up, addr).await;
             // The app has closed the pooled connection before the next call.
@@ -458,7 +504,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_dropped_before_its_end_closes_the_connection() {
         let (addr, accepted, _) = app(App::Large).await;
-        let up = Upstream::new();
+        let up = Upstream::new(None);
         // Read to the end: the connection goes back to the pool.
         let body = get(&up, addr).await.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 65536);
@@ -518,7 +564,7 @@ mod tests {
 
     async fn h2_get_ok(up: &Upstream, addr: SocketAddr) {
         let req = Request::builder().version(Version::HTTP_2).uri("/").body(crate::transport::body::full("")).unwrap();
-        let resp = up.send(addr, req, Some(Duration::from_secs(5))).await.expect("h2 answer");
+        let resp = up.send(Peer::plain(addr), req, Some(Duration::from_secs(5))).await.expect("h2 answer");
         assert_eq!(resp.status(), 200);
         assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
     }
@@ -526,7 +572,7 @@ mod tests {
     #[tokio::test]
     async fn h2_calls_share_one_connection() {
         let (addr, accepted, _) = h2_app(false).await;
-        let up = Arc::new(Upstream::new());
+        let up = Arc::new(Upstream::new(None));
         h2_get_ok(&up, addr).await;
         for _ in 0..10 {
             h2_get_ok(&up, addr).await;
@@ -546,21 +592,21 @@ mod tests {
     #[tokio::test]
     async fn h2_keeps_the_callers_authority() {
         let (addr, _, _) = h2_app(false).await;
-        let up = Upstream::new();
+        let up = Upstream::new(None);
         let call = |uri: &'static str| {
             Request::builder().version(Version::HTTP_2).uri(uri).body(crate::transport::body::full("")).unwrap()
         };
-        let resp = up.send(addr, call("http://inference:8080/x"), None).await.unwrap();
+        let resp = up.send(Peer::plain(addr), call("http://inference:8080/x"), None).await.unwrap();
         assert_eq!(resp.headers()["x-authority"], "inference:8080");
         // Without one, the dialled address stands in.
-        let resp = up.send(addr, call("/x"), None).await.unwrap();
+        let resp = up.send(Peer::plain(addr), call("/x"), None).await.unwrap();
         assert_eq!(resp.headers()["x-authority"], addr.to_string().as_str());
     }
 
     #[tokio::test]
     async fn an_h2_connection_that_goes_away_is_replaced() {
         let (addr, accepted, mut closed) = h2_app(true).await;
-        let up = Upstream::new();
+        let up = Upstream::new(None);
         for i in 1..=5 {
             h2_get_ok(&up, addr).await;
             assert_eq!(accepted.load(Ordering::SeqCst), i);
@@ -574,9 +620,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let up = Upstream::new();
+        let up = Upstream::new(None);
         let req = Request::builder().uri("/").body(crate::transport::body::full("")).unwrap();
-        let err = up.send(addr, req, None).await.err().expect("nothing listens");
+        let err = up.send(Peer::plain(addr), req, None).await.err().expect("nothing listens");
         assert!(matches!(err, Error::Connect { .. }), "{err:?}");
     }
 }
