@@ -42,6 +42,10 @@ pub fn policy_documents(data: &[u8]) -> Vec<pb::ServiceConfig> {
                 cfg.name = if t.service.as_str() == "*" { "any".to_string() } else { t.service.as_str().to_string() };
                 cfg.tenant_policies.push(wire::tenant_policy(t, 1));
             }
+            Policy::AuthorizationPolicy(a) => {
+                cfg.name = a.service.clone();
+                cfg.authorization = Some(wire::authorization(a, 1));
+            }
         }
         out.push(cfg);
     }

@@ -26,6 +26,10 @@ pub const MAX_WEIGHT: u32 = 10_000;
 pub const MAX_ATTEMPTS: u32 = 10;
 /// The largest retry budget ratio.
 pub const MAX_BUDGET_RATIO: f64 = 10.0;
+/// The most rules an authorization policy may hold.
+pub const MAX_AUTHZ_RULES: usize = 256;
+/// The most entries of one list of an authorization policy.
+pub const MAX_AUTHZ_LIST: usize = 256;
 /// The methods a rule may match.
 pub const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"];
 
@@ -107,6 +111,20 @@ pub(crate) struct RawTenantPolicy<'a> {
     pub rate_limit: Option<(f64, u32)>,
     pub max_concurrent_requests: Option<u32>,
     pub tokens_per_minute: Option<u64>,
+}
+
+pub(crate) struct RawAuthorization<'a> {
+    pub service: &'a str,
+    pub default: Option<&'a str>,
+    pub rules: Vec<RawAuthorizationRule<'a>>,
+    pub tenant_header_from: Vec<&'a str>,
+}
+
+pub(crate) struct RawAuthorizationRule<'a> {
+    pub from: Vec<&'a str>,
+    pub paths: Vec<&'a str>,
+    pub methods: Vec<&'a str>,
+    pub tenants: Vec<&'a str>,
 }
 
 /// Collects the problems of one resource.
@@ -377,7 +395,10 @@ pub(crate) fn resilience(r: &RawResilience<'_>, p: &mut Problems) -> Option<Resi
 
 pub(crate) fn tenant_policy(t: &RawTenantPolicy<'_>, p: &mut Problems) -> Option<TenantPolicy> {
     let before = p.0.len();
-    p.ok("tenant", check_tenant("tenant", t.tenant));
+    // `*`: every tenant without a policy of its own, together.
+    if t.tenant != "*" {
+        p.ok("tenant", check_tenant("tenant", t.tenant));
+    }
     let service = if t.service == "*" {
         ServiceSelector::All
     } else {
@@ -414,5 +435,96 @@ pub(crate) fn tenant_policy(t: &RawTenantPolicy<'_>, p: &mut Problems) -> Option
         rate_limit,
         max_concurrent_requests,
         tokens_per_minute,
+    })
+}
+
+/// Borrows a list of names.
+pub(crate) fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+pub(crate) fn authorization(a: &RawAuthorization<'_>, p: &mut Problems) -> Option<AuthorizationPolicy> {
+    let before = p.0.len();
+    p.ok("service", check_service("service", a.service));
+    let default = match a.default {
+        None | Some("deny") => Action::Deny,
+        Some("allow") => Action::Allow,
+        Some(other) => {
+            p.fail("default", format!("'{other}' is not an action (allow or deny)"));
+            Action::Deny
+        }
+    };
+    if a.rules.len() > MAX_AUTHZ_RULES {
+        p.fail("rules", format!("{} rules; at most {MAX_AUTHZ_RULES}", a.rules.len()));
+    }
+    let rules: Vec<AuthorizationRule> =
+        a.rules.iter().enumerate().filter_map(|(i, r)| authorization_rule(i, r, p)).collect();
+    let mut tenant_header_from = Vec::new();
+    list_len(p, "tenant_header_from", a.tenant_header_from.len());
+    for (i, s) in a.tenant_header_from.iter().enumerate() {
+        if p.ok(format!("tenant_header_from[{i}]"), check_service("caller", s)).is_some() {
+            tenant_header_from.push(s.to_string());
+        }
+    }
+    (p.0.len() == before).then(|| AuthorizationPolicy {
+        service: a.service.to_string(),
+        default,
+        rules,
+        tenant_header_from,
+    })
+}
+
+fn list_len(p: &mut Problems, field: impl Into<String>, n: usize) {
+    if n > MAX_AUTHZ_LIST {
+        p.fail(field, format!("{n} entries; at most {MAX_AUTHZ_LIST}"));
+    }
+}
+
+fn authorization_rule(i: usize, r: &RawAuthorizationRule<'_>, p: &mut Problems) -> Option<AuthorizationRule> {
+    let at = |f: &str| format!("rules[{i}].{f}");
+    let before = p.0.len();
+    for (field, n) in
+        [("from", r.from.len()), ("paths", r.paths.len()), ("methods", r.methods.len()), ("tenants", r.tenants.len())]
+    {
+        list_len(p, at(field), n);
+    }
+    let from = if r.from.is_empty() {
+        p.fail(at("from"), "names no caller (list caller services, or '*' for any caller with an identity)");
+        Callers::Any
+    } else if r.from.contains(&"*") {
+        if r.from.len() > 1 {
+            p.fail(at("from"), "'*' already means every caller; list it alone");
+        }
+        Callers::Any
+    } else {
+        for (j, s) in r.from.iter().enumerate() {
+            p.ok(at(&format!("from[{j}]")), check_service("caller", s));
+        }
+        Callers::Services(r.from.iter().map(|s| s.to_string()).collect())
+    };
+    for (j, path) in r.paths.iter().enumerate() {
+        if !path.starts_with('/') {
+            p.fail(at(&format!("paths[{j}]")), format!("'{path}' must start with '/'"));
+        }
+    }
+    let mut methods = Vec::with_capacity(r.methods.len());
+    for (j, m) in r.methods.iter().enumerate() {
+        if METHODS.contains(m) {
+            methods.push(Method::from_bytes(m.as_bytes()).expect("a standard method"));
+        } else {
+            p.fail(
+                at(&format!("methods[{j}]")),
+                format!("'{m}' is not an HTTP method (one of {}, upper case)", METHODS.join(", ")),
+            );
+        }
+    }
+    for (j, t) in r.tenants.iter().enumerate() {
+        p.ok(at(&format!("tenants[{j}]")), check_tenant("tenant", t));
+    }
+    (p.0.len() == before).then(|| AuthorizationRule {
+        from,
+        paths: r.paths.iter().map(|s| s.to_string()).collect(),
+        methods,
+        tenants: r.tenants.iter().map(|s| s.to_string()).collect(),
     })
 }

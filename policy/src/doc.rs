@@ -16,6 +16,7 @@ pub enum Resource {
     Route(Route),
     Resilience(Resilience),
     TenantPolicy(TenantPolicy),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +167,33 @@ pub struct TenantPolicy {
     pub tokens_per_minute: Option<u64>,
 }
 
+/// Who may call a service (see [`crate::model::AuthorizationPolicy`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    pub service: String,
+    /// `allow` or `deny` (the default): the action when no rule matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<AuthorizationRule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenant_header_from: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationRule {
+    /// Caller services, or `*` for any caller with an identity.
+    pub from: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
@@ -180,6 +208,7 @@ impl Resource {
             Resource::Route(_) => "Route",
             Resource::Resilience(_) => "Resilience",
             Resource::TenantPolicy(_) => "TenantPolicy",
+            Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
     }
 }
@@ -191,7 +220,7 @@ pub fn from_value(value: serde_json::Value) -> Result<Resource, crate::FieldErro
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
-        .ok_or_else(|| FieldError::new("kind", "missing 'kind' (Route, Resilience or TenantPolicy)"))?
+        .ok_or_else(|| FieldError::new("kind", format!("missing 'kind' ({})", crate::id::KINDS)))?
         .to_string();
     let mut body = value;
     if let Some(obj) = body.as_object_mut() {
@@ -208,9 +237,8 @@ pub fn from_value(value: serde_json::Value) -> Result<Resource, crate::FieldErro
         "Route" => typed(body).map(Resource::Route),
         "Resilience" => typed(body).map(Resource::Resilience),
         "TenantPolicy" => typed(body).map(Resource::TenantPolicy),
-        other => {
-            Err(FieldError::new("kind", format!("unknown kind '{other}' (expected Route, Resilience or TenantPolicy)")))
-        }
+        "AuthorizationPolicy" => typed(body).map(Resource::AuthorizationPolicy),
+        other => Err(FieldError::new("kind", format!("unknown kind '{other}' (expected {})", crate::id::KINDS))),
     }
 }
 
@@ -294,6 +322,25 @@ pub(crate) fn check(resource: &Resource) -> Result<crate::Policy, Vec<crate::Fie
             };
             let tp = tenant_policy(&raw, &mut p);
             p.finish(tp.map(Policy::TenantPolicy))
+        }
+        Resource::AuthorizationPolicy(a) => {
+            let raw = RawAuthorization {
+                service: &a.service,
+                default: a.default.as_deref(),
+                rules: a
+                    .rules
+                    .iter()
+                    .map(|r| RawAuthorizationRule {
+                        from: strs(&r.from),
+                        paths: strs(&r.paths),
+                        methods: strs(&r.methods),
+                        tenants: strs(&r.tenants),
+                    })
+                    .collect(),
+                tenant_header_from: strs(&a.tenant_header_from),
+            };
+            let az = authorization(&raw, &mut p);
+            p.finish(az.map(Policy::AuthorizationPolicy))
         }
     }
 }

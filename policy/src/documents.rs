@@ -355,6 +355,7 @@ fn describe(v: &serde_json::Value) -> String {
         },
         Some("Resilience") => format!("resilience/{}", s("service")),
         Some("TenantPolicy") => format!("tenantpolicy/{}/{}", s("tenant"), s("service")),
+        Some("AuthorizationPolicy") => format!("authorizationpolicy/{}", s("service")),
         Some(k) => format!("{}/?", k.to_ascii_lowercase()),
         None => "document".into(),
     }

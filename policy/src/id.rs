@@ -11,7 +11,11 @@ pub enum ResourceId {
     Route { service: String, tenant: Option<String> },
     Resilience { service: String },
     TenantPolicy { tenant: String, service: String },
+    AuthorizationPolicy { service: String },
 }
+
+/// The kinds, as error messages list them.
+pub const KINDS: &str = "Route, Resilience, TenantPolicy or AuthorizationPolicy";
 
 impl ResourceId {
     /// The etcd key below the prefix, e.g. `routes/inference/acme`.
@@ -21,6 +25,7 @@ impl ResourceId {
             ResourceId::Route { service, tenant: Some(t) } => format!("routes/{service}/{t}"),
             ResourceId::Resilience { service } => format!("resilience/{service}"),
             ResourceId::TenantPolicy { tenant, service } => format!("tenants/{tenant}/{service}"),
+            ResourceId::AuthorizationPolicy { service } => format!("authz/{service}"),
         }
     }
 
@@ -32,6 +37,7 @@ impl ResourceId {
             ["routes", s, t] => Some(ResourceId::Route { service: s.to_string(), tenant: Some(t.to_string()) }),
             ["resilience", s] => Some(ResourceId::Resilience { service: s.to_string() }),
             ["tenants", t, s] => Some(ResourceId::TenantPolicy { tenant: t.to_string(), service: s.to_string() }),
+            ["authz", s] => Some(ResourceId::AuthorizationPolicy { service: s.to_string() }),
             _ => None,
         }
     }
@@ -40,7 +46,9 @@ impl ResourceId {
     /// `None` for tenant policies that apply to every service.
     pub fn service(&self) -> Option<&str> {
         match self {
-            ResourceId::Route { service, .. } | ResourceId::Resilience { service } => Some(service),
+            ResourceId::Route { service, .. }
+            | ResourceId::Resilience { service }
+            | ResourceId::AuthorizationPolicy { service } => Some(service),
             ResourceId::TenantPolicy { service, .. } if service == "*" => None,
             ResourceId::TenantPolicy { service, .. } => Some(service),
         }
@@ -48,7 +56,7 @@ impl ResourceId {
 
     /// Parses the `KIND NAME` form used by `weftctl get/delete/history`:
     /// `route inference`, `route inference/acme`, `resilience inference`,
-    /// `tenantpolicy acme/inference`.
+    /// `tenantpolicy acme/inference`, `authorizationpolicy inference`.
     pub fn parse(kind: &str, name: &str) -> Result<ResourceId, String> {
         let (first, second) = match name.split_once('/') {
             Some((a, b)) => (a.to_string(), Some(b.to_string())),
@@ -57,6 +65,8 @@ impl ResourceId {
         match normalize_kind(kind)? {
             Kind::Route => Ok(ResourceId::Route { service: first, tenant: second }),
             Kind::Resilience if second.is_none() => Ok(ResourceId::Resilience { service: first }),
+            Kind::AuthorizationPolicy if second.is_none() => Ok(ResourceId::AuthorizationPolicy { service: first }),
+            Kind::AuthorizationPolicy => Err(format!("authorizationpolicy name is a service, got '{name}'")),
             Kind::TenantPolicy => match second {
                 Some(service) => Ok(ResourceId::TenantPolicy { tenant: first, service }),
                 None => Err(format!("tenantpolicy name must be TENANT/SERVICE, got '{name}'")),
@@ -75,6 +85,7 @@ impl fmt::Display for ResourceId {
             ResourceId::TenantPolicy { tenant, service } => {
                 write!(f, "tenantpolicy/{tenant}/{service}")
             }
+            ResourceId::AuthorizationPolicy { service } => write!(f, "authorizationpolicy/{service}"),
         }
     }
 }
@@ -84,6 +95,7 @@ pub enum Kind {
     Route,
     Resilience,
     TenantPolicy,
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -93,6 +105,7 @@ impl Kind {
             Kind::Route => "routes",
             Kind::Resilience => "resilience",
             Kind::TenantPolicy => "tenants",
+            Kind::AuthorizationPolicy => "authz",
         }
     }
 }
@@ -104,7 +117,8 @@ pub fn normalize_kind(kind: &str) -> Result<Kind, String> {
         "route" => Ok(Kind::Route),
         "resilience" => Ok(Kind::Resilience),
         "tenantpolicy" | "tenantpolicie" | "tenant" => Ok(Kind::TenantPolicy),
-        _ => Err(format!("unknown kind '{kind}' (expected Route, Resilience or TenantPolicy)")),
+        "authorizationpolicy" | "authorizationpolicie" | "authorization" | "authz" => Ok(Kind::AuthorizationPolicy),
+        _ => Err(format!("unknown kind '{kind}' (expected {KINDS})")),
     }
 }
 
@@ -116,6 +130,7 @@ impl Resource {
             Resource::TenantPolicy(p) => {
                 ResourceId::TenantPolicy { tenant: p.tenant.clone(), service: p.service.clone() }
             }
+            Resource::AuthorizationPolicy(a) => ResourceId::AuthorizationPolicy { service: a.service.clone() },
         }
     }
 }
@@ -129,16 +144,17 @@ impl ResourceId {
             ResourceId::Route { service, tenant: Some(t) } => ("route".into(), format!("{service}/{t}")),
             ResourceId::Resilience { service } => ("resilience".into(), service.clone()),
             ResourceId::TenantPolicy { tenant, service } => ("tenantpolicy".into(), format!("{tenant}/{service}")),
+            ResourceId::AuthorizationPolicy { service } => ("authorizationpolicy".into(), service.clone()),
         }
     }
 
     /// The tenant a resource belongs to; `None` for resources every tenant
-    /// shares (default routes, resilience).
+    /// shares (default routes, resilience, authorization).
     pub fn owner(&self) -> Option<&str> {
         match self {
             ResourceId::Route { tenant, .. } => tenant.as_deref(),
             ResourceId::TenantPolicy { tenant, .. } => Some(tenant),
-            ResourceId::Resilience { .. } => None,
+            ResourceId::Resilience { .. } | ResourceId::AuthorizationPolicy { .. } => None,
         }
     }
 }
@@ -154,6 +170,7 @@ mod tests {
             ResourceId::Route { service: "a".into(), tenant: Some("t".into()) },
             ResourceId::Resilience { service: "a".into() },
             ResourceId::TenantPolicy { tenant: "t".into(), service: "*".into() },
+            ResourceId::AuthorizationPolicy { service: "a".into() },
         ] {
             assert_eq!(ResourceId::from_key_suffix(&id.key_suffix()), Some(id.clone()));
             let (kind, name) = id.kind_and_name();

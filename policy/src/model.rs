@@ -17,6 +17,7 @@ pub enum Policy {
     Route(Route),
     Resilience(Resilience),
     TenantPolicy(TenantPolicy),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 /// How calls to a service are routed (for one tenant, or by default).
@@ -300,4 +301,79 @@ pub struct RateLimit {
     /// More than zero.
     pub requests_per_second: f64,
     pub burst: u32,
+}
+
+/// Who may call a service, enforced by the service's own sidecars on each
+/// inbound call. A call is allowed when some rule matches it, else the
+/// default action applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthorizationPolicy {
+    pub service: String,
+    pub default: Action,
+    /// At most [`crate::check::MAX_AUTHZ_RULES`].
+    pub rules: Vec<AuthorizationRule>,
+    /// Caller services whose tenant header is believed; from any other
+    /// caller the tenant is the caller's own.
+    pub tenant_header_from: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+/// Matches a call when every list given matches (an empty list matches
+/// everything).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthorizationRule {
+    pub from: Callers,
+    /// Path prefixes, each starting with `/`.
+    pub paths: Vec<String>,
+    pub methods: Vec<Method>,
+    pub tenants: Vec<String>,
+}
+
+/// The callers a rule names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Callers {
+    /// `*`: any caller with an identity.
+    Any,
+    /// Caller services, by the service in their identity.
+    Services(Vec<String>),
+}
+
+impl AuthorizationRule {
+    /// `caller`: the service of the caller's identity, `None` without one.
+    pub fn matches(&self, caller: Option<&str>, method: &Method, path: &str, tenant: &str) -> bool {
+        let Some(caller) = caller else { return false };
+        let from = match &self.from {
+            Callers::Any => true,
+            Callers::Services(s) => s.iter().any(|s| s == caller),
+        };
+        from && (self.paths.is_empty() || self.paths.iter().any(|p| path.starts_with(p.as_str())))
+            && (self.methods.is_empty() || self.methods.contains(method))
+            && (self.tenants.is_empty() || self.tenants.iter().any(|t| t == tenant))
+    }
+}
+
+impl AuthorizationPolicy {
+    /// Whether the call may go through.
+    pub fn allows(&self, caller: Option<&str>, method: &Method, path: &str, tenant: &str) -> bool {
+        self.rules.iter().any(|r| r.matches(caller, method, path, tenant)) || self.default == Action::Allow
+    }
+
+    /// Whether `caller` may name the tenant of its calls in the tenant header.
+    pub fn trusts_tenant_header(&self, caller: &str) -> bool {
+        self.tenant_header_from.iter().any(|s| s == caller)
+    }
 }

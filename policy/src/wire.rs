@@ -9,7 +9,8 @@ use xds_proto::v1 as pb;
 
 use crate::InvalidPolicy;
 use crate::check::{
-    self, Problems, RawDuration, RawFallback, RawFault, RawResilience, RawRetry, RawRoute, RawRule, RawTenantPolicy,
+    self, Problems, RawAuthorization, RawAuthorizationRule, RawDuration, RawFallback, RawFault, RawResilience,
+    RawRetry, RawRoute, RawRule, RawTenantPolicy, strs,
 };
 use crate::model::*;
 
@@ -120,6 +121,32 @@ impl TryFrom<&pb::TenantPolicy> for TenantPolicy {
     }
 }
 
+impl TryFrom<&pb::AuthorizationPolicy> for AuthorizationPolicy {
+    type Error = InvalidPolicy;
+
+    fn try_from(a: &pb::AuthorizationPolicy) -> Result<AuthorizationPolicy, InvalidPolicy> {
+        let raw = RawAuthorization {
+            service: &a.service,
+            // The wire always says which.
+            default: Some(&a.default_action),
+            rules: a
+                .rules
+                .iter()
+                .map(|r| RawAuthorizationRule {
+                    from: strs(&r.from),
+                    paths: strs(&r.paths),
+                    methods: strs(&r.methods),
+                    tenants: strs(&r.tenants),
+                })
+                .collect(),
+            tenant_header_from: strs(&a.tenant_header_from),
+        };
+        let mut p = Problems::default();
+        let az = check::authorization(&raw, &mut p);
+        p.finish(az).map_err(|errors| InvalidPolicy { resource: format!("authorizationpolicy/{}", a.service), errors })
+    }
+}
+
 fn ms(d: std::time::Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -200,5 +227,27 @@ pub fn tenant_policy(t: &TenantPolicy, revision: u64) -> pb::TenantPolicy {
         max_concurrent_requests: t.max_concurrent_requests.map(|n| n.get()).unwrap_or(0),
         revision,
         tokens_per_minute: t.tokens_per_minute.map(|n| n.get()).unwrap_or(0),
+    }
+}
+
+pub fn authorization(a: &AuthorizationPolicy, revision: u64) -> pb::AuthorizationPolicy {
+    pb::AuthorizationPolicy {
+        service: a.service.clone(),
+        default_action: a.default.as_str().to_string(),
+        rules: a
+            .rules
+            .iter()
+            .map(|r| pb::AuthorizationRule {
+                from: match &r.from {
+                    Callers::Any => vec!["*".to_string()],
+                    Callers::Services(s) => s.clone(),
+                },
+                paths: r.paths.clone(),
+                methods: r.methods.iter().map(|m| m.to_string()).collect(),
+                tenants: r.tenants.clone(),
+            })
+            .collect(),
+        tenant_header_from: a.tenant_header_from.clone(),
+        revision,
     }
 }

@@ -74,6 +74,16 @@ fn cases() -> Vec<(&'static str, String, &'static str, &'static str)> {
         ("tenant tokens", "kind: TenantPolicy\ntenant: acme\nservice: a\ntokens_per_minute: 0\n".into(), "tokens_per_minute", "at least 1"),
         ("tenant empty", "kind: TenantPolicy\ntenant: acme\nservice: a\n".into(), "rate_limit", "needs rate_limit"),
         ("tenant service", "kind: TenantPolicy\ntenant: acme\nservice: 'a b'\nmax_concurrent_requests: 1\n".into(), "service", "lowercase"),
+        ("authz default", "kind: AuthorizationPolicy\nservice: a\ndefault: maybe\n".into(), "default", "allow or deny"),
+        ("authz service", "kind: AuthorizationPolicy\nservice: A\n".into(), "service", "lowercase"),
+        ("authz from", "kind: AuthorizationPolicy\nservice: a\nrules:\n  - from: []\n".into(), "rules[0].from", "names no caller"),
+        ("authz caller", "kind: AuthorizationPolicy\nservice: a\nrules:\n  - from: [Agent]\n".into(), "rules[0].from[0]", "lowercase"),
+        ("authz star", "kind: AuthorizationPolicy\nservice: a\nrules:\n  - from: ['*', agent]\n".into(), "rules[0].from", "alone"),
+        ("authz path", "kind: AuthorizationPolicy\nservice: a\nrules:\n  - { from: [b], paths: [v1] }\n".into(), "rules[0].paths[0]", "start with '/'"),
+        ("authz method", "kind: AuthorizationPolicy\nservice: a\nrules:\n  - { from: [b], methods: [post] }\n".into(), "rules[0].methods[0]", "not an HTTP method"),
+        ("authz tenant", "kind: AuthorizationPolicy\nservice: a\nrules:\n  - { from: [b], tenants: [ACME] }\n".into(), "rules[0].tenants[0]", "lowercase"),
+        ("authz header from", "kind: AuthorizationPolicy\nservice: a\ntenant_header_from: [api.gw]\n".into(), "tenant_header_from[0]", "first label"),
+        ("authz too many", format!("kind: AuthorizationPolicy\nservice: a\nrules:\n  - from: [{}]\n", vec!["b"; 257].join(", ")), "rules[0].from", "at most 256"),
         ("unknown field", r("    retries: 3\n"), "rules[0].retries", "unknown field `retries`"),
         ("unknown kind", "kind: Gateway\nservice: a\n".into(), "kind", "unknown kind"),
         ("wrong type", "kind: Resilience\nservice: a\nmax_concurrent_requests: lots\n".into(), "max_concurrent_requests", "invalid type"),
@@ -152,8 +162,65 @@ fn a_valid_document_survives_the_wire_both_ways() {
             Policy::TenantPolicy(t) => {
                 assert_eq!(model::TenantPolicy::try_from(&wire::tenant_policy(t, 9)).unwrap(), *t)
             }
+            Policy::AuthorizationPolicy(a) => {
+                assert_eq!(model::AuthorizationPolicy::try_from(&wire::authorization(a, 9)).unwrap(), *a)
+            }
         }
     }
+}
+
+const AUTHZ: &str = "kind: AuthorizationPolicy
+service: inference
+default: deny
+rules:
+  - from: [agent-router, scheduler]
+    paths: [/v1/run]
+    methods: [POST]
+    tenants: [acme]
+  - from: ['*']
+    paths: [/health]
+tenant_header_from: [api-gateway]
+";
+
+#[test]
+fn an_authorization_policy_allows_what_a_rule_matches_and_defaults_the_rest() {
+    let located = documents::parse("a.yaml", AUTHZ).unwrap();
+    let Ok(Policy::AuthorizationPolicy(a)) = weft_policy::check(&located[0].resource) else { panic!() };
+    assert_eq!(model::AuthorizationPolicy::try_from(&wire::authorization(&a, 4)).unwrap(), a);
+    let post = http::Method::POST;
+    assert!(a.allows(Some("scheduler"), &post, "/v1/run/7", "acme"));
+    assert!(!a.allows(Some("scheduler"), &post, "/v1/run", "globex"), "another tenant");
+    assert!(!a.allows(Some("scheduler"), &http::Method::GET, "/v1/run", "acme"), "another method");
+    assert!(!a.allows(Some("scheduler"), &post, "/v2/run", "acme"), "another path");
+    assert!(!a.allows(Some("billing"), &post, "/v1/run", "acme"), "another caller");
+    assert!(a.allows(Some("billing"), &http::Method::GET, "/health", "default"), "'*': any identity");
+    assert!(!a.allows(None, &http::Method::GET, "/health", "default"), "'*' needs an identity");
+    assert!(a.trusts_tenant_header("api-gateway") && !a.trusts_tenant_header("scheduler"));
+    // `default: allow`, or no rule at all.
+    let open = documents::parse("a.yaml", "kind: AuthorizationPolicy\nservice: a\ndefault: allow\n").unwrap();
+    let Ok(Policy::AuthorizationPolicy(open)) = weft_policy::check(&open[0].resource) else { panic!() };
+    assert!(open.allows(None, &post, "/", "default"));
+    let shut = documents::parse("a.yaml", "kind: AuthorizationPolicy\nservice: a\n").unwrap();
+    let Ok(Policy::AuthorizationPolicy(shut)) = weft_policy::check(&shut[0].resource) else { panic!() };
+    assert_eq!(shut.default, model::Action::Deny, "deny unless said otherwise");
+    assert!(!shut.allows(Some("agent"), &post, "/", "default"));
+    // The wire's rules are the document's.
+    let mut pb = wire::authorization(&a, 4);
+    pb.rules[0].methods = vec!["BREW".into()];
+    pb.default_action = String::new();
+    let e = model::AuthorizationPolicy::try_from(&pb).unwrap_err();
+    assert_eq!(e.resource, "authorizationpolicy/inference");
+    assert!(e.errors.iter().any(|x| x.field == "rules[0].methods[0]"), "{e}");
+    assert!(e.errors.iter().any(|x| x.field == "default"), "{e}");
+}
+
+#[test]
+fn a_tenant_policy_for_every_tenant_is_written_star() {
+    let yaml = "kind: TenantPolicy\ntenant: '*'\nservice: inference\nmax_concurrent_requests: 2\n";
+    let located = documents::parse("t.yaml", yaml).unwrap();
+    let Ok(Policy::TenantPolicy(t)) = weft_policy::check(&located[0].resource) else { panic!() };
+    assert_eq!(t.tenant, "*");
+    assert_eq!(model::TenantPolicy::try_from(&wire::tenant_policy(&t, 1)).unwrap(), t);
 }
 
 #[test]

@@ -158,7 +158,15 @@ pub(crate) fn config_json(shared: &Shared) -> serde_json::Value {
             .iter()
             .map(|e| json!({"proxy_id": e.proxy_id, "address": e.addr.to_string(), "labels": e.labels, "ready": e.ready, "mtls": e.mtls, "held": e.is_held()}))
             .collect();
-        services.insert(name.clone(), json!({"known": s.known, "routes": routes, "endpoints": endpoints}));
+        let mut tenants: Vec<&String> = s.tenants.keys().collect();
+        tenants.sort();
+        let authorization = s.authorization.as_ref().map(|a| {
+            json!({"default": a.default.as_str(), "rules": a.rules.len(), "tenant_header_from": a.tenant_header_from})
+        });
+        services.insert(
+            name.clone(),
+            json!({"known": s.known, "routes": routes, "endpoints": endpoints, "tenants": tenants, "authorization": authorization}),
+        );
     }
     json!({
         "proxy_id": shared.identity.id,

@@ -46,6 +46,17 @@ pub(crate) struct Shared {
     pub(crate) endpoint_hold_ms: AtomicU64,
     /// The trust bundle and workload certificate, with a CA.
     pub(crate) workload: Option<Arc<crate::workload::Workload>>,
+    /// This instance's own tenant (its `tenant` label), which its sidecar
+    /// vouches for on mTLS calls ([`crate::http::headers::CALLER_TENANT`]).
+    pub(crate) own_tenant: Option<http::HeaderValue>,
+}
+
+/// The `tenant` label as a header value, when it is a tenant name.
+fn identity_tenant(label: &Option<String>) -> Option<http::HeaderValue> {
+    label
+        .as_deref()
+        .filter(|t| weft_policy::names::is_tenant(t.as_bytes()))
+        .and_then(|t| http::HeaderValue::from_str(t).ok())
 }
 
 /// The receiving ends of [`Shared`]'s queues, for the discovery client.
@@ -65,6 +76,7 @@ impl Shared {
         workload: Option<Arc<crate::workload::Workload>>,
     ) -> (Arc<Shared>, Queues) {
         let (subscription_tx, subscriptions) = mpsc::channel(SUBSCRIPTION_QUEUE);
+        let identity_labels_tenant = identity.labels.get("tenant").cloned();
         let (reports, reports_rx) = mpsc::channel(REPORT_QUEUE);
         let shared = Arc::new(Shared {
             subscriptions: Mutex::new(HashSet::from([identity.service.clone()])),
@@ -81,6 +93,7 @@ impl Shared {
             reports,
             reports_dropped: AtomicU64::new(0),
             endpoint_hold_ms: AtomicU64::new(crate::config::DEFAULT_ENDPOINT_HOLD_MS),
+            own_tenant: identity_tenant(&identity_labels_tenant),
             workload,
         });
         (shared, Queues { subscriptions, reports: reports_rx })

@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 /// inference tokens a call used.
 pub(crate) const USAGE_HEADER: &str = "x-weft-usage-tokens";
 
+/// The tenant of a policy for every tenant without one of its own.
+pub(crate) const ANY_TENANT: &str = "*";
+
 /// One tenant's limits on this service, as global figures.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Limits {

@@ -24,6 +24,7 @@ pub use weft_examples::{Info, pb as example_pb};
 pub mod cluster;
 pub mod fake_control;
 pub mod load;
+pub mod pki;
 pub mod req;
 pub mod topology;
 

@@ -5,112 +5,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use harness::{Backend, Control, Etcd, Sidecar, eventually, example_pb, weftctl};
+use harness::pki::{ADMIN, AGENT, BARE, BILLING, INFERENCE, LEDGER, MODEL, Pki, hello, register, register_as, secured};
+use harness::{Backend, Etcd, Sidecar, eventually, example_pb, weftctl};
 use xds_proto::v1 as pb;
-
-const ADMIN: &str = "admin-token-0123456789";
-const INFERENCE: &str = "inference-token-0123456789";
-const BARE: &str = "bare-proxy-token-0123456789";
-const AGENT: &str = "agent-token-0123456789";
-const BILLING: &str = "billing-token-0123456789";
-const LEDGER: &str = "ledger-token-0123456789";
-const MODEL: &str = "model-token-0123456789";
-
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    async fn init() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().to_str().unwrap().to_string();
-        let init = weftctl("http://127.0.0.1:1", &["ca", "init", "--out", &out], None).await;
-        assert_eq!(init.code, 0, "{init:?}");
-        std::fs::write(
-            dir.path().join("tokens.yaml"),
-            format!(
-                "{ADMIN}: admin\n{INFERENCE}: proxy:inference\n{BARE}: proxy\n{AGENT}: proxy:agent\n\
-                 {BILLING}: proxy:billing\n{LEDGER}: proxy:ledger\n{MODEL}: proxy:model\n"
-            ),
-        )
-        .unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().unwrap().to_string()
-    }
-
-    async fn control(&self, etcd: &Etcd, cert_ttl: &str) -> Control {
-        let (cert, key, tokens) = (self.path("ca.crt"), self.path("ca.key"), self.path("tokens.yaml"));
-        Control::start_with(
-            etcd,
-            5,
-            &["--ca-cert", &cert, "--ca-key", &key, "--tokens", &tokens, "--cert-ttl", cert_ttl],
-        )
-        .await
-    }
-
-    /// weftctl as the admin, over TLS.
-    async fn weftctl(&self, control: &Control, args: &[&str]) -> harness::CtlOutput {
-        let bundle = self.path("ca.crt");
-        let mut all = vec!["--ca-bundle", &bundle, "--token", ADMIN];
-        all.extend_from_slice(args);
-        weftctl(&control.url(), &all, None).await
-    }
-}
-
-/// A discovery stream over TLS with `token`, saying Hello as `service`.
-async fn hello(control: &Control, bundle: &str, token: &str, service: &str) -> Result<(), tonic::Status> {
-    register(control, bundle, token, service, "127.0.0.1:9", false).await.map(drop)
-}
-
-/// A registration of `service` at `address` by hand, in force while the
-/// returned stream is held.
-async fn register(
-    control: &Control,
-    bundle: &str,
-    token: &str,
-    service: &str,
-    address: &str,
-    mtls: bool,
-) -> Result<Held, tonic::Status> {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read_to_string(bundle).unwrap()));
-    let channel = tonic::transport::Endpoint::from_shared(control.url())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    let mut client =
-        pb::discovery_client::DiscoveryClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", bearer.clone());
-            Ok(r)
-        });
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::ProxyMessage {
-        msg: Some(pb::proxy_message::Msg::Hello(pb::Hello {
-            proxy_id: format!("forger-{service}"),
-            service: service.into(),
-            address: address.into(),
-            ready: true,
-            mtls,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-    // Accepted: the control plane pushes the service's state.
-    stream.message().await?;
-    Ok((tx, stream))
-}
-
-/// A hand-made registration's stream: dropped, the sidecar is gone.
-type Held = (tokio::sync::mpsc::Sender<pb::ProxyMessage>, tonic::Streaming<pb::ControlMessage>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_get_short_lived_certificates_for_their_own_service_over_tls_and_renew_them() {
@@ -179,6 +76,41 @@ async fn a_credential_registers_and_gets_a_certificate_only_for_its_own_service(
     let endpoints = pki.weftctl(&control, &["endpoints", "billing"]).await;
     assert!(!endpoints.stdout.contains("forger"), "nothing was registered for billing: {endpoints:?}");
 
+    // A sidecar id is one service's: billing's credential cannot take over
+    // inference's sidecar record.
+    let (tx, _stream) =
+        register_as(&control, &bundle, INFERENCE, "inf-7", "inference", "127.0.0.1:9", false).await.unwrap();
+    let p = &pki;
+    let c = &control;
+    eventually("inf-7 is registered", Duration::from_secs(10), || async move {
+        p.weftctl(c, &["status"]).await.stdout.contains("inf-7")
+    })
+    .await;
+    let e = register_as(&control, &bundle, BILLING, "inf-7", "billing", "127.0.0.1:9", false).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.message(), "403: sidecar id inf-7 is registered for service inference, not billing");
+
+    // Degraded-call reports: one sidecar sends at most a burst of 1000.
+    let call = |i: u64| pb::DegradedCall {
+        service: "inference".into(),
+        reasons: "retry=1".into(),
+        unix_ms: i,
+        ..Default::default()
+    };
+    let calls = (0..1500).map(call).collect();
+    tx.send(pb::ProxyMessage {
+        msg: Some(pb::proxy_message::Msg::Degraded(pb::DegradedReports { calls, dropped: 0 })),
+    })
+    .await
+    .unwrap();
+    eventually("the excess reports are dropped", Duration::from_secs(10), || async move {
+        let m = c.metrics().await;
+        harness::metric(&m, "weft_control_degraded_dropped_total", &[]) >= 499.0
+            && harness::metric(&m, "weft_control_degraded_reports_total", &[]) <= 1001.0
+    })
+    .await;
+    drop(tx);
+
     // The API speaks TLS only; weftctl needs the bundle for it.
     let plain = weftctl(&control.url().replace("https://", "http://"), &["--token", ADMIN, "status"], None).await;
     assert_ne!(plain.code, 0, "{plain:?}");
@@ -189,21 +121,6 @@ async fn a_credential_registers_and_gets_a_certificate_only_for_its_own_service(
     let wrong =
         weftctl(&control.url(), &["--ca-bundle", &other.path("ca.crt"), "--token", ADMIN, "status"], None).await;
     assert_eq!(wrong.code, 2, "{wrong:?}");
-}
-
-/// A sidecar of `service` with its own token and the trust bundle.
-async fn secured(
-    pki: &Pki,
-    control: &Control,
-    service: &str,
-    token: &str,
-    app: std::net::SocketAddr,
-    extra: &[&str],
-) -> Sidecar {
-    let bundle = pki.path("ca.crt");
-    let mut args = vec!["--token", token, "--ca-bundle", &bundle];
-    args.extend_from_slice(extra);
-    Sidecar::start_with(&[control.url()], service, "", app, &format!("{service}-1"), &args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

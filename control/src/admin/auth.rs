@@ -115,14 +115,9 @@ pub fn role<T>(req: &Request<T>) -> Role {
 }
 
 /// The tenant a resource belongs to; `None` for resources every tenant
-/// shares (default routes, resilience, `*`-less service policies are per
-/// tenant so always have one).
+/// shares (default routes, resilience, authorization).
 pub fn owner(id: &ResourceId) -> Option<&str> {
-    match id {
-        ResourceId::Route { tenant, .. } => tenant.as_deref(),
-        ResourceId::TenantPolicy { tenant, .. } => Some(tenant),
-        ResourceId::Resilience { .. } => None,
-    }
+    id.owner()
 }
 
 /// May `role` change `id`?
@@ -130,6 +125,10 @@ pub fn may_modify(role: &Role, id: &ResourceId) -> Result<(), Status> {
     match role {
         Role::Admin => Ok(()),
         Role::Proxy(_) => Err(Status::permission_denied("403: a proxy token cannot change policy")),
+        // A tenant's limits are the platform operator's to set.
+        Role::Tenant(t) if matches!(id, ResourceId::TenantPolicy { .. }) => Err(Status::permission_denied(format!(
+            "403: token for tenant {t} cannot change {id}: tenant limits are set by an admin"
+        ))),
         Role::Tenant(t) => match owner(id) {
             Some(o) if o == t => Ok(()),
             Some(o) => Err(Status::permission_denied(format!("403: token for tenant {t} cannot modify tenant {o}"))),
@@ -215,13 +214,19 @@ mod tests {
     fn tenants_change_only_their_own() {
         let acme = Role::Tenant("acme".into());
         let own = ResourceId::Route { service: "inference".into(), tenant: Some("acme".into()) };
-        let other = ResourceId::TenantPolicy { tenant: "globex".into(), service: "inference".into() };
+        let other = ResourceId::Route { service: "inference".into(), tenant: Some("globex".into()) };
         let shared = ResourceId::Route { service: "inference".into(), tenant: None };
         assert!(may_modify(&acme, &own).is_ok());
         assert_eq!(
             may_modify(&acme, &other).unwrap_err().message(),
             "403: token for tenant acme cannot modify tenant globex"
         );
+        // Its own limits: read, not written.
+        let limits = ResourceId::TenantPolicy { tenant: "acme".into(), service: "inference".into() };
+        assert!(may_modify(&acme, &limits).unwrap_err().message().contains("tenant limits are set by an admin"));
+        assert!(may_read(&acme, &limits));
+        let authz = ResourceId::AuthorizationPolicy { service: "inference".into() };
+        assert!(may_modify(&acme, &authz).unwrap_err().message().contains("every tenant shares"));
         assert!(may_modify(&acme, &shared).unwrap_err().message().contains("every tenant shares"));
         assert!(may_modify(&Role::Admin, &shared).is_ok());
         assert!(!may_read(&acme, &shared) && may_read(&acme, &own));

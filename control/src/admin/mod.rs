@@ -170,7 +170,7 @@ impl Admin for AdminService {
                 let tenant = match &resource {
                     Resource::Route(r) => r.tenant.clone(),
                     Resource::TenantPolicy(t) => Some(t.tenant.clone()),
-                    Resource::Resilience(_) => None,
+                    Resource::Resilience(_) | Resource::AuthorizationPolicy(_) => None,
                 };
                 if tenant.as_deref() != Some(req.tenant.as_str()) {
                     continue;
@@ -206,6 +206,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::EndpointsRequest>,
     ) -> Result<Response<pb::EndpointsResponse>, Status> {
+        // Where every instance lives is the mesh operator's view; sidecars
+        // learn their callees' endpoints over their own streams.
+        auth::require_admin(&auth::role(&request), "list endpoints")?;
         let service = request.into_inner().service;
         weft_policy::names::check_service("service", &service).map_err(Status::invalid_argument)?;
         let recs = self.store.endpoints(&service).await.map_err(store_status)?;

@@ -50,6 +50,7 @@ pub struct Index {
     /// By service, then tenant ("" for the default route).
     routes: HashMap<String, BTreeMap<String, Versioned<model::Route>>>,
     resilience: HashMap<String, Versioned<model::Resilience>>,
+    authorization: HashMap<String, Versioned<model::AuthorizationPolicy>>,
     /// By service (or `*`), then tenant.
     tenant_policies: HashMap<String, BTreeMap<String, Versioned<model::TenantPolicy>>>,
     endpoints: HashMap<String, BTreeMap<String, EndpointRecord>>,
@@ -142,6 +143,11 @@ impl Index {
                 self.resilience.insert(service.clone(), Versioned { value: r, revision: mod_revision });
                 self.dirty.insert(service);
             }
+            Policy::AuthorizationPolicy(a) => {
+                let service = a.service.clone();
+                self.authorization.insert(service.clone(), Versioned { value: a, revision: mod_revision });
+                self.dirty.insert(service);
+            }
             Policy::TenantPolicy(t) => {
                 let service = t.service.as_str().to_string();
                 self.mark(&service);
@@ -202,6 +208,10 @@ impl Index {
                 self.resilience.remove(&service);
                 self.dirty.insert(service);
             }
+            ResourceId::AuthorizationPolicy { service } => {
+                self.authorization.remove(&service);
+                self.dirty.insert(service);
+            }
             ResourceId::TenantPolicy { tenant, service } => {
                 if let Some(ps) = self.tenant_policies.get_mut(&service) {
                     ps.remove(&tenant);
@@ -232,6 +242,7 @@ impl Index {
             all.extend(self.routes.keys().cloned());
             all.extend(self.endpoints.keys().cloned());
             all.extend(self.resilience.keys().cloned());
+            all.extend(self.authorization.keys().cloned());
             all.extend(self.departed.keys().cloned());
             all.extend(self.tenant_policies.keys().filter(|k| *k != "*").cloned());
             all.into_iter().collect()
@@ -268,6 +279,7 @@ impl Index {
         let endpoints: Vec<pb::Endpoint> =
             self.endpoints.get(service).map(|e| e.values().map(EndpointRecord::to_wire).collect()).unwrap_or_default();
         let resilience = self.resilience.get(service).map(|v| wire::resilience(&v.value, v.revision));
+        let authorization = self.authorization.get(service).map(|v| wire::authorization(&v.value, v.revision));
         let mut tenant_policies: Vec<pb::TenantPolicy> = self
             .tenant_policies
             .get(service)
@@ -282,7 +294,11 @@ impl Index {
             }
         }
         let departed: Vec<String> = self.departed.get(service).map(|d| d.iter().cloned().collect()).unwrap_or_default();
-        let known = !(routes.is_empty() && endpoints.is_empty() && resilience.is_none() && tenant_policies.is_empty());
+        let known = !(routes.is_empty()
+            && endpoints.is_empty()
+            && resilience.is_none()
+            && authorization.is_none()
+            && tenant_policies.is_empty());
         if !known && departed.is_empty() {
             return None;
         }
@@ -296,6 +312,7 @@ impl Index {
             resilience,
             tenant_policies,
             departed,
+            authorization,
         })
     }
 }

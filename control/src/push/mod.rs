@@ -169,6 +169,22 @@ impl Discovery for DiscoveryService {
         if hello.proxy_id.is_empty() || hello.proxy_id.contains('/') {
             return Err(Status::invalid_argument("Hello: proxy_id must be non-empty and hold no '/'"));
         }
+        // A sidecar id is unique across services: one service's credential
+        // must not take over another service's sidecar record. When etcd
+        // cannot say, the sidecar is let in (a store outage must not keep
+        // sidecars out); its writes wait for etcd anyway.
+        if !matches!(role, crate::admin::auth::Role::Admin)
+            && let Ok(Some(existing)) =
+                tokio::time::timeout(Duration::from_secs(2), self.inner.store.proxy(&hello.proxy_id))
+                    .await
+                    .unwrap_or(Ok(None))
+            && existing.service != hello.service
+        {
+            return Err(Status::permission_denied(format!(
+                "403: sidecar id {} is registered for service {}, not {}",
+                hello.proxy_id, existing.service, hello.service
+            )));
+        }
         if hello.address.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!(
                 "Hello: address '{}' is not host:port (an IP address and a port)",
@@ -197,7 +213,15 @@ struct Session {
     deregistered: bool,
     /// When this session last issued a certificate.
     issued_at: Option<Instant>,
+    /// Degraded-call reports this sidecar may still send: one sidecar must
+    /// not flood out every other's in the trace log.
+    reports: governor::DefaultDirectRateLimiter,
 }
+
+/// Degraded-call reports a sidecar may send: this many a second, in bursts
+/// of [`REPORT_BURST`]; the rest are dropped and counted.
+pub const REPORTS_PER_SECOND: u32 = 100;
+pub const REPORT_BURST: u32 = 1000;
 
 impl Session {
     fn new(shared: Arc<Shared>, hello: pb::Hello, tx: mpsc::Sender<Result<pb::ControlMessage, Status>>) -> Self {
@@ -222,6 +246,10 @@ impl Session {
             endpoint_rev: 0,
             deregistered: false,
             issued_at: None,
+            reports: governor::RateLimiter::direct(
+                governor::Quota::per_second(std::num::NonZeroU32::new(REPORTS_PER_SECOND).expect("non-zero"))
+                    .allow_burst(std::num::NonZeroU32::new(REPORT_BURST).expect("non-zero")),
+            ),
         }
     }
 
@@ -389,8 +417,14 @@ impl Session {
                 if d.dropped > 0 {
                     metrics::counter!("weft_control_degraded_dropped_total").increment(d.dropped);
                 }
-                metrics::counter!("weft_control_degraded_reports_total").increment(d.calls.len() as u64);
-                self.shared.traces.record(d.calls);
+                let mut calls = d.calls;
+                let allowed = calls.iter().take_while(|_| self.reports.check().is_ok()).count();
+                if allowed < calls.len() {
+                    metrics::counter!("weft_control_degraded_dropped_total").increment((calls.len() - allowed) as u64);
+                    calls.truncate(allowed);
+                }
+                metrics::counter!("weft_control_degraded_reports_total").increment(calls.len() as u64);
+                self.shared.traces.record(calls);
             }
             Msg::Hello(_) => {}
         }

@@ -451,6 +451,18 @@ impl Store {
         self.put_leased(self.endpoint_key(&rec.service, &rec.proxy_id), json(rec), lease).await
     }
 
+    /// The record of sidecar `proxy_id`, if one is registered.
+    pub async fn proxy(&self, proxy_id: &str) -> Result<Option<ProxyRecord>> {
+        let key = self.proxy_key(proxy_id);
+        let resp = self
+            .call(|mut c| {
+                let key = &key;
+                async move { c.get(key.clone(), None).await }
+            })
+            .await?;
+        Ok(resp.kvs().first().and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+    }
+
     pub async fn put_proxy(&self, rec: &ProxyRecord, lease: i64) -> Result<u64> {
         self.put_leased(self.proxy_key(&rec.proxy_id), json(rec), lease).await
     }

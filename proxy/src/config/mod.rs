@@ -58,6 +58,8 @@ pub(crate) struct Service {
     /// Per-tenant limits (global figures) and this instance's counters,
     /// enforced by the inbound sidecar of this service.
     pub(crate) tenants: HashMap<String, (crate::tenancy::Limits, Arc<crate::tenancy::State>)>,
+    /// Who may call this service (enforced inbound, by its own sidecars).
+    pub(crate) authorization: Option<Arc<model::AuthorizationPolicy>>,
     /// Counters shared across config versions of this service.
     pub(crate) stats: Arc<ServiceStats>,
     /// The wire form this was built from, for `/config` and to rebuild.
@@ -254,6 +256,14 @@ pub(crate) fn build_service(
         }
     };
     let tenants = tenants_of(cfg, previous, &mut problems);
+    let authorization = match cfg.authorization.as_ref().map(model::AuthorizationPolicy::try_from) {
+        None => None,
+        Some(Ok(a)) => Some(Arc::new(a)),
+        Some(Err(e)) => {
+            problems.push(e.into());
+            previous.and_then(|p| p.authorization.clone())
+        }
+    };
     let holds = endpoints.iter().any(|e| e.is_held());
     let service = Service {
         name: cfg.name.clone(),
@@ -267,6 +277,7 @@ pub(crate) fn build_service(
         all_ready: Arc::new(ready),
         settings,
         tenants,
+        authorization,
         stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
         source,
     };

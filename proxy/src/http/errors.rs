@@ -43,6 +43,8 @@ pub(crate) enum ProxyError {
     BadRequestBody(String),
     #[error("tenant '{tenant}' is over its {} share at this instance of '{service}'", shed_what(.reason))]
     Shed { reason: crate::tenancy::Shed, tenant: String, service: String },
+    #[error("{caller} may not call {method} {path} of service '{service}' (its authorization policy)")]
+    Forbidden { caller: String, method: String, path: String, service: String },
     #[error("fault injected by route policy")]
     FaultAbort { status: StatusCode, grpc_status: Option<u16> },
 }
@@ -68,6 +70,7 @@ impl ProxyError {
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::Shed { reason, .. } => reason.reason(),
             ProxyError::BadRequestBody(_) => "bad-request",
+            ProxyError::Forbidden { .. } => "forbidden",
         }
     }
 
@@ -75,6 +78,7 @@ impl ProxyError {
         match self {
             ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::NoAuthority
             | ProxyError::BadAuthority(_)
             | ProxyError::BadRequestBody(_)
@@ -93,16 +97,17 @@ impl ProxyError {
     pub(crate) fn grpc_status(&self) -> u16 {
         match self {
             ProxyError::FaultAbort { grpc_status: Some(g), .. } => *g,
-            ProxyError::Shed { .. } => 8, // RESOURCE_EXHAUSTED
+            ProxyError::Shed { .. } => 8,      // RESOURCE_EXHAUSTED
+            ProxyError::Forbidden { .. } => 7, // PERMISSION_DENIED
             ProxyError::NoAuthority
             | ProxyError::BadAuthority(_)
             | ProxyError::DuplicateHost
             | ProxyError::BadTenant(_)
             | ProxyError::BadRequestBody(_)
             | ProxyError::ClientBody(_) => 3, // INVALID_ARGUMENT
-            ProxyError::Timeout { .. } => 4, // DEADLINE_EXCEEDED
+            ProxyError::Timeout { .. } => 4,   // DEADLINE_EXCEEDED
             ProxyError::UnknownService(_) => 5, // NOT_FOUND
-            _ => 14,                      // UNAVAILABLE
+            _ => 14,                           // UNAVAILABLE
         }
     }
 

@@ -108,6 +108,27 @@ pub(crate) static TRACEPARENT: http::HeaderName = http::HeaderName::from_static(
 /// own value is removed.
 pub(crate) static CLIENT_ID: http::HeaderName = http::HeaderName::from_static("x-weft-client-id");
 
+/// The caller's own tenant (its `tenant` label), vouched for by the
+/// caller's sidecar on mTLS calls; believed only on an mTLS connection, and
+/// never passed to an app.
+pub(crate) static CALLER_TENANT: http::HeaderName = http::HeaderName::from_static("x-weft-caller-tenant");
+
+/// Vouches for this instance's own tenant on a call it makes (mTLS only
+/// carries it to a callee that believes it), replacing whatever the app
+/// sent.
+pub(crate) fn vouch_tenant<B>(req: &mut Request<B>, own: Option<&HeaderValue>) {
+    match own {
+        Some(v) => {
+            req.headers_mut().insert(&CALLER_TENANT, v.clone());
+        }
+        None => {
+            if req.headers().contains_key(&CALLER_TENANT) {
+                req.headers_mut().remove(&CALLER_TENANT);
+            }
+        }
+    }
+}
+
 /// Puts the identity the caller proved (`None`: plaintext, no identity) in
 /// [`CLIENT_ID`], replacing whatever the request carried.
 pub(crate) fn set_client_id<B>(req: &mut Request<B>, caller: Option<&HeaderValue>) {

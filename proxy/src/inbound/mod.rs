@@ -11,13 +11,16 @@ use http_body_util::Either;
 
 use crate::grpc::is_grpc;
 use crate::http::errors::ProxyError;
-use crate::http::headers::{set_client_id, single_host, tenant_of};
+use weft_policy::model::AuthorizationPolicy;
+
+use crate::http::errors::clip;
+use crate::http::headers::{CALLER_TENANT, set_client_id, single_host, tenant_of};
 use crate::http::response::{Degraded, finish};
 use crate::state::Shared;
 use crate::tenancy;
 use crate::transport;
 use crate::transport::body::{BoxResponse, ClientBodyWatch, Tapped, stream};
-use crate::transport::listener::ConnState;
+use crate::transport::listener::{Caller, ConnState};
 use crate::transport::pool::{Peer, Upstream};
 
 pub(crate) struct Inbound {
@@ -37,15 +40,36 @@ impl Inbound {
         let grpc = is_grpc(&req);
         let service = &self.shared.identity.service;
         let mut degraded = Degraded::default();
-        let tenant = match single_host(&req).and_then(|()| tenant_of(&req, &self.shared.tenant_header)) {
+        let own = self.shared.table.load().services.get(service).cloned();
+        let caller = conn.peer();
+        let authz = own.as_ref().and_then(|s| s.authorization.as_deref());
+        let tenant = match single_host(&req).and_then(|()| self.tenant(&mut req, caller, authz)) {
             Ok(t) => t,
             Err(e) => return finish(Err(e), &degraded, grpc, "inbound", service, "-", started),
         };
-        // The tenant's limits on this service, if it has any.
-        let own = self.shared.table.load().services.get(service).cloned();
-        let limits = own.as_ref().and_then(|s| s.tenants.get(&tenant).map(|t| (s.all_ready.len(), t)));
+        if let Some(a) = authz {
+            let who = caller.map(|c| c.id.service.as_str());
+            if !a.allows(who, req.method(), req.uri().path(), &tenant) {
+                let who = who.unwrap_or("-");
+                metrics::counter!("weft_authz_denied_total", "service" => service.clone(), "caller" => who.to_string())
+                    .increment(1);
+                let err = ProxyError::Forbidden {
+                    caller: caller.map_or_else(|| "a caller without an identity".into(), |c| c.id.to_string()),
+                    method: req.method().to_string(),
+                    path: clip(req.uri().path()),
+                    service: service.clone(),
+                };
+                return finish(Err(err), &degraded, grpc, "inbound", service, &tenant, started);
+            }
+        }
+        // The tenant's limits on this service, if it has any; a policy for
+        // tenant `*` covers every tenant without one of its own, together.
+        let limits = own.as_ref().and_then(|s| {
+            let policy = s.tenants.get_key_value(&tenant).or_else(|| s.tenants.get_key_value(tenancy::ANY_TENANT));
+            policy.map(|(name, t)| (s.all_ready.len(), name, t))
+        });
         let (mut guard, mut usage) = (None, None);
-        if let Some((instances, (limits, state))) = limits {
+        if let Some((instances, policy, (limits, state))) = limits {
             match state.admit(limits, instances) {
                 Ok(g) => {
                     guard = g;
@@ -54,7 +78,9 @@ impl Inbound {
                     }
                 }
                 Err(reason) => {
-                    metrics::counter!("weft_tenant_shed_total", "service" => service.clone(), "tenant" => tenant.clone(), "reason" => reason.reason())
+                    // Under the policy's tenant: `*` for the tenants it covers
+                    // (invented names must not grow the metrics).
+                    metrics::counter!("weft_tenant_shed_total", "service" => service.clone(), "tenant" => policy.clone(), "reason" => reason.reason())
                         .increment(1);
                     degraded.shed = true;
                     let err = ProxyError::Shed { reason, tenant: tenant.clone(), service: service.clone() };
@@ -62,7 +88,7 @@ impl Inbound {
                 }
             }
         }
-        set_client_id(&mut req, conn.peer().map(|c| &c.header));
+        set_client_id(&mut req, caller.map(|c| &c.header));
         let client = ClientBodyWatch::new(req.body());
         let req = req.map(|b| stream(b, &client));
         let mut sent = if req.version() < http::Version::HTTP_2 {
@@ -88,5 +114,39 @@ impl Inbound {
             resp.map(|b| Either::Left(Tapped::new(b, guard, usage)))
         });
         finish(result, &degraded, grpc, "inbound", service, &tenant, started)
+    }
+
+    /// The tenant the call counts under. Over mTLS: the tenant header when
+    /// the caller is trusted to name tenants (`tenant_header_from`), else the
+    /// caller's own tenant as its sidecar vouches for it, else `default`;
+    /// the app is given that tenant in the header. Over plaintext there is
+    /// no identity to check: the header is taken as it is.
+    fn tenant<B>(
+        &self,
+        req: &mut Request<B>,
+        caller: Option<&Caller>,
+        authz: Option<&AuthorizationPolicy>,
+    ) -> Result<String, ProxyError> {
+        let vouched = match req.headers().contains_key(&CALLER_TENANT) {
+            true => req.headers_mut().remove(&CALLER_TENANT),
+            false => None,
+        };
+        let header = &self.shared.tenant_header;
+        let Some(caller) = caller else { return tenant_of(req, header) };
+        if authz.is_some_and(|a| a.trusts_tenant_header(&caller.id.service)) {
+            return tenant_of(req, header);
+        }
+        let own = vouched.filter(|v| weft_policy::names::is_tenant(v.as_bytes()));
+        let tenant =
+            own.as_ref().map_or_else(|| "default".to_string(), |v| String::from_utf8_lossy(v.as_bytes()).into());
+        match own {
+            Some(v) => {
+                req.headers_mut().insert(header, v);
+            }
+            None => {
+                req.headers_mut().remove(header);
+            }
+        }
+        Ok(tenant)
     }
 }

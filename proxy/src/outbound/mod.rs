@@ -30,7 +30,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::http::errors::ProxyError;
-use crate::http::headers::{TRACEPARENT, ensure_traceparent, service_of, tenant_of};
+use crate::http::headers::{TRACEPARENT, ensure_traceparent, service_of, tenant_of, vouch_tenant};
 use crate::http::response::{Degraded, finish};
 use crate::state::Shared;
 use crate::transport;
@@ -84,6 +84,9 @@ impl<S: Sender> Outbound<S> {
                 Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", "-", started),
             };
         ensure_traceparent(&mut req);
+        if self.shared.workload.is_some() {
+            vouch_tenant(&mut req, self.shared.own_tenant.as_ref());
+        }
         // A cheap clone (shared bytes); parsed only if the call is degraded.
         let traceparent = req.headers().get(&TRACEPARENT).cloned();
         let result = self.forward(&service, &tenant, grpc, req, &mut degraded).await;

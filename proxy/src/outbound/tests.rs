@@ -118,6 +118,7 @@ fn service(policy: &str, ports: &[u16]) -> pb::ServiceConfig {
                 Policy::Route(r) => cfg.routes.push(wire::route(&r, 1)),
                 Policy::Resilience(r) => cfg.resilience = Some(wire::resilience(&r, 1)),
                 Policy::TenantPolicy(t) => cfg.tenant_policies.push(wire::tenant_policy(&t, 1)),
+                Policy::AuthorizationPolicy(a) => cfg.authorization = Some(wire::authorization(&a, 1)),
             }
         }
     }

@@ -70,7 +70,6 @@ const ABORT: u8 = 2;
 /// The identity a caller proved on an mTLS connection.
 #[derive(Debug)]
 pub(crate) struct Caller {
-    #[expect(dead_code, reason = "authorization reads it")]
     pub(crate) id: weft_identity::SpiffeId,
     /// The ID as the app gets it ([`crate::http::headers::CLIENT_ID`]).
     pub(crate) header: http::HeaderValue,

@@ -64,7 +64,14 @@ pub(crate) enum Command {
         #[arg(short = 'f', long = "file")]
         file: String,
     },
-    /// Show resources: KIND is route, resilience or tenantpolicy.
+    /// Who may call SERVICE: its AuthorizationPolicy as a table.
+    Callers {
+        service: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show resources: KIND is route, resilience, tenantpolicy or
+    /// authorizationpolicy.
     Get {
         kind: String,
         name: Option<String>,

@@ -57,6 +57,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Command::History { kind, name, limit, output } => cmd::history::run(control, kind, name, limit, output).await,
         Command::Get { kind, name, tenant, output } => cmd::get::run(control, kind, name, tenant, output).await,
         Command::Endpoints { service, output } => cmd::endpoints::run(control, service, output).await,
+        Command::Callers { service, output } => cmd::callers::run(control, service, output).await,
         Command::Traces { degraded: _, service, since, limit, output } => {
             let since = since.map(|s| duration("--since", &s)).transpose()?;
             cmd::traces::run(control, service, since, limit, output).await

@@ -2,6 +2,7 @@
 
 pub(crate) mod apply;
 pub(crate) mod ca;
+pub(crate) mod callers;
 pub(crate) mod diff;
 pub(crate) mod endpoints;
 pub(crate) mod get;
