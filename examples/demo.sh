@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: a small agent platform behind weft sidecars, on loopback.
 #
-# Starts etcd (temp data dir), weft-control, an `agent-router` and two
-# versions of `inference`, each behind its own weft-proxy; applies
+# Starts etcd (temp data dir), weft-control with a CA and tokens, an
+# `agent-router` and two versions of `inference`, each behind its own
+# weft-proxy (mTLS between sidecars, a certificate each); applies
 # examples/policy.yaml; sends traffic through the router's sidecar; shows
 # what happened; then stops everything it started.
 set -euo pipefail
@@ -40,14 +41,28 @@ wait_ok() { # url
 addr() { grep -o "$2=[^ ]*" "$WORK/$1.out" | cut -d= -f2; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+say "a CA and tokens: weftctl ca init, one proxy:<service> token per service"
+"$BIN/weftctl" ca init --out "$WORK/pki"
+tok() { head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+ADMIN=$(tok)
+declare -A TOKEN
+{
+  echo "$ADMIN: admin"
+  for s in inference agent-router inference-lite batch-agent; do TOKEN[$s]=$(tok); echo "${TOKEN[$s]}: proxy:$s"; done
+} >"$WORK/tokens.yaml"
+export WEFT_TOKEN=$ADMIN WEFT_CA_BUNDLE="$WORK/pki/ca.crt"
+# A sidecar of service $1 with its own token and the trust bundle.
+sidecar() { local s=$1; shift; start "sidecar-$SIDE" "$BIN/weft-proxy" --service "$s" --token "${TOKEN[$s]}" "$@"; }
+
 say "starting etcd, weft-control and the example platform"
 port EP; port PP
 start etcd etcd --data-dir "$WORK/etcd" --listen-client-urls "http://127.0.0.1:$EP" \
   --advertise-client-urls "http://127.0.0.1:$EP" --listen-peer-urls "http://127.0.0.1:$PP" \
   --initial-advertise-peer-urls "http://127.0.0.1:$PP" --initial-cluster "default=http://127.0.0.1:$PP" --log-level warn
-start control "$BIN/weft-control" --etcd "http://127.0.0.1:$EP" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --lease-ttl 3
+start control "$BIN/weft-control" --etcd "http://127.0.0.1:$EP" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --lease-ttl 3 \
+  --ca-cert "$WORK/pki/ca.crt" --ca-key "$WORK/pki/ca.key" --tokens "$WORK/tokens.yaml"
 wait_line "$WORK/control.out" listening
-CONTROL="http://$(addr control grpc)"
+CONTROL="https://$(addr control grpc)"
 wait_ok "http://$(addr control admin)/ready"
 export WEFT_CONTROL=$CONTROL
 
@@ -55,14 +70,14 @@ for v in v1 v2; do
   start "app-$v" "$BIN/weft-example-service" --listen 127.0.0.1:0 --service inference --version $v
   wait_line "$WORK/app-$v.out" listening
   APP=$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-$v.out")
-  start "sidecar-$v" "$BIN/weft-proxy" --service inference --labels "version=$v,region=local" --app "$APP" \
+  SIDE=$v sidecar inference --labels "version=$v,region=local" --app "$APP" \
     --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id "inference-$v"
 done
 port RO
 start app-router "$BIN/weft-example-service" --listen 127.0.0.1:0 --service agent-router --outbound "127.0.0.1:$RO"
 wait_line "$WORK/app-router.out" listening
 ROUTER=$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-router.out")
-start sidecar-router "$BIN/weft-proxy" --service agent-router --labels region=local --app "$ROUTER" \
+SIDE=router sidecar agent-router --labels region=local --app "$ROUTER" \
   --inbound 127.0.0.1:0 --outbound "127.0.0.1:$RO" --admin 127.0.0.1:0 --id agent-router-1
 for s in v1 v2 router; do wait_line "$WORK/sidecar-$s.out" listening; wait_ok "http://$(addr sidecar-$s admin)/ready"; done
 
@@ -87,11 +102,11 @@ say "weftctl status"
 say "resilience: a broken inference v3 (every call 503) and an inference-lite fallback"
 start app-v3 "$BIN/weft-example-service" --listen 127.0.0.1:0 --service inference --version v3 --fail-percent 100
 wait_line "$WORK/app-v3.out" listening
-start sidecar-v3 "$BIN/weft-proxy" --service inference --labels "version=v3,region=local" \
+SIDE=v3 sidecar inference --labels "version=v3,region=local" \
   --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-v3.out")" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id inference-v3
 start app-lite "$BIN/weft-example-service" --listen 127.0.0.1:0 --service inference-lite --version v1
 wait_line "$WORK/app-lite.out" listening
-start sidecar-lite "$BIN/weft-proxy" --service inference-lite --labels "region=local" \
+SIDE=lite sidecar inference-lite --labels "region=local" \
   --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-lite.out")" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id inference-lite-1
 for s in v3 lite; do wait_line "$WORK/sidecar-$s.out" listening; done
 wait_ok "http://$(addr sidecar-lite admin)/ready"
@@ -126,6 +141,33 @@ for i in $(seq 1 40); do
 done | sort | uniq -c
 echo "weftctl history route inference:"
 "$BIN/weftctl" history route inference
+
+say "identity: each sidecar's certificate (weftctl status)"
+"$BIN/weftctl" status
+
+say "authorization: inference takes calls from agent-router, and only GET /v1/run from batch-agent"
+"$BIN/weftctl" apply -f examples/authorization.yaml --wait
+"$BIN/weftctl" callers inference
+port BO
+start app-batch "$BIN/weft-example-service" --listen 127.0.0.1:0 --service batch-agent --outbound "127.0.0.1:$BO"
+wait_line "$WORK/app-batch.out" listening
+BATCH=$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-batch.out")
+SIDE=batch sidecar batch-agent --labels "tenant=globex,region=local" --app "$BATCH" \
+  --inbound 127.0.0.1:0 --outbound "127.0.0.1:$BO" --admin 127.0.0.1:0 --id batch-agent-1
+wait_line "$WORK/sidecar-batch.out" listening; wait_ok "http://$(addr sidecar-batch admin)/ready"
+echo "batch-agent GET /v1/run: $(curl -s -o /dev/null -w '%{http_code}' "http://$BATCH/call/inference/v1/run")"
+echo "batch-agent GET /v2/run (no rule allows it):"
+curl -s -i "http://$BATCH/call/inference/v2/run" | grep -iE '^(HTTP|x-weft-error)|weft:' || true
+
+say "a forged tenant header gains nothing: batch-agent (tenant globex) says it is acme, 20 calls"
+echo "(HTTP status, then the tenant the inference app was told)"
+for i in $(seq 1 20); do
+  curl -s -o /dev/null -w '%{http_code} ' -D "$WORK/h" -H 'x-tenant-id: acme' "http://$BATCH/call/inference/v1/run"
+  grep -i '^echo-x-tenant-id' "$WORK/h" | tr -d '\r' | cut -d' ' -f2 || echo -
+done | sort | uniq -c
+INF_ADMIN=$(addr sidecar-v1 admin)
+echo "at inference v1's sidecar:"
+curl -s "http://$INF_ADMIN/metrics" | grep -E '^weft_(authz_denied_total|tenant_shed_total)' || true
 
 say "inference v2's sidecar dies; its endpoint goes and traffic moves to v1"
 kill -9 "$(pgrep -f 'weft-proxy.*--id inference-v2')"
