@@ -27,6 +27,12 @@ impl Key {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.0.serialize_der()))
     }
 
+    /// The key as PEM (PKCS#8), for a workload outside weft that must hold
+    /// its key in a file (`weftctl ca issue`).
+    pub fn private_key_pem(&self) -> String {
+        self.0.serialize_pem()
+    }
+
     /// The raw public key (the SubjectPublicKeyInfo's bit string).
     pub fn public_key_raw(&self) -> &[u8] {
         self.0.public_key_raw()

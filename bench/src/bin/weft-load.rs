@@ -8,6 +8,11 @@
 //! lag is the generator's, not the server's.) HTTP/1.1
 //! keeps `--connections` keep-alive connections, each sending one request at
 //! a time; `--h2` multiplexes on `--connections` h2c connections.
+//! `--tls-*` speaks mTLS (TLS 1.3, a client certificate, the server checked
+//! to be `--server-name` as weft's sidecars check one another).
+//! `--fresh` measures new connections instead: `--connections` workers
+//! each connect (and handshake), send one request and close, as fast as
+//! they can, for `--duration`.
 //! Prints one JSON object with the counts and the latency percentiles.
 
 use std::sync::Arc;
@@ -31,8 +36,8 @@ struct Args {
     host: String,
     #[arg(long, default_value = "/")]
     path: String,
-    /// Requests per second.
-    #[arg(long)]
+    /// Requests per second (not with --fresh).
+    #[arg(long, default_value_t = 0)]
     rate: u64,
     /// Seconds of measured load (after --warmup).
     #[arg(long, default_value_t = 5.0)]
@@ -44,7 +49,59 @@ struct Args {
     /// h2c (prior knowledge) instead of HTTP/1.1.
     #[arg(long)]
     h2: bool,
+    /// mTLS: the client's certificate chain (PEM), with --tls-key and
+    /// --tls-ca.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<String>,
+    #[arg(long)]
+    tls_key: Option<String>,
+    /// The roots the server's certificate must chain to.
+    #[arg(long)]
+    tls_ca: Option<String>,
+    /// The service the server must prove to be (default: --host).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// New connections, closed loop: each request on a connection of its
+    /// own (handshakes per second).
+    #[arg(long)]
+    fresh: bool,
 }
+
+/// The client side of mTLS.
+#[derive(Clone)]
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl Tls {
+    fn new(a: &Args) -> anyhow::Result<Option<Tls>> {
+        let (Some(cert), Some(key), Some(ca)) = (&a.tls_cert, &a.tls_key, &a.tls_ca) else { return Ok(None) };
+        let read = |p: &str| std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{p}: {e}"));
+        let chain = weft_identity::pem::certificates(cert, &read(cert)?)?;
+        let key = weft_identity::pem::private_key(key, &read(key)?)?;
+        let certified = rustls::sign::CertifiedKey::from_der(chain, key, &weft_identity::tls::provider())?;
+        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(certified));
+        let roots = weft_identity::tls::roots(ca, &read(ca)?)?;
+        let alpn: &[u8] = if a.h2 { b"h2" } else { b"http/1.1" };
+        let config = weft_identity::tls::client_config(roots, resolver, &[alpn])?;
+        let name = weft_identity::tls::server_name(a.server_name.as_deref().unwrap_or(&a.host))?;
+        Ok(Some(Tls { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), name }))
+    }
+}
+
+/// A connection to `addr`, over mTLS when `tls` is given.
+async fn connect(addr: &str, tls: Option<&Tls>) -> anyhow::Result<Box<dyn Io>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(match tls {
+        None => Box::new(stream),
+        Some(t) => Box::new(t.connector.connect(t.name.clone(), stream).await?),
+    })
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 struct Shot {
     intended: Instant,
@@ -61,6 +118,10 @@ struct Tally {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let tls = Tls::new(&a)?;
+    if a.fresh {
+        return fresh(&a, tls).await;
+    }
     anyhow::ensure!(a.rate > 0 && a.connections > 0, "--rate and --connections must be positive");
     let tally =
         Arc::new(Mutex::new(Tally { hist: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?), ..Default::default() }));
@@ -70,8 +131,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..a.connections {
         let (tx, rx) = mpsc::unbounded_channel::<Shot>();
         queues.push(tx);
-        let stream = tokio::net::TcpStream::connect(&a.addr).await?;
-        stream.set_nodelay(true)?;
+        let stream = connect(&a.addr, tls.as_ref()).await?;
         let tally = tally.clone();
         let uri = uri.clone();
         if a.h2 {
@@ -109,6 +169,53 @@ async fn main() -> anyhow::Result<()> {
             "ok": t.ok, "errors": t.errors, "achieved_rate": (total as f64) / sent_for,
             "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
             "max_ms": h.max() as f64 / 1000.0,
+        })
+    );
+    Ok(())
+}
+
+/// `--fresh`: connections per second, each with one request.
+async fn fresh(a: &Args, tls: Option<Tls>) -> anyhow::Result<()> {
+    anyhow::ensure!(a.connections > 0, "--connections must be positive");
+    let until = Instant::now() + Duration::from_secs_f64(a.warmup + a.duration);
+    let measure_from = Instant::now() + Duration::from_secs_f64(a.warmup);
+    let tally =
+        Arc::new(Mutex::new(Tally { hist: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?), ..Default::default() }));
+    let mut workers = Vec::new();
+    for _ in 0..a.connections {
+        let (addr, host, path, tls, tally) =
+            (a.addr.clone(), a.host.clone(), a.path.clone(), tls.clone(), tally.clone());
+        workers.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let shot = Shot { intended: Instant::now(), measured: Instant::now() >= measure_from };
+                let ok = async {
+                    let io = connect(&addr, tls.as_ref()).await?;
+                    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+                    tokio::spawn(conn);
+                    let req = http::Request::get(&path)
+                        .header("host", &host)
+                        .header("connection", "close")
+                        .body(Full::new(Bytes::new()))?;
+                    anyhow::Ok(succeeded(sender.send_request(req).await).await)
+                }
+                .await
+                .unwrap_or(false);
+                record(&tally, &shot, ok).await;
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let t = tally.lock().await;
+    let h = t.hist.as_ref().expect("histogram");
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "fresh": true, "tls": tls.is_some(), "connections": a.connections,
+            "ok": t.ok, "errors": t.errors, "per_second": t.ok as f64 / a.duration,
+            "p50_ms": ms(0.5), "p99_ms": ms(0.99),
         })
     );
     Ok(())

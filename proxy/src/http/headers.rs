@@ -129,19 +129,16 @@ pub(crate) fn vouch_tenant<B>(req: &mut Request<B>, own: Option<&HeaderValue>) {
     }
 }
 
-/// Puts the identity the caller proved (`None`: plaintext, no identity) in
-/// [`CLIENT_ID`], replacing whatever the request carried.
-pub(crate) fn set_client_id<B>(req: &mut Request<B>, caller: Option<&HeaderValue>) {
-    match caller {
-        Some(v) => {
-            req.headers_mut().insert(&CLIENT_ID, v.clone());
-        }
-        None => {
-            if req.headers().contains_key(&CLIENT_ID) {
-                req.headers_mut().remove(&CLIENT_ID);
-            }
-        }
+/// Removes what only sidecars may set on an inbound call ([`CLIENT_ID`],
+/// [`CALLER_TENANT`]) and returns the caller-tenant value. Both names start
+/// `x-weft-c`: one pass over the names finds whether either is there, which
+/// costs less than looking each up (a custom name is hashed byte by byte).
+pub(crate) fn take_internal<B>(req: &mut Request<B>) -> Option<HeaderValue> {
+    if !req.headers().keys().any(|k| k.as_str().starts_with("x-weft-c")) {
+        return None;
     }
+    req.headers_mut().remove(&CLIENT_ID);
+    req.headers_mut().remove(&CALLER_TENANT)
 }
 
 /// Writes the low `out.len()` hex digits of `n` into `out`.
@@ -155,6 +152,29 @@ fn hex_into(out: &mut [u8], mut n: u128) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_only_sidecars_set_is_taken_off_an_inbound_call() {
+        let mut forged = Request::builder()
+            .header("x-weft-client-id", "spiffe://weft.local/svc/admin")
+            .header("x-weft-caller-tenant", "acme")
+            .header("x-weft-c", "not ours")
+            .header("x-tenant-id", "globex")
+            .body(())
+            .unwrap();
+        assert_eq!(take_internal(&mut forged).unwrap(), "acme");
+        assert!(!forged.headers().contains_key(&CLIENT_ID) && !forged.headers().contains_key(&CALLER_TENANT));
+        assert_eq!(forged.headers().len(), 2, "other headers stay");
+        let mut plain = Request::builder().header("x-tenant-id", "globex").body(()).unwrap();
+        assert_eq!(take_internal(&mut plain), None);
+        assert_eq!(plain.headers().len(), 1);
+        // The caller's sidecar replaces what its app says about its tenant.
+        let mut out = Request::builder().header("x-weft-caller-tenant", "acme").body(()).unwrap();
+        vouch_tenant(&mut out, Some(&HeaderValue::from_static("globex")));
+        assert_eq!(out.headers()[&CALLER_TENANT], "globex");
+        vouch_tenant(&mut out, None);
+        assert!(!out.headers().contains_key(&CALLER_TENANT));
+    }
 
     fn req(uri: &str, host: Option<&str>) -> Request<()> {
         let mut b = Request::builder().uri(uri);

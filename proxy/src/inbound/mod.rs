@@ -14,7 +14,7 @@ use crate::http::errors::ProxyError;
 use weft_policy::model::AuthorizationPolicy;
 
 use crate::http::errors::clip;
-use crate::http::headers::{CALLER_TENANT, set_client_id, single_host, tenant_of};
+use crate::http::headers::{CLIENT_ID, single_host, take_internal, tenant_of};
 use crate::http::response::{Degraded, finish};
 use crate::state::Shared;
 use crate::tenancy;
@@ -43,7 +43,8 @@ impl Inbound {
         let own = self.shared.table.load().services.get(service).cloned();
         let caller = conn.peer();
         let authz = own.as_ref().and_then(|s| s.authorization.as_deref());
-        let tenant = match single_host(&req).and_then(|()| self.tenant(&mut req, caller, authz)) {
+        let vouched = take_internal(&mut req);
+        let tenant = match single_host(&req).and_then(|()| self.tenant(&mut req, caller, authz, vouched)) {
             Ok(t) => t,
             Err(e) => return finish(Err(e), &degraded, grpc, "inbound", service, "-", started),
         };
@@ -64,7 +65,7 @@ impl Inbound {
         }
         // The tenant's limits on this service, if it has any; a policy for
         // tenant `*` covers every tenant without one of its own, together.
-        let limits = own.as_ref().and_then(|s| {
+        let limits = own.as_ref().filter(|s| !s.tenants.is_empty()).and_then(|s| {
             let policy = s.tenants.get_key_value(&tenant).or_else(|| s.tenants.get_key_value(tenancy::ANY_TENANT));
             policy.map(|(name, t)| (s.all_ready.len(), name, t))
         });
@@ -88,7 +89,9 @@ impl Inbound {
                 }
             }
         }
-        set_client_id(&mut req, caller.map(|c| &c.header));
+        if let Some(c) = caller {
+            req.headers_mut().insert(&CLIENT_ID, c.header.clone());
+        }
         let client = ClientBodyWatch::new(req.body());
         let req = req.map(|b| stream(b, &client));
         let mut sent = if req.version() < http::Version::HTTP_2 {
@@ -126,11 +129,8 @@ impl Inbound {
         req: &mut Request<B>,
         caller: Option<&Caller>,
         authz: Option<&AuthorizationPolicy>,
+        vouched: Option<http::HeaderValue>,
     ) -> Result<String, ProxyError> {
-        let vouched = match req.headers().contains_key(&CALLER_TENANT) {
-            true => req.headers_mut().remove(&CALLER_TENANT),
-            false => None,
-        };
         let header = &self.shared.tenant_header;
         let Some(caller) = caller else { return tenant_of(req, header) };
         if authz.is_some_and(|a| a.trusts_tenant_header(&caller.id.service)) {

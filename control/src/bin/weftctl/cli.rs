@@ -129,6 +129,24 @@ pub(crate) enum CaCommand {
         #[arg(long, default_value = "3650d")]
         valid: String,
     },
+    /// Signs a workload certificate with the CA's key, offline, for a peer
+    /// that is not behind a weft sidecar (a gateway, a load generator):
+    /// writes SERVICE.crt and SERVICE.key (readable by its owner only).
+    Issue {
+        #[arg(long)]
+        ca_cert: String,
+        #[arg(long)]
+        ca_key: String,
+        /// The identity: spiffe://<trust-domain>/svc/<service>.
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value = "weft.local")]
+        trust_domain: String,
+        #[arg(long)]
+        out: String,
+        #[arg(long, default_value = "24h")]
+        valid: String,
+    },
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]

@@ -67,5 +67,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             let valid = humantime::parse_duration(&valid).map_err(|e| Fail(1, format!("--valid {valid}: {e}")))?;
             cmd::ca::init(&out, &name, valid)
         }
+        Command::Ca(cli::CaCommand::Issue { ca_cert, ca_key, service, trust_domain, out, valid }) => {
+            let valid = humantime::parse_duration(&valid).map_err(|e| Fail(1, format!("--valid {valid}: {e}")))?;
+            cmd::ca::issue(&ca_cert, &ca_key, &trust_domain, &service, &out, valid)
+        }
     }
 }
