@@ -100,6 +100,11 @@ async fn the_callee_allows_only_the_callers_its_policy_names_over_http_and_grpc(
     assert_eq!(bad.code, 1, "{bad:?}");
     assert!(bad.stderr.contains("rules[0].from[0]"), "{bad:?}");
     assert_eq!(call(billing.outbound, "GET", "/v1/run").await, forbidden);
+    // The same life as every resource: get, history.
+    let got = pki.weftctl(&control, &["get", "authz", "inference", "-o", "yaml"]).await;
+    assert!(got.code == 0 && got.stdout.contains("kind: AuthorizationPolicy"), "{got:?}");
+    let history = pki.weftctl(&control, &["history", "authorizationpolicy", "inference"]).await;
+    assert!(history.code == 0 && history.stdout.contains("created"), "{history:?}");
 }
 
 const TENANTS: &str = "kind: AuthorizationPolicy
