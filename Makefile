@@ -4,8 +4,10 @@ CARGO ?= cargo
 # protoc builds the gRPC bindings (ours and etcd-client's); libprotobuf-dev
 # holds the well-known types (google/protobuf/*.proto) that etcd-client's
 # protos import, which protobuf-compiler only recommends.
-TEST_DEPS := etcd-server etcd-client protobuf-compiler libprotobuf-dev
-DEMO_DEPS := $(TEST_DEPS) curl
+# iptables, iproute2 and curl: the capture tests (rules in a network
+# namespace of their own, an unchanged app calling through them).
+TEST_DEPS := etcd-server etcd-client protobuf-compiler libprotobuf-dev iptables iproute2 curl
+DEMO_DEPS := $(TEST_DEPS)
 BENCH_DEPS := $(DEMO_DEPS) wrk nginx-light haproxy valgrind
 
 .PHONY: all deps demo-deps toolchain build lint fmt test demo bench fuzz clean print-deps

@@ -2,7 +2,8 @@
 # Proves the README's two-command set-up from scratch on this machine:
 #
 #   1. purges every Debian package the Makefile installs (`make print-deps`),
-#      with the libraries only they pulled in;
+#      with the libraries only they pulled in (but not those of Debian's base
+#      system, such as iproute2, which other packages depend on);
 #   2. clones the repository's committed HEAD into a new temporary folder,
 #      with an empty CARGO_HOME, so every crate is fetched and built anew;
 #   3. runs `make demo`, then `make test` there, and prints the time of each.
@@ -24,7 +25,17 @@ if [ -n "$(git -C "$repo" status --porcelain)" ]; then
   echo "fresh-check: note: uncommitted changes in $repo are not checked (the clone takes HEAD $(git -C "$repo" rev-parse --short HEAD))"
 fi
 
-read -r -a pkgs <<<"$(make -s -C "$repo" print-deps)"
+read -r -a all <<<"$(make -s -C "$repo" print-deps)"
+# Packages of Debian's base system (priority required or important, like
+# iproute2) are on every Debian 12 machine and others depend on them:
+# purging them would take more than weft installed, so they stay.
+pkgs=()
+for p in "${all[@]}"; do
+  case "$(dpkg-query -W -f='${Priority}' "$p" 2>/dev/null)" in
+    required | important) echo "fresh-check: keeping $p (part of Debian's base system)" ;;
+    *) pkgs+=("$p") ;;
+  esac
+done
 echo "fresh-check: purging ${pkgs[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get purge -y -q --autoremove "${pkgs[@]}" >/dev/null

@@ -29,6 +29,8 @@ probe() {
     protobuf-compiler) command -v protoc >/dev/null ;;
     libprotobuf-dev) [ -f /usr/include/google/protobuf/descriptor.proto ] ;;
     curl) command -v curl >/dev/null ;;
+    iptables) command -v iptables >/dev/null && command -v iptables-save >/dev/null ;;
+    iproute2) command -v ip >/dev/null ;;
     wrk) command -v wrk >/dev/null ;;
     nginx-light) [ -x /usr/sbin/nginx ] ;;
     haproxy) [ -x /usr/sbin/haproxy ] ;;

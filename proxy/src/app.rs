@@ -97,17 +97,19 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let out_conns = Tracker::new("outbound", listener::Limits { call_timeout: None, ..opts.limits });
     let in_conns = Tracker::new("inbound", listener::Limits { call_timeout: Some(opts.app_timeout), ..opts.limits });
     let draining = Arc::new(AtomicBool::new(false));
+    // The outbound listener also takes the app's captured connections
+    // (`weft-proxy init`), told apart by their original destination.
     let out_task = tokio::spawn(serve(
         listeners.outbound,
-        None,
+        Accept::Captured,
         out_conns.clone(),
         accept_rx.clone(),
         draining.clone(),
-        move |req, _| outbound.clone().handle(req),
+        move |req, conn| outbound.clone().handle(req, conn.original_dst()),
     ));
     let in_task = tokio::spawn(serve(
         listeners.inbound,
-        server_tls,
+        server_tls.map_or(Accept::Plain, Accept::Tls),
         in_conns.clone(),
         accept_rx,
         draining.clone(),
@@ -171,12 +173,22 @@ fn spawn_housekeeping(
     [sweeper, upkeep]
 }
 
-/// Accepts HTTP/1.1 and HTTP/2 connections until `stop`, within the
-/// listener's bounds ([`Tracker`]); with `tls`, over mTLS (and plaintext in
-/// permissive mode).
+/// What a listener's connections may be.
+enum Accept {
+    /// HTTP/1.1 and h2c.
+    Plain,
+    /// mTLS (and plaintext in permissive mode).
+    Tls(Arc<ServerTls>),
+    /// HTTP/1.1 and h2c made to the listener, and the app's captured
+    /// connections: HTTP, or opaque TCP to their original destination.
+    Captured,
+}
+
+/// Accepts connections until `stop`, within the listener's bounds
+/// ([`Tracker`]).
 async fn serve<F, Fut>(
     listener: TcpListener,
-    tls: Option<Arc<ServerTls>>,
+    accept: Accept,
     tracker: Arc<Tracker>,
     mut stop: watch::Receiver<bool>,
     draining: Arc<AtomicBool>,
@@ -189,6 +201,7 @@ async fn serve<F, Fut>(
     builder.http2().max_concurrent_streams(1024);
     builder.http1().writev(false);
     let builder = Arc::new(builder);
+    let local = listener.local_addr().ok();
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -215,11 +228,44 @@ async fn serve<F, Fut>(
             Served { call: h(req, &conn_state), in_flight, close }
         });
         let closed = tracker.on_close();
-        let Some(tls) = &tls else {
-            let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
-            let conn = builder.serve_connection(io, svc).into_owned();
-            tokio::spawn(listener::watched(conn, state, closed));
-            continue;
+        let captured = match (&accept, local) {
+            (Accept::Captured, Some(local)) => crate::transport::detect::original_dst(&stream, local),
+            _ => None,
+        };
+        let tls = match (&accept, captured) {
+            (Accept::Tls(tls), _) => tls,
+            (_, None) => {
+                let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
+                let conn = builder.serve_connection(io, svc).into_owned();
+                tokio::spawn(listener::watched(conn, state, closed));
+                continue;
+            }
+            (_, Some(dst)) => {
+                // The app's own connection, captured: HTTP gets the mesh,
+                // anything else goes where it was going.
+                state.set_original_dst(dst);
+                let builder = builder.clone();
+                tokio::spawn(async move {
+                    match crate::transport::detect::detect(&stream).await {
+                        Ok(crate::transport::detect::Protocol::Http) => {
+                            let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
+                            listener::watched(builder.serve_connection(io, svc).into_owned(), state, closed).await;
+                        }
+                        Ok(crate::transport::detect::Protocol::Opaque) => {
+                            crate::transport::opaque::forward(stream, dst, "opaque").await;
+                            drop(closed);
+                        }
+                        Ok(crate::transport::detect::Protocol::ServerFirst) => {
+                            crate::transport::opaque::forward(stream, dst, "server-first").await;
+                            drop(closed);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "captured connection closed before its protocol was told")
+                        }
+                    }
+                });
+                continue;
+            }
         };
         // The handshake runs on the connection's own task, bounded in time.
         let (tls, builder) = (tls.clone(), builder.clone());

@@ -25,6 +25,7 @@
 
 pub(crate) mod admin;
 pub mod app;
+pub mod capture;
 pub(crate) mod clock;
 pub(crate) mod config;
 pub(crate) mod control_client;

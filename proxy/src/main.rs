@@ -84,7 +84,68 @@ struct Args {
     reuse_port: bool,
 }
 
+/// `weft-proxy init`: installs the redirect rules of transparent capture in
+/// the current network namespace, and exits.
+#[derive(Parser, Debug)]
+#[command(name = "weft-proxy init", version, about = "Install (or --uninstall) weft's traffic capture rules")]
+struct InitArgs {
+    /// The sidecar's user id: its own traffic is not captured.
+    #[arg(long)]
+    proxy_uid: Option<u32>,
+    #[arg(long, default_value_t = 4140)]
+    outbound_port: u16,
+    #[arg(long, default_value_t = 4143)]
+    inbound_port: u16,
+    /// The app's ports whose inbound TCP is captured (default: all).
+    #[arg(long, value_delimiter = ',')]
+    inbound_ports: Vec<u16>,
+    /// Inbound ports never captured (the sidecar's admin port, say).
+    #[arg(long, value_delimiter = ',', default_value = "4191")]
+    skip_inbound_ports: Vec<u16>,
+    /// Destination ports the app reaches directly.
+    #[arg(long, value_delimiter = ',')]
+    skip_outbound_ports: Vec<u16>,
+    /// Destination networks (IPv4 CIDRs) the app reaches directly.
+    #[arg(long, value_delimiter = ',')]
+    skip_cidrs: Vec<String>,
+    /// Removes weft's rules (and only those).
+    #[arg(long)]
+    uninstall: bool,
+}
+
+fn init(a: InitArgs) -> anyhow::Result<()> {
+    use weft_proxy::capture::{Capture, parse_cidr};
+    if a.uninstall {
+        Capture::uninstall().map_err(|e| anyhow::anyhow!(e))?;
+        println!("weft capture rules removed");
+        return Ok(());
+    }
+    let Some(proxy_uid) = a.proxy_uid else {
+        anyhow::bail!("--proxy-uid: the sidecar's user id is needed, so that its own traffic is not captured");
+    };
+    let skip_cidrs = a
+        .skip_cidrs
+        .iter()
+        .map(|c| parse_cidr(c).map_err(|e| anyhow::anyhow!("--skip-cidrs: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let capture = Capture {
+        proxy_uid,
+        outbound_port: a.outbound_port,
+        inbound_port: a.inbound_port,
+        inbound_ports: a.inbound_ports,
+        skip_inbound_ports: a.skip_inbound_ports,
+        skip_outbound_ports: a.skip_outbound_ports,
+        skip_cidrs,
+    };
+    capture.install().map_err(|e| anyhow::anyhow!(e))?;
+    println!("weft capture rules installed: {} rules", capture.rules().len());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("init") {
+        return init(InitArgs::parse_from(std::env::args().skip(1)));
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "info".into()))

@@ -23,6 +23,7 @@ pub(crate) mod route;
 mod tests;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,7 +73,9 @@ pub(crate) struct Outbound<S = Upstream> {
 }
 
 impl<S: Sender> Outbound<S> {
-    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> BoxResponse {
+    /// `egress`: the destination the app dialled, on a captured connection;
+    /// a call for no mesh service goes there untouched.
+    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>, egress: Option<SocketAddr>) -> BoxResponse {
         let started = Instant::now();
         let grpc = crate::grpc::is_grpc(&req);
         let mut degraded = Degraded::default();
@@ -89,7 +92,7 @@ impl<S: Sender> Outbound<S> {
         }
         // A cheap clone (shared bytes); parsed only if the call is degraded.
         let traceparent = req.headers().get(&TRACEPARENT).cloned();
-        let result = self.forward(&service, &tenant, grpc, req, &mut degraded).await;
+        let result = self.forward(&service, &tenant, grpc, req, &mut degraded, egress).await;
         // Only services the control plane knows get a label of their own.
         let label = match &result {
             Err(ProxyError::UnknownService(_) | ProxyError::NoDiscovery(_) | ProxyError::TooManyServices(_)) => "-",
@@ -110,13 +113,28 @@ impl<S: Sender> Outbound<S> {
         grpc: bool,
         req: Request<Incoming>,
         degraded: &mut Degraded,
+        egress: Option<SocketAddr>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let svc = self.resolve(service).await?;
+        let svc = match self.resolve(service).await {
+            Ok(svc) if svc.known => svc,
+            // Captured and not for the mesh: to where the app meant it to go.
+            _ if egress.is_some() => return self.egress(egress.expect("checked"), req).await,
+            Ok(_) => return Err(ProxyError::UnknownService(service.to_string())),
+            Err(e) => return Err(e),
+        };
         degraded.stale_config = !self.shared.control_connected.load(std::sync::atomic::Ordering::Relaxed);
-        if !svc.known {
-            return Err(ProxyError::UnknownService(service.to_string()));
-        }
         call::run(self, &svc, tenant, grpc, req, degraded).await
+    }
+
+    /// Sends a captured call for no mesh service to its original
+    /// destination, as it is.
+    #[cold]
+    async fn egress(&self, dest: SocketAddr, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        metrics::counter!("weft_egress_requests_total").increment(1);
+        let client = transport::body::ClientBodyWatch::new(req.body());
+        let req = req.map(|b| transport::body::stream(b, &client));
+        let resp = self.sender.send(Peer::plain(dest), req, None).await.map_err(ProxyError::from)?;
+        Ok(resp.map(transport::body::reply))
     }
 
     /// Logs a degraded call and queues its report for the control plane.

@@ -474,7 +474,7 @@ async fn a_held_endpoint_that_refuses_the_connection_costs_one_free_try() {
 async fn a_service_discovery_never_answers_for_is_a_503_no_discovery_after_three_seconds() {
     let out = outbound(Mock::default(), vec![]);
     let started = Instant::now();
-    let resp = out.clone().handle(incoming_to("billing", "GET", "").await).await;
+    let resp = out.clone().handle(incoming_to("billing", "GET", "").await, None).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["x-weft-error"], "no-discovery");
     assert_eq!(started.elapsed(), Duration::from_secs(3), "the wait for discovery is bounded");

@@ -97,6 +97,8 @@ pub struct ConnState {
     call_waker: AtomicWaker,
     /// The caller's identity, on an mTLS connection.
     peer: std::sync::OnceLock<Caller>,
+    /// Where the app meant to go, on a captured connection.
+    original_dst: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl ConnState {
@@ -114,7 +116,19 @@ impl ConnState {
             call_expired: AtomicBool::new(false),
             call_waker: AtomicWaker::new(),
             peer: std::sync::OnceLock::new(),
+            original_dst: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Notes where a captured connection was going.
+    pub(crate) fn set_original_dst(&self, dst: std::net::SocketAddr) {
+        let _ = self.original_dst.set(dst);
+    }
+
+    /// Where a captured connection was going; `None` when the app dialled
+    /// the listener itself.
+    pub(crate) fn original_dst(&self) -> Option<std::net::SocketAddr> {
+        self.original_dst.get().copied()
     }
 
     /// Notes the identity the caller proved in the mTLS handshake.

@@ -5,8 +5,10 @@
 
 pub(crate) mod body;
 pub(crate) mod connect;
+pub(crate) mod detect;
 pub(crate) mod hop;
 pub mod listener;
+pub(crate) mod opaque;
 pub(crate) mod pool;
 pub(crate) mod tls;
 

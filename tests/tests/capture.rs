@@ -1,0 +1,167 @@
+//! Transparent capture, in a network namespace of the test's own: an app
+//! that was not changed (curl, bash's /dev/tcp, as another user) calls
+//! `http://inference:8080/` and other destinations while `weft-proxy init`
+//! redirects its TCP to its sidecar. HTTP for a mesh service is routed and
+//! retried like a call through the explicit listener; HTTP for anything
+//! else, opaque TCP and a server-speaks-first protocol reach where they
+//! were going; `init --uninstall` leaves the rules as they were.
+//!
+//! Each test moves its own thread into a new network namespace (root is
+//! needed, as in CI) before it starts its runtime, so etcd, the control
+//! plane, the sidecars and the apps all run inside it, on addresses that
+//! exist only there.
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{Backend, Control, Etcd, Info, Sidecar, apply, eventually, metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A service address the app dials (nothing listens there: capture sends
+/// it to the sidecar), and a host outside the mesh.
+const INFERENCE_IP: &str = "10.77.0.2";
+const OUTSIDE_IP: &str = "10.77.0.3";
+/// The app's user: not the sidecar's (root), so its traffic is captured.
+const APP_UID: &str = "65534";
+
+/// Runs `test` in a new network namespace with loopback up and the two
+/// addresses above on it. Fails, naming why, where one cannot be made.
+fn in_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("cannot create a network namespace (run as root, as CI does): {e}"));
+    for args in [
+        vec!["link", "set", "lo", "up"],
+        vec!["addr", "add", &format!("{INFERENCE_IP}/32"), "dev", "lo"],
+        vec!["addr", "add", &format!("{OUTSIDE_IP}/32"), "dev", "lo"],
+    ] {
+        let out = Command::new("ip").args(&args).output().expect("ip (Debian package iproute2)");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(test());
+}
+
+fn iptables_save() -> String {
+    let out =
+        Command::new("iptables-save").arg("-t").arg("nat").output().expect("iptables-save (Debian package iptables)");
+    assert!(out.status.success(), "iptables-save: {}", String::from_utf8_lossy(&out.stderr));
+    // Without the timestamps of its comment lines.
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
+}
+
+fn init(args: &[&str]) -> String {
+    let out = Command::new(harness::bin("weft-proxy")).arg("init").args(args).output().unwrap();
+    assert!(out.status.success(), "weft-proxy init {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `script` with bash as the app's user; its stdout.
+async fn as_app(script: &str) -> String {
+    let out = tokio::process::Command::new("setpriv")
+        .args(["--reuid", APP_UID, "--regid", APP_UID, "--clear-groups", "bash", "-c", script])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A TCP server on `addr` that says `greeting` first (if any), then echoes.
+async fn tcp_server(addr: &str, greeting: &'static [u8]) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _ = s.write_all(greeting).await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn an_unchanged_app_is_captured_http_gets_the_mesh_and_other_tcp_passes_through() {
+    in_netns(|| async {
+        let etcd = Etcd::start().await;
+        let control = Control::start(&etcd, 5).await;
+        let urls = [control.url()];
+        let (good, bad) = (Backend::http("inference", "v1").await, Backend::failing("inference", "v2", 503).await);
+        let (_inf1, _inf2) = tokio::join!(
+            Sidecar::start(&urls, "inference", "version=v1", good.addr, "inf-1"),
+            Sidecar::start(&urls, "inference", "version=v2", bad.addr, "inf-2"),
+        );
+        apply(
+            &control.url(),
+            "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    retry: { attempts: 2, on: [5xx] }\n",
+        )
+        .await;
+        let app = Backend::http("agent", "v1").await;
+        let agent =
+            Sidecar::start_with(&urls, "agent", "", app.addr, "agent-1", &["--outbound", "127.0.0.1:4140"]).await;
+        // Outside the mesh: a web server, an echo server, a server that
+        // speaks first.
+        let outside = tokio::net::TcpListener::bind(format!("{OUTSIDE_IP}:7002")).await.unwrap();
+        let info = Info { service: "outside".into(), version: "v1".into(), outbound: None, mode: Default::default() };
+        let _web = Backend::serve_http(outside, info);
+        tcp_server(&format!("{OUTSIDE_IP}:7000"), b"").await;
+        tcp_server(&format!("{OUTSIDE_IP}:7001"), b"220 weft-test ready\r\n").await;
+
+        let before = iptables_save();
+        let agent_port = agent.inbound.port().to_string();
+        init(&["--proxy-uid", "0", "--outbound-port", "4140", "--inbound-port", &agent_port, "--inbound-ports", "1"]);
+        let twice = iptables_save();
+        init(&["--proxy-uid", "0", "--outbound-port", "4140", "--inbound-port", &agent_port, "--inbound-ports", "1"]);
+        assert_eq!(iptables_save(), twice, "installing twice changes nothing");
+
+        // HTTP for a mesh service: routed, load-balanced, retried (one of the
+        // two instances answers 503 to everything).
+        let curl = format!(
+            "for i in $(seq 1 20); do curl -s -o /dev/null -w '%{{http_code}} ' --resolve inference:8080:{INFERENCE_IP} http://inference:8080/v1/run; done"
+        );
+        let statuses = as_app(&curl).await;
+        assert_eq!(statuses.trim(), vec!["200"; 20].join(" "), "through the captured path");
+        let m = agent.metrics().await;
+        assert_eq!(
+            metric(&m, "weft_requests_total", &["direction=\"outbound\"", "service=\"inference\""]),
+            20.0,
+            "{m}"
+        );
+        assert!(metric(&m, "weft_retries_total", &["service=\"inference\""]) >= 1.0, "a retry happened: {m}");
+        assert!(good.mode.hits.load(std::sync::atomic::Ordering::SeqCst) >= 20);
+
+        // HTTP for no mesh service goes where the app sent it.
+        let web = as_app(&format!("curl -s -D - -o /dev/null http://{OUTSIDE_IP}:7002/")).await;
+        assert!(web.to_ascii_lowercase().contains("x-served-by: outside/v1"), "{web}");
+        // Opaque TCP, and a protocol where the server speaks first.
+        let echo = as_app(&format!("exec 3<>/dev/tcp/{OUTSIDE_IP}/7000; printf hello >&3; head -c 5 <&3")).await;
+        assert_eq!(echo, "hello");
+        let greeting = as_app(&format!("exec 3<>/dev/tcp/{OUTSIDE_IP}/7001; head -c 21 <&3")).await;
+        assert_eq!(greeting, "220 weft-test ready\r\n");
+        let a = &agent;
+        eventually("the sidecar counted each kind", Duration::from_secs(5), || async move {
+            let m = a.metrics().await;
+            metric(&m, "weft_egress_requests_total", &[]) == 1.0
+                && metric(&m, "weft_tcp_connections_total", &["detected=\"opaque\""]) == 1.0
+                && metric(&m, "weft_tcp_connections_total", &["detected=\"server-first\""]) == 1.0
+        })
+        .await;
+
+        // The explicit listener still works as before.
+        let explicit = harness::get(agent.outbound, "inference", "/").await.unwrap();
+        assert_eq!(explicit.0, 200);
+
+        init(&["--uninstall"]);
+        assert_eq!(iptables_save(), before, "uninstall leaves the rules as they were");
+        // Uncaptured now: the echo server is reached directly.
+        let echo = as_app(&format!("exec 3<>/dev/tcp/{OUTSIDE_IP}/7000; printf again >&3; head -c 5 <&3")).await;
+        assert_eq!(echo, "again");
+        let m = agent.metrics().await;
+        assert_eq!(metric(&m, "weft_tcp_connections_total", &["detected=\"opaque\""]), 1.0, "not through the sidecar");
+    });
+}
