@@ -236,7 +236,7 @@ async fn serve<F, Fut>(
             (Accept::Tls(tls), _) => tls,
             (_, None) => {
                 let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
-                let conn = builder.serve_connection(io, svc).into_owned();
+                let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
                 tokio::spawn(listener::watched(conn, state, closed));
                 continue;
             }
@@ -249,7 +249,12 @@ async fn serve<F, Fut>(
                     match crate::transport::detect::detect(&stream).await {
                         Ok(crate::transport::detect::Protocol::Http) => {
                             let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
-                            listener::watched(builder.serve_connection(io, svc).into_owned(), state, closed).await;
+                            listener::watched(
+                                builder.serve_connection_with_upgrades(io, svc).into_owned(),
+                                state,
+                                closed,
+                            )
+                            .await;
                         }
                         Ok(crate::transport::detect::Protocol::Opaque) => {
                             crate::transport::opaque::forward(stream, dst, "opaque").await;
@@ -274,11 +279,13 @@ async fn serve<F, Fut>(
                 Ok(Accepted::Tls(stream, peer)) => {
                     state.set_peer(peer);
                     let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
-                    listener::watched(builder.serve_connection(io, svc).into_owned(), state, closed).await;
+                    listener::watched(builder.serve_connection_with_upgrades(io, svc).into_owned(), state, closed)
+                        .await;
                 }
                 Ok(Accepted::Plain(stream)) => {
                     let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
-                    listener::watched(builder.serve_connection(io, svc).into_owned(), state, closed).await;
+                    listener::watched(builder.serve_connection_with_upgrades(io, svc).into_owned(), state, closed)
+                        .await;
                 }
                 Err(reason) => tracing::debug!(%reason, "inbound connection refused"),
             }

@@ -92,6 +92,7 @@ impl Inbound {
         if let Some(c) = caller {
             req.headers_mut().insert(&CLIENT_ID, c.header.clone());
         }
+        let upgrade = transport::upgrade::client_side(&mut req);
         let client = ClientBodyWatch::new(req.body());
         let req = req.map(|b| stream(b, &client));
         let mut sent = if req.version() < http::Version::HTTP_2 {
@@ -107,6 +108,9 @@ impl Inbound {
             && client.failed()
         {
             *e = ProxyError::ClientBody(e.to_string());
+        }
+        if let (Some(client), Ok(resp)) = (upgrade, &mut sent) {
+            transport::upgrade::splice(client, resp, "inbound");
         }
         let result = sent.map(|resp| {
             if let Some(state) = &usage

@@ -87,12 +87,16 @@ impl<S: Sender> Outbound<S> {
                 Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", "-", started),
             };
         ensure_traceparent(&mut req);
+        let upgrade = transport::upgrade::client_side(&mut req);
         if self.shared.workload.is_some() {
             vouch_tenant(&mut req, self.shared.own_tenant.as_ref());
         }
         // A cheap clone (shared bytes); parsed only if the call is degraded.
         let traceparent = req.headers().get(&TRACEPARENT).cloned();
-        let result = self.forward(&service, &tenant, grpc, req, &mut degraded, egress).await;
+        let mut result = self.forward(&service, &tenant, grpc, req, &mut degraded, egress).await;
+        if let (Some(client), Ok(resp)) = (upgrade, &mut result) {
+            transport::upgrade::splice(client, resp, "outbound");
+        }
         // Only services the control plane knows get a label of their own.
         let label = match &result {
             Err(ProxyError::UnknownService(_) | ProxyError::NoDiscovery(_) | ProxyError::TooManyServices(_)) => "-",

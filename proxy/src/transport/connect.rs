@@ -54,7 +54,7 @@ where
 {
     let (tx, conn) =
         http1::Builder::new().writev(false).handshake(TokioIo::new(io)).await.map_err(|e| handshake_error(addr, &e))?;
-    drive(addr, conn);
+    drive(addr, conn.with_upgrades());
     Ok(tx)
 }
 

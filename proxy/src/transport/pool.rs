@@ -87,7 +87,11 @@ impl Upstream {
             _ => None,
         };
         let h2 = req.version() == Version::HTTP_2;
+        let upgrade = if h2 { None } else { super::upgrade::requested(&req) };
         strip_hop_by_hop(req.headers_mut());
+        if let Some(u) = upgrade.clone() {
+            super::upgrade::keep(req.headers_mut(), u);
+        }
         let fut = async {
             if h2 {
                 let mut parts = std::mem::take(req.uri_mut()).into_parts();
@@ -128,7 +132,12 @@ impl Upstream {
             },
             None => fut.await?,
         };
+        let switched = upgrade.is_some() && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+        let upgraded = if switched { resp.headers().get(header::UPGRADE).cloned() } else { None };
         strip_hop_by_hop(resp.headers_mut());
+        if let Some(u) = upgraded {
+            super::upgrade::keep(resp.headers_mut(), u);
+        }
         Ok(resp)
     }
 }
@@ -223,6 +232,10 @@ impl Pools {
         verified: Verified,
         resp: Response<Incoming>,
     ) -> Response<PooledBody> {
+        // An upgraded connection is the caller's now, never pooled.
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return resp.map(PooledBody::plain);
+        }
         if resp.body().is_end_stream() {
             self.put_h1(addr, tx, verified);
             return resp.map(PooledBody::plain);
