@@ -12,7 +12,8 @@
 # machine is shared and noisy. Then: h2c at fixed rates, one bad instance of
 # three, user-space instructions per request under callgrind (weft and
 # HAProxy, one process at a time), and the control plane with simulated
-# sidecars; then mTLS: weft's sidecars with certificates from their control
+# sidecars; the explicit outbound hop against the same hop captured by
+# `weft-proxy init` (in a network namespace of its own); then mTLS: weft's sidecars with certificates from their control
 # plane's CA beside HAProxy terminating and originating TLS 1.3 with client
 # certificates from the same CA. Writes BENCHMARKS.md.
 set -euo pipefail
@@ -29,9 +30,11 @@ ROUNDS=${BENCH_ROUNDS:-$([ "$QUICK" = 1 ] && echo 1 || echo 3)}
 CONNS=${BENCH_CONNS:-16}
 WORK=$(mktemp -d -t weft-bench.XXXXXX)
 PIDS=()
+NS=""
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.3
+  if [ -n "$NS" ]; then ip netns del "$NS" 2>/dev/null || true; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -391,6 +394,65 @@ done
 RSS_TLS_IN=$(rss_mb "$(pid_of bench-tls-in)"); RSS_TLS_OUT=$(rss_mb "$(pid_of bench-tls-out)")
 RSS_HAP_TLS_IN=$(rss_mb "$(haproxy_pid haproxy-tls-in)"); RSS_HAP_TLS_OUT=$(rss_mb "$(haproxy_pid haproxy-tls-out)")
 
+# Transparent capture: the same two-sidecar path dialled explicitly
+# (127.0.0.1:4140, Host) and captured (an unchanged client dialling
+# backend:8080), in a network namespace of the bench's own with its own
+# backend, etcd and control plane. The sidecars run as another user (the
+# capture rules skip their own traffic); wrk and weft-load are the app.
+NS=weft-bench-$$
+ip netns add "$NS"
+NSX=(ip netns exec "$NS")
+"${NSX[@]}" ip link set lo up
+"${NSX[@]}" ip addr add 10.78.0.2/32 dev lo
+cat >"$WORK/nginx-ns.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $WORK/nginx-ns.pid;
+error_log $WORK/nginx-ns-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$BACK; location / { return 200 "ok\n"; } }
+}
+NGINX
+start ns-backend "${NSX[@]}" taskset -c 1 nginx -c "$WORK/nginx-ns.conf" -e "$WORK/nginx-ns-error.log"
+start ns-etcd "${NSX[@]}" taskset -c 1 etcd --data-dir "$WORK/etcd-ns" --listen-client-urls "http://127.0.0.1:$EP" \
+  --advertise-client-urls "http://127.0.0.1:$EP" --listen-peer-urls "http://127.0.0.1:$PP" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$PP" --initial-cluster "default=http://127.0.0.1:$PP" --log-level warn
+start ns-control "${NSX[@]}" taskset -c 1 "$BIN/weft-control" --etcd "http://127.0.0.1:$EP" --listen 127.0.0.1:0 --admin 127.0.0.1:0
+wait_line "$WORK/ns-control.out" listening
+AS_PROXY=(setpriv --reuid 65534 --regid 65534 --clear-groups)
+NSCTL=(--control "http://$(addr ns-control grpc)")
+start ns-in "${NSX[@]}" "${AS_PROXY[@]}" taskset -c 0 "$BIN/weft-proxy" "${NSCTL[@]}" --service backend --app "127.0.0.1:$BACK" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id ns-in
+start ns-out "${NSX[@]}" "${AS_PROXY[@]}" taskset -c 0 "$BIN/weft-proxy" "${NSCTL[@]}" --service client --app "127.0.0.1:$BACK" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:4140 --admin 127.0.0.1:0 --id ns-out
+wait_line "$WORK/ns-in.out" listening; wait_line "$WORK/ns-out.out" listening
+"${NSX[@]}" "$BIN/weft-proxy" init --proxy-uid 65534 --outbound-port 4140 --inbound-ports 1 >/dev/null
+ns_code() { "${NSX[@]}" curl -s -o /dev/null -w '%{http_code}' "$@"; }
+for _ in $(seq 1 100); do [ "$(ns_code -H 'Host: backend' http://127.0.0.1:4140/)" = 200 ] && break; sleep 0.1; done
+for _ in $(seq 1 100); do [ "$(ns_code -H 'Host: backend:8080' http://10.78.0.2:8080/)" = 200 ] && break; sleep 0.1; done
+declare -A CAP_URL=([explicit]="http://127.0.0.1:4140/" [captured]="http://10.78.0.2:8080/")
+declare -A CAP_ADDR=([explicit]="127.0.0.1:4140" [captured]="10.78.0.2:8080")
+declare -A CAP_HOST=([explicit]=backend [captured]=backend:8080)
+CAP_PIDS="$(pgrep -f 'weft-proxy.*--id ns-in$' | head -1) $(pgrep -f 'weft-proxy.*--id ns-out$' | head -1)"
+for r in $(seq 1 "$ROUNDS"); do
+  for s in $(rotate "$r" explicit captured); do
+    before=$(cpu_ms $CAP_PIDS)
+    "${NSX[@]}" taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Host: ${CAP_HOST[$s]}" "${CAP_URL[$s]}" >"$WORK/cap-$s-$r.txt"
+    after=$(cpu_ms $CAP_PIDS)
+    if grep -q Non-2xx "$WORK/cap-$s-$r.txt"; then echo "$s: non-2xx answers"; cat "$WORK/cap-$s-$r.txt"; exit 1; fi
+    total=$(awk '/requests in/ {print $1}' "$WORK/cap-$s-$r.txt")
+    echo "$s $(awk '/Requests\/sec/ {print $2}' "$WORK/cap-$s-$r.txt") $(to_ms "$(awk '$1=="50%" {print $2}' "$WORK/cap-$s-$r.txt")") $(to_ms "$(awk '$1=="99%" {print $2}' "$WORK/cap-$s-$r.txt")") $(awk -v c=$((after - before)) -v n="$total" 'BEGIN { printf "%.1f", c * 1000 / n }')" >>"$WORK/cap.txt"
+    echo "round $r capture $s: $(tail -1 "$WORK/cap.txt")"
+    "${NSX[@]}" taskset -c 1 "$BIN/weft-load" --addr "${CAP_ADDR[$s]}" --host "${CAP_HOST[$s]}" --rate 1000 \
+      --duration "$OPEN_DURATION" --warmup 1 --connections 16 >"$WORK/cap-open-$s-$r.json"
+    echo "round $r capture open loop 1000/s $s: $(cat "$WORK/cap-open-$s-$r.json")"
+  done
+done
+"${NSX[@]}" "$BIN/weft-proxy" init --uninstall >/dev/null
+
 fi # ONLY != callgrind
 
 # User-space instructions per request, under callgrind: a count, so unlike
@@ -617,6 +679,24 @@ print(sum(v) if k=='errors' else f'{statistics.median(v):.3f}')" "$1" "$2" "$3"
   done
   echo
   echo "RSS after the 64-connection runs: weft sidecars $RSS_TLS_IN MB (inbound) and $RSS_TLS_OUT MB (outbound); HAProxy $RSS_HAP_TLS_IN MB and $RSS_HAP_TLS_OUT MB."
+  echo
+  echo "## Transparent capture"
+  echo
+  echo "The two-sidecar path in a network namespace of its own, dialled explicitly (\`127.0.0.1:4140\`, \`Host: backend\`) and captured (\`weft-proxy init\`; the client dials \`10.78.0.2:8080\` with \`Host: backend:8080\` as an unchanged app calling \`http://backend:8080/\` does), same processes, same run, $ROUNDS round(s) interleaved, medians; proxy CPU is both sidecars. Open loop: \`weft-load\` at 1000/s on 16 connections."
+  echo
+  cap_open() { # scenario key
+    python3 -c "import json,glob,statistics,sys; s,k=sys.argv[1:3]
+v=[json.load(open(f))[k] for f in sorted(glob.glob(f'$WORK/cap-open-{s}-*.json'))]
+print(f'{statistics.median(v):.3f}')" "$1" "$2"
+  }
+  echo "| path | req/s (wrk -c$CONNS) | p50 ms | p99 ms | proxy CPU ms / 1000 req | 1000/s p50 ms | p99 ms |"
+  echo "|---|---|---|---|---|---|---|"
+  for s in explicit captured; do
+    echo "| $s | $(tmed "$s" 2 "$WORK/cap.txt") | $(tmed "$s" 3 "$WORK/cap.txt") | $(tmed "$s" 4 "$WORK/cap.txt") | $(tmed "$s" 5 "$WORK/cap.txt") | $(cap_open "$s" p50_ms) | $(cap_open "$s" p99_ms) |"
+  done
+  echo
+  awk -v ce="$(tmed explicit 5 "$WORK/cap.txt")" -v cc="$(tmed captured 5 "$WORK/cap.txt")" -v pe="$(cap_open explicit p50_ms)" -v pc="$(cap_open captured p50_ms)" \
+    'BEGIN { printf "Captured against explicit: CPU per request %+.1f %%, open-loop p50 %+.3f ms.\n", 100 * (cc - ce) / ce, pc - pe }'
   echo
   echo "## Memory"
   echo
