@@ -692,7 +692,7 @@ print(f'{statistics.median(v):.3f}')" "$1" "$2"
   echo "| path | req/s (wrk -c$CONNS) | p50 ms | p99 ms | proxy CPU ms / 1000 req | 1000/s p50 ms | p99 ms |"
   echo "|---|---|---|---|---|---|---|"
   for s in explicit captured; do
-    echo "| $s | $(tmed "$s" 2 "$WORK/cap.txt") | $(tmed "$s" 3 "$WORK/cap.txt") | $(tmed "$s" 4 "$WORK/cap.txt") | $(tmed "$s" 5 "$WORK/cap.txt") | $(cap_open "$s" p50_ms) | $(cap_open "$s" p99_ms) |"
+    echo "| $s | $(tmed "$s" 2 "$WORK/cap.txt" | awk '{printf "%.0f", $1}') | $(tmed "$s" 3 "$WORK/cap.txt") | $(tmed "$s" 4 "$WORK/cap.txt") | $(tmed "$s" 5 "$WORK/cap.txt") | $(cap_open "$s" p50_ms) | $(cap_open "$s" p99_ms) |"
   done
   echo
   awk -v ce="$(tmed explicit 5 "$WORK/cap.txt")" -v cc="$(tmed captured 5 "$WORK/cap.txt")" -v pe="$(cap_open explicit p50_ms)" -v pc="$(cap_open captured p50_ms)" \
