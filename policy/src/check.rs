@@ -127,6 +127,13 @@ pub(crate) struct RawAuthorizationRule<'a> {
     pub tenants: Vec<&'a str>,
 }
 
+impl<'a> RawAuthorizationRule<'a> {
+    /// A rule's lists as a document or the wire hold them.
+    pub(crate) fn of(from: &'a [String], paths: &'a [String], methods: &'a [String], tenants: &'a [String]) -> Self {
+        RawAuthorizationRule { from: strs(from), paths: strs(paths), methods: strs(methods), tenants: strs(tenants) }
+    }
+}
+
 /// Collects the problems of one resource.
 #[derive(Default)]
 pub(crate) struct Problems(pub Vec<FieldError>);

@@ -330,12 +330,7 @@ pub(crate) fn check(resource: &Resource) -> Result<crate::Policy, Vec<crate::Fie
                 rules: a
                     .rules
                     .iter()
-                    .map(|r| RawAuthorizationRule {
-                        from: strs(&r.from),
-                        paths: strs(&r.paths),
-                        methods: strs(&r.methods),
-                        tenants: strs(&r.tenants),
-                    })
+                    .map(|r| RawAuthorizationRule::of(&r.from, &r.paths, &r.methods, &r.tenants))
                     .collect(),
                 tenant_header_from: strs(&a.tenant_header_from),
             };

@@ -132,12 +132,7 @@ impl TryFrom<&pb::AuthorizationPolicy> for AuthorizationPolicy {
             rules: a
                 .rules
                 .iter()
-                .map(|r| RawAuthorizationRule {
-                    from: strs(&r.from),
-                    paths: strs(&r.paths),
-                    methods: strs(&r.methods),
-                    tenants: strs(&r.tenants),
-                })
+                .map(|r| RawAuthorizationRule::of(&r.from, &r.paths, &r.methods, &r.tenants))
                 .collect(),
             tenant_header_from: strs(&a.tenant_header_from),
         };

@@ -115,6 +115,27 @@ struct Tally {
     errors: u64,
 }
 
+impl Tally {
+    fn shared() -> anyhow::Result<Arc<Mutex<Tally>>> {
+        Ok(Arc::new(Mutex::new(Tally { hist: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?), ..Default::default() })))
+    }
+
+    /// The counts and latency percentiles, and the fields of `run`.
+    fn report(&self, run: serde_json::Value) -> serde_json::Value {
+        let h = self.hist.as_ref().expect("histogram");
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let mut out = serde_json::json!({
+            "ok": self.ok, "errors": self.errors,
+            "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
+            "max_ms": h.max() as f64 / 1000.0,
+        });
+        if let (Some(o), serde_json::Value::Object(r)) = (out.as_object_mut(), run) {
+            o.extend(r);
+        }
+        out
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
@@ -123,8 +144,7 @@ async fn main() -> anyhow::Result<()> {
         return fresh(&a, tls).await;
     }
     anyhow::ensure!(a.rate > 0 && a.connections > 0, "--rate and --connections must be positive");
-    let tally =
-        Arc::new(Mutex::new(Tally { hist: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?), ..Default::default() }));
+    let tally = Tally::shared()?;
     let uri: http::Uri = format!("http://{}{}", a.host, a.path).parse()?;
     let mut queues = Vec::new();
     let mut workers = Vec::new();
@@ -159,18 +179,10 @@ async fn main() -> anyhow::Result<()> {
     for w in workers {
         let _ = w.await;
     }
-    let t = tally.lock().await;
-    let h = t.hist.as_ref().expect("histogram");
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "{}",
-        serde_json::json!({
-            "rate": a.rate, "h2": a.h2, "connections": a.connections,
-            "ok": t.ok, "errors": t.errors, "achieved_rate": (total as f64) / sent_for,
-            "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
-            "max_ms": h.max() as f64 / 1000.0,
-        })
-    );
+    let run = serde_json::json!({
+        "rate": a.rate, "h2": a.h2, "connections": a.connections, "achieved_rate": (total as f64) / sent_for,
+    });
+    println!("{}", tally.lock().await.report(run));
     Ok(())
 }
 
@@ -179,8 +191,7 @@ async fn fresh(a: &Args, tls: Option<Tls>) -> anyhow::Result<()> {
     anyhow::ensure!(a.connections > 0, "--connections must be positive");
     let until = Instant::now() + Duration::from_secs_f64(a.warmup + a.duration);
     let measure_from = Instant::now() + Duration::from_secs_f64(a.warmup);
-    let tally =
-        Arc::new(Mutex::new(Tally { hist: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?), ..Default::default() }));
+    let tally = Tally::shared()?;
     let mut workers = Vec::new();
     for _ in 0..a.connections {
         let (addr, host, path, tls, tally) =
@@ -208,16 +219,10 @@ async fn fresh(a: &Args, tls: Option<Tls>) -> anyhow::Result<()> {
         let _ = w.await;
     }
     let t = tally.lock().await;
-    let h = t.hist.as_ref().expect("histogram");
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "{}",
-        serde_json::json!({
-            "fresh": true, "tls": tls.is_some(), "connections": a.connections,
-            "ok": t.ok, "errors": t.errors, "per_second": t.ok as f64 / a.duration,
-            "p50_ms": ms(0.5), "p99_ms": ms(0.99),
-        })
-    );
+    let run = serde_json::json!({
+        "fresh": true, "tls": tls.is_some(), "connections": a.connections, "per_second": t.ok as f64 / a.duration,
+    });
+    println!("{}", t.report(run));
     Ok(())
 }
 
