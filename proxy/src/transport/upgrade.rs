@@ -11,7 +11,9 @@ use hyper_util::rt::TokioIo;
 
 /// The `Upgrade` value of an HTTP/1.1 request that asks for one.
 pub(crate) fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 {
+    // Asked on every call: a pass over the few names is cheaper than a
+    // hashed lookup, and almost no call has the header.
+    if req.version() != Version::HTTP_11 || !req.headers().keys().any(|k| k == header::UPGRADE) {
         return None;
     }
     let upgrade = req.headers().get(header::UPGRADE)?;
