@@ -165,3 +165,89 @@ fn an_unchanged_app_is_captured_http_gets_the_mesh_and_other_tcp_passes_through(
         assert_eq!(metric(&m, "weft_tcp_connections_total", &["detected=\"opaque\""]), 1.0, "not through the sidecar");
     });
 }
+
+/// A second network namespace, joined to the test's by a veth pair:
+/// `PEER_IP` there, `LOCAL_IP` here. Deleted when dropped.
+struct Peer(String);
+
+const LOCAL_IP: &str = "10.79.0.1";
+const PEER_IP: &str = "10.79.0.2";
+
+impl Peer {
+    fn new() -> Peer {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("weft-peer-{}-{n}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip (Debian package iproute2)");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &name]);
+        let peer = Peer(name.clone());
+        ip(&["link", "add", "weft-a", "type", "veth", "peer", "name", "weft-b", "netns", &name]);
+        ip(&["addr", "add", &format!("{LOCAL_IP}/24"), "dev", "weft-a"]);
+        ip(&["link", "set", "weft-a", "up"]);
+        ip(&["netns", "exec", &name, "ip", "addr", "add", &format!("{PEER_IP}/24"), "dev", "weft-b"]);
+        ip(&["netns", "exec", &name, "ip", "link", "set", "weft-b", "up"]);
+        ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
+        peer
+    }
+
+    /// Runs `script` with bash in the peer namespace; its stdout.
+    async fn run(&self, script: &str) -> String {
+        let out = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, "bash", "-c", script])
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn the_apps_port_is_reached_only_through_its_sidecar() {
+    in_netns(|| async {
+        let peer = Peer::new();
+        let etcd = Etcd::start().await;
+        let control = Control::start(&etcd, 5).await;
+        // The app listens on every address, as an unchanged service does.
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let app_port = listener.local_addr().unwrap().port();
+        let info = Info { service: "inference".into(), version: "v1".into(), outbound: None, mode: Default::default() };
+        let app = Backend::serve_http(listener, info);
+        let local_app = format!("127.0.0.1:{app_port}");
+        let sidecar = Sidecar::start_with(
+            &[control.url()],
+            "inference",
+            "",
+            local_app.parse().unwrap(),
+            "inf-1",
+            &["--inbound", "0.0.0.0:4143"],
+        )
+        .await;
+        let direct = format!("curl -s -m 5 -o /dev/null -w '%{{http_code}}' http://{LOCAL_IP}:{app_port}/");
+        assert_eq!(peer.run(&direct).await, "200", "reachable before capture");
+        let hits = || app.mode.hits.load(std::sync::atomic::Ordering::SeqCst);
+        let inbound = |m: &str| metric(m, "weft_requests_total", &["direction=\"inbound\""]);
+        let before = inbound(&sidecar.metrics().await);
+        assert_eq!(before, 0.0, "nothing came through the sidecar yet");
+
+        let port = app_port.to_string();
+        init(&["--proxy-uid", "0", "--inbound-port", "4143", "--inbound-ports", &port]);
+        let seen = hits();
+        for _ in 0..5 {
+            assert_eq!(peer.run(&direct).await, "200");
+        }
+        assert_eq!(hits(), seen + 5, "the app served them");
+        assert_eq!(inbound(&sidecar.metrics().await), 5.0, "every one through the sidecar");
+        init(&["--uninstall"]);
+        assert_eq!(peer.run(&direct).await, "200");
+        assert_eq!(inbound(&sidecar.metrics().await), 5.0, "direct again after uninstall");
+    });
+}

@@ -117,7 +117,10 @@ struct Tally {
 
 impl Tally {
     fn shared() -> anyhow::Result<Arc<Mutex<Tally>>> {
-        Ok(Arc::new(Mutex::new(Tally { hist: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?), ..Default::default() })))
+        Ok(Arc::new(Mutex::new(Tally {
+            hist: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+            ..Default::default()
+        })))
     }
 
     /// The counts and latency percentiles, and the fields of `run`.
