@@ -1,6 +1,7 @@
 //! Protocols an existing service speaks, carried end to end through two
 //! sidecars: WebSocket (an HTTP/1.1 upgrade), kept open past the route's
-//! timeout, which bounds the wait for the answer's head only.
+//! timeout, which bounds the wait for the answer's head only; and `CONNECT`
+//! tunnels through the caller's sidecar to a destination outside the mesh.
 
 use std::time::Duration;
 
@@ -62,4 +63,58 @@ async fn a_websocket_passes_through_two_sidecars_and_outlives_the_route_timeout(
     let (mut ws, _) = tokio_tungstenite::client_async("ws://echo/chat", stream).await.expect("a second upgrade");
     ws.send(Message::text("again")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("again"));
+}
+
+/// Sends `CONNECT target` on a new connection to `proxy`; the answer's
+/// head and the connection.
+async fn connect(proxy: std::net::SocketAddr, target: &str) -> (String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    (String::from_utf8_lossy(&head).into_owned(), s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_to_a_destination_outside_the_mesh() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let etcd = Etcd::start().await;
+    let control = Control::start(&etcd, 5).await;
+    let app = Backend::http("agent", "v1").await;
+    let agent = Sidecar::start(&[control.url()], "agent", "", app.addr, "agent-1").await;
+    // A TCP echo server outside the mesh.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let (head, mut tunnel) = connect(agent.outbound, &target).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    // Nothing listens: 502, and a target without a port: 400.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let (head, _) = connect(agent.outbound, &closed.to_string()).await;
+    assert!(head.starts_with("HTTP/1.1 502") && head.contains("connect-failure"), "{head}");
+    let (head, _) = connect(agent.outbound, "example").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(metric(&agent.metrics().await, "weft_tunnels_total", &[]), 1.0);
 }

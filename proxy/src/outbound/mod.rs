@@ -77,6 +77,10 @@ impl<S: Sender> Outbound<S> {
     /// a call for no mesh service goes there untouched.
     pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>, egress: Option<SocketAddr>) -> BoxResponse {
         let started = Instant::now();
+        if req.method() == http::Method::CONNECT {
+            let r = transport::tunnel::connect(req).await;
+            return finish(r, &Degraded::default(), false, "outbound", "-", "-", started);
+        }
         let grpc = crate::grpc::is_grpc(&req);
         let mut degraded = Degraded::default();
         // Malformed requests get a 400 under the labels "-": what they name

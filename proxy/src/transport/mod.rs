@@ -11,6 +11,7 @@ pub mod listener;
 pub(crate) mod opaque;
 pub(crate) mod pool;
 pub(crate) mod tls;
+pub(crate) mod tunnel;
 pub(crate) mod upgrade;
 
 /// Why a call to an upstream failed.
