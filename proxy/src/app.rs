@@ -101,7 +101,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     // (`weft-proxy init`), told apart by their original destination.
     let out_task = tokio::spawn(serve(
         listeners.outbound,
-        Accept::Captured,
+        Accept::Captured(Opaque::ToOriginal),
         out_conns.clone(),
         accept_rx.clone(),
         draining.clone(),
@@ -109,7 +109,9 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     ));
     let in_task = tokio::spawn(serve(
         listeners.inbound,
-        server_tls.map_or(Accept::Plain, Accept::Tls),
+        // Without mTLS, captured connections for the app's ports that are
+        // not HTTP go to the app's port they were for.
+        server_tls.map_or(Accept::Captured(Opaque::ToApp(opts.app.ip())), Accept::Tls),
         in_conns.clone(),
         accept_rx,
         draining.clone(),
@@ -175,13 +177,20 @@ fn spawn_housekeeping(
 
 /// What a listener's connections may be.
 enum Accept {
-    /// HTTP/1.1 and h2c.
-    Plain,
     /// mTLS (and plaintext in permissive mode).
     Tls(Arc<ServerTls>),
-    /// HTTP/1.1 and h2c made to the listener, and the app's captured
-    /// connections: HTTP, or opaque TCP to their original destination.
-    Captured,
+    /// HTTP/1.1 and h2c made to the listener, and captured connections:
+    /// HTTP, or opaque TCP.
+    Captured(Opaque),
+}
+
+/// Where a captured connection that is not HTTP goes.
+#[derive(Clone, Copy)]
+enum Opaque {
+    /// The app's own outbound connection: where it was going.
+    ToOriginal,
+    /// A peer's connection to one of the app's ports: that port of the app.
+    ToApp(std::net::IpAddr),
 }
 
 /// Accepts connections until `stop`, within the listener's bounds
@@ -229,7 +238,7 @@ async fn serve<F, Fut>(
         });
         let closed = tracker.on_close();
         let captured = match (&accept, local) {
-            (Accept::Captured, Some(local)) => crate::transport::detect::original_dst(&stream, local),
+            (Accept::Captured(_), Some(local)) => crate::transport::detect::original_dst(&stream, local),
             _ => None,
         };
         let tls = match (&accept, captured) {
@@ -240,10 +249,14 @@ async fn serve<F, Fut>(
                 tokio::spawn(listener::watched(conn, state, closed));
                 continue;
             }
-            (_, Some(dst)) => {
-                // The app's own connection, captured: HTTP gets the mesh,
-                // anything else goes where it was going.
+            (Accept::Captured(opaque), Some(dst)) => {
+                // A captured connection: HTTP gets the mesh, anything else
+                // goes where it was going.
                 state.set_original_dst(dst);
+                let (to, direction) = match opaque {
+                    Opaque::ToOriginal => (dst, "outbound"),
+                    Opaque::ToApp(ip) => (SocketAddr::new(*ip, dst.port()), "inbound"),
+                };
                 let builder = builder.clone();
                 tokio::spawn(async move {
                     match crate::transport::detect::detect(&stream).await {
@@ -257,11 +270,11 @@ async fn serve<F, Fut>(
                             .await;
                         }
                         Ok(crate::transport::detect::Protocol::Opaque) => {
-                            crate::transport::opaque::forward(stream, dst, "opaque").await;
+                            crate::transport::opaque::forward(stream, to, direction, "opaque").await;
                             drop(closed);
                         }
                         Ok(crate::transport::detect::Protocol::ServerFirst) => {
-                            crate::transport::opaque::forward(stream, dst, "server-first").await;
+                            crate::transport::opaque::forward(stream, to, direction, "server-first").await;
                             drop(closed);
                         }
                         Err(e) => {

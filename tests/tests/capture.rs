@@ -238,14 +238,28 @@ fn the_apps_port_is_reached_only_through_its_sidecar() {
         let before = inbound(&sidecar.metrics().await);
         assert_eq!(before, 0.0, "nothing came through the sidecar yet");
 
-        let port = app_port.to_string();
-        init(&["--proxy-uid", "0", "--inbound-port", "4143", "--inbound-ports", &port]);
+        // A second port of the app that speaks no HTTP: an echo.
+        let echo = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        drop(echo);
+        tcp_server(&format!("0.0.0.0:{echo_port}"), b"").await;
+        let ports = format!("{app_port},{echo_port}");
+        init(&["--proxy-uid", "0", "--inbound-port", "4143", "--inbound-ports", &ports]);
         let seen = hits();
         for _ in 0..5 {
             assert_eq!(peer.run(&direct).await, "200");
         }
         assert_eq!(hits(), seen + 5, "the app served them");
         assert_eq!(inbound(&sidecar.metrics().await), 5.0, "every one through the sidecar");
+        // Not HTTP: through the sidecar to the app's port it was for.
+        let echoed = peer.run(&format!("exec 3<>/dev/tcp/{LOCAL_IP}/{echo_port}; printf hi >&3; head -c 2 <&3")).await;
+        assert_eq!(echoed, "hi");
+        let m = sidecar.metrics().await;
+        assert_eq!(
+            metric(&m, "weft_tcp_connections_total", &["direction=\"inbound\"", "detected=\"opaque\""]),
+            1.0,
+            "{m}"
+        );
         init(&["--uninstall"]);
         assert_eq!(peer.run(&direct).await, "200");
         assert_eq!(inbound(&sidecar.metrics().await), 5.0, "direct again after uninstall");

@@ -1,25 +1,26 @@
-//! Opaque TCP: a captured connection that is not HTTP goes to the
-//! destination the app dialled, byte for byte, counted.
+//! Opaque TCP: a captured connection that is not HTTP goes on byte for
+//! byte, counted: the app's own to the destination it dialled, a peer's to
+//! the app's port it was for.
 
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
 /// Forwards `client` to `dest` until either side closes.
-pub(crate) async fn forward(mut client: TcpStream, dest: SocketAddr, why: &'static str) {
-    metrics::counter!("weft_tcp_connections_total", "direction" => "outbound", "detected" => why).increment(1);
+pub(crate) async fn forward(mut client: TcpStream, dest: SocketAddr, direction: &'static str, why: &'static str) {
+    metrics::counter!("weft_tcp_connections_total", "direction" => direction, "detected" => why).increment(1);
     let mut upstream = match super::connect::dial(dest).await {
         Ok(s) => s,
         Err(e) => {
-            metrics::counter!("weft_tcp_connect_failures_total", "direction" => "outbound").increment(1);
+            metrics::counter!("weft_tcp_connect_failures_total", "direction" => direction).increment(1);
             tracing::debug!(%dest, error = %e, "opaque connection: cannot reach its destination");
             return;
         }
     };
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((sent, received)) => {
-            metrics::counter!("weft_tcp_bytes_total", "direction" => "outbound", "way" => "sent").increment(sent);
-            metrics::counter!("weft_tcp_bytes_total", "direction" => "outbound", "way" => "received")
+            metrics::counter!("weft_tcp_bytes_total", "direction" => direction, "way" => "sent").increment(sent);
+            metrics::counter!("weft_tcp_bytes_total", "direction" => direction, "way" => "received")
                 .increment(received);
         }
         Err(e) => tracing::debug!(%dest, error = %e, "opaque connection ended with an error"),
