@@ -429,6 +429,20 @@ impl Sidecar {
         id: &str,
         extra: &[&str],
     ) -> Sidecar {
+        Self::start_as(None, controls, service, labels, app, id, extra).await
+    }
+
+    /// Like [`Sidecar::start_with`], as user `uid` (the capture rules tell
+    /// the sidecar's traffic by its user).
+    pub async fn start_as(
+        uid: Option<u32>,
+        controls: &[String],
+        service: &str,
+        labels: &str,
+        app: SocketAddr,
+        id: &str,
+        extra: &[&str],
+    ) -> Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
         let (file, log) = log_file(dir.path(), &format!("sidecar-{id}"));
         let mut cmd = Command::new(bin("weft-proxy"));
@@ -451,6 +465,9 @@ impl Sidecar {
             }
         }
         cmd.args(extra);
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
         cmd.env("WEFT_LOG", "info,weft_proxy=debug");
         let (child, line) = spawn_listening(cmd, "weft-proxy", file).await;
         let s = Sidecar {

@@ -265,3 +265,51 @@ fn the_apps_port_is_reached_only_through_its_sidecar() {
         assert_eq!(inbound(&sidecar.metrics().await), 5.0, "direct again after uninstall");
     });
 }
+
+/// A WebSocket echo app on a free port.
+async fn ws_echo() -> std::net::SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_websocket_from_an_unchanged_app_is_carried_through_capture() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    in_netns(|| async {
+        let etcd = Etcd::start().await;
+        let control = Control::start(&etcd, 5).await;
+        let urls = [control.url()];
+        let echo_app = ws_echo().await;
+        let _echo = Sidecar::start(&urls, "echo", "", echo_app, "echo-1").await;
+        // Here the sidecar runs as another user and the test is the app.
+        let app = Backend::http("agent", "v1").await;
+        let agent =
+            Sidecar::start_as(Some(65534), &urls, "agent", "", app.addr, "agent-1", &["--outbound", "127.0.0.1:4140"])
+                .await;
+        init(&["--proxy-uid", "65534", "--outbound-port", "4140", "--inbound-ports", "1"]);
+        // The app dials echo:8080 (resolved to an address nothing listens on).
+        let stream = tokio::net::TcpStream::connect(format!("{INFERENCE_IP}:8080")).await.unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async("ws://echo:8080/chat", stream).await.expect("the upgrade");
+        assert_eq!(resp.status(), 101);
+        ws.send(Message::text("through capture")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("through capture"));
+        let m = agent.metrics().await;
+        assert_eq!(metric(&m, "weft_upgrades_total", &["direction=\"outbound\""]), 1.0, "{m}");
+        init(&["--uninstall"]);
+    });
+}
