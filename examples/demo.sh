@@ -11,9 +11,11 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-target/debug}
 WORK=$(mktemp -d -t weft-demo.XXXXXX)
 PIDS=()
+NS=""
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.2
+  if [ -n "$NS" ]; then ip netns del "$NS" 2>/dev/null || true; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -176,5 +178,45 @@ for _ in $(seq 1 100); do
 done
 "$BIN/weftctl" endpoints inference
 for i in $(seq 1 20); do curl -s "http://$ROUTER/call/inference/v1/run"; done | grep -o '"served_by":"[^"]*"' | sort | uniq -c
+
+say "transparent capture: an app that knows nothing of weft calls http://inference:8080/"
+# In a network namespace of its own (root is needed): a small mesh (etcd,
+# control plane, inference behind its sidecar), an agent sidecar running as
+# another user, `weft-proxy init`, and curl as the unchanged app.
+if [ "$(id -u)" -ne 0 ] || ! command -v iptables >/dev/null; then
+  echo "(skipped: needs root and iptables to make a network namespace and its rules)"
+else
+  NS=weft-demo-$$
+  ip netns add "$NS"
+  # A plaintext mesh of its own: not the CA and token of the one above.
+  NSX=(ip netns exec "$NS" env -u WEFT_CA_BUNDLE -u WEFT_TOKEN -u WEFT_CONTROL)
+  "${NSX[@]}" ip link set lo up
+  "${NSX[@]}" ip addr add 10.88.0.2/32 dev lo
+  start ns-etcd "${NSX[@]}" etcd --data-dir "$WORK/etcd-ns" --listen-client-urls "http://127.0.0.1:$EP" \
+    --advertise-client-urls "http://127.0.0.1:$EP" --listen-peer-urls "http://127.0.0.1:$PP" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$PP" --initial-cluster "default=http://127.0.0.1:$PP" --log-level warn
+  start ns-control "${NSX[@]}" "$BIN/weft-control" --etcd "http://127.0.0.1:$EP" --listen 127.0.0.1:0 --admin 127.0.0.1:0
+  wait_line "$WORK/ns-control.out" listening
+  NSC="http://$(addr ns-control grpc)"
+  start ns-app "${NSX[@]}" "$BIN/weft-example-service" --listen 127.0.0.1:0 --service inference --version v1
+  wait_line "$WORK/ns-app.out" listening
+  start ns-inference "${NSX[@]}" "$BIN/weft-proxy" --control "$NSC" --service inference \
+    --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/ns-app.out")" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id ns-inference
+  start ns-agent "${NSX[@]}" setpriv --reuid 65534 --regid 65534 --clear-groups "$BIN/weft-proxy" --control "$NSC" \
+    --service legacy-agent --app 127.0.0.1:9 --inbound 127.0.0.1:0 --outbound 127.0.0.1:4140 --admin 127.0.0.1:0 --id ns-agent
+  wait_line "$WORK/ns-inference.out" listening; wait_line "$WORK/ns-agent.out" listening
+  echo "weft-proxy init --proxy-uid 65534 (the agent sidecar's user):"
+  "${NSX[@]}" "$BIN/weft-proxy" init --proxy-uid 65534 --outbound-port 4140 --inbound-ports 1
+  AS_APP=("${NSX[@]}" setpriv --reuid 1000 --regid 1000 --clear-groups)
+  for _ in $(seq 1 100); do
+    [ "$("${AS_APP[@]}" curl -s -o /dev/null -w '%{http_code}' --resolve inference:8080:10.88.0.2 http://inference:8080/)" = 200 ] && break
+    sleep 0.1
+  done
+  echo "curl http://inference:8080/v1/run, 5 times (inference resolves to 10.88.0.2, where nothing listens):"
+  for i in $(seq 1 5); do "${AS_APP[@]}" curl -s --resolve inference:8080:10.88.0.2 http://inference:8080/v1/run; done
+  echo "the agent's sidecar saw them:"
+  "${NSX[@]}" curl -s "http://$(addr ns-agent admin)/metrics" | grep -E '^weft_requests_total\{direction="outbound",service="inference"' || true
+  "${NSX[@]}" "$BIN/weft-proxy" init --uninstall
+fi
 
 say "done; stopping everything"
