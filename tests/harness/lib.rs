@@ -445,7 +445,20 @@ impl Sidecar {
     ) -> Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
         let (file, log) = log_file(dir.path(), &format!("sidecar-{id}"));
-        let mut cmd = Command::new(bin("weft-proxy"));
+        let program = match uid {
+            None => bin("weft-proxy"),
+            // The checkout may sit in a folder only its owner can enter (a
+            // fresh clone in a 0700 temp dir): another user runs a copy.
+            Some(_) => {
+                use std::os::unix::fs::PermissionsExt;
+                let copy = dir.path().join("weft-proxy");
+                std::fs::copy(bin("weft-proxy"), &copy).expect("copy weft-proxy");
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+                copy
+            }
+        };
+        let mut cmd = Command::new(program);
         let controls = controls.join(",");
         let app = app.to_string();
         let defaults = [
