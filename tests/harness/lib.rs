@@ -770,3 +770,27 @@ pub async fn h2_send(
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into()))
 }
+
+/// A WebSocket echo app on a free loopback port. A text message `slow`
+/// is echoed after 1.2 s, as a slow model would answer.
+pub async fn ws_echo() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.to_text().is_ok_and(|t| t == "slow") {
+                        tokio::time::sleep(Duration::from_millis(1200)).await;
+                    }
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

@@ -81,6 +81,21 @@ impl Load {
         self.phase.store(names.len() - 1, Ordering::Relaxed);
     }
 
+    /// Calls of the current phase answered (or failed) so far.
+    pub fn answered(&self) -> u64 {
+        let phase = self.phase.load(Ordering::Relaxed);
+        self.tallies.lock().unwrap().get(&phase).map_or(0, |t| t.requests)
+    }
+
+    /// Waits until `n` calls of the current phase have been answered: the
+    /// load has run through the system, not merely for a while.
+    pub async fn wait_answered(&self, n: u64) {
+        crate::eventually(&format!("{n} calls answered in this phase"), Duration::from_secs(60), || async move {
+            self.answered() >= n
+        })
+        .await;
+    }
+
     /// Stops sending, waits for the calls in flight, and returns each
     /// phase's tally in order.
     pub async fn finish(mut self) -> Vec<(String, Tally)> {

@@ -266,26 +266,6 @@ fn the_apps_port_is_reached_only_through_its_sidecar() {
     });
 }
 
-/// A WebSocket echo app on a free port.
-async fn ws_echo() -> std::net::SocketAddr {
-    use futures_util::{SinkExt, StreamExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() && ws.send(m).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn a_websocket_from_an_unchanged_app_is_carried_through_capture() {
     use futures_util::{SinkExt, StreamExt};
@@ -294,7 +274,7 @@ fn a_websocket_from_an_unchanged_app_is_carried_through_capture() {
         let etcd = Etcd::start().await;
         let control = Control::start(&etcd, 5).await;
         let urls = [control.url()];
-        let echo_app = ws_echo().await;
+        let echo_app = harness::ws_echo().await;
         let _echo = Sidecar::start(&urls, "echo", "", echo_app, "echo-1").await;
         // Here the sidecar runs as another user and the test is the app.
         let app = Backend::http("agent", "v1").await;

@@ -10,9 +10,10 @@ use std::time::Duration;
 use harness::load::{Tally, table};
 use harness::{Backend, Control, Etcd, EtcdCluster, Load, Sidecar, apply, eventually, get, weftctl};
 
-/// The lease TTL of these tests; faults last three times as long.
+/// The lease TTL of these tests; each fault lasts until a lease is lost.
 const TTL: u32 = 2;
-const FAULT: Duration = Duration::from_secs(3 * TTL as u64);
+/// Calls a quiet phase runs for (two seconds of load).
+const SETTLE: u64 = 2 * RATE as u64;
 const RATE: u32 = 200;
 
 /// The route and resilience policy; `n` makes each apply a new revision.
@@ -173,6 +174,26 @@ fn assert_no_failures(rows: &[(String, Tally)]) {
     }
 }
 
+/// Waits until etcd has dropped the instances' endpoint records: the
+/// replica's lease ran out while it was away.
+async fn wait_records_expired(etcd: &Etcd) {
+    eventually("the replica's lease expired with its records", Duration::from_secs(30), || async move {
+        let opts = etcd_client::GetOptions::new().with_prefix().with_count_only();
+        let mut c = etcd.client().await;
+        c.get("/weft/endpoints/inference/", Some(opts)).await.is_ok_and(|r| r.count() == 0)
+    })
+    .await;
+}
+
+/// Waits until the control plane has given up its lease (no keep-alive
+/// answered within the TTL): etcd is unreachable for longer than the TTL.
+async fn wait_lease_lost(control: &Control, before: f64) {
+    eventually("the replica lost its lease", Duration::from_secs(30), || async move {
+        metric(&control.metrics().await, "weft_control_lease_losses_total") > before
+    })
+    .await;
+}
+
 fn metric(metrics: &str, name: &str) -> f64 {
     metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
@@ -183,19 +204,25 @@ async fn control_plane_and_etcd_outages_restarts_and_a_killed_instance_fail_no_c
     let control = Control::start(&etcd, TTL).await;
     let mut bed = Bed::start(control).await;
     let load = Load::start(bed.caller.outbound, "inference", RATE, "steady", Duration::from_secs(240));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.wait_answered(SETTLE).await;
 
-    load.phase("control plane killed for 3x TTL");
+    // Each fault lasts until it has done its worst (a lease gone), and for
+    // a couple of seconds of calls after that.
+    load.phase("control plane killed until its lease expired");
     bed.control.kill().await;
-    tokio::time::sleep(FAULT).await;
+    wait_records_expired(&etcd).await;
+    load.wait_answered(SETTLE).await;
     bed.control.restart().await;
     bed.wait_registered().await;
     bed.change_policy().await;
 
-    load.phase("etcd frozen for 3x TTL");
-    let grants = metric(&bed.control.metrics().await, "weft_control_lease_grants_total");
+    load.phase("etcd frozen until the lease was lost");
+    let m = bed.control.metrics().await;
+    let (grants, losses) =
+        (metric(&m, "weft_control_lease_grants_total"), metric(&m, "weft_control_lease_losses_total"));
     harness::signal(etcd.pid(), "STOP");
-    tokio::time::sleep(FAULT).await;
+    wait_lease_lost(&bed.control, losses).await;
+    load.wait_answered(SETTLE).await;
     harness::signal(etcd.pid(), "CONT");
     let control = &bed.control;
     eventually("the replica took a new lease", Duration::from_secs(30), || async move {
@@ -213,11 +240,11 @@ async fn control_plane_and_etcd_outages_restarts_and_a_killed_instance_fail_no_c
     let mut killed = bed.instances.remove(0);
     killed.kill().await;
     bed.wait_caller_sees(2).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.wait_answered(SETTLE).await;
     bed.change_policy().await;
 
     load.phase("after");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.wait_answered(SETTLE).await;
     let rows = load.finish().await;
     report("single etcd, one control plane", &rows);
     assert_no_failures(&rows);
@@ -230,7 +257,7 @@ async fn an_etcd_cluster_losing_its_leader_then_quorum_fails_no_call() {
     let control = Control::start_on(&cluster.urls(), TTL, "control").await;
     let mut bed = Bed::start(control).await;
     let load = Load::start(bed.caller.outbound, "inference", RATE, "steady", Duration::from_secs(180));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.wait_answered(SETTLE).await;
 
     load.phase("etcd leader killed");
     let leader = cluster.leader().await.expect("a leader");
@@ -240,9 +267,11 @@ async fn an_etcd_cluster_losing_its_leader_then_quorum_fails_no_call() {
     bed.wait_registered().await;
     bed.change_policy().await;
 
-    load.phase("etcd without quorum for 3x TTL");
+    load.phase("etcd without quorum until the lease was lost");
+    let losses = metric(&bed.control.metrics().await, "weft_control_lease_losses_total");
     cluster.kill(next).await;
-    tokio::time::sleep(FAULT).await;
+    wait_lease_lost(&bed.control, losses).await;
+    load.wait_answered(SETTLE).await;
     for i in 0..3 {
         if !cluster.is_running(i) {
             cluster.restart(i);
@@ -253,7 +282,7 @@ async fn an_etcd_cluster_losing_its_leader_then_quorum_fails_no_call() {
     bed.change_policy().await;
 
     load.phase("after");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.wait_answered(SETTLE).await;
     let rows = load.finish().await;
     report("three-member etcd cluster", &rows);
     assert_no_failures(&rows);
