@@ -87,11 +87,12 @@ impl Load {
         self.tallies.lock().unwrap().get(&phase).map_or(0, |t| t.requests)
     }
 
-    /// Waits until `n` calls of the current phase have been answered: the
-    /// load has run through the system, not merely for a while.
+    /// Waits until `n` more calls of the current phase have been answered:
+    /// the load has run through the system, not merely for a while.
     pub async fn wait_answered(&self, n: u64) {
-        crate::eventually(&format!("{n} calls answered in this phase"), Duration::from_secs(60), || async move {
-            self.answered() >= n
+        let target = self.answered() + n;
+        crate::eventually(&format!("{n} more calls answered"), Duration::from_secs(60), || async move {
+            self.answered() >= target
         })
         .await;
     }

@@ -3,7 +3,6 @@
 //! timeout, which bounds the wait for the answer's head only; and `CONNECT`
 //! tunnels through the caller's sidecar to a destination outside the mesh.
 
-
 use futures_util::{SinkExt, StreamExt};
 use harness::{Backend, Control, Etcd, Sidecar, apply, metric};
 use tokio_tungstenite::tungstenite::Message;
