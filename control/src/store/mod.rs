@@ -463,6 +463,18 @@ impl Store {
         Ok(resp.kvs().first().and_then(|kv| serde_json::from_slice(kv.value()).ok()))
     }
 
+    /// Runs `ops` in one transaction; false when it failed (the callers
+    /// then go one by one).
+    async fn all_at_once(&self, ops: Vec<TxnOp>) -> bool {
+        let txn = Txn::new().and_then(ops);
+        self.call(|mut c| {
+            let txn = &txn;
+            async move { c.txn(txn.clone()).await }
+        })
+        .await
+        .is_ok()
+    }
+
     pub async fn put_proxy(&self, rec: &ProxyRecord, lease: i64) -> Result<u64> {
         self.put_leased(self.proxy_key(&rec.proxy_id), json(rec), lease).await
     }
@@ -476,15 +488,7 @@ impl Store {
         }
         let ops: Vec<TxnOp> =
             recs.iter().map(|(rec, lease)| leased_put(self.proxy_key(&rec.proxy_id), json(rec), *lease)).collect();
-        let txn = Txn::new().and_then(ops);
-        if self
-            .call(|mut c| {
-                let txn = &txn;
-                async move { c.txn(txn.clone()).await }
-            })
-            .await
-            .is_ok()
-        {
+        if self.all_at_once(ops).await {
             return Ok(());
         }
         for (rec, lease) in recs {
@@ -554,15 +558,7 @@ impl Store {
     /// transaction (each removal a nested transaction with its own guard).
     pub async fn remove_many(&self, removals: &[Removal]) -> Result<()> {
         let ops: Vec<TxnOp> = removals.iter().map(|r| TxnOp::txn(self.removal(r))).collect();
-        let txn = Txn::new().and_then(ops);
-        if self
-            .call(|mut c| {
-                let txn = &txn;
-                async move { c.txn(txn.clone()).await }
-            })
-            .await
-            .is_ok()
-        {
+        if self.all_at_once(ops).await {
             return Ok(());
         }
         for r in removals {
