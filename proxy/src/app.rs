@@ -45,12 +45,20 @@ pub struct Options {
     /// On drain, how long the listeners keep accepting after the sidecar
     /// deregistered, for callers that have not heard yet.
     pub drain_grace: Duration,
+    /// Where mesh service names get their virtual addresses (`--vip-cidr`).
+    pub vip_cidr: (std::net::Ipv4Addr, u8),
+    /// With a DNS listener: the resolver other names are forwarded to.
+    pub dns_upstream: Option<SocketAddr>,
+    /// The app's ports besides `app`'s that mesh TCP may open.
+    pub tcp_ports: Vec<u16>,
 }
 
 pub struct Listeners {
     pub inbound: TcpListener,
     pub outbound: TcpListener,
     pub admin: TcpListener,
+    /// DNS for mesh names (`--dns`).
+    pub dns: Option<tokio::net::UdpSocket>,
 }
 
 /// Runs the sidecar until `shutdown` resolves or `POST /drain` is called;
@@ -87,11 +95,21 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         sender: Upstream::new(client_tls),
         replay_limit: opts.replay_limit,
     });
+    let vips = Arc::new(crate::dns::Vips::new(opts.vip_cidr));
+    let dns = match (listeners.dns, opts.dns_upstream) {
+        (Some(socket), Some(upstream)) => {
+            let dns = crate::dns::Dns { outbound: outbound.clone(), vips: vips.clone(), upstream };
+            Some(tokio::spawn(Arc::new(dns).serve(socket)))
+        }
+        _ => None,
+    };
+    let mesh = Arc::new(Mesh { outbound: outbound.clone(), vips });
     let inbound = Arc::new(Inbound {
         shared: shared.clone(),
         app: opts.app,
         upstream: Upstream::new(None),
         app_timeout: opts.app_timeout,
+        tcp_ports: opts.tcp_ports.clone(),
     });
     let (accept_tx, accept_rx) = watch::channel(false);
     let out_conns = Tracker::new("outbound", listener::Limits { call_timeout: None, ..opts.limits });
@@ -101,7 +119,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     // (`weft-proxy init`), told apart by their original destination.
     let out_task = tokio::spawn(serve(
         listeners.outbound,
-        Accept::Captured(Opaque::ToOriginal),
+        Accept::Captured(Opaque::ToOriginal(mesh)),
         out_conns.clone(),
         accept_rx.clone(),
         draining.clone(),
@@ -143,6 +161,9 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     probe.abort();
     housekeeping.iter().for_each(|t| t.abort());
     admin.abort();
+    if let Some(dns) = dns {
+        dns.abort();
+    }
     tracing::info!("stopped");
 }
 
@@ -185,12 +206,19 @@ enum Accept {
 }
 
 /// Where a captured connection that is not HTTP goes.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Opaque {
-    /// The app's own outbound connection: where it was going.
-    ToOriginal,
+    /// The app's own outbound connection: where it was going, or for a
+    /// mesh service's virtual address, to an instance of the service.
+    ToOriginal(Arc<Mesh>),
     /// A peer's connection to one of the app's ports: that port of the app.
     ToApp(std::net::IpAddr),
+}
+
+/// What the outbound listener needs for captured TCP to mesh services.
+struct Mesh {
+    outbound: Arc<Outbound>,
+    vips: Arc<crate::dns::Vips>,
 }
 
 /// Accepts connections until `stop`, within the listener's bounds
@@ -253,9 +281,9 @@ async fn serve<F, Fut>(
                 // A captured connection: HTTP gets the mesh, anything else
                 // goes where it was going.
                 state.set_original_dst(dst);
-                let (to, direction) = match opaque {
-                    Opaque::ToOriginal => (dst, "outbound"),
-                    Opaque::ToApp(ip) => (SocketAddr::new(*ip, dst.port()), "inbound"),
+                let (to, direction, mesh) = match opaque {
+                    Opaque::ToOriginal(mesh) => (dst, "outbound", Some(mesh.clone())),
+                    Opaque::ToApp(ip) => (SocketAddr::new(*ip, dst.port()), "inbound", None),
                 };
                 let builder = builder.clone();
                 tokio::spawn(async move {
@@ -269,12 +297,20 @@ async fn serve<F, Fut>(
                             )
                             .await;
                         }
-                        Ok(crate::transport::detect::Protocol::Opaque) => {
-                            crate::transport::opaque::forward(stream, to, direction, "opaque").await;
-                            drop(closed);
-                        }
-                        Ok(crate::transport::detect::Protocol::ServerFirst) => {
-                            crate::transport::opaque::forward(stream, to, direction, "server-first").await;
+                        Ok(detected) => {
+                            let service = mesh.as_ref().and_then(|m| m.vips.service(dst.ip()));
+                            match (mesh, service) {
+                                (Some(mesh), Some(service)) => {
+                                    crate::outbound::tcp::forward(&mesh.outbound, stream, service, dst.port()).await
+                                }
+                                _ => {
+                                    let why = match detected {
+                                        crate::transport::detect::Protocol::ServerFirst => "server-first",
+                                        _ => "opaque",
+                                    };
+                                    crate::transport::opaque::forward(stream, to, direction, why).await
+                                }
+                            }
                             drop(closed);
                         }
                         Err(e) => {

@@ -5,7 +5,8 @@
 //! Two chains of weft's own, each reached by one jump rule:
 //!
 //! - `WEFT_OUTPUT` (from `OUTPUT`): TCP the app opens goes to the sidecar's
-//!   outbound port. The sidecar's own traffic (by its UID) returns first, so
+//!   outbound port, and with `--dns-port` its DNS queries (UDP port 53) to
+//!   the sidecar's DNS listener. The sidecar's own traffic (by its UID) returns first, so
 //!   its upstream connections are never captured and nothing loops; so do
 //!   loopback destinations (the app's own local services, and the explicit
 //!   outbound listener), the skipped CIDRs and the skipped ports.
@@ -40,6 +41,9 @@ pub struct Capture {
     pub skip_outbound_ports: Vec<u16>,
     /// Destination networks the app reaches directly (IPv4 CIDRs).
     pub skip_cidrs: Vec<String>,
+    /// The app's DNS queries (UDP port 53, whatever the resolver) go to this
+    /// port of the sidecar, which answers mesh names.
+    pub dns_port: Option<u16>,
 }
 
 /// Parses `10.0.0.0/8`-style IPv4 networks, naming the flag on error.
@@ -58,6 +62,14 @@ impl Capture {
         let mut out = Vec::new();
         // Outbound: the sidecar's own traffic, loopback, skips; then redirect.
         out.push((OUTPUT_CHAIN, s(&["-m", "owner", "--uid-owner", &self.proxy_uid.to_string(), "-j", "RETURN"])));
+        // DNS before the loopback exception: the app's resolver may well be
+        // on loopback.
+        if let Some(port) = self.dns_port {
+            out.push((
+                OUTPUT_CHAIN,
+                s(&["-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-ports", &port.to_string()]),
+            ));
+        }
         out.push((OUTPUT_CHAIN, s(&["-d", "127.0.0.0/8", "-j", "RETURN"])));
         for cidr in &self.skip_cidrs {
             out.push((OUTPUT_CHAIN, s(&["-d", cidr, "-j", "RETURN"])));
@@ -102,9 +114,9 @@ impl Capture {
             run(&args)?;
         }
         for (chain, from) in JUMPS {
-            let jump = ["-t", "nat", "-C", from, "-p", "tcp", "-j", chain];
-            if !iptables(&jump).is_ok_and(|o| o.status.success()) {
-                run(&["-t", "nat", "-A", from, "-p", "tcp", "-j", chain])?;
+            // Every protocol: the chains pick TCP (and the DNS queries).
+            if !iptables(&["-t", "nat", "-C", from, "-j", chain]).is_ok_and(|o| o.status.success()) {
+                run(&["-t", "nat", "-A", from, "-j", chain])?;
             }
         }
         Ok(())
@@ -113,8 +125,12 @@ impl Capture {
     /// Removes the jumps and weft's chains; nothing else.
     pub fn uninstall() -> Result<(), String> {
         for (chain, from) in JUMPS {
-            while iptables(&["-t", "nat", "-C", from, "-p", "tcp", "-j", chain]).is_ok_and(|o| o.status.success()) {
-                run(&["-t", "nat", "-D", from, "-p", "tcp", "-j", chain])?;
+            // The jump, and the TCP-only jump of earlier versions.
+            for form in [&["-j", chain][..], &["-p", "tcp", "-j", chain]] {
+                let check = [&["-t", "nat", "-C", from][..], form].concat();
+                while iptables(&check).is_ok_and(|o| o.status.success()) {
+                    run(&[&["-t", "nat", "-D", from][..], form].concat())?;
+                }
             }
             if iptables(&["-t", "nat", "-n", "-L", chain]).is_ok_and(|o| o.status.success()) {
                 run(&["-t", "nat", "-F", chain])?;
@@ -155,12 +171,14 @@ mod tests {
             skip_inbound_ports: vec![4191],
             skip_outbound_ports: vec![5432],
             skip_cidrs: vec!["10.96.0.0/12".into()],
+            dns_port: Some(4153),
         };
         let text: Vec<String> = c.rules().iter().map(|(ch, r)| format!("{ch} {}", r.join(" "))).collect();
         assert_eq!(
             text,
             [
                 "WEFT_OUTPUT -m owner --uid-owner 2102 -j RETURN",
+                "WEFT_OUTPUT -p udp --dport 53 -j REDIRECT --to-ports 4153",
                 "WEFT_OUTPUT -d 127.0.0.0/8 -j RETURN",
                 "WEFT_OUTPUT -d 10.96.0.0/12 -j RETURN",
                 "WEFT_OUTPUT -p tcp --dport 5432 -j RETURN",

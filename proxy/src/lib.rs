@@ -18,6 +18,7 @@
 //! - [`outbound`]: app → service: resolve, route, balance, the call with its
 //!   tries, retries, breaker bookkeeping, faults and fallback;
 //! - [`inbound`]: peer → local app, within the tenant's limits;
+//! - [`dns`]: mesh names answered with virtual addresses, others forwarded;
 //! - [`control_client`]: the discovery stream (ACK/NACK, reconnects, holds);
 //! - [`admin`], [`probe`], [`app`]: the admin endpoint, app readiness, and
 //!   the wiring.
@@ -29,6 +30,7 @@ pub mod capture;
 pub(crate) mod clock;
 pub(crate) mod config;
 pub(crate) mod control_client;
+pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod grpc;

@@ -82,6 +82,25 @@ struct Args {
     /// can take over their ports before this one drains.
     #[arg(long, env = "WEFT_REUSE_PORT")]
     reuse_port: bool,
+    /// Answer DNS on this UDP address (e.g. 127.0.0.1:4153, where
+    /// `weft-proxy init --dns-port` sends the app's queries): mesh service
+    /// names get a virtual address from --vip-cidr; other names are
+    /// forwarded to --dns-upstream.
+    #[arg(long, env = "WEFT_DNS")]
+    dns: Option<SocketAddr>,
+    /// The resolver names outside the mesh are forwarded to (default: the
+    /// first nameserver of /etc/resolv.conf).
+    #[arg(long, env = "WEFT_DNS_UPSTREAM")]
+    dns_upstream: Option<SocketAddr>,
+    /// The range the virtual addresses of mesh services come from; the app
+    /// needs a route to it (any default route).
+    #[arg(long, env = "WEFT_VIP_CIDR", default_value = weft_proxy::dns::DEFAULT_VIP_CIDR)]
+    vip_cidr: String,
+    /// The app's ports, besides --app's, that callers in the mesh may open
+    /// TCP streams to (captured TCP for a service's virtual address, or
+    /// `CONNECT service:port`).
+    #[arg(long, env = "WEFT_APP_PORTS", value_delimiter = ',')]
+    app_ports: Vec<u16>,
 }
 
 /// `weft-proxy init`: installs the redirect rules of transparent capture in
@@ -108,6 +127,10 @@ struct InitArgs {
     /// Destination networks (IPv4 CIDRs) the app reaches directly.
     #[arg(long, value_delimiter = ',')]
     skip_cidrs: Vec<String>,
+    /// Also send the app's DNS queries (UDP port 53) to this port of the
+    /// sidecar (its --dns listener on 127.0.0.1).
+    #[arg(long)]
+    dns_port: Option<u16>,
     /// Removes weft's rules (and only those).
     #[arg(long)]
     uninstall: bool,
@@ -136,6 +159,7 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         skip_inbound_ports: a.skip_inbound_ports,
         skip_outbound_ports: a.skip_outbound_ports,
         skip_cidrs,
+        dns_port: a.dns_port,
     };
     capture.install().map_err(|e| anyhow::anyhow!(e))?;
     println!("weft capture rules installed: {} rules", capture.rules().len());
@@ -209,6 +233,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let inbound = bind("--inbound", &args.inbound)?;
     let outbound = bind("--outbound", &args.outbound)?;
     let admin = TcpListener::bind(&args.admin).await.with_context(|| format!("binding --admin {}", args.admin))?;
+    let vip_cidr = weft_proxy::dns::parse_vip_cidr(&args.vip_cidr).map_err(|e| anyhow::anyhow!("--vip-cidr {e}"))?;
+    let (dns, dns_upstream) = match args.dns {
+        Some(addr) => {
+            let socket = tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding --dns {addr}"))?;
+            let upstream = match args.dns_upstream {
+                Some(u) => u,
+                None => weft_proxy::dns::system_resolver().map_err(|e| anyhow::anyhow!("--dns-upstream: {e}"))?,
+            };
+            (Some(socket), Some(upstream))
+        }
+        None => (None, None),
+    };
     let in_addr = inbound.local_addr()?;
     let advertise = args.advertise.unwrap_or_else(|| {
         if in_addr.ip().is_unspecified() { SocketAddr::new(primary_ip(), in_addr.port()) } else { in_addr }
@@ -253,8 +289,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
             app_timeout: args.app_timeout,
             drain_grace: args.drain_grace,
+            vip_cidr,
+            dns_upstream,
+            tcp_ports: args.app_ports,
         },
-        Listeners { inbound, outbound, admin },
+        Listeners { inbound, outbound, admin, dns },
         shutdown,
     )
     .await;

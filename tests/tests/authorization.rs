@@ -207,3 +207,87 @@ async fn tenants_manage_their_routes_but_not_their_limits_and_cannot_list_endpoi
     let got = as_acme(&["get", "tenantpolicy", "acme/inference"], None).await;
     assert!(got.code == 0 && got.stdout.contains("tenantpolicy/acme/inference"), "{got:?}");
 }
+
+/// A `CONNECT host:port` through `sidecar`'s outbound listener: the status
+/// and `x-weft-error` of the answer, and the open stream on a 200.
+async fn connect(sidecar: std::net::SocketAddr, target: &str) -> (u16, Option<String>, Option<tokio::net::TcpStream>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(sidecar).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    // The head, byte by byte: nothing after it may be taken from the stream.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "the answer broke off: {}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status: u16 = head[9..12].parse().unwrap();
+    let error = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("x-weft-error: ").map(str::to_string));
+    if status != 200 {
+        return (status, error, None);
+    }
+    (status, error, Some(s))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_a_mesh_service_is_a_tcp_stream_over_mtls_to_a_port_the_callee_serves_for_callers_it_allows() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::init().await;
+    let etcd = Etcd::start().await;
+    let control = pki.control(&etcd, "1h").await;
+    let policy = "kind: AuthorizationPolicy\nservice: inference\ndefault: deny\nrules:\n  - from: [agent]\n";
+    let applied = pki.weftctl_in(&control, &["apply", "-f", "-"], policy).await;
+    assert_eq!(applied.code, 0, "{applied:?}");
+    // The app's second port: a TCP echo server.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = echo.local_addr().unwrap().port().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = echo.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let apps = [
+        Backend::http("inference", "v1").await,
+        Backend::http("agent", "v1").await,
+        Backend::http("billing", "v1").await,
+    ];
+    let inf_flags = ["--app-ports", port.as_str()];
+    let (inf, agent, billing) = tokio::join!(
+        secured(&pki, &control, "inference", INFERENCE, apps[0].addr, &inf_flags),
+        secured(&pki, &control, "agent", AGENT, apps[1].addr, &[]),
+        secured(&pki, &control, "billing", BILLING, apps[2].addr, &[]),
+    );
+    let target = format!("inference:{port}");
+    let a = agent.outbound;
+    let t = &target;
+    eventually("the stream opens", Duration::from_secs(10), || async move { connect(a, t).await.0 == 200 }).await;
+    let (status, _, stream) = connect(agent.outbound, &target).await;
+    assert_eq!(status, 200);
+    let mut stream = stream.unwrap();
+    stream.write_all(b"ping over the mesh").await.unwrap();
+    let mut back = [0u8; 18];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping over the mesh");
+    drop(stream);
+
+    // A port the callee does not serve, and a caller its policy refuses.
+    let (status, error, _) = connect(agent.outbound, "inference:1").await;
+    assert_eq!((status, error.as_deref()), (404, Some("tcp-port")));
+    let (status, error, _) = connect(billing.outbound, &target).await;
+    assert_eq!((status, error.as_deref()), (403, Some("forbidden")));
+
+    let m = inf.metrics().await;
+    assert!(metric(&m, "weft_tcp_connections_total", &["direction=\"inbound\"", "detected=\"mesh\""]) >= 2.0, "{m}");
+    assert_eq!(metric(&m, "weft_inbound_plaintext_total", &[]), 0.0, "every stream came over mTLS: {m}");
+    let m = agent.metrics().await;
+    assert!(metric(&m, "weft_tunnels_total", &["to=\"mesh\""]) >= 2.0, "{m}");
+}

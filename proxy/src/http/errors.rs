@@ -45,6 +45,8 @@ pub(crate) enum ProxyError {
     Shed { reason: crate::tenancy::Shed, tenant: String, service: String },
     #[error("{caller} may not call {method} {path} of service '{service}' (its authorization policy)")]
     Forbidden { caller: String, method: String, path: String, service: String },
+    #[error("TCP to port {port} of '{service}' is not served: {why}")]
+    TcpPort { port: String, service: String, why: &'static str },
     #[error("fault injected by route policy")]
     FaultAbort { status: StatusCode, grpc_status: Option<u16> },
 }
@@ -71,6 +73,7 @@ impl ProxyError {
             ProxyError::Shed { reason, .. } => reason.reason(),
             ProxyError::BadRequestBody(_) => "bad-request",
             ProxyError::Forbidden { .. } => "forbidden",
+            ProxyError::TcpPort { .. } => "tcp-port",
         }
     }
 
@@ -79,6 +82,7 @@ impl ProxyError {
             ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::TcpPort { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoAuthority
             | ProxyError::BadAuthority(_)
             | ProxyError::BadRequestBody(_)

@@ -1,5 +1,7 @@
 //! The inbound path: peers' sidecars call this instance; forward to `--app`.
 
+pub(crate) mod tcp;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +32,9 @@ pub(crate) struct Inbound {
     /// Longest wait for the app's response head: a hung app must not hold
     /// a tenant's slots (or the caller) forever.
     pub(crate) app_timeout: std::time::Duration,
+    /// The app's ports besides `app`'s that mesh TCP may open
+    /// (`--app-ports`).
+    pub(crate) tcp_ports: Vec<u16>,
 }
 
 impl Inbound {
@@ -91,6 +96,10 @@ impl Inbound {
         }
         if let Some(c) = caller {
             req.headers_mut().insert(&CLIENT_ID, c.header.clone());
+        }
+        if transport::upgrade::requested(&req).is_some_and(|u| u == crate::outbound::tcp::UPGRADE) {
+            let r = tcp::open(&self, &mut req).await;
+            return finish(r, &degraded, false, "inbound", service, &tenant, started);
         }
         let upgrade = transport::upgrade::client_side(&mut req);
         let client = ClientBodyWatch::new(req.body());

@@ -19,6 +19,7 @@ pub(crate) mod replay;
 pub(crate) mod resolve;
 pub(crate) mod retry;
 pub(crate) mod route;
+pub(crate) mod tcp;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
 use crate::http::errors::ProxyError;
 use crate::http::headers::{TRACEPARENT, ensure_traceparent, service_of, tenant_of, vouch_tenant};
@@ -78,7 +80,7 @@ impl<S: Sender> Outbound<S> {
     pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>, egress: Option<SocketAddr>) -> BoxResponse {
         let started = Instant::now();
         if req.method() == http::Method::CONNECT {
-            let r = transport::tunnel::connect(req).await;
+            let r = self.connect(req).await;
             return finish(r, &Degraded::default(), false, "outbound", "-", "-", started);
         }
         let grpc = crate::grpc::is_grpc(&req);
@@ -169,6 +171,27 @@ impl<S: Sender> Outbound<S> {
             tenant,
             status: u32::from(status),
         });
+    }
+
+    /// A `CONNECT`: to an instance for a mesh service's `name:port`, else
+    /// to the destination outside the mesh.
+    #[cold]
+    async fn connect(&self, mut req: Request<Incoming>) -> Result<BoxResponse, ProxyError> {
+        let mesh = req.uri().authority().and_then(|a| {
+            let host = a.host().to_ascii_lowercase();
+            let port = a.port_u16()?;
+            weft_policy::names::is_service(host.as_bytes()).then_some((host, port))
+        });
+        if let Some((service, port)) = mesh
+            && self.resolve(&service).await.is_ok_and(|s| s.known)
+        {
+            return match self.open_tcp(&service, port).await {
+                Ok(stream) => Ok(transport::tunnel::splice(&mut req, TokioIo::new(stream), "mesh")),
+                Err(tcp::Refused::Peer(resp)) => Ok(resp.map(transport::body::reply)),
+                Err(tcp::Refused::Proxy(e)) => Err(e),
+            };
+        }
+        transport::tunnel::connect(req).await
     }
 
     /// The caller's region label, which endpoints are preferred in.

@@ -99,7 +99,7 @@ fn drive(addr: SocketAddr, conn: impl Future<Output = hyper::Result<()>> + Send 
 }
 
 /// A TCP connection to an upstream: no Nagle delay, TCP keep-alive on.
-pub(super) async fn dial(addr: SocketAddr) -> Result<TcpStream, Error> {
+pub(crate) async fn dial(addr: SocketAddr) -> Result<TcpStream, Error> {
     let connect_err = |reason: String| Error::Connect { addr: addr.to_string(), reason };
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,

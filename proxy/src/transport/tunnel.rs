@@ -1,16 +1,19 @@
-//! `CONNECT host:port` on the outbound listener: a TCP tunnel to a
-//! destination outside the mesh (an app behind `HTTPS_PROXY`, say). The
-//! sidecar resolves and dials the destination, answers 200, and splices the
-//! client's connection with it byte for byte.
+//! `CONNECT host:port` on the outbound listener: a TCP tunnel. For a mesh
+//! service's name the stream goes to an instance
+//! ([`crate::outbound::tcp`]); for anything else (an app behind
+//! `HTTPS_PROXY`, say) the sidecar resolves and dials the destination. Either
+//! way it answers 200 and splices the client's connection with the stream,
+//! byte for byte.
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::errors::ProxyError;
 use crate::transport::body::{BoxResponse, full};
 
-/// Opens the tunnel `req` asks for, or answers why not.
+/// Opens the tunnel `req` asks for outside the mesh, or answers why not.
 #[cold]
 pub(crate) async fn connect(mut req: Request<Incoming>) -> Result<BoxResponse, ProxyError> {
     let Some(target) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
@@ -22,19 +25,28 @@ pub(crate) async fn connect(mut req: Request<Incoming>) -> Result<BoxResponse, P
         .map_err(|e| fail(format!("cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| fail("resolves to no address".into()))?;
-    let mut upstream = super::connect::dial(addr).await.map_err(|e| fail(e.to_string()))?;
-    let client = hyper::upgrade::on(&mut req);
-    metrics::counter!("weft_tunnels_total", "direction" => "outbound").increment(1);
+    let upstream = super::connect::dial(addr).await.map_err(|e| fail(e.to_string()))?;
+    Ok(splice(&mut req, upstream, "egress"))
+}
+
+/// Answers 200 to the CONNECT `req` and, once the client's side is handed
+/// over, splices it with `upstream` until either side closes.
+pub(crate) fn splice<U>(req: &mut Request<Incoming>, mut upstream: U, to: &'static str) -> BoxResponse
+where
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let client = hyper::upgrade::on(req);
+    metrics::counter!("weft_tunnels_total", "direction" => "outbound", "to" => to).increment(1);
     tokio::spawn(async move {
         match client.await {
             Ok(upgraded) => {
                 let mut client = TokioIo::new(upgraded);
                 if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    tracing::debug!(%addr, error = %e, "tunnel ended with an error");
+                    tracing::debug!(to, error = %e, "tunnel ended with an error");
                 }
             }
-            Err(e) => tracing::debug!(%addr, error = %e, "the client left before its tunnel opened"),
+            Err(e) => tracing::debug!(to, error = %e, "the client left before its tunnel opened"),
         }
     });
-    Ok(Response::builder().status(StatusCode::OK).body(full("")).expect("valid"))
+    Response::builder().status(StatusCode::OK).body(full("")).expect("valid")
 }

@@ -1,0 +1,132 @@
+//! Opaque TCP to a mesh service: an app's captured connection to a
+//! service's virtual address ([`crate::dns`]), or a `CONNECT service:port`.
+//!
+//! The stream goes to an instance's sidecar like any call — balanced by P2C,
+//! through each endpoint's breaker, over mTLS where the endpoint speaks it
+//! (the callee then knows and authorizes the caller) — as an HTTP/1.1
+//! upgrade to `weft-tcp` naming the app port in `x-weft-tcp-port`. The
+//! callee's sidecar answers `101` and splices it to that port of its app, if
+//! the port is one it serves (`--app`'s, and `--app-ports`). A connection
+//! that fails, or an instance answering 5xx, counts against that endpoint
+//! and the next one is tried; no byte of the app's has been sent by then.
+
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::{Outbound, Sender, balance};
+use crate::health::breaker::Admission;
+use crate::http::errors::ProxyError;
+use crate::transport::body::full;
+use crate::transport::pool::PooledBody;
+
+/// The `Upgrade` protocol of a mesh TCP stream.
+pub(crate) const UPGRADE: &str = "weft-tcp";
+/// The app port a mesh TCP stream is for.
+pub(crate) static PORT_HEADER: HeaderName = HeaderName::from_static("x-weft-tcp-port");
+/// Instances tried for one stream at most.
+const MAX_TRIES: usize = 3;
+/// How long one instance may take to open the stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a stream was not opened.
+pub(crate) enum Refused {
+    /// No instance could be reached (or none is ready, or the service is
+    /// unknown).
+    Proxy(ProxyError),
+    /// An instance's sidecar said no (a 4xx: the port is not served, the
+    /// caller is not authorized): its answer, for a CONNECT to pass on.
+    Peer(Response<PooledBody>),
+}
+
+impl<S: Sender> Outbound<S> {
+    /// Opens a byte stream to `port` of an instance of `service`.
+    pub(crate) async fn open_tcp(&self, service: &str, port: u16) -> Result<Upgraded, Refused> {
+        let svc = self.resolve(service).await.map_err(Refused::Proxy)?;
+        if !svc.known {
+            return Err(Refused::Proxy(ProxyError::UnknownService(service.to_string())));
+        }
+        let mut tried = Vec::with_capacity(MAX_TRIES);
+        let mut last = ProxyError::NoEndpoints(service.to_string());
+        for _ in 0..MAX_TRIES.min(svc.all_ready.len()) {
+            let now = crate::clock::now_ms();
+            let Some(ep) = balance::p2c(&svc.all_ready, &tried, now, self.region()).endpoint else { break };
+            if tried.contains(&ep.addr) {
+                break;
+            }
+            tried.push(ep.addr);
+            let admission = ep.health.breaker.admit(now, &svc.settings);
+            if admission == Admission::Refused {
+                continue;
+            }
+            match self.sender.send(ep.peer(service), request(service, port), Some(OPEN_TIMEOUT)).await {
+                Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    ep.health.breaker.record_success(admission);
+                    return match hyper::upgrade::on(&mut resp).await {
+                        Ok(up) => Ok(up),
+                        Err(e) => Err(Refused::Proxy(ProxyError::Upstream {
+                            addr: ep.addr.to_string(),
+                            reason: format!("the stream did not open: {e}"),
+                        })),
+                    };
+                }
+                Ok(resp) if resp.status().is_server_error() => {
+                    svc.endpoint_failed(&ep, admission, now);
+                    last = ProxyError::Upstream {
+                        addr: ep.addr.to_string(),
+                        reason: format!("answered {}", resp.status()),
+                    };
+                }
+                Ok(resp) => return Err(Refused::Peer(resp)),
+                Err(e) => {
+                    svc.endpoint_failed(&ep, admission, now);
+                    last = e.into();
+                }
+            }
+        }
+        Err(Refused::Proxy(last))
+    }
+}
+
+/// The upgrade request for `port` of an instance of `service`.
+fn request(service: &str, port: u16) -> Request<crate::transport::body::ProxyBody> {
+    Request::builder()
+        .version(http::Version::HTTP_11)
+        .uri("/")
+        .header(header::HOST, service)
+        .header(header::UPGRADE, UPGRADE)
+        .header(header::CONNECTION, "upgrade")
+        .header(&PORT_HEADER, HeaderValue::from(port))
+        .body(full(""))
+        .expect("valid request")
+}
+
+/// A captured connection for a service's virtual address: spliced with a
+/// stream to an instance, or closed when none can be opened.
+pub(crate) async fn forward<S: Sender>(out: &Outbound<S>, mut client: TcpStream, service: String, port: u16) {
+    metrics::counter!("weft_tcp_connections_total", "direction" => "outbound", "detected" => "mesh").increment(1);
+    let upstream = match out.open_tcp(&service, port).await {
+        Ok(up) => up,
+        Err(why) => {
+            let reason = match why {
+                Refused::Proxy(e) => e.to_string(),
+                Refused::Peer(resp) => format!("the instance answered {}", resp.status()),
+            };
+            metrics::counter!("weft_tcp_connect_failures_total", "direction" => "outbound").increment(1);
+            tracing::debug!(service, port, %reason, "mesh TCP: no stream");
+            return;
+        }
+    };
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((sent, received)) => {
+            metrics::counter!("weft_tcp_bytes_total", "direction" => "outbound", "way" => "sent").increment(sent);
+            metrics::counter!("weft_tcp_bytes_total", "direction" => "outbound", "way" => "received")
+                .increment(received);
+        }
+        Err(e) => tracing::debug!(service, port, error = %e, "mesh TCP stream ended with an error"),
+    }
+}
