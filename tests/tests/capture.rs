@@ -293,3 +293,103 @@ fn a_websocket_from_an_unchanged_app_is_carried_through_capture() {
         init(&["--uninstall"]);
     });
 }
+
+/// A DNS server standing in for the system's resolver: `outside.test` is
+/// `OUTSIDE_IP`; every other name does not exist.
+async fn upstream_dns(addr: &str) {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::{RData, Record, rdata::A};
+    let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = socket.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            r.metadata.recursion_available = true;
+            r.add_queries(q.queries.clone());
+            let name = q.queries[0].name().to_ascii();
+            if name == "outside.test." {
+                if q.queries[0].query_type() == hickory_proto::rr::RecordType::A {
+                    let ip = OUTSIDE_IP.parse().unwrap();
+                    r.add_answer(Record::from_rdata(q.queries[0].name().clone(), 60, RData::A(A(ip))));
+                }
+            } else {
+                r.metadata.response_code = ResponseCode::NXDomain;
+            }
+            socket.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn mesh_names_resolve_through_the_sidecar_and_tcp_to_them_is_balanced_and_guarded_by_the_breaker() {
+    in_netns(|| async {
+        // Any destination is routable (as a default route makes it in a
+        // pod): the system's resolver and the virtual addresses.
+        let out = Command::new("ip").args(["route", "add", "default", "dev", "lo"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        upstream_dns(&format!("{OUTSIDE_IP}:53")).await;
+        let etcd = Etcd::start().await;
+        let control = Control::start(&etcd, 5).await;
+        let urls = [control.url()];
+        apply(
+            &control.url(),
+            "kind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 1, base_ejection: 30s, max_ejection_percent: 50 }\n",
+        )
+        .await;
+        // Two instances whose app serves TCP port 9000 too; on the second,
+        // the one in the caller's region (so it is tried first), nothing
+        // listens there, so its streams fail.
+        tcp_server("127.0.0.1:9000", b"").await;
+        let good = Backend::http("inference", "v1").await;
+        let broken_app = tokio::net::TcpListener::bind(format!("{INFERENCE_IP}:0")).await.unwrap();
+        let info = Info { service: "inference".into(), version: "v2".into(), outbound: None, mode: Default::default() };
+        let broken = Backend::serve_http(broken_app, info);
+        let (inf1, _inf2) = tokio::join!(
+            Sidecar::start_with(&urls, "inference", "region=b", good.addr, "inf-1", &["--app-ports", "9000"]),
+            Sidecar::start_with(&urls, "inference", "region=a", broken.addr, "inf-2", &["--app-ports", "9000"]),
+        );
+        let app = Backend::http("agent", "v1").await;
+        let dns = ["--dns", "127.0.0.1:4153", "--dns-upstream", &format!("{OUTSIDE_IP}:53")];
+        let mut flags = vec!["--outbound", "127.0.0.1:4140"];
+        flags.extend(dns);
+        let agent = Sidecar::start_with(&urls, "agent", "region=a", app.addr, "agent-1", &flags).await;
+        let before = iptables_save();
+        let capture = ["--proxy-uid", "0", "--outbound-port", "4140", "--inbound-ports", "1", "--dns-port", "4153"];
+        init(&capture);
+
+        // The app's resolver (glibc, from /etc/resolv.conf, whatever it
+        // names) is answered by the sidecar.
+        let vip = as_app("getent ahostsv4 inference | head -1 | cut -d' ' -f1").await;
+        assert!(vip.starts_with("240.240."), "a virtual address: {vip:?}");
+        assert_eq!(as_app("getent ahostsv4 inference | head -1 | cut -d' ' -f1").await, vip, "the same one");
+        let outside = as_app("getent ahostsv4 outside.test | head -1 | cut -d' ' -f1").await;
+        assert_eq!(outside.trim(), OUTSIDE_IP, "other names are the system resolver's");
+        assert_eq!(as_app("getent hosts nosuch.test || echo none").await.trim(), "none");
+
+        // HTTP by name, with nothing but the URL: routed by the mesh.
+        let curl =
+            "for i in $(seq 1 10); do curl -s -o /dev/null -w '%{http_code} ' http://inference:8080/v1/run; done";
+        assert_eq!(as_app(curl).await.trim(), vec!["200"; 10].join(" "));
+        // Opaque TCP by name: every connection reaches an instance that
+        // serves it; the broken one is ejected at its first failure.
+        for i in 0..20 {
+            let echoed =
+                as_app(&format!("exec 3<>/dev/tcp/inference/9000; printf ping{i:02} >&3; head -c 6 <&3")).await;
+            assert_eq!(echoed, format!("ping{i:02}"));
+        }
+        let m = agent.metrics().await;
+        assert_eq!(metric(&m, "weft_tcp_connections_total", &["detected=\"mesh\""]), 20.0, "{m}");
+        assert_eq!(metric(&m, "weft_tcp_connect_failures_total", &[]), 0.0, "{m}");
+        assert_eq!(metric(&m, "weft_breaker_ejections_total", &["service=\"inference\""]), 1.0, "{m}");
+        assert!(metric(&m, "weft_dns_queries_total", &["answer=\"mesh\""]) >= 3.0, "{m}");
+        assert!(metric(&m, "weft_dns_queries_total", &["answer=\"forwarded\""]) >= 2.0, "{m}");
+        let served = metric(&inf1.metrics().await, "weft_tcp_connections_total", &["detected=\"mesh\""]);
+        assert_eq!(served, 20.0, "every stream was served by the healthy instance");
+
+        init(&["--uninstall"]);
+        assert_eq!(iptables_save(), before, "uninstall leaves the rules as they were");
+    });
+}

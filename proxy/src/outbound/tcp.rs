@@ -62,8 +62,11 @@ impl<S: Sender> Outbound<S> {
             if admission == Admission::Refused {
                 continue;
             }
+            let started = std::time::Instant::now();
             match self.sender.send(ep.peer(service), request(service, port), Some(OPEN_TIMEOUT)).await {
                 Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    // The time to open the stream is the endpoint's latency.
+                    ep.health.observe_rtt(started.elapsed());
                     ep.health.breaker.record_success(admission);
                     return match hyper::upgrade::on(&mut resp).await {
                         Ok(up) => Ok(up),
