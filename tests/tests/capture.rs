@@ -372,7 +372,7 @@ fn mesh_names_resolve_through_the_sidecar_and_tcp_to_them_is_balanced_and_guarde
         // HTTP by name, with nothing but the URL: routed by the mesh.
         let curl =
             "for i in $(seq 1 10); do curl -s -o /dev/null -w '%{http_code} ' http://inference:8080/v1/run; done";
-        assert_eq!(as_app(curl).await.trim(), vec!["200"; 10].join(" "));
+        assert_eq!(as_app(curl).await.trim(), ["200"; 10].join(" "));
         // Opaque TCP by name: every connection reaches an instance that
         // serves it; the broken one is ejected at its first failure.
         for i in 0..20 {
