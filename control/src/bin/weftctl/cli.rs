@@ -112,6 +112,23 @@ pub(crate) enum Command {
     /// The certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Adds weft to Kubernetes workloads (Deployment, StatefulSet,
+    /// DaemonSet, Pod): the capture init step and the sidecar. Prints the
+    /// result; other documents pass through. Running it again changes
+    /// nothing.
+    Inject {
+        #[arg(short = 'f', long = "file")]
+        file: String,
+        /// The image with weft-proxy in it (deploy/Dockerfile builds it).
+        #[arg(long, default_value = concat!("weft:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// The control plane, as sidecars in the cluster reach it.
+        #[arg(long = "control-url", default_value = "https://weft-control.weft-system.svc:7070")]
+        control_url: String,
+        /// The user the sidecar runs as (its traffic is not captured).
+        #[arg(long, default_value_t = 2102)]
+        proxy_uid: i64,
+    },
 }
 
 #[derive(Subcommand, Debug)]

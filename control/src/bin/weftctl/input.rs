@@ -9,7 +9,7 @@ use crate::client::Fail;
 /// Reads a policy file (or stdin), at most one byte past
 /// [`policy::documents::MAX_FILE_BYTES`]: the parser refuses it then, without this
 /// reading gigabytes first.
-fn read_input(file: &str) -> Result<(String, String), Fail> {
+pub(crate) fn read_input(file: &str) -> Result<(String, String), Fail> {
     let limit = policy::documents::MAX_FILE_BYTES as u64 + 1;
     let mut bytes = Vec::new();
     let name = if file == "-" {

@@ -63,6 +63,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             cmd::traces::run(control, service, since, limit, output).await
         }
         Command::Status { output } => cmd::status::run(control, output).await,
+        Command::Inject { file, image, control_url, proxy_uid } => {
+            cmd::inject::run(&file, &cmd::inject::Sidecar { image, control_url, proxy_uid })
+        }
         Command::Ca(cli::CaCommand::Init { out, name, valid }) => {
             let valid = humantime::parse_duration(&valid).map_err(|e| Fail(1, format!("--valid {valid}: {e}")))?;
             cmd::ca::init(&out, &name, valid)

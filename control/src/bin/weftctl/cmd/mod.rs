@@ -7,6 +7,7 @@ pub(crate) mod diff;
 pub(crate) mod endpoints;
 pub(crate) mod get;
 pub(crate) mod history;
+pub(crate) mod inject;
 pub(crate) mod status;
 pub(crate) mod traces;
 pub(crate) mod validate;
