@@ -127,9 +127,9 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     ));
     let in_task = tokio::spawn(serve(
         listeners.inbound,
-        // Without mTLS, captured connections for the app's ports that are
-        // not HTTP go to the app's port they were for.
-        server_tls.map_or(Accept::Captured(Opaque::ToApp(opts.app.ip())), Accept::Tls),
+        // Captured connections for the app's ports that are not HTTP go to
+        // the app's port they were for (with mTLS: in permissive mode only).
+        server_tls.map_or(Accept::Captured(Opaque::ToApp(opts.app.ip())), |tls| Accept::Tls(tls, opts.app.ip())),
         in_conns.clone(),
         accept_rx,
         draining.clone(),
@@ -198,8 +198,10 @@ fn spawn_housekeeping(
 
 /// What a listener's connections may be.
 enum Accept {
-    /// mTLS (and plaintext in permissive mode).
-    Tls(Arc<ServerTls>),
+    /// mTLS (and plaintext in permissive mode). Captured connections, for
+    /// one of the app's ports (at the app's address), come from outside the
+    /// mesh: sidecars dial the listener itself.
+    Tls(Arc<ServerTls>, std::net::IpAddr),
     /// HTTP/1.1 and h2c made to the listener, and captured connections:
     /// HTTP, or opaque TCP.
     Captured(Opaque),
@@ -265,25 +267,35 @@ async fn serve<F, Fut>(
             Served { call: h(req, &conn_state), in_flight, close }
         });
         let closed = tracker.on_close();
-        let captured = match (&accept, local) {
-            (Accept::Captured(_), Some(local)) => crate::transport::detect::original_dst(&stream, local),
-            _ => None,
-        };
+        let captured = local.and_then(|local| crate::transport::detect::original_dst(&stream, local));
         let tls = match (&accept, captured) {
-            (Accept::Tls(tls), _) => tls,
-            (_, None) => {
+            (Accept::Tls(tls, _), None) => tls,
+            (Accept::Captured(_), None) => {
                 let io = TokioIo::new(listener::TrackedIo::new(stream, state.clone()));
                 let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
                 tokio::spawn(listener::watched(conn, state, closed));
                 continue;
             }
-            (Accept::Captured(opaque), Some(dst)) => {
+            (Accept::Tls(tls, _), Some(_)) if !tls.permissive() => {
+                // Strict: a caller outside the mesh is refused, whatever it
+                // speaks.
+                metrics::counter!("weft_inbound_plaintext_total", "mode" => "strict").increment(1);
+                continue;
+            }
+            (Accept::Tls(_, _) | Accept::Captured(_), Some(dst)) => {
+                let opaque = match &accept {
+                    Accept::Tls(_, app) => {
+                        metrics::counter!("weft_inbound_plaintext_total", "mode" => "permissive").increment(1);
+                        Opaque::ToApp(*app)
+                    }
+                    Accept::Captured(opaque) => opaque.clone(),
+                };
                 // A captured connection: HTTP gets the mesh, anything else
                 // goes where it was going.
                 state.set_original_dst(dst);
                 let (to, direction, mesh) = match opaque {
-                    Opaque::ToOriginal(mesh) => (dst, "outbound", Some(mesh.clone())),
-                    Opaque::ToApp(ip) => (SocketAddr::new(*ip, dst.port()), "inbound", None),
+                    Opaque::ToOriginal(mesh) => (dst, "outbound", Some(mesh)),
+                    Opaque::ToApp(ip) => (SocketAddr::new(ip, dst.port()), "inbound", None),
                 };
                 let builder = builder.clone();
                 tokio::spawn(async move {

@@ -393,3 +393,59 @@ fn mesh_names_resolve_through_the_sidecar_and_tcp_to_them_is_balanced_and_guarde
         assert_eq!(iptables_save(), before, "uninstall leaves the rules as they were");
     });
 }
+
+#[test]
+fn with_mtls_callers_outside_the_mesh_reach_captured_ports_only_in_permissive_mode() {
+    use harness::pki::{INFERENCE, Pki};
+    in_netns(|| async {
+        let peer = Peer::new();
+        let pki = Pki::init().await;
+        let etcd = Etcd::start().await;
+        let control = pki.control(&etcd, "1h").await;
+        let bundle = pki.path("ca.crt");
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let app_port = listener.local_addr().unwrap().port();
+        let info = Info { service: "inference".into(), version: "v1".into(), outbound: None, mode: Default::default() };
+        let app = Backend::serve_http(listener, info);
+        let echo = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        drop(echo);
+        tcp_server(&format!("0.0.0.0:{echo_port}"), b"").await;
+        let local_app: std::net::SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+        let start = |mode: &'static str| {
+            let (urls, bundle) = ([control.url()], bundle.clone());
+            async move {
+                let flags =
+                    ["--token", INFERENCE, "--ca-bundle", &bundle, "--inbound", "0.0.0.0:4143", "--inbound-mtls", mode];
+                Sidecar::start_with(&urls, "inference", "", local_app, "inf-1", &flags).await
+            }
+        };
+        let ports = format!("{app_port},{echo_port}");
+        init(&["--proxy-uid", "0", "--inbound-port", "4143", "--inbound-ports", &ports]);
+        let curl = format!("curl -s -m 5 -o /dev/null -w '%{{http_code}}' http://{LOCAL_IP}:{app_port}/");
+        let tcp = format!("exec 3<>/dev/tcp/{LOCAL_IP}/{echo_port} && printf hi >&3 && timeout 5 head -c 2 <&3");
+
+        // Permissive: HTTP through the sidecar, other TCP to the app's port.
+        let mut sidecar = start("permissive").await;
+        let hits = || app.mode.hits.load(std::sync::atomic::Ordering::SeqCst);
+        let seen = hits();
+        assert_eq!(peer.run(&curl).await, "200");
+        assert_eq!(hits(), seen + 1);
+        assert_eq!(peer.run(&tcp).await, "hi");
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "weft_requests_total", &["direction=\"inbound\""]), 1.0, "{m}");
+        assert_eq!(metric(&m, "weft_inbound_plaintext_total", &["mode=\"permissive\""]), 2.0, "{m}");
+        sidecar.kill().await;
+
+        // Strict: neither gets in; the app sees nothing.
+        let sidecar = start("strict").await;
+        let seen = hits();
+        assert_eq!(peer.run(&curl).await, "000", "refused");
+        let echoed = peer.run(&format!("({tcp}) 2>/dev/null; echo end")).await;
+        assert_eq!(echoed.trim(), "end", "nothing came back");
+        assert_eq!(hits(), seen);
+        let m = sidecar.metrics().await;
+        assert_eq!(metric(&m, "weft_inbound_plaintext_total", &["mode=\"strict\""]), 2.0, "{m}");
+        init(&["--uninstall"]);
+    });
+}

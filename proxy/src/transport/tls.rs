@@ -136,6 +136,11 @@ impl ServerTls {
         Ok(ServerTls { acceptor: TlsAcceptor::from(Arc::new(config)), mode })
     }
 
+    /// Plaintext callers are served (and counted).
+    pub(crate) fn permissive(&self) -> bool {
+        matches!(self.mode, InboundMtls::Permissive)
+    }
+
     /// Tells TLS from plaintext and completes the handshake; `Err` names why
     /// the connection is dropped.
     pub(crate) async fn accept(&self, tcp: TcpStream) -> Result<Accepted, String> {
