@@ -310,7 +310,7 @@ async fn serve<F, Fut>(
                             .await;
                         }
                         Ok(detected) => {
-                            let service = mesh.as_ref().and_then(|m| m.vips.service(dst.ip()));
+                            let service = mesh.as_ref().and_then(|m| m.outbound.service_at(&m.vips, dst.ip()));
                             match (mesh, service) {
                                 (Some(mesh), Some(service)) => {
                                     crate::outbound::tcp::forward(&mesh.outbound, stream, service, dst.port()).await

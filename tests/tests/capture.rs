@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// it to the sidecar), and a host outside the mesh.
 const INFERENCE_IP: &str = "10.77.0.2";
 const OUTSIDE_IP: &str = "10.77.0.3";
+/// An instance's own address (a pod's, say).
+const POD_IP: &str = "10.77.0.5";
 /// The app's user: not the sidecar's (root), so its traffic is captured.
 const APP_UID: &str = "65534";
 
@@ -93,17 +95,19 @@ fn an_unchanged_app_is_captured_http_gets_the_mesh_and_other_tcp_passes_through(
         let urls = [control.url()];
         let (good, bad) = (Backend::http("inference", "v1").await, Backend::failing("inference", "v2", 503).await);
         let (_inf1, _inf2) = tokio::join!(
-            Sidecar::start(&urls, "inference", "version=v1", good.addr, "inf-1"),
-            Sidecar::start(&urls, "inference", "version=v2", bad.addr, "inf-2"),
+            Sidecar::start(&urls, "inference", "version=v1,region=b", good.addr, "inf-1"),
+            // In the caller's region, so tried first until it is ejected.
+            Sidecar::start(&urls, "inference", "version=v2,region=a", bad.addr, "inf-2"),
         );
         apply(
             &control.url(),
-            "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    retry: { attempts: 2, on: [5xx] }\n",
+            "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    retry: { attempts: 2, on: [5xx] }\n---\nkind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 1, base_ejection: 30s, max_ejection_percent: 50 }\n",
         )
         .await;
         let app = Backend::http("agent", "v1").await;
         let agent =
-            Sidecar::start_with(&urls, "agent", "", app.addr, "agent-1", &["--outbound", "127.0.0.1:4140"]).await;
+            Sidecar::start_with(&urls, "agent", "region=a", app.addr, "agent-1", &["--outbound", "127.0.0.1:4140"])
+                .await;
         // Outside the mesh: a web server, an echo server, a server that
         // speaks first.
         let outside = tokio::net::TcpListener::bind(format!("{OUTSIDE_IP}:7002")).await.unwrap();
@@ -119,8 +123,9 @@ fn an_unchanged_app_is_captured_http_gets_the_mesh_and_other_tcp_passes_through(
         init(&["--proxy-uid", "0", "--outbound-port", "4140", "--inbound-port", &agent_port, "--inbound-ports", "1"]);
         assert_eq!(iptables_save(), twice, "installing twice changes nothing");
 
-        // HTTP for a mesh service: routed, load-balanced, retried (one of the
-        // two instances answers 503 to everything).
+        // HTTP for a mesh service: routed, load-balanced, retried (the
+        // instance in the caller's region answers 503 to everything: the
+        // first call is retried on the other, and the breaker ejects it).
         let curl = format!(
             "for i in $(seq 1 20); do curl -s -o /dev/null -w '%{{http_code}} ' --resolve inference:8080:{INFERENCE_IP} http://inference:8080/v1/run; done"
         );
@@ -388,6 +393,30 @@ fn mesh_names_resolve_through_the_sidecar_and_tcp_to_them_is_balanced_and_guarde
         assert!(metric(&m, "weft_dns_queries_total", &["answer=\"forwarded\""]) >= 2.0, "{m}");
         let served = metric(&inf1.metrics().await, "weft_tcp_connections_total", &["detected=\"mesh\""]);
         assert_eq!(served, 20.0, "every stream was served by the healthy instance");
+
+        // A third instance on an address of its own: TCP the app opens to
+        // that address (not a virtual one) goes to that instance, through
+        // its sidecar; a port there its sidecar does not serve is reached
+        // as it was.
+        let out = Command::new("ip").args(["addr", "add", &format!("{POD_IP}/32"), "dev", "lo"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let pod_inbound = format!("{POD_IP}:0");
+        let flags = ["--app-ports", "9000", "--inbound", pod_inbound.as_str()];
+        let inf3 = Sidecar::start_with(&urls, "inference", "region=c", good.addr, "inf-3", &flags).await;
+        let a = &agent;
+        eventually("the caller knows the third instance", Duration::from_secs(10), || async move {
+            a.endpoint_addrs("inference").await.iter().any(|e| e.starts_with(POD_IP))
+        })
+        .await;
+        let echoed = as_app(&format!("exec 3<>/dev/tcp/{POD_IP}/9000; printf pinned >&3; head -c 6 <&3")).await;
+        assert_eq!(echoed, "pinned", "nothing listens on {POD_IP}:9000 itself");
+        let m = inf3.metrics().await;
+        assert_eq!(metric(&m, "weft_tcp_connections_total", &["detected=\"mesh\""]), 1.0, "{m}");
+        tcp_server(&format!("{POD_IP}:7003"), b"").await;
+        let other = as_app(&format!("exec 3<>/dev/tcp/{POD_IP}/7003; printf other >&3; head -c 5 <&3")).await;
+        assert_eq!(other, "other");
+        let m = agent.metrics().await;
+        assert_eq!(metric(&m, "weft_tcp_connections_total", &["detected=\"opaque\""]), 1.0, "{m}");
 
         init(&["--uninstall"]);
         assert_eq!(iptables_save(), before, "uninstall leaves the rules as they were");

@@ -1,6 +1,9 @@
 //! Opaque TCP to a mesh service: an app's captured connection to a
 //! service's virtual address ([`crate::dns`]), or a `CONNECT service:port`.
 //!
+//! A connection to the address of a known service's instance goes to that
+//! instance.
+//!
 //! The stream goes to an instance's sidecar like any call — balanced by P2C,
 //! through each endpoint's breaker, over mTLS where the endpoint speaks it
 //! (the callee then knows and authorizes the caller) — as an HTTP/1.1
@@ -10,6 +13,7 @@
 //! that fails, or an instance answering 5xx, counts against that endpoint
 //! and the next one is tried; no byte of the app's has been sent by then.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
@@ -43,17 +47,26 @@ pub(crate) enum Refused {
 }
 
 impl<S: Sender> Outbound<S> {
-    /// Opens a byte stream to `port` of an instance of `service`.
-    pub(crate) async fn open_tcp(&self, service: &str, port: u16) -> Result<Upgraded, Refused> {
+    /// Opens a byte stream to `port` of an instance of `service`: any, or
+    /// the one at `only` (the app dialled that instance's address).
+    pub(crate) async fn open_tcp(&self, service: &str, port: u16, only: Option<IpAddr>) -> Result<Upgraded, Refused> {
         let svc = self.resolve(service).await.map_err(Refused::Proxy)?;
         if !svc.known {
             return Err(Refused::Proxy(ProxyError::UnknownService(service.to_string())));
         }
+        let pinned: Vec<_>;
+        let endpoints = match only {
+            Some(ip) => {
+                pinned = svc.all_ready.iter().filter(|e| e.addr.ip() == ip).cloned().collect();
+                &pinned
+            }
+            None => &*svc.all_ready,
+        };
         let mut tried = Vec::with_capacity(MAX_TRIES);
         let mut last = ProxyError::NoEndpoints(service.to_string());
-        for _ in 0..MAX_TRIES.min(svc.all_ready.len()) {
+        for _ in 0..MAX_TRIES.min(endpoints.len()) {
             let now = crate::clock::now_ms();
-            let Some(ep) = balance::p2c(&svc.all_ready, &tried, now, self.region()).endpoint else { break };
+            let Some(ep) = balance::p2c(endpoints, &tried, now, self.region()).endpoint else { break };
             if tried.contains(&ep.addr) {
                 break;
             }
@@ -94,6 +107,23 @@ impl<S: Sender> Outbound<S> {
     }
 }
 
+impl<S> Outbound<S> {
+    /// The mesh service an address belongs to: a service's virtual address
+    /// ([`crate::dns`]), or the address of an endpoint of a service this
+    /// sidecar knows (then that instance, and only it, is the one to reach).
+    pub(crate) fn service_at(&self, vips: &crate::dns::Vips, ip: IpAddr) -> Option<(String, Option<IpAddr>)> {
+        if let Some(service) = vips.service(ip) {
+            return Some((service, None));
+        }
+        let table = self.shared.table.load();
+        table
+            .services
+            .values()
+            .find(|s| s.known && s.endpoints.iter().any(|e| e.addr.ip() == ip))
+            .map(|s| (s.name.clone(), Some(ip)))
+    }
+}
+
 /// The upgrade request for `port` of an instance of `service`.
 fn request(service: &str, port: u16) -> Request<crate::transport::body::ProxyBody> {
     Request::builder()
@@ -109,10 +139,21 @@ fn request(service: &str, port: u16) -> Request<crate::transport::body::ProxyBod
 
 /// A captured connection for a service's virtual address: spliced with a
 /// stream to an instance, or closed when none can be opened.
-pub(crate) async fn forward<S: Sender>(out: &Outbound<S>, mut client: TcpStream, service: String, port: u16) {
+pub(crate) async fn forward<S: Sender>(
+    out: &Outbound<S>,
+    mut client: TcpStream,
+    (service, only): (String, Option<IpAddr>),
+    port: u16,
+) {
     metrics::counter!("weft_tcp_connections_total", "direction" => "outbound", "detected" => "mesh").increment(1);
-    let upstream = match out.open_tcp(&service, port).await {
+    let upstream = match out.open_tcp(&service, port, only).await {
         Ok(up) => up,
+        // An address of the instance's host, and a port its sidecar does
+        // not serve: something else on that host, reached as it was.
+        Err(Refused::Peer(resp)) if only.is_some() && resp.status() == StatusCode::NOT_FOUND => {
+            let to = std::net::SocketAddr::new(only.expect("checked"), port);
+            return crate::transport::opaque::forward(client, to, "outbound", "opaque").await;
+        }
         Err(why) => {
             let reason = match why {
                 Refused::Proxy(e) => e.to_string(),
