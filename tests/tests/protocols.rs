@@ -1,7 +1,9 @@
 //! Protocols an existing service speaks, carried end to end through two
-//! sidecars: WebSocket (an HTTP/1.1 upgrade), kept open past the route's
-//! timeout, which bounds the wait for the answer's head only; and `CONNECT`
-//! tunnels through the caller's sidecar to a destination outside the mesh.
+//! sidecars: WebSocket (an HTTP/1.1 upgrade), streamed answers (SSE-style
+//! HTTP/1.1 and h2c, gRPC bidirectional streaming), all kept open past the
+//! route's timeout, its per-try timeout and the callee's app timeout, which
+//! bound the wait for the answer's head only; and `CONNECT` tunnels through
+//! the caller's sidecar to a destination outside the mesh.
 
 use futures_util::{SinkExt, StreamExt};
 use harness::{Backend, Control, Etcd, Sidecar, apply, metric};
@@ -98,4 +100,54 @@ async fn connect_tunnels_to_a_destination_outside_the_mesh() {
     let (head, _) = connect(agent.outbound, "example").await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert_eq!(metric(&agent.metrics().await, "weft_tunnels_total", &[]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_streams_outlive_the_timeouts_meant_for_the_answers_head() {
+    use http_body_util::BodyExt;
+    let etcd = Etcd::start().await;
+    let control = Control::start(&etcd, 5).await;
+    let urls = [control.url()];
+    let (http_app, grpc_app, caller_app) = (
+        Backend::http("inference", "v1").await,
+        Backend::grpc("model", "v1").await,
+        Backend::http("agent", "v1").await,
+    );
+    let short = ["--app-timeout", "300ms"];
+    let (_inf, _model, agent) = tokio::join!(
+        Sidecar::start_with(&urls, "inference", "", http_app.addr, "inf-1", &short),
+        Sidecar::start_with(&urls, "model", "", grpc_app.addr, "model-1", &short),
+        Sidecar::start(&urls, "agent", "", caller_app.addr, "agent-1"),
+    );
+    let route = |svc: &str| {
+        format!(
+            "kind: Route\nservice: {svc}\nrules:\n  - backends: [ {{ subset: {{}}, weight: 1 }} ]\n    timeout: 300ms\n    retry: {{ attempts: 2, per_try_timeout: 200ms, on: [5xx] }}\n"
+        )
+    };
+    apply(&control.url(), &format!("{}---\n{}", route("inference"), route("model"))).await;
+
+    // Six chunks 250 ms apart: 1.25 s, four times the route's timeout.
+    let path = "/stream?chunks=6&gap_ms=250";
+    let resp = harness::Req::get(agent.outbound, "inference", path).open().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("the whole stream").to_bytes();
+    assert_eq!(String::from_utf8_lossy(&body).lines().count(), 6, "{body:?}");
+    let (status, _, body) = harness::h2_send(agent.outbound, "inference", path, &[]).await.unwrap();
+    assert_eq!((status, body.lines().count()), (200, 6), "h2c: {body}");
+
+    // gRPC: a chat whose messages come 250 ms apart, each answered.
+    let mut client = harness::inference_client(agent.outbound, "http://model").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = client.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    for i in 0..5 {
+        tx.send(harness::example_pb::InferRequest { prompt: format!("m{i}"), ..Default::default() }).await.unwrap();
+        let reply = replies.message().await.expect("the stream is open").expect("a reply");
+        assert_eq!(reply.text, format!("re: m{i}"));
+        // The caller thinks between messages (the gap is the test's point).
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none(), "the stream ends cleanly");
+    let m = agent.metrics().await;
+    assert_eq!(metric(&m, "weft_requests_total", &["code=\"504\""]), 0.0, "nothing timed out: {m}");
 }
