@@ -191,7 +191,10 @@ else
   # A plaintext mesh of its own: not the CA and token of the one above.
   NSX=(ip netns exec "$NS" env -u WEFT_CA_BUNDLE -u WEFT_TOKEN -u WEFT_CONTROL)
   "${NSX[@]}" ip link set lo up
+  # Any address is routable from the namespace's own address, as in a pod
+  # with a default route.
   "${NSX[@]}" ip addr add 10.88.0.2/32 dev lo
+  "${NSX[@]}" ip route add default dev lo src 10.88.0.2
   start ns-etcd "${NSX[@]}" etcd --data-dir "$WORK/etcd-ns" --listen-client-urls "http://127.0.0.1:$EP" \
     --advertise-client-urls "http://127.0.0.1:$EP" --listen-peer-urls "http://127.0.0.1:$PP" \
     --initial-advertise-peer-urls "http://127.0.0.1:$PP" --initial-cluster "default=http://127.0.0.1:$PP" --log-level warn
@@ -203,17 +206,20 @@ else
   start ns-inference "${NSX[@]}" "$BIN/weft-proxy" --control "$NSC" --service inference \
     --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/ns-app.out")" --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id ns-inference
   start ns-agent "${NSX[@]}" setpriv --reuid 65534 --regid 65534 --clear-groups "$BIN/weft-proxy" --control "$NSC" \
-    --service legacy-agent --app 127.0.0.1:9 --inbound 127.0.0.1:0 --outbound 127.0.0.1:4140 --admin 127.0.0.1:0 --id ns-agent
+    --service legacy-agent --app 127.0.0.1:9 --inbound 127.0.0.1:0 --outbound 127.0.0.1:4140 --admin 127.0.0.1:0 --id ns-agent \
+    --dns 127.0.0.1:4153 --dns-upstream 127.0.0.1:53
   wait_line "$WORK/ns-inference.out" listening; wait_line "$WORK/ns-agent.out" listening
-  echo "weft-proxy init --proxy-uid 65534 (the agent sidecar's user):"
-  "${NSX[@]}" "$BIN/weft-proxy" init --proxy-uid 65534 --outbound-port 4140 --inbound-ports 1
+  echo "weft-proxy init --proxy-uid 65534 --dns-port 4153 (the agent sidecar's user, and its DNS port):"
+  "${NSX[@]}" "$BIN/weft-proxy" init --proxy-uid 65534 --outbound-port 4140 --inbound-ports 1 --dns-port 4153
   AS_APP=("${NSX[@]}" setpriv --reuid 1000 --regid 1000 --clear-groups)
   for _ in $(seq 1 100); do
-    [ "$("${AS_APP[@]}" curl -s -o /dev/null -w '%{http_code}' --resolve inference:8080:10.88.0.2 http://inference:8080/)" = 200 ] && break
+    [ "$("${AS_APP[@]}" curl -s -o /dev/null -w '%{http_code}' http://inference:8080/)" = 200 ] && break
     sleep 0.1
   done
-  echo "curl http://inference:8080/v1/run, 5 times (inference resolves to 10.88.0.2, where nothing listens):"
-  for i in $(seq 1 5); do "${AS_APP[@]}" curl -s --resolve inference:8080:10.88.0.2 http://inference:8080/v1/run; done
+  echo "getent hosts inference (the app's resolver, answered by its sidecar with a virtual address):"
+  "${AS_APP[@]}" getent hosts inference || true
+  echo "curl http://inference:8080/v1/run, 5 times, with nothing but the URL:"
+  for i in $(seq 1 5); do "${AS_APP[@]}" curl -s http://inference:8080/v1/run; done
   echo "the agent's sidecar saw them:"
   "${NSX[@]}" curl -s "http://$(addr ns-agent admin)/metrics" | grep -E '^weft_requests_total\{direction="outbound",service="inference"' || true
   "${NSX[@]}" "$BIN/weft-proxy" init --uninstall

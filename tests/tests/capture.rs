@@ -333,7 +333,9 @@ fn mesh_names_resolve_through_the_sidecar_and_tcp_to_them_is_balanced_and_guarde
     in_netns(|| async {
         // Any destination is routable (as a default route makes it in a
         // pod): the system's resolver and the virtual addresses.
-        let out = Command::new("ip").args(["route", "add", "default", "dev", "lo"]).output().unwrap();
+        // From an address of the namespace's own (not loopback, as a pod's).
+        let out =
+            Command::new("ip").args(["route", "add", "default", "dev", "lo", "src", INFERENCE_IP]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         upstream_dns(&format!("{OUTSIDE_IP}:53")).await;
         let etcd = Etcd::start().await;
