@@ -97,11 +97,16 @@ impl Inbound {
         if let Some(c) = caller {
             req.headers_mut().insert(&CLIENT_ID, c.header.clone());
         }
-        if transport::upgrade::requested(&req).is_some_and(|u| u == crate::outbound::tcp::UPGRADE) {
-            let r = tcp::open(&self, &mut req).await;
-            return finish(r, &degraded, false, "inbound", service, &tenant, started);
-        }
-        let upgrade = transport::upgrade::client_side(&mut req);
+        let upgrade = match transport::upgrade::requested(&req) {
+            None => None,
+            // A mesh TCP stream for one of the app's ports.
+            Some(u) if u == crate::outbound::tcp::UPGRADE => {
+                // Boxed: rare, and it would otherwise enlarge every call.
+                let r = Box::pin(tcp::open(&self, &mut req)).await;
+                return finish(r, &degraded, false, "inbound", service, &tenant, started);
+            }
+            Some(_) => Some(hyper::upgrade::on(&mut req)),
+        };
         let client = ClientBodyWatch::new(req.body());
         let req = req.map(|b| stream(b, &client));
         let mut sent = if req.version() < http::Version::HTTP_2 {

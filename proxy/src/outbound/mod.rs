@@ -80,7 +80,8 @@ impl<S: Sender> Outbound<S> {
     pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>, egress: Option<SocketAddr>) -> BoxResponse {
         let started = Instant::now();
         if req.method() == http::Method::CONNECT {
-            let r = self.connect(req).await;
+            // Boxed: rare, and it would otherwise enlarge every call.
+            let r = Box::pin(self.connect(req)).await;
             return finish(r, &Degraded::default(), false, "outbound", "-", "-", started);
         }
         let grpc = crate::grpc::is_grpc(&req);
