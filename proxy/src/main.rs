@@ -72,6 +72,11 @@ struct Args {
     /// is closed.
     #[arg(long, env = "WEFT_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// A spliced stream (WebSocket, tunnel, opaque or mesh TCP) with no
+    /// byte either way for this long is closed. At most --max-connections
+    /// of them are open at once.
+    #[arg(long, env = "WEFT_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    stream_idle_timeout: Duration,
     /// Longest wait for the local app's response head.
     #[arg(long, env = "WEFT_APP_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     app_timeout: Duration,
@@ -233,6 +238,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let inbound = bind("--inbound", &args.inbound)?;
     let outbound = bind("--outbound", &args.outbound)?;
     let admin = TcpListener::bind(&args.admin).await.with_context(|| format!("binding --admin {}", args.admin))?;
+    weft_proxy::transport::splice::configure(args.max_connections, args.stream_idle_timeout);
     let vip_cidr = weft_proxy::dns::parse_vip_cidr(&args.vip_cidr).map_err(|e| anyhow::anyhow!("--vip-cidr {e}"))?;
     let (dns, dns_upstream) = match args.dns {
         Some(addr) => {

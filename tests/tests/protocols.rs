@@ -151,3 +151,29 @@ async fn long_streams_outlive_the_timeouts_meant_for_the_answers_head() {
     let m = agent.metrics().await;
     assert_eq!(metric(&m, "weft_requests_total", &["code=\"504\""]), 0.0, "nothing timed out: {m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spliced_stream_is_counted_while_open_and_closed_after_its_idle_timeout() {
+    let etcd = Etcd::start().await;
+    let control = Control::start(&etcd, 5).await;
+    let urls = [control.url()];
+    let app = harness::ws_echo().await;
+    let caller_app = Backend::http("agent", "v1").await;
+    let (_echo, agent) = tokio::join!(
+        Sidecar::start(&urls, "echo", "", app, "echo-1"),
+        Sidecar::start_with(&urls, "agent", "", caller_app.addr, "agent-1", &["--stream-idle-timeout", "2s"]),
+    );
+    let stream = tokio::net::TcpStream::connect(agent.outbound).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://echo/chat", stream).await.expect("the upgrade");
+    // An answer 1.2 s late is within the idle timeout.
+    ws.send(Message::text("slow")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("slow"));
+    let m = agent.metrics().await;
+    assert_eq!(metric(&m, "weft_tcp_streams", &["kind=\"upgrade\""]), 1.0, "{m}");
+    // Then nothing either way: the sidecar closes it after 2 s.
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.expect("closed in time");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    let m = agent.metrics().await;
+    assert_eq!(metric(&m, "weft_tcp_streams_idle_closed_total", &[]), 1.0, "{m}");
+    assert_eq!(metric(&m, "weft_tcp_streams", &["kind=\"upgrade\""]), 0.0, "{m}");
+}

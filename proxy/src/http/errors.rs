@@ -47,6 +47,8 @@ pub(crate) enum ProxyError {
     Forbidden { caller: String, method: String, path: String, service: String },
     #[error("TCP to port {port} of '{service}' is not served: {why}")]
     TcpPort { port: String, service: String, why: &'static str },
+    #[error("too many open streams (tunnels, upgrades, TCP) at this sidecar")]
+    TooManyStreams,
     #[error("fault injected by route policy")]
     FaultAbort { status: StatusCode, grpc_status: Option<u16> },
 }
@@ -68,7 +70,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream-failure",
             ProxyError::Reset { .. } => "reset",
             ProxyError::TooManyServices(_) => "too-many-services",
-            ProxyError::Overloaded(_) => "overloaded",
+            ProxyError::Overloaded(_) | ProxyError::TooManyStreams => "overloaded",
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::Shed { reason, .. } => reason.reason(),
             ProxyError::BadRequestBody(_) => "bad-request",

@@ -28,8 +28,9 @@ pub(crate) async fn open(inbound: &Inbound, req: &mut Request<Incoming>) -> Resu
     if port != inbound.app.port() && !inbound.tcp_ports.contains(&port) {
         return Err(refuse(port.to_string(), "not the app's port nor one of --app-ports"));
     }
+    let slot = crate::transport::splice::slot("mesh").ok_or(ProxyError::TooManyStreams)?;
     let to = std::net::SocketAddr::new(inbound.app.ip(), port);
-    let mut app = crate::transport::connect::dial(to)
+    let app = crate::transport::connect::dial(to)
         .await
         .map_err(|e| ProxyError::Connect { addr: to.to_string(), reason: e.to_string() })?;
     let client = hyper::upgrade::on(req);
@@ -39,8 +40,7 @@ pub(crate) async fn open(inbound: &Inbound, req: &mut Request<Incoming>) -> Resu
             Ok(u) => u,
             Err(e) => return tracing::debug!(error = %e, "mesh TCP: the caller left before the stream opened"),
         };
-        let mut caller = TokioIo::new(upgraded);
-        match tokio::io::copy_bidirectional(&mut caller, &mut app).await {
+        match crate::transport::splice::run(slot, TokioIo::new(upgraded), app).await {
             Ok((received, sent)) => {
                 metrics::counter!("weft_tcp_bytes_total", "direction" => "inbound", "way" => "received")
                     .increment(received);

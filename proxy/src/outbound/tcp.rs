@@ -141,17 +141,19 @@ fn request(service: &str, port: u16) -> Request<crate::transport::body::ProxyBod
 /// stream to an instance, or closed when none can be opened.
 pub(crate) async fn forward<S: Sender>(
     out: &Outbound<S>,
-    mut client: TcpStream,
+    client: TcpStream,
     (service, only): (String, Option<IpAddr>),
     port: u16,
 ) {
     metrics::counter!("weft_tcp_connections_total", "direction" => "outbound", "detected" => "mesh").increment(1);
+    let Some(slot) = crate::transport::splice::slot("mesh") else { return };
     let upstream = match out.open_tcp(&service, port, only).await {
         Ok(up) => up,
         // An address of the instance's host, and a port its sidecar does
         // not serve: something else on that host, reached as it was.
         Err(Refused::Peer(resp)) if only.is_some() && resp.status() == StatusCode::NOT_FOUND => {
             let to = std::net::SocketAddr::new(only.expect("checked"), port);
+            drop(slot);
             return crate::transport::opaque::forward(client, to, "outbound", "opaque").await;
         }
         Err(why) => {
@@ -164,8 +166,7 @@ pub(crate) async fn forward<S: Sender>(
             return;
         }
     };
-    let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    match crate::transport::splice::run(slot, client, TokioIo::new(upstream)).await {
         Ok((sent, received)) => {
             metrics::counter!("weft_tcp_bytes_total", "direction" => "outbound", "way" => "sent").increment(sent);
             metrics::counter!("weft_tcp_bytes_total", "direction" => "outbound", "way" => "received")

@@ -1,7 +1,8 @@
 //! Connections: accepting them within bounds ([`listener`]), the bodies that
 //! flow over them ([`body`]), and pooled HTTP/1.1 and h2c clients to
 //! upstreams ([`pool`], [`connect`]), over mTLS between sidecars
-//! ([`tls`]).
+//! ([`tls`]); byte streams spliced once a connection stops being calls
+//! ([`splice`]).
 
 pub(crate) mod body;
 pub(crate) mod connect;
@@ -10,6 +11,7 @@ pub(crate) mod hop;
 pub mod listener;
 pub(crate) mod opaque;
 pub(crate) mod pool;
+pub mod splice;
 pub(crate) mod tls;
 pub(crate) mod tunnel;
 pub(crate) mod upgrade;

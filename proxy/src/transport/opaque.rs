@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 /// Forwards `client` to `dest` until either side closes.
-pub(crate) async fn forward(mut client: TcpStream, dest: SocketAddr, direction: &'static str, why: &'static str) {
+pub(crate) async fn forward(client: TcpStream, dest: SocketAddr, direction: &'static str, why: &'static str) {
     metrics::counter!("weft_tcp_connections_total", "direction" => direction, "detected" => why).increment(1);
-    let mut upstream = match super::connect::dial(dest).await {
+    let Some(slot) = super::splice::slot("opaque") else { return };
+    let upstream = match super::connect::dial(dest).await {
         Ok(s) => s,
         Err(e) => {
             metrics::counter!("weft_tcp_connect_failures_total", "direction" => direction).increment(1);
@@ -17,7 +18,7 @@ pub(crate) async fn forward(mut client: TcpStream, dest: SocketAddr, direction: 
             return;
         }
     };
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    match super::splice::run(slot, client, upstream).await {
         Ok((sent, received)) => {
             metrics::counter!("weft_tcp_bytes_total", "direction" => direction, "way" => "sent").increment(sent);
             metrics::counter!("weft_tcp_bytes_total", "direction" => direction, "way" => "received")

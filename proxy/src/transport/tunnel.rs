@@ -19,6 +19,7 @@ pub(crate) async fn connect(mut req: Request<Incoming>) -> Result<BoxResponse, P
     let Some(target) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
         return Err(ProxyError::BadAuthority(format!("CONNECT {} (host:port expected)", req.uri())));
     };
+    let slot = super::splice::slot("tunnel").ok_or(ProxyError::TooManyStreams)?;
     let fail = |reason: String| ProxyError::Connect { addr: target.to_string(), reason };
     let addr = tokio::net::lookup_host(target.as_str())
         .await
@@ -26,12 +27,17 @@ pub(crate) async fn connect(mut req: Request<Incoming>) -> Result<BoxResponse, P
         .next()
         .ok_or_else(|| fail("resolves to no address".into()))?;
     let upstream = super::connect::dial(addr).await.map_err(|e| fail(e.to_string()))?;
-    Ok(splice(&mut req, upstream, "egress"))
+    Ok(splice(&mut req, slot, upstream, "egress"))
 }
 
 /// Answers 200 to the CONNECT `req` and, once the client's side is handed
 /// over, splices it with `upstream` until either side closes.
-pub(crate) fn splice<U>(req: &mut Request<Incoming>, mut upstream: U, to: &'static str) -> BoxResponse
+pub(crate) fn splice<U>(
+    req: &mut Request<Incoming>,
+    slot: super::splice::Slot,
+    upstream: U,
+    to: &'static str,
+) -> BoxResponse
 where
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -40,8 +46,7 @@ where
     tokio::spawn(async move {
         match client.await {
             Ok(upgraded) => {
-                let mut client = TokioIo::new(upgraded);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                if let Err(e) = super::splice::run(slot, TokioIo::new(upgraded), upstream).await {
                     tracing::debug!(to, error = %e, "tunnel ended with an error");
                 }
             }

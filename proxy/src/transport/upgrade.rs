@@ -42,6 +42,8 @@ pub(crate) fn splice<B>(client: OnUpgrade, resp: &mut Response<B>, direction: &'
     }
     let upstream = hyper::upgrade::on(resp);
     metrics::counter!("weft_upgrades_total", "direction" => direction).increment(1);
+    // At the bound, both sides are closed once switched.
+    let slot = super::splice::slot("upgrade");
     tokio::spawn(async move {
         let (client, upstream) = match tokio::join!(client, upstream) {
             (Ok(c), Ok(u)) => (c, u),
@@ -50,8 +52,8 @@ pub(crate) fn splice<B>(client: OnUpgrade, resp: &mut Response<B>, direction: &'
                 return;
             }
         };
-        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        let Some(slot) = slot else { return };
+        if let Err(e) = super::splice::run(slot, TokioIo::new(client), TokioIo::new(upstream)).await {
             tracing::debug!(error = %e, "upgraded connection ended with an error");
         }
     });
