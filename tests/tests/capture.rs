@@ -94,14 +94,17 @@ fn an_unchanged_app_is_captured_http_gets_the_mesh_and_other_tcp_passes_through(
         let control = Control::start(&etcd, 5).await;
         let urls = [control.url()];
         let (good, bad) = (Backend::http("inference", "v1").await, Backend::failing("inference", "v2", 503).await);
-        let (_inf1, _inf2) = tokio::join!(
+        let broken = Backend::failing("flaky", "v1", 503).await;
+        let (_inf1, _inf2, _flaky) = tokio::join!(
             Sidecar::start(&urls, "inference", "version=v1,region=b", good.addr, "inf-1"),
             // In the caller's region, so tried first until it is ejected.
             Sidecar::start(&urls, "inference", "version=v2,region=a", bad.addr, "inf-2"),
+            // A service that always fails, whose route falls back to inference.
+            Sidecar::start(&urls, "flaky", "", broken.addr, "flaky-1"),
         );
         apply(
             &control.url(),
-            "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    retry: { attempts: 2, on: [5xx] }\n---\nkind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 1, base_ejection: 30s, max_ejection_percent: 50 }\n",
+            "kind: Route\nservice: flaky\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    fallback: { service: inference }\n---\nkind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    retry: { attempts: 2, on: [5xx] }\n---\nkind: Resilience\nservice: inference\ncircuit_breaker: { consecutive_failures: 1, base_ejection: 30s, max_ejection_percent: 50 }\n",
         )
         .await;
         let app = Backend::http("agent", "v1").await;
@@ -139,6 +142,23 @@ fn an_unchanged_app_is_captured_http_gets_the_mesh_and_other_tcp_passes_through(
         );
         assert!(metric(&m, "weft_retries_total", &["service=\"inference\""]) >= 1.0, "a retry happened: {m}");
         assert!(good.mode.hits.load(std::sync::atomic::Ordering::SeqCst) >= 20);
+        // Fallen back, as through the explicit listener.
+        let fallback =
+            as_app(&format!("curl -s -D - -o /dev/null --resolve flaky:8080:{INFERENCE_IP} http://flaky:8080/v1/run"))
+                .await
+                .to_ascii_lowercase();
+        assert!(fallback.starts_with("http/1.1 200"), "{fallback}");
+        assert!(fallback.contains("x-served-by: inference/v1"), "{fallback}");
+        assert!(fallback.contains("fallback"), "marked degraded: {fallback}");
+        // The sidecar's own upstream connections went through the chain and
+        // were let go by its user's rule (nothing looped: every call above
+        // was answered).
+        let counters =
+            Command::new("iptables").args(["-t", "nat", "-L", "WEFT_OUTPUT", "-v", "-n", "-x"]).output().unwrap();
+        let counters = String::from_utf8_lossy(&counters.stdout).into_owned();
+        let own = counters.lines().find(|l| l.contains("owner UID match 0")).unwrap_or_else(|| panic!("{counters}"));
+        let packets: u64 = own.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(packets >= 3, "the sidecar's connections matched its user's rule: {counters}");
 
         // HTTP for no mesh service goes where the app sent it.
         let web = as_app(&format!("curl -s -D - -o /dev/null http://{OUTSIDE_IP}:7002/")).await;
