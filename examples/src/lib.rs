@@ -274,8 +274,11 @@ async fn call(info: &Info, rest: &str, req: Request<Incoming>) -> Response<Body>
     let (service, path) = rest.split_once('/').unwrap_or((rest, ""));
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut upstream = Request::builder().uri(format!("http://{outbound}/{path}")).header("host", service);
+    // Like an app that knows nothing of deadlines: the trace context and
+    // its own x- headers go on, the time left does not (its sidecar holds
+    // the onward call to the deadline by the trace).
     for (k, v) in req.headers() {
-        if k.as_str().starts_with("x-") || k.as_str() == "traceparent" {
+        if (k.as_str().starts_with("x-") && k.as_str() != "x-weft-deadline-ms") || k.as_str() == "traceparent" {
             upstream = upstream.header(k, v);
         }
     }

@@ -90,10 +90,12 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     let client_tls = opts.workload.as_ref().map(|w| Arc::new(ClientTls::new(w).expect("a checked bundle")));
     let server_tls =
         opts.workload.as_ref().map(|w| Arc::new(ServerTls::new(w, opts.inbound_mtls).expect("a checked bundle")));
+    let deadlines = Arc::new(crate::http::deadline::Linked::default());
     let outbound = Arc::new(Outbound {
         shared: shared.clone(),
         sender: Upstream::new(client_tls),
         replay_limit: opts.replay_limit,
+        deadlines: deadlines.clone(),
     });
     let vips = Arc::new(crate::dns::Vips::new(opts.vip_cidr));
     let dns = match (listeners.dns, opts.dns_upstream) {
@@ -103,6 +105,16 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         }
         _ => None,
     };
+    let deadline_sweep = {
+        let deadlines = deadlines.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                deadlines.sweep();
+            }
+        })
+    };
     let mesh = Arc::new(Mesh { outbound: outbound.clone(), vips });
     let inbound = Arc::new(Inbound {
         shared: shared.clone(),
@@ -110,6 +122,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         upstream: Upstream::new(None),
         app_timeout: opts.app_timeout,
         tcp_ports: opts.tcp_ports.clone(),
+        deadlines: deadlines.clone(),
     });
     let (accept_tx, accept_rx) = watch::channel(false);
     let out_conns = Tracker::new("outbound", listener::Limits { call_timeout: None, ..opts.limits });
@@ -160,6 +173,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
     }
     probe.abort();
     housekeeping.iter().for_each(|t| t.abort());
+    deadline_sweep.abort();
     admin.abort();
     if let Some(dns) = dns {
         dns.abort();

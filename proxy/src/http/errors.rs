@@ -47,6 +47,10 @@ pub(crate) enum ProxyError {
     Forbidden { caller: String, method: String, path: String, service: String },
     #[error("TCP to port {port} of '{service}' is not served: {why}")]
     TcpPort { port: String, service: String, why: &'static str },
+    #[error("not a deadline: {0}")]
+    BadDeadline(String),
+    #[error("the call's deadline has passed ({0})")]
+    DeadlineExceeded(&'static str),
     #[error("too many open streams (tunnels, upgrades, TCP) at this sidecar")]
     TooManyStreams,
     #[error("fault injected by route policy")]
@@ -64,8 +68,9 @@ impl ProxyError {
             | ProxyError::BadAuthority(_)
             | ProxyError::DuplicateHost
             | ProxyError::BadTenant(_)
-            | ProxyError::ClientBody(_) => "bad-request",
-            ProxyError::Timeout { .. } => "timeout",
+            | ProxyError::ClientBody(_)
+            | ProxyError::BadDeadline(_) => "bad-request",
+            ProxyError::Timeout { .. } | ProxyError::DeadlineExceeded(_) => "timeout",
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::Upstream { .. } => "upstream-failure",
             ProxyError::Reset { .. } => "reset",
@@ -90,8 +95,9 @@ impl ProxyError {
             | ProxyError::BadRequestBody(_)
             | ProxyError::DuplicateHost
             | ProxyError::BadTenant(_)
-            | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            | ProxyError::ClientBody(_)
+            | ProxyError::BadDeadline(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Timeout { .. } | ProxyError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Reset { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -110,8 +116,9 @@ impl ProxyError {
             | ProxyError::DuplicateHost
             | ProxyError::BadTenant(_)
             | ProxyError::BadRequestBody(_)
-            | ProxyError::ClientBody(_) => 3, // INVALID_ARGUMENT
-            ProxyError::Timeout { .. } => 4,   // DEADLINE_EXCEEDED
+            | ProxyError::ClientBody(_)
+            | ProxyError::BadDeadline(_) => 3, // INVALID_ARGUMENT
+            ProxyError::Timeout { .. } | ProxyError::DeadlineExceeded(_) => 4, // DEADLINE_EXCEEDED
             ProxyError::UnknownService(_) => 5, // NOT_FOUND
             _ => 14,                           // UNAVAILABLE
         }

@@ -35,6 +35,9 @@ pub(crate) struct Inbound {
     /// The app's ports besides `app`'s that mesh TCP may open
     /// (`--app-ports`).
     pub(crate) tcp_ports: Vec<u16>,
+    /// Deadlines of the calls the app serves, by trace id, for the outbound
+    /// side ([`crate::http::deadline`]).
+    pub(crate) deadlines: Arc<crate::http::deadline::Linked>,
 }
 
 impl Inbound {
@@ -49,6 +52,19 @@ impl Inbound {
         let caller = conn.peer();
         let authz = own.as_ref().and_then(|s| s.authorization.as_deref());
         let vouched = take_internal(&mut req);
+        // The time the caller left this call: none left, refused at once.
+        let left = match crate::http::deadline::carried(req.headers()) {
+            Ok(Some(left)) if left.is_zero() => {
+                degraded.timeout = true;
+                let e = ProxyError::DeadlineExceeded("it had passed when the call arrived");
+                return finish(Err(e), &degraded, grpc, "inbound", service, "-", started);
+            }
+            Ok(left) => left,
+            Err(e) => return finish(Err(e), &degraded, grpc, "inbound", service, "-", started),
+        };
+        if let Some(left) = left {
+            self.remember_deadline(&req, left);
+        }
         let tenant = match single_host(&req).and_then(|()| self.tenant(&mut req, caller, authz, vouched)) {
             Ok(t) => t,
             Err(e) => return finish(Err(e), &degraded, grpc, "inbound", service, "-", started),
@@ -109,7 +125,10 @@ impl Inbound {
         };
         let client = ClientBodyWatch::new(req.body());
         let req = req.map(|b| stream(b, &client));
-        let mut sent = if req.version() < http::Version::HTTP_2 {
+        let mut sent = if let Some(left) = left.filter(|l| *l < self.app_timeout) {
+            // The caller's deadline is sooner than the app timeout.
+            self.upstream.send(Peer::plain(self.app), req, Some(left)).await
+        } else if req.version() < http::Version::HTTP_2 {
             // The connection's sweeper keeps the time: no timer per call.
             conn.deadline(self.upstream.send(Peer::plain(self.app), req, None)).await.unwrap_or_else(|()| {
                 Err(transport::Error::Timeout { addr: self.app.to_string(), ms: self.app_timeout.as_millis() as u64 })
@@ -118,6 +137,7 @@ impl Inbound {
             self.upstream.send(Peer::plain(self.app), req, Some(self.app_timeout)).await
         }
         .map_err(ProxyError::from);
+        degraded.timeout |= matches!(sent, Err(ProxyError::Timeout { .. }));
         if let Err(e) = &mut sent
             && client.failed()
         {
@@ -135,6 +155,17 @@ impl Inbound {
             resp.map(|b| Either::Left(Tapped::new(b, guard, usage)))
         });
         finish(result, &degraded, grpc, "inbound", service, &tenant, started)
+    }
+
+    /// Remembers the call's deadline under its trace id, for the calls its
+    /// app makes on ([`crate::http::deadline`]).
+    #[cold]
+    fn remember_deadline<B>(&self, req: &Request<B>, left: std::time::Duration) {
+        if let Some(trace) =
+            req.headers().get(&crate::http::headers::TRACEPARENT).and_then(crate::http::deadline::trace_id)
+        {
+            self.deadlines.record(trace, tokio::time::Instant::now() + left);
+        }
     }
 
     /// The tenant the call counts under. Over mTLS: the tenant header when

@@ -1,6 +1,8 @@
 //! One outbound call, phase by phase:
 //!
-//! 1. [`run`]: the rule that applies and the call's deadline;
+//! 1. [`run`]: the rule that applies and the call's deadline (the route's
+//!    timeout, or the caller's, whichever is sooner: see
+//!    [`crate::http::deadline`]), each try stamped with the time left;
 //! 2. [`Call::prepare`]: its body (kept for another try, or streamed once)
 //!    and how many tries it may have;
 //! 3. [`Call::admit`]: the service's concurrency cap;
@@ -79,8 +81,14 @@ pub(crate) async fn run<S: Sender>(
     grpc: bool,
     req: Request<Incoming>,
     degraded: &mut Degraded,
+    outer: Option<Instant>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let mut call = Call::new(out, svc, tenant, grpc, &req, degraded);
+    let mut call = Call::new(out, svc, tenant, grpc, &req, degraded, outer);
+    if call.deadline.is_some_and(|d| d <= Instant::now()) {
+        // Its time was up before it started: nothing is sent.
+        call.degraded.timeout = true;
+        return Err(ProxyError::DeadlineExceeded("it passed before the call was sent"));
+    }
     let (parts, body) = req.into_parts();
     let mut body = call.prepare(&parts, body).await?;
     call.head = Some(parts);
@@ -108,11 +116,31 @@ pub(crate) async fn run<S: Sender>(
             break;
         }
         attempt += 1;
-        tokio::time::sleep(retry::backoff(attempt)).await;
+        // The backoff never outlives the deadline.
+        let backoff = retry::backoff(attempt);
+        match call.deadline {
+            Some(d) => tokio::time::sleep_until(d.min(Instant::now() + backoff)).await,
+            None => tokio::time::sleep(backoff).await,
+        }
     }
     match call.conclude() {
         Concluded::Answer(r) => r,
-        Concluded::FallBack(e) => Box::pin(call.fall_back(&mut body, e)).await,
+        // Nor does the fallback (the route's own timeout leads to its
+        // fallback; the caller's deadline ends the call).
+        Concluded::FallBack(e) => match call.outer {
+            Some(d) if d <= Instant::now() => {
+                call.degraded.timeout = true;
+                Err(e)
+            }
+            Some(d) => match tokio::time::timeout_at(d, Box::pin(call.fall_back(&mut body, e))).await {
+                Ok(r) => r,
+                Err(_) => {
+                    call.degraded.timeout = true;
+                    Err(ProxyError::DeadlineExceeded("it passed during the fallback"))
+                }
+            },
+            None => Box::pin(call.fall_back(&mut body, e)).await,
+        },
     }
 }
 
@@ -122,6 +150,8 @@ pub(crate) struct Call<'a, S> {
     rule: Option<&'a Rule>,
     grpc: bool,
     deadline: Option<Instant>,
+    /// The caller's deadline (or its trace's), when it has one.
+    outer: Option<Instant>,
     /// The request head; cloned for each try when another may follow.
     head: Option<Parts>,
     reuse: bool,
@@ -144,14 +174,20 @@ impl<'a, S: Sender> Call<'a, S> {
         grpc: bool,
         req: &Request<B>,
         degraded: &'a mut Degraded,
+        outer: Option<Instant>,
     ) -> Call<'a, S> {
         let rule = route::rule_for(svc, tenant, req);
+        let own = rule.and_then(|r| r.timeout).map(|t| Instant::now() + t);
         Call {
             out,
             svc,
             rule,
             grpc,
-            deadline: rule.and_then(|r| r.timeout).map(|t| Instant::now() + t),
+            deadline: match (own, outer) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            outer,
             head: None,
             reuse: false,
             may_retry: false,
@@ -217,6 +253,10 @@ impl<'a, S: Sender> Call<'a, S> {
         let head = if self.reuse { clone_parts(self.head.as_ref()?) } else { self.head.take()? };
         let mut req = Request::from_parts(head, b);
         *req.extensions_mut() = http::Extensions::new();
+        if let Some(d) = self.deadline {
+            // The next hop keeps to the time left.
+            crate::http::deadline::stamp(req.headers_mut(), d, self.grpc);
+        }
         let injected = fault::draw(self.rule.and_then(|r| r.fault.as_ref()), &req);
         Some(Try { endpoint, admission, req, injected })
     }

@@ -66,12 +66,22 @@ impl Sender for Upstream {
     }
 }
 
+/// What a call comes with besides its request: where a captured call was
+/// going, and the deadline the caller set (or its trace is held to).
+struct Given {
+    egress: Option<SocketAddr>,
+    outer: Option<tokio::time::Instant>,
+}
+
 pub(crate) struct Outbound<S = Upstream> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) sender: S,
     /// Request bodies with a declared length up to this are buffered so they
     /// can be retried or sent to a fallback; larger ones stream through.
     pub(crate) replay_limit: u64,
+    /// Deadlines of the calls the app serves, by trace id (recorded by the
+    /// inbound side): its calls within a trace keep to them.
+    pub(crate) deadlines: Arc<crate::http::deadline::Linked>,
 }
 
 impl<S: Sender> Outbound<S> {
@@ -93,6 +103,23 @@ impl<S: Sender> Outbound<S> {
                 Ok(st) => st,
                 Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", "-", started),
             };
+        // What the caller asked for, and the deadline of the call its app is
+        // serving within the same trace.
+        let asked = match crate::http::deadline::carried(req.headers()) {
+            Ok(d) => d.map(|d| tokio::time::Instant::now() + d),
+            Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", "-", started),
+        };
+        let linked = match self.deadlines.is_empty() {
+            true => None,
+            false => {
+                let trace = req.headers().get(&TRACEPARENT).and_then(crate::http::deadline::trace_id);
+                trace.and_then(|t| self.deadlines.get(t))
+            }
+        };
+        let outer = match (asked, linked) {
+            (Some(a), Some(l)) => Some(a.min(l)),
+            (a, l) => a.or(l),
+        };
         ensure_traceparent(&mut req);
         let upgrade = transport::upgrade::client_side(&mut req);
         if self.shared.workload.is_some() {
@@ -100,7 +127,7 @@ impl<S: Sender> Outbound<S> {
         }
         // A cheap clone (shared bytes); parsed only if the call is degraded.
         let traceparent = req.headers().get(&TRACEPARENT).cloned();
-        let mut result = self.forward(&service, &tenant, grpc, req, &mut degraded, egress).await;
+        let mut result = self.forward(&service, &tenant, grpc, req, &mut degraded, Given { egress, outer }).await;
         if let (Some(client), Ok(resp)) = (upgrade, &mut result) {
             transport::upgrade::splice(client, resp, "outbound");
         }
@@ -124,7 +151,7 @@ impl<S: Sender> Outbound<S> {
         grpc: bool,
         req: Request<Incoming>,
         degraded: &mut Degraded,
-        egress: Option<SocketAddr>,
+        Given { egress, outer }: Given,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let svc = match self.resolve(service).await {
             Ok(svc) if svc.known => svc,
@@ -134,7 +161,7 @@ impl<S: Sender> Outbound<S> {
             Err(e) => return Err(e),
         };
         degraded.stale_config = !self.shared.control_connected.load(std::sync::atomic::Ordering::Relaxed);
-        call::run(self, &svc, tenant, grpc, req, degraded).await
+        call::run(self, &svc, tenant, grpc, req, degraded, outer).await
     }
 
     /// Sends a captured call for no mesh service to its original

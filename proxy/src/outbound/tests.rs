@@ -159,7 +159,7 @@ fn outbound(mock: Mock, cfgs: Vec<pb::ServiceConfig>) -> Arc<Outbound<Mock>> {
     }
     shared.table.store(Arc::new(table));
     shared.control_connected.store(true, std::sync::atomic::Ordering::Relaxed);
-    Arc::new(Outbound { shared, sender: mock, replay_limit: 1024 * 1024 })
+    Arc::new(Outbound { shared, sender: mock, replay_limit: 1024 * 1024, deadlines: Default::default() })
 }
 
 /// A request with a real `Incoming` body, off an in-memory connection.
@@ -200,10 +200,15 @@ async fn incoming_to(host: &'static str, method: &str, body: &'static str) -> Re
 /// One call through `out`: the answer's status (or the error's), and the
 /// degraded marks.
 async fn call(out: &Arc<Outbound<Mock>>, method: &str) -> (u16, Degraded) {
+    call_within(out, method, None).await
+}
+
+/// [`call`], held to a deadline the caller set.
+async fn call_within(out: &Arc<Outbound<Mock>>, method: &str, outer: Option<Instant>) -> (u16, Degraded) {
     let req = incoming(method, if method == "POST" { "payload" } else { "" }).await;
     let mut degraded = Degraded::default();
     let svc: Arc<Service> = out.resolve("inference").await.unwrap();
-    let result = super::call::run(out, &svc, "default", false, req, &mut degraded).await;
+    let result = super::call::run(out, &svc, "default", false, req, &mut degraded, outer).await;
     let status = match result {
         Ok(resp) => {
             let status = resp.status().as_u16();
@@ -494,4 +499,36 @@ async fn injected_aborts_are_retried_and_never_count_against_the_endpoint() {
     let svc = out.shared.table.load().services["inference"].clone();
     let e = &svc.all_ready[0];
     assert!(!e.health.is_ejected(crate::clock::now_ms()), "one failure ejects, yet the endpoint is not ejected");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_callers_deadline_cuts_the_routes_timeouts_backoff_and_fallback() {
+    // The route would allow 10 s, tries of 5 s, three attempts and a
+    // fallback; the caller has 400 ms.
+    let route = "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    timeout: 10s\n    retry: { attempts: 3, per_try_timeout: 5s, on: [5xx] }\n    fallback: { status: 200, body: late }\n";
+    let mock = Mock::default().on(1, &[Reply::Hang]).on(2, &[Reply::Hang]);
+    let out = outbound(mock.clone(), vec![service(&format!("{route}{GENEROUS}"), &[1, 2])]);
+    let started = Instant::now();
+    let (status, degraded) = call_within(&out, "GET", Some(started + Duration::from_millis(400))).await;
+    assert_eq!(status, 504, "no fallback after the deadline");
+    assert!(degraded.timeout);
+    assert_eq!(started.elapsed(), Duration::from_millis(400), "ended at the caller's deadline");
+    assert_eq!(mock.tries().len(), 1, "the one try took all the time left");
+
+    // Already past: nothing is sent.
+    let mock = Mock::default().on(1, &[Reply::Status(200)]);
+    let out = outbound(mock.clone(), vec![service(route, &[1])]);
+    let (status, degraded) = call_within(&out, "GET", Some(Instant::now())).await;
+    assert_eq!(status, 504);
+    assert!(degraded.timeout);
+    assert!(mock.tries().is_empty());
+
+    // A sooner route timeout still counts.
+    let short = route.replace("timeout: 10s", "timeout: 100ms").replace("per_try_timeout: 5s", "per_try_timeout: 50ms");
+    let mock = Mock::default().on(1, &[Reply::Hang]);
+    let out = outbound(mock.clone(), vec![service(&format!("{short}{GENEROUS}"), &[1])]);
+    let started = Instant::now();
+    let (status, _) = call_within(&out, "GET", Some(started + Duration::from_secs(5))).await;
+    assert_eq!(status, 200, "the route's own fallback, within the caller's time");
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
 }
