@@ -20,6 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
 QUICK=${BENCH_QUICK:-0}
+# BENCH_ONLY=capture: only the captured-vs-explicit comparison, printed
+# (BENCHMARKS.md untouched); BENCH_CAPTURE_ROUNDS sets its rounds.
 # BENCH_ONLY=callgrind: only the instructions per request (no wrk, no
 # BENCHMARKS.md); WEFT_PROXY_BIN measures another weft-proxy binary (e.g. a
 # build of an earlier commit) with this build's control plane and load tools.
@@ -260,6 +262,8 @@ if [ "$ONLY" != callgrind ]; then
 # Each round starts one scenario later, so no path always runs right after
 # the same other one.
 rotate() { local r=$1; shift; local a=("$@") n=$#; for i in $(seq 0 $((n - 1))); do echo "${a[$(((i + r - 1) % n))]}"; done; }
+OPEN_DURATION=${BENCH_OPEN_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 4)}
+if [ "$ONLY" != capture ]; then
 # Closed loop, 16 connections, interleaved rounds; CPU per 1000 requests.
 for r in $(seq 1 "$ROUNDS"); do
   for s in $(rotate "$r" "${ORDER[@]}"); do
@@ -287,7 +291,6 @@ RSS_LOAD_IN=$(rss_mb "$(pid_of bench-in)"); RSS_LOAD_OUT=$(rss_mb "$(pid_of benc
 OPEN_ORDER=(direct weft-1hop nginx haproxy weft-2hops haproxy-2hops)
 # Interleaved rounds, like the closed loop: one run per scenario is at the
 # mercy of whatever else the shared machine does in those seconds.
-OPEN_DURATION=${BENCH_OPEN_DURATION:-$([ "$QUICK" = 1 ] && echo 2 || echo 4)}
 for r in $(seq 1 "$ROUNDS"); do
   for rate in 1000 5000; do
     conns=$([ "$rate" = 1000 ] && echo 16 || echo 64)
@@ -393,7 +396,27 @@ for s in "${TLS2[@]}"; do
 done
 RSS_TLS_IN=$(rss_mb "$(pid_of bench-tls-in)"); RSS_TLS_OUT=$(rss_mb "$(pid_of bench-tls-out)")
 RSS_HAP_TLS_IN=$(rss_mb "$(haproxy_pid haproxy-tls-in)"); RSS_HAP_TLS_OUT=$(rss_mb "$(haproxy_pid haproxy-tls-out)")
+fi # ONLY != capture
 
+# The capture comparison's table and its summary line (medians of cap.txt
+# and the open-loop runs).
+median() { sort -n | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2 }'; }
+tmed() { awk -v s="$1" -v c="$2" '$1==s {print $c}' "$3" | median; }
+capture_table() {
+  cap_open() { # scenario key
+    python3 -c "import json,glob,statistics,sys; s,k=sys.argv[1:3]
+v=[json.load(open(f))[k] for f in sorted(glob.glob(f'$WORK/cap-open-{s}-*.json'))]
+print(f'{statistics.median(v):.3f}')" "$1" "$2"
+  }
+  echo "| path | req/s (wrk -c$CONNS) | p50 ms | p99 ms | proxy CPU ms / 1000 req | 1000/s p50 ms | p99 ms |"
+  echo "|---|---|---|---|---|---|---|"
+  for s in explicit captured; do
+    echo "| $s | $(tmed "$s" 2 "$WORK/cap.txt" | awk '{printf "%.0f", $1}') | $(tmed "$s" 3 "$WORK/cap.txt") | $(tmed "$s" 4 "$WORK/cap.txt") | $(tmed "$s" 5 "$WORK/cap.txt") | $(cap_open "$s" p50_ms) | $(cap_open "$s" p99_ms) |"
+  done
+  echo
+  awk -v ce="$(tmed explicit 5 "$WORK/cap.txt")" -v cc="$(tmed captured 5 "$WORK/cap.txt")" -v pe="$(cap_open explicit p50_ms)" -v pc="$(cap_open captured p50_ms)" \
+    'BEGIN { printf "Captured against explicit: CPU per request %+.1f %%, open-loop p50 %+.3f ms.\n", 100 * (cc - ce) / ce, pc - pe }'
+}
 # Transparent capture: the same two-sidecar path dialled explicitly
 # (127.0.0.1:4140, Host) and captured (an unchanged client dialling
 # backend:8080), in a network namespace of the bench's own with its own
@@ -439,7 +462,7 @@ declare -A CAP_HOST=([explicit]=backend [captured]=backend:8080)
 CAP_PIDS="$(pgrep -f 'weft-proxy.*--id ns-in$' | head -1) $(pgrep -f 'weft-proxy.*--id ns-out$' | head -1)"
 # More rounds than elsewhere: the differences looked for (a few per cent
 # of CPU, hundredths of a millisecond) are smaller than one round's noise.
-CAP_ROUNDS=$((ROUNDS < 7 && QUICK != 1 ? 7 : ROUNDS))
+CAP_ROUNDS=${BENCH_CAPTURE_ROUNDS:-$((ROUNDS < 7 && QUICK != 1 ? 7 : ROUNDS))}
 for r in $(seq 1 "$CAP_ROUNDS"); do
   for s in $(rotate "$r" explicit captured); do
     before=$(cpu_ms $CAP_PIDS)
@@ -455,6 +478,10 @@ for r in $(seq 1 "$CAP_ROUNDS"); do
   done
 done
 "${NSX[@]}" "$BIN/weft-proxy" init --uninstall >/dev/null
+if [ "$ONLY" = capture ]; then
+  capture_table
+  exit 0
+fi
 
 fi # ONLY != callgrind
 
@@ -563,7 +590,6 @@ for n in $SIM_SIZES; do
   kill "$SIMPID" 2>/dev/null || true
 done
 
-median() { sort -n | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2 }'; }
 declare -A RPS P50 P99 CPU RPS64
 for s in "${ORDER[@]}"; do
   RPS[$s]=$(awk -v s="$s" '$1==s {print $2}' "$WORK/results.txt" | median)
@@ -648,7 +674,6 @@ print('-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v))" "$1" "
   echo
   echo "weft's sidecars with certificates from their control plane's CA (strict inbound mTLS) beside HAProxy terminating and originating TLS with client certificates from the same CA (\`weftctl ca issue\`), in the same run: TLS 1.3, ECDSA P-256, client certificates required and verified on every hop, one worker each, pinned to CPU 0. Two hops: a plaintext client (wrk), mTLS between the two proxies, plaintext to the backend — the mesh shape. One hop: the client (\`weft-load\` with a certificate) speaks mTLS to the proxy, which sends plaintext to the backend. $ROUNDS round(s), interleaved, medians."
   echo
-  tmed() { awk -v s="$1" -v c="$2" '$1==s {print $c}' "$3" | median; }
   echo "| two hops, closed loop (wrk -c$CONNS) | req/s | vs haproxy-2hops-tls | p50 ms | p99 ms | req/s (-c64) | proxy CPU ms / 1000 req |"
   echo "|---|---|---|---|---|---|---|"
   for s in "${TLS2[@]}"; do
@@ -687,19 +712,7 @@ print(sum(v) if k=='errors' else f'{statistics.median(v):.3f}')" "$1" "$2" "$3"
   echo
   echo "The two-sidecar path in a network namespace of its own, dialled explicitly (\`127.0.0.1:4140\`, \`Host: backend\`) and captured (\`weft-proxy init\`; the client dials \`10.78.0.2:8080\` with \`Host: backend:8080\` as an unchanged app calling \`http://backend:8080/\` does), same processes, same run, $CAP_ROUNDS round(s) interleaved, medians; proxy CPU is both sidecars. Open loop: \`weft-load\` at 1000/s on 16 connections."
   echo
-  cap_open() { # scenario key
-    python3 -c "import json,glob,statistics,sys; s,k=sys.argv[1:3]
-v=[json.load(open(f))[k] for f in sorted(glob.glob(f'$WORK/cap-open-{s}-*.json'))]
-print(f'{statistics.median(v):.3f}')" "$1" "$2"
-  }
-  echo "| path | req/s (wrk -c$CONNS) | p50 ms | p99 ms | proxy CPU ms / 1000 req | 1000/s p50 ms | p99 ms |"
-  echo "|---|---|---|---|---|---|---|"
-  for s in explicit captured; do
-    echo "| $s | $(tmed "$s" 2 "$WORK/cap.txt" | awk '{printf "%.0f", $1}') | $(tmed "$s" 3 "$WORK/cap.txt") | $(tmed "$s" 4 "$WORK/cap.txt") | $(tmed "$s" 5 "$WORK/cap.txt") | $(cap_open "$s" p50_ms) | $(cap_open "$s" p99_ms) |"
-  done
-  echo
-  awk -v ce="$(tmed explicit 5 "$WORK/cap.txt")" -v cc="$(tmed captured 5 "$WORK/cap.txt")" -v pe="$(cap_open explicit p50_ms)" -v pc="$(cap_open captured p50_ms)" \
-    'BEGIN { printf "Captured against explicit: CPU per request %+.1f %%, open-loop p50 %+.3f ms.\n", 100 * (cc - ce) / ce, pc - pe }'
+  capture_table
   echo
   echo "## Memory"
   echo
