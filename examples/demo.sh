@@ -222,6 +222,45 @@ else
   for i in $(seq 1 5); do "${AS_APP[@]}" curl -s http://inference:8080/v1/run; done
   echo "the agent's sidecar saw them:"
   "${NSX[@]}" curl -s "http://$(addr ns-agent admin)/metrics" | grep -E '^weft_requests_total\{direction="outbound",service="inference"' || true
+
+  say "a deadline across three services: the unchanged app -> tool -> inference"
+  # tool is an app that calls inference through its own sidecar and passes
+  # on only the trace context; its route gives the whole chain 500 ms.
+  port TO
+  start ns-tool-app "${NSX[@]}" "$BIN/weft-example-service" --listen 127.0.0.1:0 --service tool --version v1 --outbound "127.0.0.1:$TO"
+  wait_line "$WORK/ns-tool-app.out" listening
+  start ns-tool "${NSX[@]}" "$BIN/weft-proxy" --control "$NSC" --service tool \
+    --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/ns-tool-app.out")" --inbound 127.0.0.1:0 --outbound "127.0.0.1:$TO" --admin 127.0.0.1:0 --id ns-tool
+  wait_line "$WORK/ns-tool.out" listening
+  "${NSX[@]}" "$BIN/weftctl" --control "$NSC" apply -f - <<'YAML'
+kind: Route
+service: tool
+rules:
+  - backends: [ { subset: {}, weight: 1 } ]
+    timeout: 500ms
+---
+kind: Route
+service: inference
+rules:
+  - match: { path_prefix: /slow }
+    backends: [ { subset: {}, weight: 1 } ]
+    timeout: 30s
+    fault: { delay: { duration: 3s, percent: 100 } }
+  - backends: [ { subset: {}, weight: 1 } ]
+YAML
+  for _ in $(seq 1 100); do
+    [ "$("${AS_APP[@]}" curl -s -o /dev/null -w '%{http_code}' http://tool:8080/)" = 200 ] && break
+    sleep 0.1
+  done
+  echo "inference's own route would wait 30 s, and a 3 s delay is injected on /slow:"
+  "${AS_APP[@]}" curl -s -o /dev/null -w 'curl http://tool:8080/call/inference/slow -> %{http_code} after %{time_total} s\n' \
+    http://tool:8080/call/inference/slow
+  echo "tool's sidecar ended its own call to inference at the chain's deadline (504), not after 3 s:"
+  for _ in $(seq 1 50); do
+    "${NSX[@]}" curl -s "http://$(addr ns-tool admin)/metrics" | grep -qE '^weft_requests_total\{direction="outbound",service="inference".*code="504"' && break
+    sleep 0.1
+  done
+  "${NSX[@]}" curl -s "http://$(addr ns-tool admin)/metrics" | grep -E '^weft_requests_total\{direction="outbound",service="inference"' || true
   "${NSX[@]}" "$BIN/weft-proxy" init --uninstall
 fi
 
