@@ -344,6 +344,9 @@ impl pb::inference_server::Inference for InferenceService {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
+                if m.delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(m.delay_ms.into())).await;
+                }
                 let reply = pb::InferReply { text: format!("re: {}", m.prompt), served_by: served_by.clone() };
                 if tx.send(Ok(reply)).await.is_err() {
                     return;

@@ -772,7 +772,8 @@ pub async fn h2_send(
 }
 
 /// A WebSocket echo app on a free loopback port. A text message `slow`
-/// is echoed after 1.2 s, as a slow model would answer.
+/// is echoed after 1.2 s, as a slow model would answer (the app's own
+/// latency, simulated: nothing waits on the system here).
 pub async fn ws_echo() -> SocketAddr {
     use futures_util::{SinkExt, StreamExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -73,10 +73,17 @@ async fn the_callee_allows_only_the_callers_its_policy_names_over_http_and_grpc(
 
     // gRPC: PERMISSION_DENIED.
     let mut client = harness::inference_client(agent.outbound, "http://model:50051").await;
-    let reply = client.infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 }).await.unwrap().into_inner();
+    let reply = client
+        .infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(reply.text, "echo: hi");
     let mut client = harness::inference_client(billing.outbound, "http://model:50051").await;
-    let err = client.infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 }).await.unwrap_err();
+    let err = client
+        .infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1, ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("spiffe://weft.local/svc/billing may not call POST"), "{}", err.message());
 

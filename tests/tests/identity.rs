@@ -157,10 +157,17 @@ async fn sidecars_speak_mtls_the_callee_learns_who_called_and_plaintext_is_refus
     assert_eq!(headers["echo-x-weft-client-id"], "spiffe://weft.local/svc/agent");
     // gRPC, unary and streaming.
     let mut client = harness::inference_client(agent.outbound, "http://model:50051").await;
-    let reply = client.infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 }).await.unwrap().into_inner();
+    let reply = client
+        .infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(reply.text, "echo: hi");
-    let mut stream =
-        client.generate(example_pb::InferRequest { prompt: "t".into(), tokens: 3 }).await.unwrap().into_inner();
+    let mut stream = client
+        .generate(example_pb::InferRequest { prompt: "t".into(), tokens: 3, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let mut n = 0;
     while let Some(m) = tokio_stream::StreamExt::next(&mut stream).await {
         m.unwrap();

@@ -135,16 +135,15 @@ async fn long_streams_outlive_the_timeouts_meant_for_the_answers_head() {
     let (status, _, body) = harness::h2_send(agent.outbound, "inference", path, &[]).await.unwrap();
     assert_eq!((status, body.lines().count()), (200, 6), "h2c: {body}");
 
-    // gRPC: a chat whose messages come 250 ms apart, each answered.
+    // gRPC: a chat whose every answer takes the app 250 ms, 1.25 s in all.
     let mut client = harness::inference_client(agent.outbound, "http://model").await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut replies = client.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     for i in 0..5 {
-        tx.send(harness::example_pb::InferRequest { prompt: format!("m{i}"), ..Default::default() }).await.unwrap();
+        let m = harness::example_pb::InferRequest { prompt: format!("m{i}"), delay_ms: 250, ..Default::default() };
+        tx.send(m).await.unwrap();
         let reply = replies.message().await.expect("the stream is open").expect("a reply");
         assert_eq!(reply.text, format!("re: m{i}"));
-        // The caller thinks between messages (the gap is the test's point).
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     drop(tx);
     assert!(replies.message().await.unwrap().is_none(), "the stream ends cleanly");

@@ -97,18 +97,28 @@ async fn grpc_unary_and_streaming_through_two_sidecars() {
     );
     let mut client = harness::inference_client(caller.outbound, "http://inference:50051").await;
 
-    let reply = client.infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 }).await.unwrap().into_inner();
+    let reply = client
+        .infer(example_pb::InferRequest { prompt: "hi".into(), tokens: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(reply.text, "echo: hi");
     assert_eq!(reply.served_by, "inference/v1");
 
     // An error status in trailers comes through as the app's status.
-    let err = client.infer(example_pb::InferRequest { prompt: "fail".into(), tokens: 1 }).await.unwrap_err();
+    let err = client
+        .infer(example_pb::InferRequest { prompt: "fail".into(), tokens: 1, ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert_eq!(err.message(), "asked to fail");
 
     // Server streaming.
-    let mut stream =
-        client.generate(example_pb::InferRequest { prompt: "tok".into(), tokens: 5 }).await.unwrap().into_inner();
+    let mut stream = client
+        .generate(example_pb::InferRequest { prompt: "tok".into(), tokens: 5, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let mut got = Vec::new();
     while let Some(m) = stream.next().await {
         got.push(m.unwrap().text);
@@ -119,7 +129,7 @@ async fn grpc_unary_and_streaming_through_two_sidecars() {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut replies = client.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     for i in 0..3 {
-        tx.send(example_pb::InferRequest { prompt: format!("m{i}"), tokens: 1 }).await.unwrap();
+        tx.send(example_pb::InferRequest { prompt: format!("m{i}"), tokens: 1, ..Default::default() }).await.unwrap();
         let r = tokio::time::timeout(Duration::from_secs(10), replies.next()).await.unwrap().unwrap().unwrap();
         assert_eq!(r.text, format!("re: m{i}"));
     }
@@ -129,7 +139,7 @@ async fn grpc_unary_and_streaming_through_two_sidecars() {
     // A gRPC call to an unknown service gets a real grpc-status.
     let err = harness::inference_client(caller.outbound, "http://nosuch")
         .await
-        .infer(example_pb::InferRequest { prompt: "x".into(), tokens: 1 })
+        .infer(example_pb::InferRequest { prompt: "x".into(), tokens: 1, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");

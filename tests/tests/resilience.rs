@@ -114,7 +114,7 @@ async fn grpc_status_in_trailers_counts_for_the_breaker() {
     let caller = &bed.caller.sidecar;
     let client = harness::inference_client(caller.outbound, "http://inference").await;
     let stream = |prompt: &str| {
-        let req = harness::example_pb::InferRequest { prompt: prompt.into(), tokens: 2 };
+        let req = harness::example_pb::InferRequest { prompt: prompt.into(), tokens: 2, ..Default::default() };
         let mut client = client.clone();
         async move {
             let mut s = client.generate(req).await.unwrap().into_inner();

@@ -236,7 +236,8 @@ rules:
     .await;
     let mut client = harness::inference_client(caller.outbound, "http://inference").await;
     let call = |case: &'static str| {
-        let mut req = tonic::Request::new(example_pb::InferRequest { prompt: "hi".into(), tokens: 1 });
+        let mut req =
+            tonic::Request::new(example_pb::InferRequest { prompt: "hi".into(), tokens: 1, ..Default::default() });
         req.metadata_mut().insert("x-case", case.parse().unwrap());
         req
     };
@@ -249,7 +250,10 @@ rules:
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("no ready endpoints"), "{e:?}");
     // The app's own error status passes through untouched.
-    let e = client.infer(example_pb::InferRequest { prompt: "fail".into(), tokens: 1 }).await.unwrap_err();
+    let e = client
+        .infer(example_pb::InferRequest { prompt: "fail".into(), tokens: 1, ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!((e.code(), e.message()), (tonic::Code::Unavailable, "asked to fail"));
 }
 
