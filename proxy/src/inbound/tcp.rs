@@ -6,7 +6,6 @@
 
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use super::Inbound;
 use crate::http::errors::{ProxyError, clip};
@@ -28,27 +27,13 @@ pub(crate) async fn open(inbound: &Inbound, req: &mut Request<Incoming>) -> Resu
     if port != inbound.app.port() && !inbound.tcp_ports.contains(&port) {
         return Err(refuse(port.to_string(), "not the app's port nor one of --app-ports"));
     }
-    let slot = crate::transport::splice::slot("mesh").ok_or(ProxyError::TooManyStreams)?;
+    let slot = crate::transport::splice::slot("mesh", "inbound").ok_or(ProxyError::TooManyStreams)?;
     let to = std::net::SocketAddr::new(inbound.app.ip(), port);
     let app = crate::transport::connect::dial(to)
         .await
         .map_err(|e| ProxyError::Connect { addr: to.to_string(), reason: e.to_string() })?;
-    let client = hyper::upgrade::on(req);
     metrics::counter!("weft_tcp_connections_total", "direction" => "inbound", "detected" => "mesh").increment(1);
-    tokio::spawn(async move {
-        let upgraded = match client.await {
-            Ok(u) => u,
-            Err(e) => return tracing::debug!(error = %e, "mesh TCP: the caller left before the stream opened"),
-        };
-        match crate::transport::splice::run(slot, TokioIo::new(upgraded), app).await {
-            Ok((received, sent)) => {
-                metrics::counter!("weft_tcp_bytes_total", "direction" => "inbound", "way" => "received")
-                    .increment(received);
-                metrics::counter!("weft_tcp_bytes_total", "direction" => "inbound", "way" => "sent").increment(sent);
-            }
-            Err(e) => tracing::debug!(%to, error = %e, "mesh TCP stream ended with an error"),
-        }
-    });
+    crate::transport::splice::after_upgrade(slot, hyper::upgrade::on(req), app);
     Ok(Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::UPGRADE, UPGRADE)

@@ -213,7 +213,7 @@ impl<S: Sender> Outbound<S> {
         if let Some((service, port)) = mesh
             && self.resolve(&service).await.is_ok_and(|s| s.known)
         {
-            let slot = transport::splice::slot("tunnel").ok_or(ProxyError::TooManyStreams)?;
+            let slot = transport::splice::slot("tunnel", "outbound").ok_or(ProxyError::TooManyStreams)?;
             return match self.open_tcp(&service, port, None).await {
                 Ok(stream) => Ok(transport::tunnel::splice(&mut req, slot, TokioIo::new(stream), "mesh")),
                 Err(tcp::Refused::Peer(resp)) => Ok(resp.map(transport::body::reply)),

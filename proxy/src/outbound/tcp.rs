@@ -146,7 +146,7 @@ pub(crate) async fn forward<S: Sender>(
     port: u16,
 ) {
     metrics::counter!("weft_tcp_connections_total", "direction" => "outbound", "detected" => "mesh").increment(1);
-    let Some(slot) = crate::transport::splice::slot("mesh") else { return };
+    let Some(slot) = crate::transport::splice::slot("mesh", "outbound") else { return };
     let upstream = match out.open_tcp(&service, port, only).await {
         Ok(up) => up,
         // An address of the instance's host, and a port its sidecar does
@@ -166,12 +166,5 @@ pub(crate) async fn forward<S: Sender>(
             return;
         }
     };
-    match crate::transport::splice::run(slot, client, TokioIo::new(upstream)).await {
-        Ok((sent, received)) => {
-            metrics::counter!("weft_tcp_bytes_total", "direction" => "outbound", "way" => "sent").increment(sent);
-            metrics::counter!("weft_tcp_bytes_total", "direction" => "outbound", "way" => "received")
-                .increment(received);
-        }
-        Err(e) => tracing::debug!(service, port, error = %e, "mesh TCP stream ended with an error"),
-    }
+    crate::transport::splice::run(slot, client, TokioIo::new(upstream)).await;
 }

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 /// Forwards `client` to `dest` until either side closes.
 pub(crate) async fn forward(client: TcpStream, dest: SocketAddr, direction: &'static str, why: &'static str) {
     metrics::counter!("weft_tcp_connections_total", "direction" => direction, "detected" => why).increment(1);
-    let Some(slot) = super::splice::slot("opaque") else { return };
+    let Some(slot) = super::splice::slot("opaque", direction) else { return };
     let upstream = match super::connect::dial(dest).await {
         Ok(s) => s,
         Err(e) => {
@@ -18,12 +18,5 @@ pub(crate) async fn forward(client: TcpStream, dest: SocketAddr, direction: &'st
             return;
         }
     };
-    match super::splice::run(slot, client, upstream).await {
-        Ok((sent, received)) => {
-            metrics::counter!("weft_tcp_bytes_total", "direction" => direction, "way" => "sent").increment(sent);
-            metrics::counter!("weft_tcp_bytes_total", "direction" => direction, "way" => "received")
-                .increment(received);
-        }
-        Err(e) => tracing::debug!(%dest, error = %e, "opaque connection ended with an error"),
-    }
+    super::splice::run(slot, client, upstream).await;
 }

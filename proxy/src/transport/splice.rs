@@ -2,8 +2,10 @@
 //! calls: WebSocket and other upgrades, `CONNECT` tunnels, opaque TCP and
 //! mesh TCP. Each is bounded — at most `--max-connections` of them at once
 //! (more are refused before they start), and closed after
-//! `--stream-idle-timeout` with no byte either way — and counted in
-//! `weft_tcp_streams{kind}` while open.
+//! `--stream-idle-timeout` with no byte either way — counted in
+//! `weft_tcp_streams{kind}` while open, and its bytes in
+//! `weft_tcp_bytes_total{direction,way}` (`sent`: from the side that opened
+//! it, `received`: back) when it ends.
 
 use std::io;
 use std::pin::Pin;
@@ -28,11 +30,11 @@ impl Limits {
         Limits { idle, slots: Arc::new(Semaphore::new(max_streams.max(1))) }
     }
 
-    fn slot(&self, kind: &'static str) -> Option<Slot> {
+    fn slot(&self, kind: &'static str, direction: &'static str) -> Option<Slot> {
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 metrics::gauge!("weft_tcp_streams", "kind" => kind).increment(1.0);
-                Some(Slot { _permit: permit, kind, idle: self.idle })
+                Some(Slot { _permit: permit, kind, direction, idle: self.idle })
             }
             Err(_) => {
                 metrics::counter!("weft_tcp_streams_refused_total", "kind" => kind).increment(1);
@@ -55,13 +57,15 @@ pub fn configure(max_streams: usize, idle: Duration) {
 pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
     kind: &'static str,
+    /// `inbound` or `outbound`, for the byte counts.
+    direction: &'static str,
     idle: Duration,
 }
 
 /// A place for a stream of `kind`, or `None` when as many are open as are
 /// allowed (counted in `weft_tcp_streams_refused_total`).
-pub(crate) fn slot(kind: &'static str) -> Option<Slot> {
-    LIMITS.get_or_init(|| Limits::new(10_000, DEFAULT_IDLE)).slot(kind)
+pub(crate) fn slot(kind: &'static str, direction: &'static str) -> Option<Slot> {
+    LIMITS.get_or_init(|| Limits::new(10_000, DEFAULT_IDLE)).slot(kind, direction)
 }
 
 impl Drop for Slot {
@@ -70,17 +74,37 @@ impl Drop for Slot {
     }
 }
 
-/// Copies both ways between `a` and `b` until both sides are done, either
-/// fails, or no byte has passed for the idle timeout. The bytes `a` → `b`
-/// and `b` → `a`.
-pub(crate) async fn run<A, B>(slot: Slot, a: A, b: B) -> io::Result<(u64, u64)>
+/// Copies both ways between `from` (the side that opened the stream) and
+/// `to` until both sides are done, either fails, or no byte has passed for
+/// the idle timeout; then counts the bytes.
+pub(crate) async fn run<A, B>(slot: Slot, from: A, to: B)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let r = splice_with_idle(a, b, slot.idle).await;
-    drop(slot);
-    r
+    match splice_with_idle(from, to, slot.idle).await {
+        Ok((sent, received)) => {
+            let direction = slot.direction;
+            metrics::counter!("weft_tcp_bytes_total", "direction" => direction, "way" => "sent").increment(sent);
+            metrics::counter!("weft_tcp_bytes_total", "direction" => direction, "way" => "received")
+                .increment(received);
+        }
+        Err(e) => tracing::debug!(kind = slot.kind, error = %e, "a spliced stream ended with an error"),
+    }
+}
+
+/// [`run`] on a task of its own, once the client's side of an upgrade or
+/// `CONNECT` is handed over (after the answer that switches it is sent).
+pub(crate) fn after_upgrade<B>(slot: Slot, client: hyper::upgrade::OnUpgrade, to: B)
+where
+    B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        match client.await {
+            Ok(upgraded) => run(slot, hyper_util::rt::TokioIo::new(upgraded), to).await,
+            Err(e) => tracing::debug!(kind = slot.kind, error = %e, "the client left before its stream opened"),
+        }
+    });
 }
 
 async fn splice_with_idle<A, B>(a: A, b: B, idle: Duration) -> io::Result<(u64, u64)>
@@ -181,10 +205,10 @@ mod tests {
     #[test]
     fn streams_beyond_the_bound_are_refused_until_one_ends() {
         let limits = Limits::new(2, DEFAULT_IDLE);
-        let (one, two) = (limits.slot("opaque"), limits.slot("mesh"));
+        let (one, two) = (limits.slot("opaque", "outbound"), limits.slot("mesh", "inbound"));
         assert!(one.is_some() && two.is_some());
-        assert!(limits.slot("tunnel").is_none(), "a third is refused");
+        assert!(limits.slot("tunnel", "outbound").is_none(), "a third is refused");
         drop(one);
-        assert!(limits.slot("tunnel").is_some(), "a place freed is taken again");
+        assert!(limits.slot("tunnel", "outbound").is_some(), "a place freed is taken again");
     }
 }

@@ -7,7 +7,6 @@
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::errors::ProxyError;
@@ -19,7 +18,7 @@ pub(crate) async fn connect(mut req: Request<Incoming>) -> Result<BoxResponse, P
     let Some(target) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
         return Err(ProxyError::BadAuthority(format!("CONNECT {} (host:port expected)", req.uri())));
     };
-    let slot = super::splice::slot("tunnel").ok_or(ProxyError::TooManyStreams)?;
+    let slot = super::splice::slot("tunnel", "outbound").ok_or(ProxyError::TooManyStreams)?;
     let fail = |reason: String| ProxyError::Connect { addr: target.to_string(), reason };
     let addr = tokio::net::lookup_host(target.as_str())
         .await
@@ -41,17 +40,7 @@ pub(crate) fn splice<U>(
 where
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let client = hyper::upgrade::on(req);
     metrics::counter!("weft_tunnels_total", "direction" => "outbound", "to" => to).increment(1);
-    tokio::spawn(async move {
-        match client.await {
-            Ok(upgraded) => {
-                if let Err(e) = super::splice::run(slot, TokioIo::new(upgraded), upstream).await {
-                    tracing::debug!(to, error = %e, "tunnel ended with an error");
-                }
-            }
-            Err(e) => tracing::debug!(to, error = %e, "the client left before its tunnel opened"),
-        }
-    });
+    super::splice::after_upgrade(slot, hyper::upgrade::on(req), upstream);
     Response::builder().status(StatusCode::OK).body(full("")).expect("valid")
 }

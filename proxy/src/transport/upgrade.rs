@@ -43,7 +43,7 @@ pub(crate) fn splice<B>(client: OnUpgrade, resp: &mut Response<B>, direction: &'
     let upstream = hyper::upgrade::on(resp);
     metrics::counter!("weft_upgrades_total", "direction" => direction).increment(1);
     // At the bound, both sides are closed once switched.
-    let slot = super::splice::slot("upgrade");
+    let slot = super::splice::slot("upgrade", direction);
     tokio::spawn(async move {
         let (client, upstream) = match tokio::join!(client, upstream) {
             (Ok(c), Ok(u)) => (c, u),
@@ -53,9 +53,7 @@ pub(crate) fn splice<B>(client: OnUpgrade, resp: &mut Response<B>, direction: &'
             }
         };
         let Some(slot) = slot else { return };
-        if let Err(e) = super::splice::run(slot, TokioIo::new(client), TokioIo::new(upstream)).await {
-            tracing::debug!(error = %e, "upgraded connection ended with an error");
-        }
+        super::splice::run(slot, TokioIo::new(client), TokioIo::new(upstream)).await;
     });
 }
 
