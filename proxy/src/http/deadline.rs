@@ -20,6 +20,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
 
 use super::errors::ProxyError;
+use super::headers::TRACEPARENT;
 
 /// The time left, in milliseconds, on HTTP calls between sidecars.
 pub(crate) static DEADLINE_MS: HeaderName = HeaderName::from_static("x-weft-deadline-ms");
@@ -99,6 +100,14 @@ pub(crate) fn stamp(headers: &mut HeaderMap, deadline: Instant, grpc: bool) {
     }
 }
 
+/// The sooner of two deadlines, either of which may be absent.
+pub(crate) fn sooner(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The trace id of a `traceparent` value.
 pub(crate) fn trace_id(traceparent: &HeaderValue) -> Option<u128> {
     let s = traceparent.to_str().ok()?;
@@ -128,16 +137,25 @@ impl Linked {
         self.len.store(map.len(), Ordering::Relaxed);
     }
 
-    /// Nothing remembered (checked before a call's trace id is read).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len.load(Ordering::Relaxed) == 0
+    /// Remembers `deadline` for the trace of the call with `headers`, if it
+    /// has one.
+    pub(crate) fn record_for(&self, headers: &HeaderMap, deadline: Instant) {
+        if let Some(trace) = headers.get(&TRACEPARENT).and_then(trace_id) {
+            self.record(trace, deadline);
+        }
     }
 
-    /// The deadline of the call the app serves within `trace`, if any.
-    pub(crate) fn get(&self, trace: u128) -> Option<Instant> {
+    /// The deadline the call with `headers` is held to by its trace; the
+    /// trace id is read only when something is remembered.
+    pub(crate) fn of(&self, headers: &HeaderMap) -> Option<Instant> {
         if self.len.load(Ordering::Relaxed) == 0 {
             return None;
         }
+        self.get(headers.get(&TRACEPARENT).and_then(trace_id)?)
+    }
+
+    /// The deadline of the call the app serves within `trace`, if any.
+    fn get(&self, trace: u128) -> Option<Instant> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&trace).copied().filter(|d| *d + LINGER > Instant::now())
     }

@@ -63,7 +63,7 @@ impl Inbound {
             Err(e) => return finish(Err(e), &degraded, grpc, "inbound", service, "-", started),
         };
         if let Some(left) = left {
-            self.remember_deadline(&req, left);
+            self.deadlines.record_for(req.headers(), tokio::time::Instant::now() + left);
         }
         let tenant = match single_host(&req).and_then(|()| self.tenant(&mut req, caller, authz, vouched)) {
             Ok(t) => t,
@@ -155,17 +155,6 @@ impl Inbound {
             resp.map(|b| Either::Left(Tapped::new(b, guard, usage)))
         });
         finish(result, &degraded, grpc, "inbound", service, &tenant, started)
-    }
-
-    /// Remembers the call's deadline under its trace id, for the calls its
-    /// app makes on ([`crate::http::deadline`]).
-    #[cold]
-    fn remember_deadline<B>(&self, req: &Request<B>, left: std::time::Duration) {
-        if let Some(trace) =
-            req.headers().get(&crate::http::headers::TRACEPARENT).and_then(crate::http::deadline::trace_id)
-        {
-            self.deadlines.record(trace, tokio::time::Instant::now() + left);
-        }
     }
 
     /// The tenant the call counts under. Over mTLS: the tenant header when

@@ -183,10 +183,7 @@ impl<'a, S: Sender> Call<'a, S> {
             svc,
             rule,
             grpc,
-            deadline: match (own, outer) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            },
+            deadline: crate::http::deadline::sooner(own, outer),
             outer,
             head: None,
             reuse: false,

@@ -109,17 +109,7 @@ impl<S: Sender> Outbound<S> {
             Ok(d) => d.map(|d| tokio::time::Instant::now() + d),
             Err(e) => return finish(Err(e), &degraded, grpc, "outbound", "-", "-", started),
         };
-        let linked = match self.deadlines.is_empty() {
-            true => None,
-            false => {
-                let trace = req.headers().get(&TRACEPARENT).and_then(crate::http::deadline::trace_id);
-                trace.and_then(|t| self.deadlines.get(t))
-            }
-        };
-        let outer = match (asked, linked) {
-            (Some(a), Some(l)) => Some(a.min(l)),
-            (a, l) => a.or(l),
-        };
+        let outer = crate::http::deadline::sooner(asked, self.deadlines.of(req.headers()));
         ensure_traceparent(&mut req);
         let upgrade = transport::upgrade::client_side(&mut req);
         if self.shared.workload.is_some() {
