@@ -218,8 +218,9 @@ impl Dns {
             return None;
         }
         if let Plan::Mesh { service, qtype } = plan(&msg) {
-            let known = self.outbound.resolve(&service).await.is_ok_and(|s| s.known);
-            if known && let Some(ip) = self.vips.assign(&service) {
+            if self.outbound.known(&service).await.is_some()
+                && let Some(ip) = self.vips.assign(&service)
+            {
                 metrics::counter!("weft_dns_queries_total", "answer" => "mesh").increment(1);
                 return answer(&msg, ip, qtype).to_vec().ok();
             }

@@ -195,16 +195,19 @@ impl<S: Sender> Outbound<S> {
     /// to the destination outside the mesh.
     #[cold]
     async fn connect(&self, mut req: Request<Incoming>) -> Result<BoxResponse, ProxyError> {
+        // Only an exact service name: a CONNECT names a host, and
+        // `api.example.com:443` must reach that host, not service `api` (as
+        // the first label of an HTTP authority would).
         let mesh = req.uri().authority().and_then(|a| {
             let host = a.host().to_ascii_lowercase();
             let port = a.port_u16()?;
             weft_policy::names::is_service(host.as_bytes()).then_some((host, port))
         });
         if let Some((service, port)) = mesh
-            && self.resolve(&service).await.is_ok_and(|s| s.known)
+            && let Some(svc) = self.known(&service).await
         {
             let slot = transport::splice::slot("tunnel", "outbound").ok_or(ProxyError::TooManyStreams)?;
-            return match self.open_tcp(&service, port, None).await {
+            return match self.open_tcp(&svc, port, None).await {
                 Ok(stream) => Ok(transport::tunnel::splice(&mut req, slot, TokioIo::new(stream), "mesh")),
                 Err(tcp::Refused::Peer(resp)) => Ok(resp.map(transport::body::reply)),
                 Err(tcp::Refused::Proxy(e)) => Err(e),

@@ -23,6 +23,11 @@ impl<S: Sender> Outbound<S> {
         Box::pin(self.discover(service)).await
     }
 
+    /// The service, when the control plane knows it.
+    pub(crate) async fn known(&self, service: &str) -> Option<Arc<Service>> {
+        self.resolve(service).await.ok().filter(|s| s.known)
+    }
+
     /// Subscribes to a service not in the table yet and waits for it.
     async fn discover(&self, service: &str) -> Result<Arc<Service>, ProxyError> {
         let mut changed = self.shared.table_changed.subscribe();

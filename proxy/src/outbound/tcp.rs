@@ -22,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{Outbound, Sender, balance};
+use crate::config::Service;
 use crate::health::breaker::Admission;
 use crate::http::errors::ProxyError;
 use crate::transport::body::full;
@@ -47,13 +48,11 @@ pub(crate) enum Refused {
 }
 
 impl<S: Sender> Outbound<S> {
-    /// Opens a byte stream to `port` of an instance of `service`: any, or
-    /// the one at `only` (the app dialled that instance's address).
-    pub(crate) async fn open_tcp(&self, service: &str, port: u16, only: Option<IpAddr>) -> Result<Upgraded, Refused> {
-        let svc = self.resolve(service).await.map_err(Refused::Proxy)?;
-        if !svc.known {
-            return Err(Refused::Proxy(ProxyError::UnknownService(service.to_string())));
-        }
+    /// Opens a byte stream to `port` of an instance of `svc` (a known
+    /// service): any, or the one at `only` (the app dialled that instance's
+    /// address).
+    pub(crate) async fn open_tcp(&self, svc: &Service, port: u16, only: Option<IpAddr>) -> Result<Upgraded, Refused> {
+        let service = svc.name.as_str();
         let pinned: Vec<_>;
         let endpoints = match only {
             Some(ip) => {
@@ -147,7 +146,11 @@ pub(crate) async fn forward<S: Sender>(
 ) {
     metrics::counter!("weft_tcp_connections_total", "direction" => "outbound", "detected" => "mesh").increment(1);
     let Some(slot) = crate::transport::splice::slot("mesh", "outbound") else { return };
-    let upstream = match out.open_tcp(&service, port, only).await {
+    let Some(svc) = out.known(&service).await else {
+        metrics::counter!("weft_tcp_connect_failures_total", "direction" => "outbound").increment(1);
+        return tracing::debug!(service, port, "mesh TCP: the service is gone");
+    };
+    let upstream = match out.open_tcp(&svc, port, only).await {
         Ok(up) => up,
         // An address of the instance's host, and a port its sidecar does
         // not serve: something else on that host, reached as it was.
