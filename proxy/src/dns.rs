@@ -217,13 +217,12 @@ impl Dns {
         if msg.metadata.message_type != MessageType::Query {
             return None;
         }
-        if let Plan::Mesh { service, qtype } = plan(&msg) {
-            if self.outbound.known(&service).await.is_some()
-                && let Some(ip) = self.vips.assign(&service)
-            {
-                metrics::counter!("weft_dns_queries_total", "answer" => "mesh").increment(1);
-                return answer(&msg, ip, qtype).to_vec().ok();
-            }
+        if let Plan::Mesh { service, qtype } = plan(&msg)
+            && self.outbound.known(&service).await.is_some()
+            && let Some(ip) = self.vips.assign(&service)
+        {
+            metrics::counter!("weft_dns_queries_total", "answer" => "mesh").increment(1);
+            return answer(&msg, ip, qtype).to_vec().ok();
         }
         metrics::counter!("weft_dns_queries_total", "answer" => "forwarded").increment(1);
         match self.forward(query, msg.metadata.id).await {
