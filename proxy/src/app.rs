@@ -237,6 +237,25 @@ struct Mesh {
     vips: Arc<crate::dns::Vips>,
 }
 
+/// A captured connection that is not HTTP, for `dst`: the app's own to a
+/// mesh service's address as mesh TCP, else where it was going; a peer's to
+/// that port of the app.
+async fn forward_opaque(
+    stream: tokio::net::TcpStream,
+    dst: SocketAddr,
+    opaque: Opaque,
+    detected: crate::transport::detect::Protocol,
+) {
+    use crate::transport::opaque::forward;
+    match opaque {
+        Opaque::ToOriginal(mesh) => match mesh.outbound.service_at(&mesh.vips, dst.ip()) {
+            Some(target) => crate::outbound::tcp::forward(&mesh.outbound, stream, target, dst.port()).await,
+            None => forward(stream, dst, "outbound", detected.label()).await,
+        },
+        Opaque::ToApp(ip) => forward(stream, SocketAddr::new(ip, dst.port()), "inbound", detected.label()).await,
+    }
+}
+
 /// Accepts connections until `stop`, within the listener's bounds
 /// ([`Tracker`]).
 async fn serve<F, Fut>(
@@ -307,10 +326,6 @@ async fn serve<F, Fut>(
                 // A captured connection: HTTP gets the mesh, anything else
                 // goes where it was going.
                 state.set_original_dst(dst);
-                let (to, direction, mesh) = match opaque {
-                    Opaque::ToOriginal(mesh) => (dst, "outbound", Some(mesh)),
-                    Opaque::ToApp(ip) => (SocketAddr::new(ip, dst.port()), "inbound", None),
-                };
                 let builder = builder.clone();
                 tokio::spawn(async move {
                     match crate::transport::detect::detect(&stream).await {
@@ -324,19 +339,7 @@ async fn serve<F, Fut>(
                             .await;
                         }
                         Ok(detected) => {
-                            let service = mesh.as_ref().and_then(|m| m.outbound.service_at(&m.vips, dst.ip()));
-                            match (mesh, service) {
-                                (Some(mesh), Some(service)) => {
-                                    crate::outbound::tcp::forward(&mesh.outbound, stream, service, dst.port()).await
-                                }
-                                _ => {
-                                    let why = match detected {
-                                        crate::transport::detect::Protocol::ServerFirst => "server-first",
-                                        _ => "opaque",
-                                    };
-                                    crate::transport::opaque::forward(stream, to, direction, why).await
-                                }
-                            }
+                            forward_opaque(stream, dst, opaque, detected).await;
                             drop(closed);
                         }
                         Err(e) => {

@@ -27,6 +27,17 @@ pub(crate) enum Protocol {
     ServerFirst,
 }
 
+impl Protocol {
+    /// The `detected` label of `weft_tcp_connections_total`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Opaque => "opaque",
+            Protocol::ServerFirst => "server-first",
+        }
+    }
+}
+
 /// Where a connection accepted on `listener` was going before the redirect
 /// rules sent it here; `None` for a connection made to the listener itself.
 pub(crate) fn original_dst(stream: &TcpStream, listener: SocketAddr) -> Option<SocketAddr> {
