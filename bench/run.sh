@@ -57,35 +57,32 @@ wait_line() { for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 
 addr() { grep -o "$2=[^ ]*" "$WORK/$1.out" | cut -d= -f2; }
 
 port BACK; port BAD; port BACKH2; port NGX; port HAP; port HAP2; port HAPH2; port EP; port PP; port HTI; port HTO
-cat >"$WORK/nginx.conf" <<NGINX
+# nginx_conf NAME: $WORK/NAME.conf, one worker in the foreground, keep-alive
+# without limit, with the http block's servers read from stdin.
+nginx_conf() {
+  { cat <<NGINX
 worker_processes 1;
 daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
+pid $WORK/$1.pid;
+error_log $WORK/$1-error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
+NGINX
+    cat; echo "}"; } >"$WORK/$1.conf"
+}
+nginx_conf nginx <<NGINX
   server { listen 127.0.0.1:$BACK; location / { return 200 "ok\n"; } }
   server { listen 127.0.0.1:$BAD; location / { return 503 "broken\n"; } }
   server { listen 127.0.0.1:$BACKH2 http2; location / { return 200 "ok\n"; } }
-}
 NGINX
-cat >"$WORK/nginx-proxy.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $WORK/nginx-proxy.pid;
-error_log $WORK/nginx-proxy-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+nginx_conf nginx-proxy <<NGINX
   upstream backend { server 127.0.0.1:$BACK; keepalive 64; }
   server {
     listen 127.0.0.1:$NGX;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
-}
 NGINX
 # HAProxy as a fair peer: one thread, keep-alive on both sides.
 HAPROXY_DEFAULTS='global
@@ -427,17 +424,8 @@ ip netns add "$NS"
 NSX=(ip netns exec "$NS")
 "${NSX[@]}" ip link set lo up
 "${NSX[@]}" ip addr add 10.78.0.2/32 dev lo
-cat >"$WORK/nginx-ns.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $WORK/nginx-ns.pid;
-error_log $WORK/nginx-ns-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+nginx_conf nginx-ns <<NGINX
   server { listen 127.0.0.1:$BACK; location / { return 200 "ok\n"; } }
-}
 NGINX
 start ns-backend "${NSX[@]}" taskset -c 1 nginx -c "$WORK/nginx-ns.conf" -e "$WORK/nginx-ns-error.log"
 start ns-etcd "${NSX[@]}" taskset -c 1 etcd --data-dir "$WORK/etcd-ns" --listen-client-urls "http://127.0.0.1:$EP" \
