@@ -30,6 +30,10 @@ pub const MAX_BUDGET_RATIO: f64 = 10.0;
 pub const MAX_AUTHZ_RULES: usize = 256;
 /// The most entries of one list of an authorization policy.
 pub const MAX_AUTHZ_LIST: usize = 256;
+/// The largest `latency_outlier.multiple`.
+pub const MAX_OUTLIER_MULTIPLE: f64 = 100.0;
+/// The most caller quotas a tenant policy may hold.
+pub const MAX_CALLER_QUOTAS: usize = 256;
 /// The methods a rule may match.
 pub const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"];
 
@@ -73,6 +77,17 @@ pub(crate) struct RawRule<'a> {
     pub retry: Option<RawRetry<'a>>,
     pub fallback: Option<RawFallback<'a>>,
     pub fault: Option<RawFault<'a>>,
+    pub first_byte_timeout: Option<RawDuration<'a>>,
+    pub idle_timeout: Option<RawDuration<'a>>,
+    pub hedge: Option<RawHedge<'a>>,
+    /// (header, cookie)
+    pub hash_on: Option<(Option<&'a str>, Option<&'a str>)>,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum RawHedge<'a> {
+    After(RawDuration<'a>),
+    P95,
 }
 
 pub(crate) struct RawRetry<'a> {
@@ -102,6 +117,8 @@ pub(crate) struct RawResilience<'a> {
     pub max_concurrent_requests: Option<u32>,
     /// (ratio, min per second)
     pub retry_budget: Option<(f64, u32)>,
+    /// (multiple, window)
+    pub latency_outlier: Option<(f64, RawDuration<'a>)>,
 }
 
 pub(crate) struct RawTenantPolicy<'a> {
@@ -111,6 +128,9 @@ pub(crate) struct RawTenantPolicy<'a> {
     pub rate_limit: Option<(f64, u32)>,
     pub max_concurrent_requests: Option<u32>,
     pub tokens_per_minute: Option<u64>,
+    pub callers: Vec<(&'a str, u64)>,
+    /// (header, tokens per minute)
+    pub session: Option<(&'a str, u64)>,
 }
 
 pub(crate) struct RawAuthorization<'a> {
@@ -210,6 +230,10 @@ fn rule(service: &str, i: usize, r: &RawRule<'_>, p: &mut Problems) -> Option<Ru
     let retry = r.retry.as_ref().and_then(|rt| self::retry(i, rt, r.timeout, timeout, p));
     let fallback = r.fallback.as_ref().and_then(|f| self::fallback(service, i, f, p));
     let fault = r.fault.as_ref().and_then(|f| self::fault(i, f, p));
+    let first_byte_timeout = r.first_byte_timeout.and_then(|t| p.ok(at("first_byte_timeout"), t.get()));
+    let idle_timeout = r.idle_timeout.and_then(|t| p.ok(at("idle_timeout"), t.get()));
+    let hedge = r.hedge.and_then(|h| self::hedge(i, h, r, timeout, p));
+    let hash_on = r.hash_on.and_then(|h| self::hash_on(i, h, p));
     (p.0.len() == before).then(|| Rule {
         matches: Match { path_prefix, method, headers },
         backends,
@@ -217,7 +241,55 @@ fn rule(service: &str, i: usize, r: &RawRule<'_>, p: &mut Problems) -> Option<Ru
         retry,
         fallback,
         fault,
+        first_byte_timeout,
+        idle_timeout,
+        hedge,
+        hash_on,
     })
+}
+
+fn hedge(i: usize, h: RawHedge<'_>, r: &RawRule<'_>, timeout: Option<Duration>, p: &mut Problems) -> Option<Hedge> {
+    let at = format!("rules[{i}].hedge");
+    if r.retry.is_none() {
+        p.fail(
+            &at,
+            "hedging needs a retry policy: a hedge is another try of the call, so only calls that may be retried \
+             are hedged, and it counts against retry.attempts",
+        );
+    }
+    match h {
+        RawHedge::P95 => Some(Hedge::P95),
+        RawHedge::After(raw) => {
+            let d = p.ok(format!("{at}.after"), raw.get().map_err(|e| format!("{e} (or 'p95')")))?;
+            if let Some(t) = timeout
+                && d >= t
+            {
+                p.fail(
+                    format!("{at}.after"),
+                    format!("{} is not shorter than the rule's timeout: the hedge would never go", raw.shown()),
+                );
+            }
+            Some(Hedge::After(d))
+        }
+    }
+}
+
+fn hash_on(i: usize, h: (Option<&str>, Option<&str>), p: &mut Problems) -> Option<HashOn> {
+    let at = |f: &str| format!("rules[{i}].hash_on{f}");
+    match h {
+        (Some(name), None) => p.ok(at(".header"), header_name(name)).map(HashOn::Header),
+        (None, Some(name)) => {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+                p.fail(at(".cookie"), format!("'{name}' is not a cookie name"));
+                return None;
+            }
+            Some(HashOn::Cookie(name.to_string()))
+        }
+        _ => {
+            p.fail(at(""), "set header or cookie (one of them)");
+            None
+        }
+    }
 }
 
 fn header_name(name: &str) -> Result<HeaderName, String> {
@@ -392,11 +464,22 @@ pub(crate) fn resilience(r: &RawResilience<'_>, p: &mut Problems) -> Option<Resi
         }
         Some(RetryBudget { ratio, min_per_second })
     });
+    let latency_outlier = r.latency_outlier.and_then(|(multiple, window)| {
+        if !(multiple > 1.0 && multiple <= MAX_OUTLIER_MULTIPLE) {
+            p.fail(
+                "latency_outlier.multiple",
+                format!("{multiple}: must be more than 1 and at most {MAX_OUTLIER_MULTIPLE} (times the median)"),
+            );
+        }
+        let window = p.ok("latency_outlier.window", window.get())?;
+        Some(LatencyOutlier { multiple, window })
+    });
     (p.0.len() == before).then(|| Resilience {
         service: r.service.to_string(),
         circuit_breaker,
         max_concurrent_requests,
         retry_budget,
+        latency_outlier,
     })
 }
 
@@ -433,8 +516,48 @@ pub(crate) fn tenant_policy(t: &RawTenantPolicy<'_>, p: &mut Problems) -> Option
         }
         n
     });
-    if t.rate_limit.is_none() && t.max_concurrent_requests.is_none() && t.tokens_per_minute.is_none() {
-        p.fail("rate_limit", "a tenant policy needs rate_limit, max_concurrent_requests or tokens_per_minute");
+    // A nested quota above its parent's could never be reached.
+    let within = |p: &mut Problems, field: &str, n: u64, parent: Option<(NonZeroU64, &str)>| {
+        if let Some((limit, what)) = parent
+            && n > limit.get()
+        {
+            p.fail(field, format!("{n} is more than {what}'s {limit}: it could never be reached"));
+        }
+    };
+    if t.callers.len() > MAX_CALLER_QUOTAS {
+        p.fail("callers", format!("{} callers; at most {MAX_CALLER_QUOTAS}", t.callers.len()));
+    }
+    let mut callers = BTreeMap::new();
+    for (caller, n) in &t.callers {
+        let field = format!("callers.{caller}.tokens_per_minute");
+        p.ok(format!("callers.{caller}"), check_service("caller", caller));
+        match NonZeroU64::new(*n) {
+            None => p.fail(field, "must be at least 1"),
+            Some(q) => {
+                within(p, &field, *n, tokens_per_minute.map(|t| (t, "the tenant")));
+                callers.insert(caller.to_string(), q);
+            }
+        }
+    }
+    let session = t.session.and_then(|(header, n)| {
+        let header = p.ok("session.header", header_name(header));
+        let q = NonZeroU64::new(n);
+        match q {
+            None => p.fail("session.tokens_per_minute", "must be at least 1"),
+            Some(_) => within(p, "session.tokens_per_minute", n, tokens_per_minute.map(|t| (t, "the tenant"))),
+        }
+        Some(SessionQuota { header: header?, tokens_per_minute: q? })
+    });
+    if t.rate_limit.is_none()
+        && t.max_concurrent_requests.is_none()
+        && t.tokens_per_minute.is_none()
+        && t.callers.is_empty()
+        && t.session.is_none()
+    {
+        p.fail(
+            "rate_limit",
+            "a tenant policy needs rate_limit, max_concurrent_requests, tokens_per_minute, callers or session",
+        );
     }
     (p.0.len() == before).then(|| TenantPolicy {
         tenant: t.tenant.to_string(),
@@ -442,6 +565,8 @@ pub(crate) fn tenant_policy(t: &RawTenantPolicy<'_>, p: &mut Problems) -> Option
         rate_limit,
         max_concurrent_requests,
         tokens_per_minute,
+        callers,
+        session,
     })
 }
 

@@ -42,6 +42,31 @@ pub struct Rule {
     pub fallback: Option<Fallback>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<Hedge>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+}
+
+/// `{ after: 200ms }` or `{ after: p95 }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hedge {
+    pub after: String,
+}
+
+/// `{ header: NAME }` or `{ cookie: NAME }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashOn {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
 }
 
 /// Faults the caller's sidecar injects, to exercise resilience.
@@ -129,6 +154,15 @@ pub struct Resilience {
     pub max_concurrent_requests: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_outlier: Option<LatencyOutlier>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyOutlier {
+    pub multiple: f64,
+    pub window: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,6 +199,25 @@ pub struct TenantPolicy {
     /// Inference tokens per minute, counted from `x-weft-usage-tokens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_minute: Option<u64>,
+    /// Token quotas per caller service, within the tenant's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub callers: BTreeMap<String, CallerQuota>,
+    /// A token quota per value of a session header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionQuota>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerQuota {
+    pub tokens_per_minute: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionQuota {
+    pub header: String,
+    pub tokens_per_minute: u64,
 }
 
 /// Who may call a service (see [`crate::model::AuthorizationPolicy`]).
@@ -292,6 +345,13 @@ pub(crate) fn check(resource: &Resource) -> Result<crate::Policy, Vec<crate::Fie
                                 .as_ref()
                                 .map(|a| (a.percent, a.status.map(u32::from), a.grpc_status.map(u32::from))),
                         }),
+                        first_byte_timeout: text(&rule.first_byte_timeout),
+                        idle_timeout: text(&rule.idle_timeout),
+                        hedge: rule.hedge.as_ref().map(|h| match h.after.as_str() {
+                            "p95" => RawHedge::P95,
+                            t => RawHedge::After(RawDuration::Text(t)),
+                        }),
+                        hash_on: rule.hash_on.as_ref().map(|h| (h.header.as_deref(), h.cookie.as_deref())),
                     }
                 })
                 .collect();
@@ -308,6 +368,7 @@ pub(crate) fn check(resource: &Resource) -> Result<crate::Policy, Vec<crate::Fie
                     .map(|c| (c.consecutive_failures, RawDuration::Text(&c.base_ejection), c.max_ejection_percent)),
                 max_concurrent_requests: r.max_concurrent_requests,
                 retry_budget: r.retry_budget.as_ref().map(|b| (b.ratio, b.min_per_second)),
+                latency_outlier: r.latency_outlier.as_ref().map(|o| (o.multiple, RawDuration::Text(&o.window))),
             };
             let res = resilience(&raw, &mut p);
             p.finish(res.map(Policy::Resilience))
@@ -319,6 +380,8 @@ pub(crate) fn check(resource: &Resource) -> Result<crate::Policy, Vec<crate::Fie
                 rate_limit: t.rate_limit.as_ref().map(|r| (r.requests_per_second, r.burst)),
                 max_concurrent_requests: t.max_concurrent_requests,
                 tokens_per_minute: t.tokens_per_minute,
+                callers: t.callers.iter().map(|(k, v)| (k.as_str(), v.tokens_per_minute)).collect(),
+                session: t.session.as_ref().map(|s| (s.header.as_str(), s.tokens_per_minute)),
             };
             let tp = tenant_policy(&raw, &mut p);
             p.finish(tp.map(Policy::TenantPolicy))

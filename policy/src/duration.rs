@@ -10,6 +10,9 @@ pub const MAX: Duration = Duration::from_secs(86_400);
 /// Parses a duration as written in a policy document.
 pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
+    if s.starts_with('-') {
+        return Err(format!("'{s}' is negative: a duration must be greater than zero"));
+    }
     let d = match humantime::parse_duration(s) {
         Ok(d) => d,
         Err(_) => decimal(s)?,

@@ -39,6 +39,31 @@ pub struct Rule {
     pub retry: Option<Retry>,
     pub fallback: Option<Fallback>,
     pub fault: Option<Fault>,
+    /// To the first body byte of the answer (an LLM's first token).
+    pub first_byte_timeout: Option<Duration>,
+    /// The longest gap between two body chunks of the answer.
+    pub idle_timeout: Option<Duration>,
+    /// Only with `retry`: a hedge is a try, and counts as one.
+    pub hedge: Option<Hedge>,
+    pub hash_on: Option<HashOn>,
+}
+
+/// A second try to another endpoint when the first has not answered in
+/// time; the first answer head wins and the other try is cancelled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Hedge {
+    /// After a fixed delay.
+    After(Duration),
+    /// After the service's observed p95 time to first byte.
+    P95,
+}
+
+/// What keeps a session's calls on one endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashOn {
+    Header(HeaderName),
+    /// A cookie of the request, by name.
+    Cookie(String),
 }
 
 /// What a request must look like for its rule to apply; empty matches all.
@@ -245,6 +270,17 @@ pub struct Resilience {
     pub circuit_breaker: Option<CircuitBreaker>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub retry_budget: Option<RetryBudget>,
+    pub latency_outlier: Option<LatencyOutlier>,
+}
+
+/// Ejects an endpoint whose time to first byte stays above `multiple` times
+/// the service's median over `window`, like a failing one (the breaker's
+/// ejection period, cap and probe).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyOutlier {
+    /// More than 1, at most [`crate::check::MAX_OUTLIER_MULTIPLE`].
+    pub multiple: f64,
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -294,6 +330,24 @@ pub struct TenantPolicy {
     pub rate_limit: Option<RateLimit>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub tokens_per_minute: Option<NonZeroU64>,
+    /// Token quotas of the tenant's calls from one caller service (within
+    /// the tenant's); at most [`crate::check::MAX_CALLER_QUOTAS`].
+    pub callers: BTreeMap<String, NonZeroU64>,
+    /// A token quota per value of a session header (within the caller's).
+    pub session: Option<SessionQuota>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionQuota {
+    pub header: HeaderName,
+    pub tokens_per_minute: NonZeroU64,
+}
+
+impl TenantPolicy {
+    /// Whether any token quota applies.
+    pub fn has_token_quota(&self) -> bool {
+        self.tokens_per_minute.is_some() || !self.callers.is_empty() || self.session.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -9,8 +9,8 @@ use xds_proto::v1 as pb;
 
 use crate::InvalidPolicy;
 use crate::check::{
-    self, Problems, RawAuthorization, RawAuthorizationRule, RawDuration, RawFallback, RawFault, RawResilience,
-    RawRetry, RawRoute, RawRule, RawTenantPolicy, strs,
+    self, Problems, RawAuthorization, RawAuthorizationRule, RawDuration, RawFallback, RawFault, RawHedge,
+    RawResilience, RawRetry, RawRoute, RawRule, RawTenantPolicy, strs,
 };
 use crate::model::*;
 
@@ -75,6 +75,12 @@ impl TryFrom<&pb::Route> for Route {
                             (f.abort_grpc_status > 0).then_some(f.abort_grpc_status),
                         )),
                     }),
+                    first_byte_timeout: millis(rule.first_byte_timeout_ms),
+                    idle_timeout: millis(rule.idle_timeout_ms),
+                    hedge: rule.hedge.as_ref().map(|h| {
+                        if h.after_p95 { RawHedge::P95 } else { RawHedge::After(RawDuration::Millis(h.after_ms)) }
+                    }),
+                    hash_on: rule.hash_on.as_ref().map(|h| (nonempty(&h.header), nonempty(&h.cookie))),
                 }
             })
             .collect();
@@ -96,6 +102,9 @@ impl TryFrom<&pb::Resilience> for Resilience {
             }),
             max_concurrent_requests: r.max_concurrent_requests,
             retry_budget: r.retry_budget_ratio.map(|ratio| (ratio, r.retry_budget_min_per_second.unwrap_or(0))),
+            latency_outlier: r
+                .latency_outlier_multiple
+                .map(|m| (m, RawDuration::Millis(r.latency_outlier_window_ms.unwrap_or(0)))),
         };
         let mut p = Problems::default();
         let res = check::resilience(&raw, &mut p);
@@ -113,6 +122,8 @@ impl TryFrom<&pb::TenantPolicy> for TenantPolicy {
             rate_limit: (t.requests_per_second != 0.0).then_some((t.requests_per_second, t.burst)),
             max_concurrent_requests: (t.max_concurrent_requests > 0).then_some(t.max_concurrent_requests),
             tokens_per_minute: (t.tokens_per_minute > 0).then_some(t.tokens_per_minute),
+            callers: t.caller_tokens_per_minute.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+            session: nonempty(&t.session_header).map(|h| (h, t.session_tokens_per_minute)),
         };
         let mut p = Problems::default();
         let tp = check::tenant_policy(&raw, &mut p);
@@ -196,6 +207,16 @@ fn rule(r: &Rule) -> pb::RouteRule {
             abort_status: f.abort.as_ref().map(|a| u32::from(a.status.as_u16())).unwrap_or(0),
             abort_grpc_status: f.abort.as_ref().and_then(|a| a.grpc_status).map(u32::from).unwrap_or(0),
         }),
+        first_byte_timeout_ms: r.first_byte_timeout.map(ms).unwrap_or(0),
+        idle_timeout_ms: r.idle_timeout.map(ms).unwrap_or(0),
+        hedge: r.hedge.map(|h| match h {
+            Hedge::After(d) => pb::Hedge { after_ms: ms(d), after_p95: false },
+            Hedge::P95 => pb::Hedge { after_ms: 0, after_p95: true },
+        }),
+        hash_on: r.hash_on.as_ref().map(|h| match h {
+            HashOn::Header(n) => pb::HashOn { header: n.to_string(), cookie: String::new() },
+            HashOn::Cookie(c) => pb::HashOn { header: String::new(), cookie: c.clone() },
+        }),
     }
 }
 
@@ -210,6 +231,8 @@ pub fn resilience(r: &Resilience, revision: u64) -> pb::Resilience {
         retry_budget_ratio: r.retry_budget.as_ref().map(|b| b.ratio),
         retry_budget_min_per_second: r.retry_budget.as_ref().map(|b| b.min_per_second),
         revision,
+        latency_outlier_multiple: r.latency_outlier.as_ref().map(|o| o.multiple),
+        latency_outlier_window_ms: r.latency_outlier.as_ref().map(|o| ms(o.window)),
     }
 }
 
@@ -222,6 +245,9 @@ pub fn tenant_policy(t: &TenantPolicy, revision: u64) -> pb::TenantPolicy {
         max_concurrent_requests: t.max_concurrent_requests.map(|n| n.get()).unwrap_or(0),
         revision,
         tokens_per_minute: t.tokens_per_minute.map(|n| n.get()).unwrap_or(0),
+        caller_tokens_per_minute: t.callers.iter().map(|(k, v)| (k.clone(), v.get())).collect(),
+        session_header: t.session.as_ref().map(|s| s.header.to_string()).unwrap_or_default(),
+        session_tokens_per_minute: t.session.as_ref().map(|s| s.tokens_per_minute.get()).unwrap_or(0),
     }
 }
 

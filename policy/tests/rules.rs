@@ -85,6 +85,30 @@ fn cases() -> Vec<(&'static str, String, &'static str, &'static str)> {
         ("authz header from", "kind: AuthorizationPolicy\nservice: a\ntenant_header_from: [api.gw]\n".into(), "tenant_header_from[0]", "first label"),
         ("authz too many", format!("kind: AuthorizationPolicy\nservice: a\nrules:\n  - from: [{}]\n", vec!["b"; 257].join(", ")), "rules[0].from", "at most 256"),
         ("unknown field", r("    retries: 3\n"), "rules[0].retries", "unknown field `retries`"),
+        ("negative timeout", r("    timeout: -1s\n"), "rules[0].timeout", "is negative"),
+        ("first byte", r("    first_byte_timeout: -500ms\n"), "rules[0].first_byte_timeout", "is negative"),
+        ("first byte zero", r("    first_byte_timeout: 0s\n"), "rules[0].first_byte_timeout", "greater than zero"),
+        ("idle", r("    idle_timeout: forever\n"), "rules[0].idle_timeout", "not a duration"),
+        ("hedge without retries", r("    hedge: { after: 200ms }\n"), "rules[0].hedge", "needs a retry policy"),
+        ("hedge after", r("    retry: { attempts: 1 }\n    hedge: { after: p99 }\n"), "rules[0].hedge.after", "or 'p95'"),
+        ("hedge negative", r("    retry: { attempts: 1 }\n    hedge: { after: -1s }\n"), "rules[0].hedge.after", "is negative"),
+        ("hedge late", r("    timeout: 1s\n    retry: { attempts: 1 }\n    hedge: { after: 1s }\n"), "rules[0].hedge.after", "never go"),
+        ("hedge field", r("    retry: { attempts: 1 }\n    hedge: { delay: 1s }\n"), "rules[0].hedge.delay", "unknown field `delay`"),
+        ("hash on none", r("    hash_on: {}\n"), "rules[0].hash_on", "header or cookie"),
+        ("hash on both", r("    hash_on: { header: a, cookie: b }\n"), "rules[0].hash_on", "header or cookie"),
+        ("hash on header", r("    hash_on: { header: Mcp-Session-Id }\n"), "rules[0].hash_on.header", "lowercase header name"),
+        ("hash on cookie", r("    hash_on: { cookie: 'a b' }\n"), "rules[0].hash_on.cookie", "not a cookie name"),
+        ("hash on field", r("    hash_on: { query: s }\n"), "rules[0].hash_on.query", "unknown field `query`"),
+        ("outlier multiple", "kind: Resilience\nservice: a\nlatency_outlier: { multiple: 1, window: 30s }\n".into(), "latency_outlier.multiple", "more than 1"),
+        ("outlier window", "kind: Resilience\nservice: a\nlatency_outlier: { multiple: 3, window: -30s }\n".into(), "latency_outlier.window", "is negative"),
+        ("outlier field", "kind: Resilience\nservice: a\nlatency_outlier: { multiple: 3, window: 30s, min: 5 }\n".into(), "latency_outlier.min", "unknown field `min`"),
+        ("caller quota", "kind: TenantPolicy\ntenant: acme\nservice: a\ncallers: { agent: { tokens_per_minute: 0 } }\n".into(), "callers.agent.tokens_per_minute", "at least 1"),
+        ("caller name", "kind: TenantPolicy\ntenant: acme\nservice: a\ncallers: { Agent: { tokens_per_minute: 5 } }\n".into(), "callers.Agent", "lowercase"),
+        ("caller above tenant", "kind: TenantPolicy\ntenant: acme\nservice: a\ntokens_per_minute: 10\ncallers: { agent: { tokens_per_minute: 11 } }\n".into(), "callers.agent.tokens_per_minute", "more than the tenant's 10"),
+        ("session header", "kind: TenantPolicy\ntenant: acme\nservice: a\nsession: { header: X-Session, tokens_per_minute: 5 }\n".into(), "session.header", "lowercase header name"),
+        ("session quota", "kind: TenantPolicy\ntenant: acme\nservice: a\nsession: { header: x-session, tokens_per_minute: 0 }\n".into(), "session.tokens_per_minute", "at least 1"),
+        ("session above tenant", "kind: TenantPolicy\ntenant: acme\nservice: a\ntokens_per_minute: 10\nsession: { header: x-session, tokens_per_minute: 20 }\n".into(), "session.tokens_per_minute", "could never be reached"),
+        ("session field", "kind: TenantPolicy\ntenant: acme\nservice: a\nsession: { cookie: s, tokens_per_minute: 20 }\n".into(), "session.cookie", "unknown field `cookie`"),
         ("unknown kind", "kind: Gateway\nservice: a\n".into(), "kind", "unknown kind"),
         ("wrong type", "kind: Resilience\nservice: a\nmax_concurrent_requests: lots\n".into(), "max_concurrent_requests", "invalid type"),
     ]
@@ -132,6 +156,16 @@ fn the_wire_keeps_the_same_rules() {
         ),
         ("weights", Box::new(|r| r.backends[0].weight = 0), "rules[0].backends"),
         ("fallback", Box::new(|r| r.fallback = Some(Default::default())), "rules[0].fallback"),
+        ("hedge", Box::new(|r| r.hedge = Some(Default::default())), "rules[0].hedge.after"),
+        (
+            "hedge without retries",
+            Box::new(|r| {
+                r.retry = None;
+                r.hedge = Some(xds_proto::v1::Hedge { after_ms: 0, after_p95: true });
+            }),
+            "rules[0].hedge",
+        ),
+        ("hash on", Box::new(|r| r.hash_on = Some(Default::default())), "rules[0].hash_on"),
     ];
     for (what, f, field) in bad {
         let e = route(&*f).expect_err(what);
@@ -151,10 +185,11 @@ fn the_wire_keeps_the_same_rules() {
 
 #[test]
 fn a_valid_document_survives_the_wire_both_ways() {
-    let yaml =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/policy/tenants-and-faults.yaml"))
-            .unwrap();
-    for located in documents::parse("p.yaml", &yaml).unwrap() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/policy/");
+    let files = ["tenants-and-faults.yaml", "agent-traffic.yaml"];
+    for located in
+        files.iter().flat_map(|f| documents::parse(f, &std::fs::read_to_string(format!("{dir}{f}")).unwrap()).unwrap())
+    {
         let policy = weft_policy::check(&located.resource).unwrap();
         match &policy {
             Policy::Route(r) => assert_eq!(model::Route::try_from(&wire::route(r, 9)).unwrap(), *r),
