@@ -140,7 +140,8 @@ fn full(s: impl Into<Bytes>) -> Body {
 ///   `x-*`, `traceparent` and `host` echoed as `echo-*` response headers
 /// - `?sleep_ms=N`: answers after N ms
 /// - `/status/N`: answers with status N
-/// - `/stream?chunks=N&gap_ms=M`: N chunks, M ms apart
+/// - `/stream?chunks=N&gap_ms=M`: N chunks, M ms apart (`first_ms`: before
+///   the first; `stall_at=I&stall_ms=S`: S ms more before chunk I)
 /// - `/call/<service>/<rest>`: calls `http://<service>/<rest>` through the
 ///   sidecar's outbound address and returns its answer
 pub async fn serve_http(listener: TcpListener, info: Info) {
@@ -238,10 +239,20 @@ async fn handle(req: Request<Incoming>, info: &Info) -> Response<Body> {
         }
         let chunks = query(&req, "chunks").unwrap_or(5);
         let gap = Duration::from_millis(query(&req, "gap_ms").unwrap_or(20));
+        // A model slow to its first token, or stalling mid-answer.
+        let first = Duration::from_millis(query(&req, "first_ms").unwrap_or(0));
+        let (stall_at, stall) = (query(&req, "stall_at"), Duration::from_millis(query(&req, "stall_ms").unwrap_or(0)));
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(4);
         let served = info.served_by();
+        builder = builder.header("content-type", "text/event-stream");
         tokio::spawn(async move {
             for i in 0..chunks {
+                if i == 0 {
+                    tokio::time::sleep(first).await;
+                }
+                if Some(i) == stall_at {
+                    tokio::time::sleep(stall).await;
+                }
                 if tx.send(Ok(Frame::data(Bytes::from(format!("chunk {i} from {served}\n"))))).await.is_err() {
                     return;
                 }

@@ -200,14 +200,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("--app {}: not host:port", args.app))?
         .next()
         .with_context(|| format!("--app {}: resolves to no address", args.app))?;
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full("weft_request_duration_seconds".into()),
-            weft_proxy::telemetry::REQUEST_SECONDS_BUCKETS,
-        )
-        .context("setting the request duration buckets")?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+    let mut metrics = metrics_exporter_prometheus::PrometheusBuilder::new();
+    for name in weft_proxy::telemetry::HISTOGRAMS {
+        metrics = metrics
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(name.to_string()),
+                weft_proxy::telemetry::REQUEST_SECONDS_BUCKETS,
+            )
+            .context("setting the histogram buckets")?;
+    }
+    let metrics = metrics.install_recorder().context("installing the metrics recorder")?;
     let workload = match &args.ca_bundle {
         Some(path) => {
             let pem = std::fs::read_to_string(path).with_context(|| format!("--ca-bundle {path}: cannot read it"))?;

@@ -153,6 +153,11 @@ pub const REQUEST_SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// The histograms, all on [`REQUEST_SECONDS_BUCKETS`]: request duration;
+/// time to first body byte and gaps between chunks of streamed answers.
+pub const HISTOGRAMS: [&str; 3] =
+    ["weft_request_duration_seconds", "weft_first_byte_seconds", "weft_stream_gap_seconds"];
+
 fn register(direction: &'static str, service: &str, tenant: &str, code: u16, degraded: bool) -> Handles {
     let labels = vec![
         Label::from_static_parts("direction", direction),

@@ -81,6 +81,10 @@ pub(crate) struct Rule {
     pub(crate) retry: Option<model::Retry>,
     pub(crate) fallback: Option<model::Fallback>,
     pub(crate) fault: Option<model::Fault>,
+    pub(crate) first_byte_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) hedge: Option<model::Hedge>,
+    pub(crate) hash_on: Option<model::HashOn>,
 }
 
 #[derive(Debug)]
@@ -227,6 +231,10 @@ fn convert_route(service: &str, r: &pb::Route, endpoints: &[Arc<Endpoint>]) -> R
             retry: rule.retry,
             fallback: rule.fallback,
             fault: rule.fault,
+            first_byte_timeout: rule.first_byte_timeout,
+            idle_timeout: rule.idle_timeout,
+            hedge: rule.hedge,
+            hash_on: rule.hash_on,
         })
         .collect();
     Ok(Route { rules })

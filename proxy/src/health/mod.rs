@@ -149,6 +149,8 @@ pub(crate) struct ServiceStats {
     pub(crate) ejection_lock: Mutex<()>,
     /// The subscription sweep's epoch of the last call ([`crate::clock::EPOCH`]).
     last_used: AtomicU64,
+    /// Where sessions were last served, for routes with `hash_on`.
+    pub(crate) sessions: crate::outbound::affinity::Sessions,
 }
 
 impl Default for ServiceStats {
@@ -158,6 +160,7 @@ impl Default for ServiceStats {
             budget: Mutex::new(budget::Budget::default()),
             ejection_lock: Mutex::new(()),
             last_used: AtomicU64::new(crate::clock::EPOCH.load(Ordering::Relaxed)),
+            sessions: Default::default(),
         }
     }
 }

@@ -5,3 +5,4 @@ pub(crate) mod deadline;
 pub(crate) mod errors;
 pub(crate) mod headers;
 pub(crate) mod response;
+pub(crate) mod stream;

@@ -37,12 +37,13 @@ use super::balance::InFlight;
 use super::fault::{self, Injected};
 use super::replay::{ReqBody, clone_parts};
 use super::retry::{self, Outcome};
-use super::{Outbound, Sender, fallback, route};
+use super::{Outbound, Sender, affinity, fallback, route};
 use crate::clock::{ms_at, now_ms};
 use crate::config::{Endpoint, Rule, Service, Verdict};
 use crate::health::breaker::Admission;
 use crate::http::errors::ProxyError;
 use crate::http::response::Degraded;
+use crate::http::stream::Watch;
 use crate::transport;
 use crate::transport::body::{ProxyBody, reply_judged};
 use crate::transport::pool::PooledBody;
@@ -104,6 +105,7 @@ pub(crate) async fn run<S: Sender>(
             None => {
                 let _in_flight = InFlight::endpoint(&t.endpoint.health);
                 let sent = Instant::now();
+                call.sent = sent;
                 let r = out.sender.send(t.endpoint.peer(&svc.name), t.req, timeout).await;
                 call.observe(&t.endpoint, r, sent, &body)
             }
@@ -112,6 +114,7 @@ pub(crate) async fn run<S: Sender>(
         call.tried.push(tried.endpoint.addr);
         let go = call.again(attempt, &tried, &outcome.0, &body);
         call.last = Some(outcome.0);
+        call.last_endpoint = Some(tried.endpoint);
         if !go {
             break;
         }
@@ -162,6 +165,12 @@ pub(crate) struct Call<'a, S> {
     /// or a held endpoint refused the connection).
     free_try_used: bool,
     last: Option<Outcome>,
+    /// The endpoint of the last try, and when it was sent.
+    last_endpoint: Option<Arc<Endpoint>>,
+    /// The call's session under the rule's `hash_on`, and where it was last
+    /// served.
+    session: Option<(u64, Option<SocketAddr>)>,
+    sent: Instant,
     verdict: Option<Verdict>,
     degraded: &'a mut Degraded,
 }
@@ -178,6 +187,8 @@ impl<'a, S: Sender> Call<'a, S> {
     ) -> Call<'a, S> {
         let rule = route::rule_for(svc, tenant, req);
         let own = rule.and_then(|r| r.timeout).map(|t| Instant::now() + t);
+        let session = rule.and_then(|r| r.hash_on.as_ref()).and_then(|h| affinity::key(h, req));
+        let session = session.map(|k| (k, svc.stats.sessions.get(k, now_ms())));
         Call {
             out,
             svc,
@@ -192,6 +203,9 @@ impl<'a, S: Sender> Call<'a, S> {
             tried: Vec::new(),
             free_try_used: false,
             last: None,
+            last_endpoint: None,
+            session,
+            sent: Instant::now(),
             verdict: None,
             degraded,
         }
@@ -233,7 +247,7 @@ impl<'a, S: Sender> Call<'a, S> {
     /// send).
     fn next_try(&mut self, body: &mut ReqBody) -> Option<Try<'a>> {
         let now = now_ms();
-        let picked = route::pick(self.svc, self.rule, &self.tried, now, self.out.region());
+        let picked = route::pick(self.svc, self.rule, &self.tried, now, self.out.region(), self.session);
         self.degraded.breaker |= picked.skipped_ejected;
         let Some(endpoint) = picked.endpoint else {
             self.last.get_or_insert_with(|| Err(ProxyError::NoEndpoints(self.svc.name.clone())));
@@ -258,11 +272,17 @@ impl<'a, S: Sender> Call<'a, S> {
         Some(Try { endpoint, admission, req, injected })
     }
 
-    /// A try's timeout: the per-try timeout (when the call may be retried)
-    /// within what is left of the call's.
+    /// A try's timeout to the answer head: the per-try timeout (when the
+    /// call may be retried) within what is left of the call's, and never
+    /// past the first-byte timeout (no head, no first byte).
     fn timeout(&self) -> Option<Duration> {
         let per_try =
             self.rule.and_then(|r| r.retry.as_ref()).and_then(|r| r.per_try_timeout).filter(|_| self.may_retry);
+        let first_byte = self.rule.and_then(|r| r.first_byte_timeout);
+        let per_try = match (per_try, first_byte) {
+            (Some(p), Some(f)) => Some(p.min(f)),
+            (p, f) => p.or(f),
+        };
         let remaining = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
         match (per_try, remaining) {
             (Some(p), Some(r)) => Some(p.min(r)),
@@ -394,7 +414,19 @@ impl<'a, S: Sender> Call<'a, S> {
             }
         }
         let verdict = self.verdict.take();
-        Concluded::Answer(last.map(|r| r.map(|b| reply_judged(b, verdict))))
+        let (svc, rule, grpc, sent) = (self.svc, self.rule, self.grpc, self.sent);
+        let endpoint = self.last_endpoint.take();
+        if let (Some((key, pinned)), Some(e)) = (self.session, &endpoint)
+            && pinned != Some(e.addr)
+            && !retry::is_failure(&last)
+        {
+            // The session stays where it was served.
+            svc.stats.sessions.set(key, e.addr, now_ms());
+        }
+        Concluded::Answer(last.map(|r| {
+            let watch = endpoint.and_then(|e| Watch::for_answer(svc, &e, rule, grpc, sent, r.body()));
+            r.map(|b| reply_judged(b, verdict, watch))
+        }))
     }
 
     /// The rule's fallback answers, when the request can still be sent;

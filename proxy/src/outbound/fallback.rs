@@ -48,7 +48,7 @@ pub(crate) async fn answer<S: Sender>(
             let req = Request::from_parts(clone_parts(parts), b);
             let rule = route::rule_for(&svc, tenant, &req);
             let now = now_ms();
-            let Some(endpoint) = route::pick(&svc, rule, &[], now, out.region()).endpoint else {
+            let Some(endpoint) = route::pick(&svc, rule, &[], now, out.region(), None).endpoint else {
                 return Err(err);
             };
             degraded.fallback = Some(name.clone());

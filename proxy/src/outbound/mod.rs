@@ -4,6 +4,7 @@
 //! - [`resolve`]: the service in the table, or subscribe and wait for it;
 //! - [`route`]: the rule that applies, a backend by weight, an endpoint;
 //! - [`balance`]: P2C over peak-EWMA latency × load, region-aware;
+//! - [`affinity`]: a session's calls to one endpoint (`hash_on`);
 //! - [`call`]: one call, phase by phase: its body, the concurrency cap, each
 //!   try and its breaker bookkeeping, the decision to try again, and the end;
 //! - [`retry`]: what is a failure, what is retried, how long to back off;
@@ -11,6 +12,7 @@
 //! - [`fault`]: injected delays and aborts;
 //! - [`fallback`]: the answer when the service cannot give one.
 
+pub(crate) mod affinity;
 pub(crate) mod balance;
 pub(crate) mod call;
 pub(crate) mod fallback;

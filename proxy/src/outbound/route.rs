@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use rand::Rng;
 
-use super::balance;
+use super::{affinity, balance};
 use crate::config::{Backend, Rule, Service};
 
 /// The rule of `service`'s route for `tenant` that `req` matches, if any.
@@ -18,17 +18,22 @@ pub(crate) fn rule_for<'a, B>(svc: &'a Service, tenant: &str, req: &http::Reques
 /// Chooses the endpoint for a request under `rule`: a backend by weight
 /// among those with an eligible endpoint, then an endpoint. Without a rule,
 /// any ready endpoint of the service. `tried` are the endpoints this call
-/// has tried already.
+/// has tried already; `session`, the call's session under the rule's
+/// `hash_on` and where it was last served.
 pub(crate) fn pick(
     svc: &Service,
     rule: Option<&Rule>,
     tried: &[SocketAddr],
     now: u64,
     region: Option<&str>,
+    session: Option<(u64, Option<SocketAddr>)>,
 ) -> balance::Picked {
     let Some(rule) = rule else {
         return balance::p2c(&svc.all_ready, tried, now, region);
     };
+    if let Some((key, pinned)) = session {
+        return sticky(rule, key, pinned, tried, now);
+    }
     // "breaker" marks a call only when the breaker changed its course: the
     // weighted draw, as if nothing were ejected, landed on an ejected backend.
     let with_ejected = |b: &&Backend| !b.endpoints.is_empty();
@@ -45,6 +50,30 @@ pub(crate) fn pick(
             p
         }
         None => balance::Picked { endpoint: None, skipped_ejected: skipped },
+    }
+}
+
+/// A session's endpoint: its backend by weight, drawn by the session's own
+/// hash (so every sidecar draws the same), then [`affinity::pick`].
+fn sticky(rule: &Rule, key: u64, pinned: Option<SocketAddr>, tried: &[SocketAddr], now: u64) -> balance::Picked {
+    let home = pinned.and_then(|p| rule.backends.iter().find(|b| b.endpoints.iter().any(|e| e.addr == p)));
+    let any = |b: &&Backend| balance::any_eligible(&b.endpoints, now);
+    let backend = home.filter(any).or_else(|| {
+        let total: u64 = rule.backends.iter().filter(any).map(|b| u64::from(b.weight)).sum();
+        let mut n = key.checked_rem(total)?;
+        rule.backends.iter().filter(any).find(|b| {
+            let w = u64::from(b.weight);
+            let here = n < w;
+            n = n.saturating_sub(w);
+            here
+        })
+    });
+    match backend {
+        Some(b) => {
+            let (endpoint, skipped_ejected) = affinity::pick(&b.endpoints, key, pinned, tried, now);
+            balance::Picked { endpoint, skipped_ejected }
+        }
+        None => balance::Picked { endpoint: None, skipped_ejected: true },
     }
 }
 

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 
 use super::pool::PooledBody;
 use crate::config::Verdict;
+use crate::http::stream::Watch;
 use crate::tenancy::{self, TenantGuard};
 
 pub(crate) type ProxyBody = Either<Tapped, Full<Bytes>>;
@@ -27,7 +28,15 @@ pub(crate) fn full(b: impl Into<Bytes>) -> ProxyBody {
 /// (a malformed chunked body, a client gone mid-upload): then the client is
 /// answered 400 and the endpoint is not blamed.
 pub(crate) fn stream(b: Incoming, watch: &ClientBodyWatch) -> ProxyBody {
-    Either::Left(Tapped { inner: PooledBody::plain(b), guard: None, usage: None, verdict: None, client: watch.clone() })
+    Either::Left(Tapped {
+        inner: PooledBody::plain(b),
+        guard: None,
+        usage: None,
+        verdict: None,
+        client: watch.clone(),
+        watch: None,
+        cut: false,
+    })
 }
 
 /// See [`stream`].
@@ -48,12 +57,21 @@ impl ClientBodyWatch {
 
 /// A streamed upstream response body passed through as is.
 pub(crate) fn reply(b: PooledBody) -> ProxyBody {
-    reply_judged(b, None)
+    reply_judged(b, None, None)
 }
 
-/// The same, giving the breaker `verdict` from the call's trailers.
-pub(crate) fn reply_judged(b: PooledBody, verdict: Option<Verdict>) -> ProxyBody {
-    Either::Left(Tapped { inner: b, guard: None, usage: None, verdict, client: ClientBodyWatch(None) })
+/// The same, giving the breaker `verdict` from the call's trailers, and
+/// under `watch` when the answer streams (see [`crate::http::stream`]).
+pub(crate) fn reply_judged(b: PooledBody, verdict: Option<Verdict>, watch: Option<Box<Watch>>) -> ProxyBody {
+    Either::Left(Tapped {
+        inner: b,
+        guard: None,
+        usage: None,
+        verdict,
+        client: ClientBodyWatch(None),
+        watch,
+        cut: false,
+    })
 }
 
 /// A streamed response body that keeps its tenant's request counted in
@@ -67,23 +85,49 @@ pub(crate) struct Tapped {
     verdict: Option<Verdict>,
     /// Set when this is a client's request body and it fails.
     client: ClientBodyWatch,
+    /// Times a streamed answer and cuts it when it stalls.
+    watch: Option<Box<Watch>>,
+    /// A timeout cut the stream: it has ended (the upstream body goes with
+    /// this one, closing its connection or resetting its stream).
+    cut: bool,
 }
 
 impl Tapped {
     pub(crate) fn new(inner: PooledBody, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
-        Tapped { inner, guard, usage, verdict: None, client: ClientBodyWatch(None) }
+        Tapped { inner, guard, usage, verdict: None, client: ClientBodyWatch(None), watch: None, cut: false }
+    }
+}
+
+impl Tapped {
+    /// Ends a stream a timeout cut: the upstream body is dropped (its
+    /// connection closed or stream reset), the verdict given as failed.
+    #[cold]
+    fn cut(&mut self, cut: crate::http::stream::Cut) -> Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
+        let ending = self.watch.take().map(|w| w.ending(cut)).unwrap_or(Err(cut));
+        self.cut = true;
+        // The watch counted the failure against the endpoint already.
+        self.verdict = None;
+        self.guard = None;
+        self.usage = None;
+        ending.map_err(Into::into)
     }
 }
 
 impl Body for Tapped {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
+        if this.cut {
+            return Poll::Ready(None);
+        }
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(w) = &mut this.watch {
+                    w.frame(frame);
+                }
                 if let Some(t) = frame.trailers_ref() {
                     if let Some(state) = &this.usage
                         && let Some(n) = t.get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
@@ -109,14 +153,19 @@ impl Body for Tapped {
                 this.guard = None;
                 this.usage = None;
                 this.verdict = None;
+                this.watch = None;
             }
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Some(cut) = this.watch.as_mut().and_then(|w| w.poll_cut(cx)) {
+                    return Poll::Ready(Some(this.cut(cut)));
+                }
+            }
         }
-        r
+        r.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.cut || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

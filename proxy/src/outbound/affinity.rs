@@ -1,0 +1,213 @@
+//! Session affinity (`hash_on`): the calls of one session (the value of a
+//! header such as `mcp-session-id`, or of a cookie) go to one endpoint while
+//! it is healthy; when it is ejected or gone they move to another, and stay
+//! there, even once the first comes back.
+//!
+//! A session's first endpoint is chosen by rendezvous hashing over the
+//! backend's endpoints, so every caller's sidecar sends a new session to the
+//! same place without talking to the others. Where a session was last
+//! served is then remembered (at most [`MAX_SESSIONS`] per service, the
+//! least recently used forgotten first), which is what keeps a moved
+//! session where it moved. Calls without the header or cookie balance by
+//! P2C as usual.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use weft_policy::model::HashOn;
+
+use crate::config::Endpoint;
+
+/// Sessions remembered per service.
+pub(crate) const MAX_SESSIONS: usize = 10_000;
+
+/// The session of a request under `hash_on`, as a hash of its value.
+pub(crate) fn key<B>(hash_on: &HashOn, req: &http::Request<B>) -> Option<u64> {
+    match hash_on {
+        HashOn::Header(h) => req.headers().get(h).map(|v| fnv1a(v.as_bytes())),
+        HashOn::Cookie(name) => req
+            .headers()
+            .get_all(http::header::COOKIE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+            .find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
+                (k == name.as_bytes()).then(|| fnv1a(&v[1..]))
+            }),
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// A well-mixed 64-bit hash (splitmix64's finaliser).
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The rendezvous score of `addr` for session `key`.
+fn score(key: u64, addr: &SocketAddr) -> u64 {
+    let a = match addr {
+        SocketAddr::V4(v4) => fnv1a(&v4.ip().octets()),
+        SocketAddr::V6(v6) => fnv1a(&v6.ip().octets()),
+    };
+    mix(key ^ mix(a ^ u64::from(addr.port())))
+}
+
+/// The endpoint for session `key`: the one it was last served by (`pinned`)
+/// while eligible, else the highest-scoring eligible one, preferring those
+/// this call has not tried. The flag is true when the session had to move
+/// off an ejected endpoint.
+pub(crate) fn pick(
+    endpoints: &[Arc<Endpoint>],
+    key: u64,
+    pinned: Option<SocketAddr>,
+    tried: &[SocketAddr],
+    now_ms: u64,
+) -> (Option<Arc<Endpoint>>, bool) {
+    let usable = |e: &&Arc<Endpoint>| !e.health.is_ejected(now_ms) && !tried.contains(&e.addr);
+    let mut moved_off_ejected = false;
+    if let Some(p) = pinned
+        && let Some(e) = endpoints.iter().find(|e| e.addr == p)
+    {
+        if usable(&e) {
+            return (Some(e.clone()), false);
+        }
+        moved_off_ejected = e.health.is_ejected(now_ms);
+    }
+    let best = |eligible: &dyn Fn(&&Arc<Endpoint>) -> bool| {
+        endpoints.iter().filter(|e| eligible(e)).max_by_key(|e| score(key, &e.addr)).cloned()
+    };
+    let chosen = best(&usable).or_else(|| best(&|e: &&Arc<Endpoint>| !e.health.is_ejected(now_ms)));
+    if pinned.is_none() {
+        // A new session: changed course when its first choice is ejected.
+        moved_off_ejected = best(&|_: &&Arc<Endpoint>| true).is_some_and(|e| e.health.is_ejected(now_ms));
+    }
+    (chosen, moved_off_ejected)
+}
+
+/// Where each session of one service was last served.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions(Mutex<HashMap<u64, (SocketAddr, u64)>>);
+
+impl Sessions {
+    /// The endpoint session `key` was last served by.
+    pub(crate) fn get(&self, key: u64, now_ms: u64) -> Option<SocketAddr> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (addr, used) = m.get_mut(&key)?;
+        *used = now_ms;
+        Some(*addr)
+    }
+
+    /// Remembers that `addr` served session `key`.
+    pub(crate) fn set(&self, key: u64, addr: SocketAddr, now_ms: u64) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MAX_SESSIONS && !m.contains_key(&key) {
+            // Forget the least recently used half (rarely: once per
+            // MAX_SESSIONS / 2 new sessions).
+            let mut used: Vec<u64> = m.values().map(|(_, u)| *u).collect();
+            let (_, median, _) = used.select_nth_unstable(MAX_SESSIONS / 2);
+            let median = *median;
+            m.retain(|_, (_, u)| *u > median);
+        }
+        m.insert(key, (addr, now_ms));
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::health::{Health, Settings};
+
+    fn ep(port: u16) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            proxy_id: format!("p{port}"),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            labels: BTreeMap::new(),
+            ready: true,
+            mtls: false,
+            health: Arc::new(Health::default()),
+            held_until_ms: 0,
+        })
+    }
+
+    fn req(headers: &[(&str, &str)]) -> http::Request<()> {
+        let mut b = http::Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn the_session_is_the_header_or_the_cookie() {
+        let h = HashOn::Header(http::HeaderName::from_static("mcp-session-id"));
+        assert_eq!(key(&h, &req(&[("mcp-session-id", "a")])), key(&h, &req(&[("mcp-session-id", "a")])));
+        assert_ne!(key(&h, &req(&[("mcp-session-id", "a")])), key(&h, &req(&[("mcp-session-id", "b")])));
+        assert_eq!(key(&h, &req(&[])), None);
+        let c = HashOn::Cookie("sid".into());
+        let k = key(&c, &req(&[("cookie", "theme=dark; sid=abc")]));
+        assert_eq!(k, Some(fnv1a(b"abc")));
+        assert_eq!(key(&c, &req(&[("cookie", "theme=dark"), ("cookie", "sid=abc")])), k, "any cookie header");
+        assert_eq!(key(&c, &req(&[("cookie", "xsid=abc")])), None);
+    }
+
+    #[test]
+    fn sessions_spread_and_stay_where_they_moved() {
+        let eps: Vec<_> = (1..=3).map(ep).collect();
+        let now = crate::clock::now_ms();
+        let first = |k: u64| pick(&eps, k, None, &[], now).0.unwrap().addr.port();
+        let mut per = [0; 3];
+        for k in 0..3000 {
+            per[usize::from(first(k)) - 1] += 1;
+            assert_eq!(first(k), first(k), "the same session, the same endpoint");
+        }
+        assert!(per.iter().all(|n| (800..=1200).contains(n)), "{per:?}");
+
+        // Session on endpoint 1; endpoint 1 is ejected: it moves (marked),
+        // is remembered there, and stays once 1 is back.
+        let k = (0..).find(|k| first(*k) == 1).unwrap();
+        let s = Settings { consecutive_failures: 1, ..Default::default() };
+        eps[0].health.breaker.eject(now, &s);
+        let (moved, off_ejected) = pick(&eps, k, Some(eps[0].addr), &[], now);
+        let moved = moved.unwrap();
+        assert!(moved.addr.port() != 1 && off_ejected);
+        let sessions = Sessions::default();
+        sessions.set(k, moved.addr, now);
+        let later = now + 600_000;
+        assert!(!eps[0].health.is_ejected(later), "endpoint 1 is back");
+        assert_eq!(pick(&eps, k, sessions.get(k, later), &[], later).0.unwrap().addr, moved.addr);
+        // Gone: the remembered endpoint is no longer listed.
+        let rest: Vec<_> = eps.iter().filter(|e| e.addr != moved.addr).cloned().collect();
+        let (again, off_ejected) = pick(&rest, k, Some(moved.addr), &[], later);
+        assert!(again.is_some_and(|e| e.addr != moved.addr) && !off_ejected);
+        // A retry goes elsewhere than the endpoint it tried.
+        let (retry, _) = pick(&eps, k, Some(moved.addr), &[moved.addr], later);
+        assert_ne!(retry.unwrap().addr, moved.addr);
+    }
+
+    #[test]
+    fn sessions_remembered_are_bounded() {
+        let s = Sessions::default();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for k in 0..(MAX_SESSIONS as u64 * 3) {
+            s.set(k, addr, k);
+        }
+        assert!(s.len() <= MAX_SESSIONS, "{}", s.len());
+        let recent = MAX_SESSIONS as u64 * 3 - 1;
+        assert_eq!(s.get(recent, recent + 1), Some(addr), "the most recent is kept");
+        assert_eq!(s.get(0, recent + 1), None, "the oldest is forgotten");
+    }
+}

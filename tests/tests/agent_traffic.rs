@@ -1,0 +1,198 @@
+//! Agent traffic through real sidecars:
+//!
+//! - streamed answers (an LLM's tokens over SSE or gRPC) under the route's
+//!   `first_byte_timeout` and `idle_timeout`: a stream that keeps producing
+//!   runs as long as it produces; one slow to its first token, or stalling
+//!   mid-answer, is cut, counted, and ended so the client cannot take it
+//!   for a whole answer; time to first byte and the gaps between chunks are
+//!   measured per service and endpoint;
+//! - session affinity (`hash_on`): a session's calls stay on one instance,
+//!   move once when it dies, and stay where they moved.
+
+use std::time::Duration;
+
+use harness::{App, Req, Topology, apply, h2_send, metric};
+use http_body_util::BodyExt;
+
+const ROUTES: &str = "kind: Route
+service: inference
+rules:
+  - backends: [ { subset: {}, weight: 1 } ]
+    timeout: 2s
+    first_byte_timeout: 600ms
+    idle_timeout: 600ms
+---
+kind: Route
+service: model
+rules:
+  - backends: [ { subset: {}, weight: 1 } ]
+    idle_timeout: 600ms
+";
+
+/// The body of an answer as far as it came, and whether it ended cleanly.
+async fn read(resp: http::Response<hyper::body::Incoming>) -> (String, bool) {
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    loop {
+        match body.frame().await {
+            None => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Some(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), false),
+            Some(Ok(f)) => got.extend_from_slice(f.data_ref().map(|d| d.as_ref()).unwrap_or_default()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_run_while_they_produce_and_are_cut_when_they_stall() {
+    let bed = Topology::new()
+        .instance("inference", "version=v1")
+        .instance("model", "version=v1")
+        .app(App::Grpc)
+        .start()
+        .await;
+    let applied = apply(&bed.control_url(), ROUTES).await;
+    assert_eq!(applied.code, 0, "{applied:?}");
+    let caller = &bed.caller.sidecar;
+    let out = caller.outbound;
+
+    // Ten tokens 300 ms apart: 3 s, past the route's 2 s timeout and five
+    // times each stream timeout, never cut while it produces.
+    let resp = Req::get(out, "inference", "/stream?chunks=10&gap_ms=300").open().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (body, whole) = read(resp).await;
+    assert!(whole, "a producing stream ended cleanly: {body}");
+    assert_eq!(body.lines().count(), 10, "{body}");
+
+    // A first token 3 s late: the head came, then the stream is cut at the
+    // first-byte timeout (aborted, not ended as if whole).
+    let resp = Req::get(out, "inference", "/stream?chunks=3&first_ms=3000").open().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let started = std::time::Instant::now();
+    let (body, whole) = read(resp).await;
+    assert!(!whole && body.is_empty(), "cut before any token: {whole} {body:?}");
+    assert!(started.elapsed() < Duration::from_millis(2500), "cut at the timeout, not at the first token");
+
+    // Three tokens, then a 3 s stall: cut after the third.
+    let resp = Req::get(out, "inference", "/stream?chunks=6&gap_ms=50&stall_at=3&stall_ms=3000").open().await.unwrap();
+    let (body, whole) = read(resp).await;
+    assert!(!whole, "an idle stream is aborted: {body}");
+    assert_eq!(body.lines().count(), 3, "{body}");
+
+    // The same over h2c: the stream is reset.
+    let r = h2_send(out, "inference", "/stream?chunks=6&gap_ms=50&stall_at=2&stall_ms=3000", &[]).await;
+    assert!(r.is_err(), "h2c: the stream is reset, not ended: {r:?}");
+
+    // gRPC: a chat whose third answer takes the model 3 s ends with
+    // DEADLINE_EXCEEDED in the trailers, marked idle-timeout.
+    let mut client = harness::inference_client(out, "http://model").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = client.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    for (i, delay_ms) in [0u32, 200, 3000].into_iter().enumerate() {
+        let m = harness::example_pb::InferRequest { prompt: format!("m{i}"), delay_ms, ..Default::default() };
+        tx.send(m).await.unwrap();
+    }
+    let mut got = 0;
+    let status = loop {
+        match replies.message().await {
+            Ok(Some(_)) => got += 1,
+            Ok(None) => panic!("the chat ended cleanly after {got}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!((got, status.code()), (2, tonic::Code::DeadlineExceeded), "{status:?}");
+    assert_eq!(status.message(), "idle-timeout");
+    assert_eq!(status.metadata().get("x-weft-degraded").unwrap(), "idle-timeout");
+    drop(tx);
+
+    let m = caller.metrics().await;
+    let cuts = |svc: &str, reason: &str| {
+        metric(&m, "weft_stream_cuts_total", &[&format!("service=\"{svc}\""), &format!("reason=\"{reason}\"")])
+    };
+    assert_eq!(cuts("inference", "first-byte-timeout"), 1.0, "{m}");
+    assert_eq!(cuts("inference", "idle-timeout"), 2.0, "{m}");
+    assert_eq!(cuts("model", "idle-timeout"), 1.0, "{m}");
+    // Time to first byte and inter-chunk gaps, per service and endpoint.
+    let endpoint = format!("endpoint=\"{}\"", bed.instance("inference", "v1").sidecar.inbound);
+    let ttfb = metric(&m, "weft_first_byte_seconds_count", &["service=\"inference\"", &endpoint]);
+    assert_eq!(ttfb, 3.0, "three streams got a first byte: {m}");
+    let gaps = metric(&m, "weft_stream_gap_seconds_count", &["service=\"inference\"", &endpoint]);
+    assert_eq!(gaps, 9.0 + 2.0 + 1.0, "{m}");
+    let slow_gaps = metric(&m, "weft_stream_gap_seconds_bucket", &["service=\"inference\"", "le=\"0.25\""]);
+    assert_eq!(slow_gaps, 3.0, "only the 50 ms gaps are under 250 ms: {m}");
+}
+
+const SESSIONS: &str = "kind: Route
+service: mcp
+rules:
+  - backends: [ { subset: {}, weight: 1 } ]
+    hash_on: { header: mcp-session-id }
+    retry: { attempts: 2, on: [connect-failure, reset, 5xx] }
+---
+kind: Resilience
+service: mcp
+circuit_breaker: { consecutive_failures: 1, base_ejection: 60s }
+";
+
+/// Which instance served each of `sessions` calls, `per` calls a session
+/// (every call answered, every session on one instance).
+async fn where_sessions_go(out: std::net::SocketAddr, sessions: usize, per: usize) -> Vec<String> {
+    let mut homes = Vec::new();
+    for s in 0..sessions {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..per {
+            let r = Req::get(out, "mcp", "/tools/list").header("mcp-session-id", &format!("s-{s}")).send().await;
+            let r = r.unwrap();
+            assert_eq!(r.0, 200, "session s-{s}: {r:?}");
+            seen.insert(harness::served_by(&r));
+        }
+        assert_eq!(seen.len(), 1, "session s-{s} went to {seen:?}");
+        homes.extend(seen);
+    }
+    homes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stays_on_its_instance_and_moves_once_when_it_dies() {
+    let mut bed = Topology::new().instances("mcp", &["v1", "v2", "v3"]).start().await;
+    let applied = apply(&bed.control_url(), SESSIONS).await;
+    assert_eq!(applied.code, 0, "{applied:?}");
+    bed.wait_endpoints("mcp", 3).await;
+    let out = bed.caller.sidecar.outbound;
+
+    // 30 sessions, 4 calls each: each on one instance, together on all.
+    let before = where_sessions_go(out, 30, 4).await;
+    let used: std::collections::BTreeSet<_> = before.iter().collect();
+    assert_eq!(used.len(), 3, "sessions spread over the instances: {before:?}");
+    // Calls without a session still balance.
+    let mut free = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        free.insert(harness::served_by(&Req::get(out, "mcp", "/").send().await.unwrap()));
+    }
+    assert!(free.len() >= 2, "{free:?}");
+
+    // The instance with the most sessions dies (its sidecar is killed: the
+    // caller finds its connections refused before the control plane says
+    // so). Its sessions move, each to one other instance, and stay; every
+    // other session stays where it was; no call fails.
+    let victim = ["mcp/v1", "mcp/v2", "mcp/v3"]
+        .into_iter()
+        .max_by_key(|v| before.iter().filter(|h| h == v).count())
+        .unwrap()
+        .to_string();
+    let i = bed.instances.iter().position(|i| format!("mcp/{}", i.version) == victim).unwrap();
+    bed.instances[i].sidecar.kill().await;
+    let after = where_sessions_go(out, 30, 4).await;
+    for (s, (b, a)) in before.iter().zip(&after).enumerate() {
+        if *b == victim {
+            assert_ne!(a, &victim, "session s-{s} moved");
+        } else {
+            assert_eq!(a, b, "session s-{s} stayed");
+        }
+    }
+    // And once the control plane has dropped the instance, they stay put.
+    harness::topology::wait_ready_endpoints(&bed.caller.sidecar, "mcp", 2).await;
+    assert_eq!(where_sessions_go(out, 30, 2).await, after);
+    let m = bed.caller.sidecar.metrics().await;
+    let all = metric(&m, "weft_requests_total", &["service=\"mcp\""]);
+    assert_eq!(all, metric(&m, "weft_requests_total", &["service=\"mcp\"", "code=\"200\""]), "none failed: {m}");
+}
