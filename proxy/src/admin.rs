@@ -148,6 +148,10 @@ pub(crate) fn config_json(shared: &Shared) -> serde_json::Value {
                             "retry": rule.retry.as_ref().map(|r| json!({"attempts": r.attempts, "per_try_timeout_ms": r.per_try_timeout_ms, "on": r.on})),
                             "fault": rule.fault.as_ref().map(|f| json!({"header": f.header, "delay_percent": f.delay_percent, "delay_ms": f.delay_ms, "abort_percent": f.abort_percent, "abort_status": f.abort_status, "abort_grpc_status": f.abort_grpc_status})),
                             "fallback": rule.fallback.as_ref().map(|f| json!({"service": f.service, "status": f.status})),
+                            "first_byte_timeout_ms": rule.first_byte_timeout_ms,
+                            "idle_timeout_ms": rule.idle_timeout_ms,
+                            "hedge": rule.hedge.as_ref().map(|h| json!({"after_ms": h.after_ms, "after_p95": h.after_p95})),
+                            "hash_on": rule.hash_on.as_ref().map(|h| json!({"header": h.header, "cookie": h.cookie})),
                         })
                     }).collect::<Vec<_>>(),
                 })
@@ -163,9 +167,20 @@ pub(crate) fn config_json(shared: &Shared) -> serde_json::Value {
         let authorization = s.authorization.as_ref().map(|a| {
             json!({"default": a.default.as_str(), "rules": a.rules.len(), "tenant_header_from": a.tenant_header_from})
         });
+        let resilience = s.source.resilience.as_ref().map(|r| {
+            json!({
+                "revision": r.revision,
+                "consecutive_failures": r.consecutive_failures,
+                "max_concurrent_requests": r.max_concurrent_requests,
+                "retry_budget_ratio": r.retry_budget_ratio,
+                "retry_budget_min_per_second": r.retry_budget_min_per_second,
+                "latency_outlier_multiple": r.latency_outlier_multiple,
+                "latency_outlier_window_ms": r.latency_outlier_window_ms,
+            })
+        });
         services.insert(
             name.clone(),
-            json!({"known": s.known, "routes": routes, "endpoints": endpoints, "tenants": tenants, "authorization": authorization}),
+            json!({"known": s.known, "routes": routes, "endpoints": endpoints, "tenants": tenants, "authorization": authorization, "resilience": resilience}),
         );
     }
     json!({

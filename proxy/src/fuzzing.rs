@@ -70,6 +70,7 @@ pub fn request_head(data: &[u8]) {
         fallback: data.len().is_multiple_of(5).then(|| "inference-lite".to_string()),
         timeout: data.len().is_multiple_of(7),
         shed: data.first().is_some_and(|b| b.is_multiple_of(2)),
+        hedged: data.len().is_multiple_of(11),
         stale_config: data.last().is_some_and(|b| b.is_multiple_of(2)),
     };
     let member = format!("weft={}", degraded.header_value().replace(',', ";").replace('=', ":"));

@@ -7,7 +7,11 @@
 //!   for a whole answer; time to first byte and the gaps between chunks are
 //!   measured per service and endpoint;
 //! - session affinity (`hash_on`): a session's calls stay on one instance,
-//!   move once when it dies, and stay where they moved.
+//!   move once when it dies, and stay where they moved;
+//! - hedging: a stalled instance's calls answered by another, within the
+//!   retry budget;
+//! - latency outliers: an instance slow to its first byte ejected like a
+//!   failing one.
 
 use std::time::Duration;
 
@@ -195,4 +199,103 @@ async fn a_session_stays_on_its_instance_and_moves_once_when_it_dies() {
     let m = bed.caller.sidecar.metrics().await;
     let all = metric(&m, "weft_requests_total", &["service=\"mcp\""]);
     assert_eq!(all, metric(&m, "weft_requests_total", &["service=\"mcp\"", "code=\"200\""]), "none failed: {m}");
+}
+
+const HEDGING: &str = "kind: Route
+service: chat
+rules:
+  - backends: [ { subset: {}, weight: 1 } ]
+    timeout: 10s
+    retry: { attempts: 1, on: [5xx] }
+    hedge: { after: 150ms }
+---
+kind: Resilience
+service: chat
+retry_budget: { ratio: 0.1, min_per_second: 0 }
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_cuts_the_tail_of_a_stalled_instance_within_the_retry_budget() {
+    let bed = Topology::new().instances("chat", &["v1", "v2", "v3"]).start().await;
+    let applied = apply(&bed.control_url(), HEDGING).await;
+    assert_eq!(applied.code, 0, "{applied:?}");
+    bed.wait_endpoints("chat", 3).await;
+    let caller = &bed.caller.sidecar;
+    harness::eventually("the caller has chat's retry budget", Duration::from_secs(10), || async move {
+        caller.config().await["services"]["chat"]["resilience"]["retry_budget_ratio"] == 0.1
+    })
+    .await;
+    let out = caller.outbound;
+    let hits = bed.hits("chat");
+    // v3 stalls 5 s on every call (a model stuck on a long prompt).
+    bed.instance("chat", "v3").app.mode.latency_ms.store(5000, std::sync::atomic::Ordering::Relaxed);
+
+    // 40 calls at once: those that drew v3 are hedged to another instance,
+    // within the budget (10 % of calls: 4 hedges at most).
+    let calls: Vec<_> = (0..40).map(|_| async move { Req::get(out, "chat", "/v1/chat").send().await }).collect();
+    let answers = futures_util::future::join_all(calls).await;
+    let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+    assert!(answers.iter().all(|r| r.0 == 200), "{answers:?}");
+    let hedged = answers.iter().filter(|r| harness::degraded(r).contains("hedge")).count();
+    let m = bed.caller.sidecar.metrics().await;
+    let sent = metric(&m, "weft_hedges_total", &["service=\"chat\""]);
+    assert_eq!(sent as usize, hedged, "{m}");
+    assert!((1..=4).contains(&hedged), "the budget bounds hedges: {hedged}; {m}");
+    let hedge_won = metric(&m, "weft_hedges_total", &["service=\"chat\"", "won=\"hedge\""]) as usize;
+    assert_eq!(hedge_won, hedged, "each hedge beat the stalled try: {m}");
+    // Every hedged call was answered by a healthy instance, not by v3.
+    for r in answers.iter().filter(|r| harness::degraded(r).contains("hedge")) {
+        assert_ne!(harness::served_by(r), "chat/v3", "{r:?}");
+    }
+    // Each hedge cost one try more, no more.
+    assert_eq!(bed.hits("chat"), hits + 40 + hedged as u64, "one extra try per hedge");
+}
+
+const OUTLIER: &str = "kind: Route
+service: gen
+rules:
+  - backends: [ { subset: {}, weight: 1 } ]
+---
+kind: Resilience
+service: gen
+circuit_breaker: { consecutive_failures: 5, base_ejection: 60s, max_ejection_percent: 50 }
+latency_outlier: { multiple: 3, window: 30s }
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_slow_to_its_first_byte_is_ejected_like_a_failing_one() {
+    let bed = Topology::new().instances("gen", &["v1", "v2", "v3"]).start().await;
+    let applied = apply(&bed.control_url(), OUTLIER).await;
+    assert_eq!(applied.code, 0, "{applied:?}");
+    bed.wait_endpoints("gen", 3).await;
+    let caller = &bed.caller.sidecar;
+    harness::eventually("the caller has gen's outlier settings", Duration::from_secs(10), || async move {
+        caller.config().await["services"]["gen"]["resilience"]["latency_outlier_multiple"] == 3.0
+    })
+    .await;
+    let out = caller.outbound;
+    // v3 answers every call, successfully, 400 ms late: no failure a
+    // breaker would count.
+    let slow = &bed.instance("gen", "v3").app;
+    slow.mode.latency_ms.store(400, std::sync::atomic::Ordering::Relaxed);
+    let burst = || async move {
+        let calls: Vec<_> = (0..30).map(|_| async move { Req::get(out, "gen", "/v1/generate").send().await }).collect();
+        let answers: Vec<_> = futures_util::future::join_all(calls).await.into_iter().map(Result::unwrap).collect();
+        assert!(answers.iter().all(|r| r.0 == 200), "{answers:?}");
+        answers
+    };
+    // Under a burst, load spreads onto v3 too; its first bytes, all far
+    // above 3 × the service's median, eject it.
+    burst().await;
+    let hits = slow.mode.hits();
+    assert!(hits >= 3, "v3 took part of the burst: {hits}");
+    let m = caller.metrics().await;
+    assert_eq!(metric(&m, "weft_latency_outlier_ejections_total", &["service=\"gen\""]), 1.0, "{m}");
+    assert_eq!(metric(&m, "weft_breaker_ejections_total", &["service=\"gen\""]), 1.0, "{m}");
+    // Ejected: the next burst goes around it, and the calls it diverts are
+    // marked as the breaker's doing.
+    let answers = burst().await;
+    assert_eq!(slow.mode.hits(), hits, "nothing reached the ejected instance");
+    let diverted = answers.iter().filter(|r| harness::degraded(r).contains("breaker")).count();
+    assert!(diverted >= 1, "{answers:?}");
 }

@@ -190,6 +190,36 @@ impl Service {
         }
     }
 
+    /// A try's time to first byte (the answer head, or for a streamed
+    /// answer its first body byte) of `endpoint`, when the service ejects
+    /// latency outliers: above `multiple` × the service's median on most of
+    /// a window's samples ejects it like a failing endpoint. True when the
+    /// try was the endpoint's probe and was slow again: it was ejected
+    /// again, and the try must not close its breaker.
+    pub(crate) fn first_byte(&self, endpoint: &Endpoint, d: Duration, admission: Admission, now: u64) -> bool {
+        let Some((multiple, window)) = self.settings.latency_outlier else { return false };
+        self.stats.latency.record(d);
+        let Some(median) = self.stats.latency.p50() else { return false };
+        let above = d.as_secs_f64() > multiple * median.as_secs_f64();
+        let probe = admission == Admission::Probe;
+        if !(if probe { above } else { endpoint.health.outlier.sample(above, window, now) }) {
+            return false;
+        }
+        let ready = self.all_ready.iter().map(|e| &*e.health);
+        if breaker::on_outlier(&endpoint.health, admission, ready, &self.settings, &self.stats.ejection_lock, now) {
+            metrics::counter!("weft_breaker_ejections_total", "service" => self.name.clone()).increment(1);
+            metrics::counter!("weft_latency_outlier_ejections_total", "service" => self.name.clone()).increment(1);
+            tracing::info!(
+                service = self.name,
+                endpoint = %endpoint.addr,
+                first_byte_ms = d.as_millis() as u64,
+                median_ms = median.as_millis() as u64,
+                "endpoint ejected: latency outlier"
+            );
+        }
+        probe
+    }
+
     /// The route that applies to `tenant`.
     pub(crate) fn route_for(&self, tenant: &str) -> Option<&Arc<Route>> {
         self.tenant_routes.get(tenant).or(self.default_route.as_ref())

@@ -149,6 +149,30 @@ pub(crate) fn on_failure<'a>(
     }
 }
 
+/// Ejects the endpoint of `health` as a latency outlier, like a failing
+/// one: within the same cap, for the same growing period, back through the
+/// same probe. A probe that is itself an outlier ejects again, for longer.
+/// Returns true when it was ejected.
+pub(crate) fn on_outlier<'a>(
+    health: &Health,
+    admission: Admission,
+    ready: impl Iterator<Item = &'a Health>,
+    s: &Settings,
+    lock: &std::sync::Mutex<()>,
+    now: u64,
+) -> bool {
+    if admission == Admission::Probe {
+        health.breaker.eject(now, s);
+        return true;
+    }
+    let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+    if health.breaker.is_ejected(now) || !cap_allows(ready, s, now) {
+        return false;
+    }
+    health.breaker.eject(now, s);
+    true
+}
+
 /// True when one more ejection keeps the ejected share of the ready
 /// endpoints within `max_ejection_percent`.
 pub(crate) fn cap_allows<'a>(ready: impl Iterator<Item = &'a Health>, s: &Settings, now: u64) -> bool {

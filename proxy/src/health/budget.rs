@@ -19,6 +19,8 @@ pub(crate) struct Budget {
     /// Millionths of a retry.
     tokens: u64,
     refilled: Option<Instant>,
+    /// The (ratio, floor) the tokens were banked under.
+    under: (f64, f64),
 }
 
 impl Budget {
@@ -39,6 +41,13 @@ impl Budget {
     }
 
     fn refill(&mut self, s: &Settings, now: Instant) {
+        if self.refilled.is_some() && self.under != (s.budget_ratio, s.budget_min_per_second) {
+            // A new budget (e.g. a service's Resilience arriving after its
+            // first calls) starts afresh: what the old one banked beyond the
+            // new floor's first second is not the new budget's to spend.
+            self.tokens = self.tokens.min(((s.budget_min_per_second * UNIT) as u64).min(cap(s)));
+        }
+        self.under = (s.budget_ratio, s.budget_min_per_second);
         let secs = match self.refilled {
             // The floor is there from the start.
             None => {
@@ -103,5 +112,19 @@ mod tests {
         let mut b = Budget::default();
         let _ = drain(&mut b, &slow, t0);
         assert_eq!(drain(&mut b, &slow, t0 + Duration::from_secs(3600)), 10);
+    }
+
+    #[test]
+    fn a_new_budget_does_not_inherit_what_the_old_one_banked() {
+        let (default, t0) = (Settings::default(), Instant::now());
+        let mut b = Budget::default();
+        b.deposit(&default, t0);
+        // The service's own budget arrives: 10 %, no floor. The default
+        // floor's 10 retries are not spent under it.
+        let strict = settings(0.1, 0.0);
+        for _ in 0..20 {
+            b.deposit(&strict, t0);
+        }
+        assert_eq!(drain(&mut b, &strict, t0), 2, "20 calls at 10 %");
     }
 }

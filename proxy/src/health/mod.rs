@@ -23,6 +23,8 @@ pub(crate) struct Settings {
     pub(crate) max_concurrent: usize,
     pub(crate) budget_ratio: f64,
     pub(crate) budget_min_per_second: f64,
+    /// (multiple of the service's median, window)
+    pub(crate) latency_outlier: Option<(f64, Duration)>,
 }
 
 impl Default for Settings {
@@ -36,6 +38,7 @@ impl Default for Settings {
             max_concurrent: 0,
             budget_ratio: 0.2,
             budget_min_per_second: 10.0,
+            latency_outlier: None,
         }
     }
 }
@@ -52,6 +55,7 @@ impl From<&weft_policy::model::Resilience> for Settings {
             max_concurrent: r.max_concurrent_requests.map(|n| n.get() as usize).unwrap_or(0),
             budget_ratio: budget.ratio,
             budget_min_per_second: f64::from(budget.min_per_second),
+            latency_outlier: r.latency_outlier.as_ref().map(|o| (o.multiple, o.window)),
         }
     }
 }
@@ -67,6 +71,8 @@ pub(crate) struct Health {
     rtt_at_ms: AtomicU64,
     /// When this endpoint was first seen (`now_ms`), for warm-up.
     born_ms: u64,
+    /// Its times to first byte against the service's, for outlier ejection.
+    pub(crate) outlier: Outlier,
 }
 
 impl Default for Health {
@@ -84,6 +90,7 @@ impl Health {
             rtt_us: AtomicU64::new(DEFAULT_RTT_US.to_bits()),
             rtt_at_ms: AtomicU64::new(now_ms()),
             born_ms,
+            outlier: Outlier::default(),
         }
     }
 }
@@ -140,6 +147,40 @@ impl Health {
     }
 }
 
+/// How many of an endpoint's times to first byte in the current window
+/// were above the outlier threshold.
+#[derive(Debug, Default)]
+pub(crate) struct Outlier {
+    window_start_ms: AtomicU64,
+    samples: AtomicU64,
+    above: AtomicU64,
+}
+
+/// An endpoint is an outlier only on at least this many samples in a window.
+pub(crate) const OUTLIER_MIN_SAMPLES: u64 = 3;
+
+impl Outlier {
+    /// Counts one sample; true when most of the window's samples (at least
+    /// [`OUTLIER_MIN_SAMPLES`]) were above the threshold: the endpoint's
+    /// median over the window is. The counts then start over.
+    pub(crate) fn sample(&self, above: bool, window: Duration, now: u64) -> bool {
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(start) >= window.as_millis() as u64 {
+            self.window_start_ms.store(now, Ordering::Relaxed);
+            self.samples.store(0, Ordering::Relaxed);
+            self.above.store(0, Ordering::Relaxed);
+        }
+        let n = self.samples.fetch_add(1, Ordering::Relaxed) + 1;
+        let a = if above { self.above.fetch_add(1, Ordering::Relaxed) + 1 } else { self.above.load(Ordering::Relaxed) };
+        let out = n >= OUTLIER_MIN_SAMPLES && a * 2 > n;
+        if out {
+            self.samples.store(0, Ordering::Relaxed);
+            self.above.store(0, Ordering::Relaxed);
+        }
+        out
+    }
+}
+
 /// Per-service counters, kept across config versions.
 #[derive(Debug)]
 pub(crate) struct ServiceStats {
@@ -151,6 +192,8 @@ pub(crate) struct ServiceStats {
     last_used: AtomicU64,
     /// Where sessions were last served, for routes with `hash_on`.
     pub(crate) sessions: crate::outbound::affinity::Sessions,
+    /// Recent times to answer, for `hedge: { after: p95 }`.
+    pub(crate) latency: Latencies,
 }
 
 impl Default for ServiceStats {
@@ -161,6 +204,7 @@ impl Default for ServiceStats {
             ejection_lock: Mutex::new(()),
             last_used: AtomicU64::new(crate::clock::EPOCH.load(Ordering::Relaxed)),
             sessions: Default::default(),
+            latency: Default::default(),
         }
     }
 }
@@ -190,9 +234,105 @@ impl ServiceStats {
     }
 }
 
+/// The last [`LATENCY_SAMPLES`] times to answer of a service (recorded only
+/// where something reads them), with their median and p95 worked out again
+/// every 16 samples, so reading them costs two atomic loads.
+#[derive(Debug, Default)]
+pub(crate) struct Latencies {
+    ring: Mutex<Ring>,
+    p50_us: AtomicU64,
+    p95_us: AtomicU64,
+}
+
+pub(crate) const LATENCY_SAMPLES: usize = 128;
+/// Fewer samples than this say nothing yet.
+const LATENCY_MIN_SAMPLES: usize = 20;
+
+#[derive(Debug)]
+struct Ring {
+    us: [u32; LATENCY_SAMPLES],
+    len: usize,
+    next: usize,
+    since: usize,
+}
+
+impl Default for Ring {
+    fn default() -> Self {
+        Ring { us: [0; LATENCY_SAMPLES], len: 0, next: 0, since: 0 }
+    }
+}
+
+impl Latencies {
+    pub(crate) fn record(&self, d: Duration) {
+        let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let i = r.next;
+        r.us[i] = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        r.next = (i + 1) % LATENCY_SAMPLES;
+        r.len = (r.len + 1).min(LATENCY_SAMPLES);
+        r.since += 1;
+        if r.since >= 16 && r.len >= LATENCY_MIN_SAMPLES {
+            r.since = 0;
+            let mut sorted = r.us;
+            let sorted = &mut sorted[..r.len];
+            sorted.sort_unstable();
+            let at = |q: f64| u64::from(sorted[((sorted.len() - 1) as f64 * q).round() as usize]);
+            self.p50_us.store(at(0.5), Ordering::Relaxed);
+            self.p95_us.store(at(0.95), Ordering::Relaxed);
+        }
+    }
+
+    /// The median, once there are enough samples.
+    pub(crate) fn p50(&self) -> Option<Duration> {
+        Some(Duration::from_micros(self.p50_us.load(Ordering::Relaxed))).filter(|d| !d.is_zero())
+    }
+
+    /// The 95th percentile, once there are enough samples.
+    pub(crate) fn p95(&self) -> Option<Duration> {
+        Some(Duration::from_micros(self.p95_us.load(Ordering::Relaxed))).filter(|d| !d.is_zero())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_percentiles_come_from_recent_samples() {
+        let l = Latencies::default();
+        for ms in 1..=19 {
+            l.record(Duration::from_millis(ms));
+        }
+        assert_eq!(l.p95(), None, "too few samples to say");
+        for ms in 20..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        // Worked out at the 100th: p95 = 95 ms, median 50-51.
+        assert_eq!(l.p95().unwrap().as_millis(), 95);
+        assert!((50..=51).contains(&l.p50().unwrap().as_millis()));
+        // Only the last 128 count: 200 fast ones later, the slow past is gone.
+        for _ in 0..200 {
+            l.record(Duration::from_millis(2));
+        }
+        assert_eq!(l.p95().unwrap(), Duration::from_millis(2));
+    }
+
+    #[test]
+    fn an_outlier_is_most_of_a_windows_samples_above_the_threshold() {
+        let o = Outlier::default();
+        let w = Duration::from_secs(30);
+        // Fast, slow, slow: two of three above.
+        assert!(!o.sample(false, w, 1_000));
+        assert!(!o.sample(true, w, 1_001));
+        assert!(o.sample(true, w, 1_002));
+        // Counts start over; one slow in four is not an outlier.
+        for (i, above) in [true, false, false, false].into_iter().enumerate() {
+            assert!(!o.sample(above, w, 1_003 + i as u64));
+        }
+        // A new window forgets the old: two slow are not yet three samples.
+        assert!(!o.sample(true, w, 40_000));
+        assert!(!o.sample(true, w, 40_001));
+        assert!(o.sample(true, w, 40_002));
+    }
 
     #[test]
     fn peak_ewma_takes_slow_answers_at_once() {

@@ -20,13 +20,21 @@ pub(crate) struct Degraded {
     pub(crate) fallback: Option<String>,
     pub(crate) timeout: bool,
     pub(crate) shed: bool,
+    /// A hedge (a second try beside the first) was sent.
+    pub(crate) hedged: bool,
     /// Served while the control plane is unreachable, on the last config.
     pub(crate) stale_config: bool,
 }
 
 impl Degraded {
     pub(crate) fn any(&self) -> bool {
-        self.retries > 0 || self.breaker || self.fallback.is_some() || self.timeout || self.shed || self.stale_config
+        self.retries > 0
+            || self.breaker
+            || self.fallback.is_some()
+            || self.timeout
+            || self.shed
+            || self.hedged
+            || self.stale_config
     }
 
     /// `retry=2,breaker,fallback=inference-lite` (the `x-weft-degraded` value).
@@ -46,6 +54,9 @@ impl Degraded {
         }
         if self.shed {
             parts.push("shed".to_string());
+        }
+        if self.hedged {
+            parts.push("hedge".to_string());
         }
         if self.stale_config {
             parts.push("stale-config".to_string());

@@ -62,6 +62,12 @@ impl std::fmt::Display for Cut {
 
 impl std::error::Error for Cut {}
 
+/// Whether an answer streams: its length is not known (an SSE or gRPC
+/// stream, a chunked body) and it has not ended.
+pub(crate) fn is_streamed(body: &impl http_body::Body) -> bool {
+    !body.is_end_stream() && body.size_hint().exact().is_none()
+}
+
 /// Watches one streamed answer.
 pub(crate) struct Watch {
     svc: Arc<Service>,
@@ -97,7 +103,7 @@ impl Watch {
         }
         let first_byte = rule.and_then(|r| r.first_byte_timeout);
         let idle = rule.and_then(|r| r.idle_timeout);
-        if first_byte.is_none() && idle.is_none() && body.size_hint().exact().is_some() {
+        if first_byte.is_none() && idle.is_none() && !is_streamed(body) {
             return None;
         }
         let labels = [("service", svc.name.clone()), ("endpoint", endpoint.addr.to_string())];
@@ -134,8 +140,10 @@ impl Watch {
             None => {
                 let ttfb = now - self.sent;
                 self.ttfb.record(ttfb.as_secs_f64());
-                // Balancing weighs a streamed answer by its first byte.
+                // Balancing and outlier ejection weigh a streamed answer by
+                // its first byte.
                 self.endpoint.health.observe_rtt(ttfb);
+                self.svc.first_byte(&self.endpoint, ttfb, Admission::Normal, crate::clock::now_ms());
             }
             Some(last) => self.gap.record((now - last).as_secs_f64()),
         }

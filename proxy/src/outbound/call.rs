@@ -23,6 +23,7 @@
 //! moves nothing large between phases (each nested future would copy its
 //! arguments and result).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -43,10 +44,11 @@ use crate::config::{Endpoint, Rule, Service, Verdict};
 use crate::health::breaker::Admission;
 use crate::http::errors::ProxyError;
 use crate::http::response::Degraded;
-use crate::http::stream::Watch;
+use crate::http::stream::{self, Watch};
 use crate::transport;
 use crate::transport::body::{ProxyBody, reply_judged};
 use crate::transport::pool::PooledBody;
+use weft_policy::model::Hedge;
 
 /// One try: where it goes, and what it carries.
 struct Try<'r> {
@@ -54,6 +56,55 @@ struct Try<'r> {
     admission: Admission,
     req: Request<ProxyBody>,
     injected: Injected<'r>,
+}
+
+/// A try on its way or done: it owns what it needs, so that a hedge can be
+/// in flight beside it.
+struct Sent {
+    endpoint: Arc<Endpoint>,
+    admission: Admission,
+    /// When the request went (after any injected delay).
+    sent: Instant,
+    /// The wire's answer, or the outcome an injected fault decided.
+    result: Result<Result<Response<PooledBody>, transport::Error>, Outcome>,
+}
+
+/// Sends one try, within `timeout` (to the answer head), under its drawn
+/// fault.
+async fn send_try<S: Sender>(out: &Outbound<S>, service: &str, t: Try<'_>, mut timeout: Option<Duration>) -> Sent {
+    let Try { endpoint, admission, req, injected } = t;
+    let result = match inject(&endpoint, &injected, &mut timeout).await {
+        Some(decided) => Err(decided),
+        None => {
+            let in_flight = InFlight::endpoint(&endpoint.health);
+            let sent = Instant::now();
+            let r = out.sender.send(endpoint.peer(service), req, timeout).await;
+            drop(in_flight);
+            return Sent { endpoint, admission, sent, result: Ok(r) };
+        }
+    };
+    Sent { endpoint, admission, sent: Instant::now(), result }
+}
+
+/// An injected delay (counted against the timeout like a slow upstream,
+/// which it shortens) or abort; `Some` when the fault decided the try,
+/// which is then not the endpoint's doing.
+async fn inject(e: &Endpoint, injected: &Injected<'_>, timeout: &mut Option<Duration>) -> Option<Outcome> {
+    if let Some(d) = injected.delay {
+        match *timeout {
+            Some(limit) if d >= limit => {
+                tokio::time::sleep(limit).await;
+                let ms = limit.as_millis() as u64;
+                return Some(Err(ProxyError::Timeout { addr: e.addr.to_string(), ms }));
+            }
+            limit => {
+                tokio::time::sleep(d).await;
+                *timeout = limit.map(|l| l - d);
+            }
+        }
+    }
+    let a = injected.abort?;
+    Some(Err(ProxyError::FaultAbort { status: a.status, grpc_status: a.grpc_status }))
 }
 
 /// What a try came to, besides its outcome.
@@ -99,21 +150,16 @@ pub(crate) async fn run<S: Sender>(
     };
     let mut attempt = 0;
     while let Some(t) = call.next_try(&mut body) {
-        let mut timeout = call.timeout();
-        let outcome = match call.inject(&t, &mut timeout).await {
-            Some(injected) => injected,
-            None => {
-                let _in_flight = InFlight::endpoint(&t.endpoint.health);
-                let sent = Instant::now();
-                call.sent = sent;
-                let r = out.sender.send(t.endpoint.peer(&svc.name), t.req, timeout).await;
-                call.observe(&t.endpoint, r, sent, &body)
-            }
+        call.tried.push(t.endpoint.addr);
+        let timeout = call.timeout();
+        let first = send_try(out, &svc.name, t, timeout);
+        let sent = match call.hedge_after(attempt) {
+            None => first.await,
+            Some(after) => call.hedged(first, after, &mut body, &mut attempt).await,
         };
-        let tried = Tried { endpoint: t.endpoint, admission: t.admission, neutral: outcome.1 };
-        call.tried.push(tried.endpoint.addr);
-        let go = call.again(attempt, &tried, &outcome.0, &body);
-        call.last = Some(outcome.0);
+        let (tried, outcome) = call.observe(sent, &body);
+        let go = call.again(attempt, &tried, &outcome, &body);
+        call.last = Some(outcome);
         call.last_endpoint = Some(tried.endpoint);
         if !go {
             break;
@@ -170,6 +216,8 @@ pub(crate) struct Call<'a, S> {
     /// The call's session under the rule's `hash_on`, and where it was last
     /// served.
     session: Option<(u64, Option<SocketAddr>)>,
+    /// The service's recent latencies are read (`hedge: { after: p95 }`).
+    track_latency: bool,
     sent: Instant,
     verdict: Option<Verdict>,
     degraded: &'a mut Degraded,
@@ -205,6 +253,7 @@ impl<'a, S: Sender> Call<'a, S> {
             last: None,
             last_endpoint: None,
             session,
+            track_latency: rule.and_then(|r| r.hedge).is_some_and(|h| h == Hedge::P95),
             sent: Instant::now(),
             verdict: None,
             degraded,
@@ -290,45 +339,117 @@ impl<'a, S: Sender> Call<'a, S> {
         }
     }
 
-    /// An injected delay (counted against the timeout like a slow upstream,
-    /// which it shortens) or abort; `Some` when the fault decided the try,
-    /// which is then not the endpoint's doing.
-    async fn inject(&self, t: &Try<'_>, timeout: &mut Option<Duration>) -> Option<(Outcome, bool)> {
-        if let Some(d) = t.injected.delay {
-            match *timeout {
-                Some(limit) if d >= limit => {
-                    tokio::time::sleep(limit).await;
-                    let ms = limit.as_millis() as u64;
-                    return Some((Err(ProxyError::Timeout { addr: t.endpoint.addr.to_string(), ms }), true));
-                }
-                limit => {
-                    tokio::time::sleep(d).await;
-                    *timeout = limit.map(|l| l - d);
-                }
-            }
-        }
-        let a = t.injected.abort?;
-        Some((Err(ProxyError::FaultAbort { status: a.status, grpc_status: a.grpc_status }), true))
-    }
-
     /// The try's outcome, and its latency recorded for the endpoint; a
     /// client whose streamed body broke off gets a 400, and the endpoint
-    /// nothing against it (the flag).
-    fn observe(
-        &self,
-        e: &Endpoint,
-        r: Result<Response<PooledBody>, transport::Error>,
-        sent: Instant,
-        body: &ReqBody,
-    ) -> (Outcome, bool) {
-        match r {
-            Err(err) if body.client_failed() => (Err(ProxyError::ClientBody(err.to_string())), true),
-            r => {
-                let done = Instant::now();
-                e.health.observe_rtt_at(done - sent, ms_at(done));
-                (r.map_err(ProxyError::from), false)
+    /// nothing against it (`neutral`), as does a try an injected fault
+    /// decided.
+    fn observe(&mut self, s: Sent, body: &ReqBody) -> (Tried, Outcome) {
+        self.sent = s.sent;
+        let (neutral, outcome) = match s.result {
+            Err(decided) => (true, decided),
+            Ok(Err(err)) if body.client_failed() => (true, Err(ProxyError::ClientBody(err.to_string()))),
+            Ok(r) => {
+                let (done, took) = (Instant::now(), Instant::now() - s.sent);
+                s.endpoint.health.observe_rtt_at(took, ms_at(done));
+                let mut neutral = false;
+                if self.svc.settings.latency_outlier.is_some() {
+                    // A streamed answer's first byte is its watch's to report.
+                    if r.as_ref().is_ok_and(|resp| !stream::is_streamed(resp.body())) {
+                        neutral = self.svc.first_byte(&s.endpoint, took, s.admission, ms_at(done));
+                    }
+                } else if self.track_latency {
+                    self.svc.stats.latency.record(took);
+                }
+                (neutral, r.map_err(ProxyError::from))
             }
+        };
+        (Tried { endpoint: s.endpoint, admission: s.admission, neutral }, outcome)
+    }
+
+    /// How long a try waits for its answer head before a hedge goes: when
+    /// the rule hedges, the call may be retried with an attempt left, and
+    /// the hedge would go before the deadline.
+    fn hedge_after(&self, attempt: u32) -> Option<Duration> {
+        let hedge = self.rule?.hedge?;
+        if !self.may_retry || attempt + 1 >= self.max_tries {
+            return None;
         }
+        let after = match hedge {
+            Hedge::After(d) => d,
+            Hedge::P95 => self.svc.stats.latency.p95()?,
+        };
+        self.deadline.is_none_or(|d| Instant::now() + after < d).then_some(after)
+    }
+
+    /// Races `first` against a hedge sent `after` it to another endpoint:
+    /// the first answer head that is not a failure wins and the other try
+    /// is dropped (cancelled: its connection closed or stream reset). A
+    /// try that fails first gets its breaker bookkeeping and the other is
+    /// awaited. No hedge goes without another endpoint or a retry from the
+    /// budget.
+    async fn hedged(
+        &mut self,
+        first: impl Future<Output = Sent>,
+        after: Duration,
+        body: &mut ReqBody,
+        attempt: &mut u32,
+    ) -> Sent {
+        let mut first = std::pin::pin!(first);
+        let started = Instant::now();
+        let first_endpoint = self.tried.last().copied();
+        tokio::select! {
+            s = &mut first => return s,
+            _ = tokio::time::sleep(after) => {}
+        }
+        let Some(t) = self.hedge_try(body) else { return first.await };
+        *attempt += 1;
+        let hedge_endpoint = t.endpoint.clone();
+        let (out, svc) = (self.out, self.svc);
+        let mut second = std::pin::pin!(send_try(out, &svc.name, t, self.timeout()));
+        let (s, hedge_came_first) = tokio::select! {
+            s = &mut first => (s, false),
+            s = &mut second => (s, true),
+        };
+        let won = |by: &'static str| {
+            metrics::counter!("weft_hedges_total", "service" => svc.name.clone(), "won" => by).increment(1);
+        };
+        let failed = match &s.result {
+            Err(decided) => retry::is_failure(decided),
+            Ok(Err(_)) => true,
+            Ok(Ok(r)) => r.status().is_server_error(),
+        };
+        if !failed {
+            won(if hedge_came_first { "hedge" } else { "first" });
+            // The loser was at least this slow: balancing hears of it.
+            let now = Instant::now();
+            if hedge_came_first {
+                let loser = svc.all_ready.iter().find(|e| Some(e.addr) == first_endpoint);
+                if let Some(e) = loser {
+                    e.health.observe_rtt(now - started);
+                }
+            } else {
+                hedge_endpoint.health.observe_rtt(now - started - after);
+            }
+            return s;
+        }
+        // The first to answer failed: the other try may still make it.
+        let (tried, outcome) = self.observe(s, body);
+        self.judge(&tried, &outcome);
+        let other = if hedge_came_first { first.await } else { second.await };
+        won(if hedge_came_first { "first" } else { "hedge" });
+        other
+    }
+
+    /// The hedge's try: another endpoint than those tried, and a retry from
+    /// the budget.
+    fn hedge_try(&mut self, body: &mut ReqBody) -> Option<Try<'a>> {
+        let t = self.next_try(body)?;
+        if self.tried.contains(&t.endpoint.addr) || !self.svc.stats.withdraw(&self.svc.settings) {
+            return None;
+        }
+        self.tried.push(t.endpoint.addr);
+        self.degraded.hedged = true;
+        Some(t)
     }
 
     /// The breaker's bookkeeping for a try.

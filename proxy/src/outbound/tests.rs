@@ -532,3 +532,63 @@ async fn the_callers_deadline_cuts_the_routes_timeouts_backoff_and_fallback() {
     assert_eq!(status, 200, "the route's own fallback, within the caller's time");
     assert_eq!(started.elapsed(), Duration::from_millis(100));
 }
+
+const HEDGE: &str = "kind: Route\nservice: inference\nrules:\n  - backends: [ { subset: {}, weight: 1 } ]\n    timeout: 10s\n    retry: { attempts: 1, on: [5xx] }\n    hedge: { after: 100ms }\n";
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_after_its_delay_takes_the_first_answer_and_cancels_the_stalled_try() {
+    // Endpoint 1 stalls 5 s, endpoint 2 answers in 10 ms.
+    let mock = Mock::default().on(1, &[Reply::Slow(5000, 200)]).on(2, &[Reply::Slow(10, 200)]);
+    let out = outbound(mock.clone(), vec![service(&format!("{HEDGE}{GENEROUS}"), &[1, 2])]);
+    let mut hedged = 0;
+    for _ in 0..20 {
+        let start = Instant::now();
+        let (status, degraded) = call(&out, "GET").await;
+        assert_eq!(status, 200);
+        let took = start.elapsed();
+        if degraded.hedged {
+            hedged += 1;
+            // The stalled try, then the hedge 100 ms later, which answered.
+            assert_eq!(took, Duration::from_millis(110), "{:?}", mock.tries());
+        } else {
+            assert_eq!(took, Duration::from_millis(10), "no hedge when the first answers in time");
+        }
+        assert!(!degraded.hedged || degraded.retries == 0, "a hedge is not a retry");
+    }
+    assert!(hedged >= 1, "endpoint 1 was drawn at least once");
+    // The stalled try's 100 ms told balancing to keep away from it.
+    let tries = mock.tries();
+    assert!(tries.iter().filter(|p| **p == 1).count() <= 3, "{tries:?}");
+    // A hedge waits no longer than it must: a call answered at once.
+    let quick = Mock::default().on(1, &[Reply::Status(200)]).on(2, &[Reply::Status(200)]);
+    let out = outbound(quick.clone(), vec![service(&format!("{HEDGE}{GENEROUS}"), &[1, 2])]);
+    assert!(!call(&out, "GET").await.1.hedged);
+    assert_eq!(quick.tries().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_first_answer_waits_for_the_hedge_and_the_budget_bounds_hedges() {
+    let mock = Mock::default().on(1, &[Reply::Slow(300, 503)]).on(2, &[Reply::Slow(300, 200)]);
+    let out = outbound(mock.clone(), vec![service(&format!("{HEDGE}{GENEROUS}"), &[1, 2])]);
+    for _ in 0..10 {
+        let (status, degraded) = call(&out, "GET").await;
+        assert_eq!(status, 200, "the hedge's answer stands when the first fails");
+        assert!(degraded.hedged || mock.tries().last() == Some(&2));
+    }
+    // All slow, a budget of 10 % and no floor: 50 calls at once send at
+    // most 5 hedges.
+    let budget = "---\nkind: Resilience\nservice: inference\nretry_budget: { ratio: 0.1, min_per_second: 0 }\n";
+    let slow = Mock::default().on(1, &[Reply::Slow(300, 200)]).on(2, &[Reply::Slow(300, 200)]);
+    let out = outbound(slow.clone(), vec![service(&format!("{HEDGE}{budget}"), &[1, 2])]);
+    let calls: Vec<_> = (0..50).map(|_| call(&out, "GET")).collect();
+    let results = futures_util::future::join_all(calls).await;
+    let hedges = results.iter().filter(|(_, d)| d.hedged).count();
+    assert!(results.iter().all(|(s, _)| *s == 200));
+    assert_eq!(hedges, 5, "10 % of 50 calls");
+    assert_eq!(slow.tries().len(), 55);
+    // Without retries left (a POST without an idempotency key): no hedge.
+    let post = Mock::default().on(1, &[Reply::Slow(300, 200)]).on(2, &[Reply::Slow(300, 200)]);
+    let out = outbound(post.clone(), vec![service(&format!("{HEDGE}{GENEROUS}"), &[1, 2])]);
+    assert!(!call(&out, "POST").await.1.hedged);
+    assert_eq!(post.tries().len(), 1);
+}
