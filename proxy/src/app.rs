@@ -123,6 +123,7 @@ pub async fn run(opts: Options, listeners: Listeners, shutdown: impl Future<Outp
         app_timeout: opts.app_timeout,
         tcp_ports: opts.tcp_ports.clone(),
         deadlines: deadlines.clone(),
+        body_limit: opts.replay_limit,
     });
     let (accept_tx, accept_rx) = watch::channel(false);
     let out_conns = Tracker::new("outbound", listener::Limits { call_timeout: None, ..opts.limits });

@@ -11,7 +11,9 @@
 //! - hedging: a stalled instance's calls answered by another, within the
 //!   retry budget;
 //! - latency outliers: an instance slow to its first byte ejected like a
-//!   failing one.
+//!   failing one;
+//! - token reservations: a burst of large calls never reserves more than
+//!   the quota, and quotas nest (tenant, calling service, session).
 
 use std::time::Duration;
 
@@ -298,4 +300,134 @@ async fn an_instance_slow_to_its_first_byte_is_ejected_like_a_failing_one() {
     assert_eq!(slow.mode.hits(), hits, "nothing reached the ejected instance");
     let diverted = answers.iter().filter(|r| harness::degraded(r).contains("breaker")).count();
     assert!(diverted >= 1, "{answers:?}");
+}
+
+const QUOTA: &str = "kind: TenantPolicy
+tenant: acme
+service: llm
+tokens_per_minute: 1000
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_large_calls_never_reserves_more_than_the_tenants_quota() {
+    let bed = Topology::new().instance("llm", "version=v1").start().await;
+    let applied = apply(&bed.control_url(), QUOTA).await;
+    assert_eq!(applied.code, 0, "{applied:?}");
+    bed.wait_endpoints("llm", 1).await;
+    let llm = &bed.instance("llm", "v1");
+    harness::eventually("llm's sidecar has the quota", Duration::from_secs(10), || async move {
+        llm.sidecar.config().await["services"]["llm"]["tenants"].as_array().is_some_and(|t| !t.is_empty())
+    })
+    .await;
+    let out = bed.caller.sidecar.outbound;
+    // Each call may use up to 100 tokens and uses 70; the model takes
+    // 300 ms, so all 40 calls are in flight together.
+    llm.app.mode.usage_tokens.store(70, std::sync::atomic::Ordering::Relaxed);
+    llm.app.mode.latency_ms.store(300, std::sync::atomic::Ordering::Relaxed);
+    let hits = llm.app.mode.hits();
+    let calls: Vec<_> = (0..40)
+        .map(|i| async move {
+            let r = if i % 2 == 0 {
+                Req::get(out, "llm", "/v1/chat").header("x-weft-max-tokens", "100")
+            } else {
+                // The common LLM APIs' own field, in a JSON body.
+                Req::post(out, "llm", "/v1/chat/completions", r#"{"model":"m","max_tokens":100,"messages":[]}"#)
+                    .header("content-type", "application/json")
+            };
+            r.header("x-tenant-id", "acme").send().await.unwrap()
+        })
+        .collect();
+    let answers = futures_util::future::join_all(calls).await;
+    let admitted: Vec<_> = answers.iter().filter(|r| r.0 == 200).collect();
+    let refused: Vec<_> = answers.iter().filter(|r| r.0 == 429).collect();
+    assert_eq!(admitted.len() + refused.len(), 40, "{answers:?}");
+    // 1000 tokens hold exactly ten reservations of 100: not one more.
+    assert_eq!(admitted.len(), 10, "{answers:?}");
+    assert!(refused.iter().all(|r| harness::header(r, "x-weft-error") == "token-quota"), "{refused:?}");
+    let used: u64 = admitted.iter().map(|r| harness::header(r, "x-weft-usage-tokens").parse::<u64>().unwrap()).sum();
+    assert!(used <= 1000, "overshoot: {used} tokens used of 1000");
+    assert_eq!(llm.app.mode.hits() - hits, 10, "refused calls never reached the model");
+    // The 300 tokens they did not use came back: three more fit.
+    let more: Vec<_> = (0..5)
+        .map(|_| async move {
+            Req::get(out, "llm", "/v1/chat")
+                .headers(&[("x-weft-max-tokens", "100"), ("x-tenant-id", "acme")])
+                .send()
+                .await
+                .unwrap()
+                .0
+        })
+        .collect();
+    let more = futures_util::future::join_all(more).await;
+    assert_eq!(more.iter().filter(|s| **s == 200).count(), 3, "{more:?}");
+    // A declaration that is not a count is the caller's mistake.
+    let bad = Req::get(out, "llm", "/").headers(&[("x-weft-max-tokens", "lots"), ("x-tenant-id", "acme")]);
+    let bad = bad.send().await.unwrap();
+    assert_eq!((bad.0, harness::header(&bad, "x-weft-error").as_str()), (400, "bad-request"), "{bad:?}");
+    // gRPC callers are refused RESOURCE_EXHAUSTED.
+    let grpc = [
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("x-weft-max-tokens", "5000"),
+        ("x-tenant-id", "acme"),
+    ];
+    let r = h2_send(out, "llm", "/weft.example.v1.Inference/Infer", &grpc).await.unwrap();
+    assert_eq!(harness::header(&r, "grpc-status"), "8", "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_quotas_nest_tenant_then_calling_service_then_session() {
+    use harness::pki::{AGENT, INFERENCE, Pki, SCHEDULER, secured};
+    let pki = Pki::init().await;
+    let etcd = harness::Etcd::start().await;
+    let control = pki.control(&etcd, "1h").await;
+    let policy = "kind: TenantPolicy
+tenant: '*'
+service: inference
+tokens_per_minute: 1000
+callers: { agent: { tokens_per_minute: 400 } }
+session: { header: x-session-id, tokens_per_minute: 250 }
+";
+    let applied = pki.weftctl_in(&control, &["apply", "-f", "-"], policy).await;
+    assert_eq!(applied.code, 0, "{applied:?}");
+    let apps = [
+        harness::Backend::http("inference", "v1").await,
+        harness::Backend::http("agent", "v1").await,
+        harness::Backend::http("scheduler", "v1").await,
+    ];
+    let (inference, agent, scheduler) = tokio::join!(
+        secured(&pki, &control, "inference", INFERENCE, apps[0].addr, &[]),
+        secured(&pki, &control, "agent", AGENT, apps[1].addr, &[]),
+        secured(&pki, &control, "scheduler", SCHEDULER, apps[2].addr, &[]),
+    );
+    let inf = &inference;
+    harness::eventually("inference's sidecar has the quota", Duration::from_secs(10), || async move {
+        inf.config().await["services"]["inference"]["tenants"].as_array().is_some_and(|t| !t.is_empty())
+    })
+    .await;
+    // The app reports no usage: each call spends what it declared.
+    let spend = |from: std::net::SocketAddr, session: &'static str, tokens: &'static str| async move {
+        let r = Req::get(from, "inference", "/v1/chat")
+            .headers(&[("x-weft-max-tokens", tokens), ("x-session-id", session)])
+            .send()
+            .await
+            .unwrap();
+        (r.0, harness::header(&r, "x-weft-error"))
+    };
+    let ok = (200, String::new());
+    let over = (429, "token-quota".to_string());
+    let (a, s) = (agent.outbound, scheduler.outbound);
+    // A session: 250.
+    assert_eq!(spend(a, "s1", "200").await, ok);
+    assert_eq!(spend(a, "s1", "100").await, over, "session s1 has 50 left");
+    // The agent, over all its sessions: 400.
+    assert_eq!(spend(a, "s2", "200").await, ok);
+    assert_eq!(spend(a, "s3", "100").await, over, "the agent has spent its 400");
+    // Another caller (no quota of its own) within the tenant's 1000.
+    assert_eq!(spend(s, "s4", "250").await, ok);
+    assert_eq!(spend(s, "s5", "250").await, ok);
+    assert_eq!(spend(s, "s6", "150").await, over, "the tenant has 100 left");
+    assert_eq!(spend(s, "s6", "100").await, ok, "exactly the quota");
+    let m = inference.metrics().await;
+    assert_eq!(metric(&m, "weft_tenant_shed_total", &["reason=\"token-quota\""]), 3.0, "{m}");
 }

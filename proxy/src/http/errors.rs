@@ -49,6 +49,8 @@ pub(crate) enum ProxyError {
     TcpPort { port: String, service: String, why: &'static str },
     #[error("not a deadline: {0}")]
     BadDeadline(String),
+    #[error("not a token count: {0}")]
+    BadTokens(String),
     #[error("the call's deadline has passed ({0})")]
     DeadlineExceeded(&'static str),
     #[error("too many open streams (tunnels, upgrades, TCP) at this sidecar")]
@@ -69,7 +71,8 @@ impl ProxyError {
             | ProxyError::DuplicateHost
             | ProxyError::BadTenant(_)
             | ProxyError::ClientBody(_)
-            | ProxyError::BadDeadline(_) => "bad-request",
+            | ProxyError::BadDeadline(_)
+            | ProxyError::BadTokens(_) => "bad-request",
             ProxyError::Timeout { .. } | ProxyError::DeadlineExceeded(_) => "timeout",
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::Upstream { .. } => "upstream-failure",
@@ -96,7 +99,8 @@ impl ProxyError {
             | ProxyError::DuplicateHost
             | ProxyError::BadTenant(_)
             | ProxyError::ClientBody(_)
-            | ProxyError::BadDeadline(_) => StatusCode::BAD_REQUEST,
+            | ProxyError::BadDeadline(_)
+            | ProxyError::BadTokens(_) => StatusCode::BAD_REQUEST,
             ProxyError::Timeout { .. } | ProxyError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Reset { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -117,7 +121,8 @@ impl ProxyError {
             | ProxyError::BadTenant(_)
             | ProxyError::BadRequestBody(_)
             | ProxyError::ClientBody(_)
-            | ProxyError::BadDeadline(_) => 3, // INVALID_ARGUMENT
+            | ProxyError::BadDeadline(_)
+            | ProxyError::BadTokens(_) => 3, // INVALID_ARGUMENT
             ProxyError::Timeout { .. } | ProxyError::DeadlineExceeded(_) => 4, // DEADLINE_EXCEEDED
             ProxyError::UnknownService(_) => 5, // NOT_FOUND
             _ => 14,                           // UNAVAILABLE

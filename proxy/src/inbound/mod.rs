@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 
@@ -21,7 +22,7 @@ use crate::http::response::{Degraded, finish};
 use crate::state::Shared;
 use crate::tenancy;
 use crate::transport;
-use crate::transport::body::{BoxResponse, ClientBodyWatch, Tapped, stream};
+use crate::transport::body::{BoxResponse, ClientBodyWatch, Tapped, full, stream};
 use crate::transport::listener::{Caller, ConnState};
 use crate::transport::pool::{Peer, Upstream};
 
@@ -38,6 +39,8 @@ pub(crate) struct Inbound {
     /// Deadlines of the calls the app serves, by trace id, for the outbound
     /// side ([`crate::http::deadline`]).
     pub(crate) deadlines: Arc<crate::http::deadline::Linked>,
+    /// The largest JSON body read for a token reservation.
+    pub(crate) body_limit: u64,
 }
 
 impl Inbound {
@@ -90,24 +93,27 @@ impl Inbound {
             let policy = s.tenants.get_key_value(&tenant).or_else(|| s.tenants.get_key_value(tenancy::ANY_TENANT));
             policy.map(|(name, t)| (s.all_ready.len(), name, t))
         });
-        let (mut guard, mut usage) = (None, None);
+        let (mut guard, mut usage, mut buffered) = (None, None, None);
         if let Some((instances, policy, (limits, state))) = limits {
-            match state.admit(limits, instances) {
-                Ok(g) => {
-                    guard = g;
-                    if limits.tokens_per_minute > 0 {
-                        usage = Some(state.clone());
-                    }
-                }
-                Err(reason) => {
-                    // Under the policy's tenant: `*` for the tenants it covers
-                    // (invented names must not grow the metrics).
-                    metrics::counter!("weft_tenant_shed_total", "service" => service.clone(), "tenant" => policy.clone(), "reason" => reason.reason())
-                        .increment(1);
-                    degraded.shed = true;
-                    let err = ProxyError::Shed { reason, tenant: tenant.clone(), service: service.clone() };
-                    return finish(Err(err), &degraded, grpc, "inbound", service, &tenant, started);
-                }
+            let mut admitted = state.admit(limits, instances).map(|g| guard = g);
+            if admitted.is_ok() && limits.has_tokens() {
+                // Reserve what the call declares before it costs anything.
+                let declared = match self.declared_tokens(&mut req).await {
+                    Ok(d) => d,
+                    Err(e) => return finish(Err(e), &degraded, grpc, "inbound", service, &tenant, started),
+                };
+                buffered = declared.1;
+                let spender = tenancy::Spender::of(limits, caller.map(|c| c.id.service.as_str()), req.headers());
+                admitted = state.reserve(limits, instances, spender, declared.0).map(|r| usage = Some(Box::new(r)));
+            }
+            if let Err(reason) = admitted {
+                // Under the policy's tenant: `*` for the tenants it covers
+                // (invented names must not grow the metrics).
+                metrics::counter!("weft_tenant_shed_total", "service" => service.clone(), "tenant" => policy.clone(), "reason" => reason.reason())
+                    .increment(1);
+                degraded.shed = true;
+                let err = ProxyError::Shed { reason, tenant: tenant.clone(), service: service.clone() };
+                return finish(Err(err), &degraded, grpc, "inbound", service, &tenant, started);
             }
         }
         if let Some(c) = caller {
@@ -124,7 +130,10 @@ impl Inbound {
             Some(_) => Some(hyper::upgrade::on(&mut req)),
         };
         let client = ClientBodyWatch::new(req.body());
-        let req = req.map(|b| stream(b, &client));
+        let req = match buffered {
+            Some(b) => req.map(|_| full(b)),
+            None => req.map(|b| stream(b, &client)),
+        };
         let mut sent = if let Some(left) = left.filter(|l| *l < self.app_timeout) {
             // The caller's deadline is sooner than the app timeout.
             self.upstream.send(Peer::plain(self.app), req, Some(left)).await
@@ -146,15 +155,60 @@ impl Inbound {
         if let (Some(client), Ok(resp)) = (upgrade, &mut sent) {
             transport::upgrade::splice(client, resp, "inbound");
         }
-        let result = sent.map(|resp| {
-            if let Some(state) = &usage
-                && let Some(n) = resp.headers().get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
-            {
-                state.add_usage(n);
+        if let Some(r) = &mut usage {
+            // Settled by the usage the app reports, here or in the trailers;
+            // a call the app failed gives its reservation back.
+            match &sent {
+                Ok(resp) => match resp.headers().get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage) {
+                    Some(n) => r.settle(n),
+                    None if resp.status().is_server_error() => r.release(),
+                    None => {}
+                },
+                Err(_) => r.release(),
             }
-            resp.map(|b| Either::Left(Tapped::new(b, guard, usage)))
-        });
+        }
+        let result = sent.map(|resp| resp.map(|b| Either::Left(Tapped::new(b, guard, usage))));
         finish(result, &degraded, grpc, "inbound", service, &tenant, started)
+    }
+
+    /// The most tokens a call declares it may use: `x-weft-max-tokens`, or
+    /// the `max_completion_tokens` / `max_tokens` of a JSON body no larger
+    /// than the replay limit (then read here, and returned to be sent on).
+    async fn declared_tokens(&self, req: &mut Request<Incoming>) -> Result<(Option<u64>, Option<Bytes>), ProxyError> {
+        use http_body::Body;
+        use http_body_util::BodyExt;
+        if let Some(v) = req.headers().get(tenancy::MAX_TOKENS_HEADER) {
+            let n = v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok());
+            return match n {
+                Some(n) => Ok((Some(n), None)),
+                None => Err(ProxyError::BadTokens(format!(
+                    "{}: {}",
+                    tenancy::MAX_TOKENS_HEADER,
+                    clip(&String::from_utf8_lossy(v.as_bytes()))
+                ))),
+            };
+        }
+        let json = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|c| c.as_bytes().starts_with(b"application/json"));
+        let small = req.body().size_hint().upper().is_some_and(|n| n <= self.body_limit);
+        if !json || !small || req.body().is_end_stream() {
+            return Ok((None, None));
+        }
+        let bytes = match req.body_mut().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return Err(ProxyError::ClientBody(e.to_string())),
+        };
+        #[derive(serde::Deserialize)]
+        struct Declared {
+            max_tokens: Option<u64>,
+            max_completion_tokens: Option<u64>,
+        }
+        // A body that is not such JSON declares nothing; the app judges it.
+        let declared =
+            serde_json::from_slice::<Declared>(&bytes).ok().and_then(|d| d.max_completion_tokens.or(d.max_tokens));
+        Ok((declared, Some(bytes)))
     }
 
     /// The tenant the call counts under. Over mTLS: the tenant header when

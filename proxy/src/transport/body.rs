@@ -75,13 +75,13 @@ pub(crate) fn reply_judged(b: PooledBody, verdict: Option<Verdict>, watch: Optio
 }
 
 /// A streamed response body that keeps its tenant's request counted in
-/// flight until the body ends, adds the inference tokens reported in a
-/// `x-weft-usage-tokens` trailer to the tenant's quota, and gives the
+/// flight until the body ends, settles the call's token reservation with
+/// the usage reported in a `x-weft-usage-tokens` trailer, and gives the
 /// breaker its verdict on a gRPC call from the call's trailers.
 pub(crate) struct Tapped {
     inner: PooledBody,
     guard: Option<TenantGuard>,
-    usage: Option<Arc<tenancy::State>>,
+    usage: Option<Box<tenancy::Reservation>>,
     verdict: Option<Verdict>,
     /// Set when this is a client's request body and it fails.
     client: ClientBodyWatch,
@@ -93,7 +93,11 @@ pub(crate) struct Tapped {
 }
 
 impl Tapped {
-    pub(crate) fn new(inner: PooledBody, guard: Option<TenantGuard>, usage: Option<Arc<tenancy::State>>) -> Tapped {
+    pub(crate) fn new(
+        inner: PooledBody,
+        guard: Option<TenantGuard>,
+        usage: Option<Box<tenancy::Reservation>>,
+    ) -> Tapped {
         Tapped { inner, guard, usage, verdict: None, client: ClientBodyWatch(None), watch: None, cut: false }
     }
 }
@@ -129,10 +133,10 @@ impl Body for Tapped {
                     w.frame(frame);
                 }
                 if let Some(t) = frame.trailers_ref() {
-                    if let Some(state) = &this.usage
+                    if let Some(r) = &mut this.usage
                         && let Some(n) = t.get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
                     {
-                        state.add_usage(n);
+                        r.settle(n);
                     }
                     if let Some(v) = this.verdict.take() {
                         v.give(crate::grpc::status(t) == Some(crate::grpc::UNAVAILABLE));
