@@ -41,10 +41,16 @@ async fn diff_history_and_rollback() {
     let d = weftctl(
         &url,
         &["diff", "-f", "-"],
-        Some(&format!("{}---\nkind: Resilience\nservice: inference\nmax_concurrent_requests: 10\n", split(70, 30))),
+        Some(&format!(
+            "{}    first_byte_timeout: 5s\n    retry: {{ attempts: 1 }}\n    hedge: {{ after: p95 }}\n---\nkind: Resilience\nservice: inference\nmax_concurrent_requests: 10\n",
+            split(70, 30)
+        )),
     )
     .await;
     assert_eq!(d.code, 0, "{d:?}");
+    // The agent-traffic fields show like any other.
+    assert!(d.stdout.contains("rules[0].first_byte_timeout: + \"5s\""), "{d:?}");
+    assert!(d.stdout.contains("rules[0].hedge: + {\"after\":\"p95\"}"), "{d:?}");
     assert!(d.stdout.contains("route/inference would be configured:"), "{d:?}");
     assert!(d.stdout.contains("rules[0].backends[0].weight: 80 → 70"), "{d:?}");
     assert!(d.stdout.contains("rules[0].timeout: - \"2s\""), "{d:?}");
