@@ -22,6 +22,8 @@ BIN=${BIN:-target/release}
 QUICK=${BENCH_QUICK:-0}
 # BENCH_ONLY=capture: only the captured-vs-explicit comparison, printed
 # (BENCHMARKS.md untouched); BENCH_CAPTURE_ROUNDS sets its rounds.
+# BENCH_ONLY=hedge: only the tail latency with and without hedging, printed;
+# BENCH_HEDGE_ROUNDS sets its rounds.
 # BENCH_ONLY=callgrind: only the instructions per request (no wrk, no
 # BENCHMARKS.md); WEFT_PROXY_BIN measures another weft-proxy binary (e.g. a
 # build of an earlier commit) with this build's control plane and load tools.
@@ -255,6 +257,87 @@ wrk_run() { # scenario conns out-file
   taskset -c 1 wrk -t1 -c"$2" -d"${DURATION}s" --latency -H "Host: ${HOST[$s]:-backend}" "${URL[$s]}" >"$3"
   if grep -q Non-2xx "$3"; then echo "$s: non-2xx answers"; cat "$3"; exit 1; fi
 }
+# Hedging: service `tail` has three instances (the example service), each
+# stalling 2 % of its calls for 500 ms (a model stuck now and then); the
+# same route with and without `hedge: { after: 50ms }` (by path), open loop
+# at 200/s through the caller's sidecar, interleaved, medians; hedges sent
+# per call (each one extra try).
+HEDGE_ROUNDS=${BENCH_HEDGE_ROUNDS:-$ROUNDS}
+hedge_bench() {
+  local i r mode h0
+  for i in a b c; do
+    start "tail-app-$i" taskset -c 1 "$BIN/weft-example-service" --listen 127.0.0.1:0 --service tail --version "$i" \
+      --stall-percent 2 --stall-ms 500
+    wait_line "$WORK/tail-app-$i.out" listening
+    start "tail-$i" taskset -c 0 "$PROXY_BIN" --control "$CONTROL" --service tail --labels "i=$i" \
+      --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/tail-app-$i.out")" \
+      --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id "tail-$i"
+  done
+  for i in a b c; do wait_line "$WORK/tail-$i.out" listening; done
+  "$BIN/weftctl" --control "$CONTROL" apply --wait -f - >/dev/null <<POLICY
+kind: Route
+service: tail
+rules:
+  - match: { path_prefix: /hedged }
+    backends: [ { subset: {}, weight: 1 } ]
+    timeout: 5s
+    retry: { attempts: 1, on: [5xx] }
+    hedge: { after: 50ms }
+  - backends: [ { subset: {}, weight: 1 } ]
+    timeout: 5s
+    retry: { attempts: 1, on: [5xx] }
+---
+kind: Resilience
+service: tail
+retry_budget: { ratio: 0.1, min_per_second: 5 }
+POLICY
+  for _ in $(seq 1 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: tail' "http://$OUT/")" = 200 ] && break; sleep 0.1; done
+  for _ in $(seq 1 100); do
+    [ "$(curl -s "http://$(addr side-out admin)/config" | grep -o '"proxy_id":"tail-[abc]"' | wc -l)" -ge 3 ] && break; sleep 0.1
+  done
+  hedges() { curl -s "http://$(addr side-out admin)/metrics" | awk '/^weft_hedges_total/ {s+=$2} END {print s+0}'; }
+  : >"$WORK/hedge.txt"
+  for r in $(seq 1 "$HEDGE_ROUNDS"); do
+    for mode in plain hedged; do
+      h0=$(hedges)
+      taskset -c 1 "$BIN/weft-load" --addr "$OUT" --host tail --path "/$mode" --rate 200 --duration "$DURATION" \
+        --warmup 0 --connections 32 >"$WORK/hedge-$mode-$r.json"
+      echo "$mode $r $(($(hedges) - h0))" >>"$WORK/hedge.txt"
+      echo "hedging $mode round $r: $(cat "$WORK/hedge-$mode-$r.json")"
+    done
+  done
+}
+hedge_table() {
+  python3 - "$WORK" <<'PY'
+import glob, json, statistics, sys
+w = sys.argv[1]
+rows = {}
+for line in open(f"{w}/hedge.txt"):
+    mode, r, hedges = line.split()
+    j = json.load(open(f"{w}/hedge-{mode}-{r}.json"))
+    sent = j["ok"] + j["errors"]
+    rows.setdefault(mode, []).append((j, int(hedges), sent))
+med = lambda xs: statistics.median(xs)
+print("| route | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | hedges (extra tries) / call |")
+print("|---|---|---|---|---|---|---|---|")
+for mode in ("plain", "hedged"):
+    rs = rows.get(mode, [])
+    if not rs:
+        continue
+    k = lambda key: med([j[key] for j, *_ in rs])
+    hedge = med([h / s for _, h, s in rs])
+    name = "without hedging" if mode == "plain" else "hedge after 50 ms"
+    print(f"| {name} | {k('p50_ms'):.3f} | {k('p90_ms'):.3f} | {k('p99_ms'):.3f} | {k('p999_ms'):.3f} | {k('max_ms'):.3f} | {sum(j['errors'] for j, *_ in rs)} | {hedge:.3f} |")
+PY
+}
+if [ -z "$ONLY" ] || [ "$ONLY" = hedge ]; then
+  hedge_bench
+  if [ "$ONLY" = hedge ]; then
+    hedge_table
+    exit 0
+  fi
+fi
+
 if [ "$ONLY" != callgrind ]; then
 # Each round starts one scenario later, so no path always runs right after
 # the same other one.
@@ -701,6 +784,12 @@ print(sum(v) if k=='errors' else f'{statistics.median(v):.3f}')" "$1" "$2" "$3"
   echo "The two-sidecar path in a network namespace of its own, dialled explicitly (\`127.0.0.1:4140\`, \`Host: backend\`) and captured (\`weft-proxy init\`; the client dials \`10.78.0.2:8080\` with \`Host: backend:8080\` as an unchanged app calling \`http://backend:8080/\` does), same processes, same run, $CAP_ROUNDS round(s) interleaved, medians; proxy CPU is both sidecars. Open loop: \`weft-load\` at 1000/s on 16 connections."
   echo
   capture_table
+  echo
+  echo "## Hedging"
+  echo
+  echo "Service \`tail\`: three instances (the example service), each stalling 2 % of its calls for 500 ms; the same route with and without \`hedge: { after: 50ms }\` (retry budget 10 % + 5/s), open loop at 200/s on 32 connections through the caller's sidecar for ${DURATION}s (no warm-up, so every call is counted), $HEDGE_ROUNDS round(s) interleaved, medians. Each hedge is one extra try (the retry budget caps them at 10 % of calls + 5/s)."
+  echo
+  hedge_table
   echo
   echo "## Memory"
   echo

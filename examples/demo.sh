@@ -50,7 +50,7 @@ ADMIN=$(tok)
 declare -A TOKEN
 {
   echo "$ADMIN: admin"
-  for s in inference agent-router inference-lite batch-agent; do TOKEN[$s]=$(tok); echo "${TOKEN[$s]}: proxy:$s"; done
+  for s in inference agent-router inference-lite batch-agent search-tool llm; do TOKEN[$s]=$(tok); echo "${TOKEN[$s]}: proxy:$s"; done
 } >"$WORK/tokens.yaml"
 export WEFT_TOKEN=$ADMIN WEFT_CA_BUNDLE="$WORK/pki/ca.crt"
 # A sidecar of service $1 with its own token and the trust bundle.
@@ -143,6 +143,47 @@ for i in $(seq 1 40); do
 done | sort | uniq -c
 echo "weftctl history route inference:"
 "$BIN/weftctl" history route inference
+
+say "agent traffic: a hedge cuts a stalled call"
+# Two search-tool instances, each stuck 1.5 s on 30 % of its calls.
+for i in 1 2; do
+  start "app-tool$i" "$BIN/weft-example-service" --listen 127.0.0.1:0 --service search-tool --version "t$i" \
+    --stall-percent 30 --stall-ms 1500
+  wait_line "$WORK/app-tool$i.out" listening
+  SIDE=tool$i sidecar search-tool --labels "version=t$i,region=local" --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-tool$i.out")" \
+    --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id "search-tool-$i"
+done
+start app-llm "$BIN/weft-example-service" --listen 127.0.0.1:0 --service llm --latency-ms 500 --usage-tokens 70
+wait_line "$WORK/app-llm.out" listening
+SIDE=llm sidecar llm --labels "region=local" --app "$(grep -o '127.0.0.1:[0-9]*' "$WORK/app-llm.out")" \
+  --inbound 127.0.0.1:0 --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --id llm-1
+for s in tool1 tool2 llm; do wait_line "$WORK/sidecar-$s.out" listening; wait_ok "http://$(addr "sidecar-$s" admin)/ready"; done
+for _ in $(seq 1 100); do [ "$("$BIN/weftctl" endpoints search-tool | grep -c true)" = 2 ] && break; sleep 0.1; done
+"$BIN/weftctl" apply -f examples/agent-traffic.yaml --wait
+tool_calls() { # path: 12 calls, one line each (status, seconds, x-weft-degraded), then the slowest
+  for i in $(seq 1 12); do
+    curl -s -o /dev/null -D "$WORK/h" -w '%{http_code} %{time_total}' "http://$ROUTER/call/search-tool$1"
+    echo " $(grep -i '^x-weft-degraded' "$WORK/h" | tr -d '\r' | cut -d' ' -f2)"
+  done >"$WORK/calls"
+  awk '{ printf "  %s %.3f s %s\n", $1, $2, $3 } $2 > max { max = $2 } END { printf "  slowest: %.3f s\n", max }' "$WORK/calls"
+}
+echo "without hedging (/search):"
+tool_calls /search
+echo "with hedge: { after: 200ms } (/hedged/search):"
+tool_calls /hedged/search
+
+say "agent traffic: a token reservation refuses the call that would overshoot"
+echo "acme has 500 tokens a minute at llm; 10 calls at once, each declaring x-weft-max-tokens: 100 (each uses 70):"
+for i in $(seq 1 10); do
+  curl -s -o /dev/null -D "$WORK/llm-$i" -w '%{http_code}\n' -H 'x-tenant-id: acme' -H 'x-weft-max-tokens: 100' \
+    "http://$ROUTER/call/llm/v1/chat" >"$WORK/llm-$i.code" &
+done
+wait
+for i in $(seq 1 10); do
+  echo "$(cat "$WORK/llm-$i.code") $(grep -i '^x-weft-error' "$WORK/llm-$i" | tr -d '\r' | cut -d' ' -f2)"
+done | sort | uniq -c
+USED=$(cat "$WORK"/llm-[0-9]* 2>/dev/null | grep -i '^x-weft-usage-tokens' | tr -d '\r' | awk '{s+=$2} END {print s+0}')
+echo "tokens used by the admitted calls: $USED of 500 (a quota charged afterwards would have let all 10 run: 700)"
 
 say "identity: each sidecar's certificate (weftctl status)"
 "$BIN/weftctl" status

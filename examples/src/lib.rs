@@ -41,6 +41,10 @@ pub struct Mode {
     pub fail_status: AtomicU32,
     /// Added before answering.
     pub latency_ms: AtomicU64,
+    /// Share of requests (0-100) that stall `stall_ms` more (a model stuck
+    /// now and then), drawn from the request count.
+    pub stall_percent: AtomicU32,
+    pub stall_ms: AtomicU64,
     /// Never answer.
     pub hang: AtomicBool,
     /// Drop the connection instead of answering.
@@ -157,7 +161,7 @@ pub async fn serve_http(listener: TcpListener, info: Info) {
                 let info = info.clone();
                 async move {
                     let mode = &info.mode;
-                    mode.hits.fetch_add(1, Ordering::Relaxed);
+                    let n = mode.hits.fetch_add(1, Ordering::Relaxed);
                     let mut watch = CancelWatch { mode: mode.clone(), answered: false };
                     let _permit = match mode.gate.get() {
                         Some(g) => Some(match g.clone().try_acquire_owned() {
@@ -172,7 +176,11 @@ pub async fn serve_http(listener: TcpListener, info: Info) {
                     if mode.hang.load(Ordering::Relaxed) {
                         std::future::pending::<()>().await;
                     }
-                    let latency = mode.latency_ms.load(Ordering::Relaxed);
+                    let mut latency = mode.latency_ms.load(Ordering::Relaxed);
+                    let stall = u64::from(mode.stall_percent.load(Ordering::Relaxed));
+                    if stall > 0 && fnv1a(&(n ^ 0x5bd1_e995).to_le_bytes()) % 100 < stall {
+                        latency += mode.stall_ms.load(Ordering::Relaxed);
+                    }
                     if latency > 0 {
                         tokio::time::sleep(Duration::from_millis(latency)).await;
                     }

@@ -31,6 +31,14 @@ struct Args {
     /// Added latency per request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Share (0-100) of requests that stall --stall-ms more.
+    #[arg(long, default_value_t = 0)]
+    stall_percent: u32,
+    #[arg(long, default_value_t = 1000)]
+    stall_ms: u64,
+    /// Inference tokens reported per answer (x-weft-usage-tokens).
+    #[arg(long, default_value_t = 0)]
+    usage_tokens: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -40,7 +48,11 @@ async fn main() -> anyhow::Result<()> {
     println!("{} {} listening on {}", a.service, a.version, listener.local_addr()?);
     let info = Info { service: a.service, version: a.version, outbound: a.outbound, mode: Default::default() };
     info.mode.fail(a.fail_percent, a.fail_status);
-    info.mode.latency_ms.store(a.latency_ms, std::sync::atomic::Ordering::Relaxed);
+    use std::sync::atomic::Ordering::Relaxed;
+    info.mode.latency_ms.store(a.latency_ms, Relaxed);
+    info.mode.stall_percent.store(a.stall_percent.min(100), Relaxed);
+    info.mode.stall_ms.store(a.stall_ms, Relaxed);
+    info.mode.usage_tokens.store(a.usage_tokens, Relaxed);
     if a.grpc {
         serve_grpc(listener, info).await?;
     } else {
