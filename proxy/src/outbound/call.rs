@@ -69,21 +69,24 @@ struct Sent {
     result: Result<Result<Response<PooledBody>, transport::Error>, Outcome>,
 }
 
+impl Sent {
+    fn decided(endpoint: Arc<Endpoint>, admission: Admission, outcome: Outcome) -> Sent {
+        Sent { endpoint, admission, sent: Instant::now(), result: Err(outcome) }
+    }
+}
+
 /// Sends one try, within `timeout` (to the answer head), under its drawn
-/// fault.
+/// fault, as a future of its own (a hedge races two). A call that is not
+/// hedged does the same inline in [`run`].
 async fn send_try<S: Sender>(out: &Outbound<S>, service: &str, t: Try<'_>, mut timeout: Option<Duration>) -> Sent {
-    let Try { endpoint, admission, req, injected } = t;
-    let result = match inject(&endpoint, &injected, &mut timeout).await {
-        Some(decided) => Err(decided),
-        None => {
-            let in_flight = InFlight::endpoint(&endpoint.health);
-            let sent = Instant::now();
-            let r = out.sender.send(endpoint.peer(service), req, timeout).await;
-            drop(in_flight);
-            return Sent { endpoint, admission, sent, result: Ok(r) };
-        }
-    };
-    Sent { endpoint, admission, sent: Instant::now(), result }
+    if let Some(decided) = inject(&t.endpoint, &t.injected, &mut timeout).await {
+        return Sent::decided(t.endpoint, t.admission, decided);
+    }
+    let in_flight = InFlight::endpoint(&t.endpoint.health);
+    let sent = Instant::now();
+    let r = out.sender.send(t.endpoint.peer(service), t.req, timeout).await;
+    drop(in_flight);
+    Sent { endpoint: t.endpoint, admission: t.admission, sent, result: Ok(r) }
 }
 
 /// An injected delay (counted against the timeout like a slow upstream,
@@ -152,10 +155,28 @@ pub(crate) async fn run<S: Sender>(
     while let Some(t) = call.next_try(&mut body) {
         call.tried.push(t.endpoint.addr);
         let timeout = call.timeout();
-        let first = send_try(out, &svc.name, t, timeout);
         let sent = match call.hedge_after(attempt) {
-            None => first.await,
-            Some(after) => call.hedged(first, after, &mut body, &mut attempt).await,
+            // `send_try`, inline: as a future of its own it would be copied
+            // whole (several KiB) into the await, on every call.
+            None => {
+                let mut timeout = timeout;
+                match inject(&t.endpoint, &t.injected, &mut timeout).await {
+                    Some(decided) => Sent::decided(t.endpoint, t.admission, decided),
+                    None => {
+                        let in_flight = InFlight::endpoint(&t.endpoint.health);
+                        let sent = Instant::now();
+                        let r = out.sender.send(t.endpoint.peer(&svc.name), t.req, timeout).await;
+                        drop(in_flight);
+                        Sent { endpoint: t.endpoint, admission: t.admission, sent, result: Ok(r) }
+                    }
+                }
+            }
+            // Boxed: two tries in flight make a large future, which would
+            // otherwise enlarge every call's.
+            Some(after) => {
+                let first = send_try(out, &svc.name, t, timeout);
+                Box::pin(call.hedged(first, after, &mut body, &mut attempt)).await
+            }
         };
         let (tried, outcome) = call.observe(sent, &body);
         let go = call.again(attempt, &tried, &outcome, &body);

@@ -28,15 +28,7 @@ pub(crate) fn full(b: impl Into<Bytes>) -> ProxyBody {
 /// (a malformed chunked body, a client gone mid-upload): then the client is
 /// answered 400 and the endpoint is not blamed.
 pub(crate) fn stream(b: Incoming, watch: &ClientBodyWatch) -> ProxyBody {
-    Either::Left(Tapped {
-        inner: PooledBody::plain(b),
-        guard: None,
-        usage: None,
-        verdict: None,
-        client: watch.clone(),
-        watch: None,
-        cut: false,
-    })
+    Either::Left(Tapped { inner: PooledBody::plain(b), client: watch.clone(), extras: None })
 }
 
 /// See [`stream`].
@@ -63,28 +55,28 @@ pub(crate) fn reply(b: PooledBody) -> ProxyBody {
 /// The same, giving the breaker `verdict` from the call's trailers, and
 /// under `watch` when the answer streams (see [`crate::http::stream`]).
 pub(crate) fn reply_judged(b: PooledBody, verdict: Option<Verdict>, watch: Option<Box<Watch>>) -> ProxyBody {
-    Either::Left(Tapped {
-        inner: b,
-        guard: None,
-        usage: None,
-        verdict,
-        client: ClientBodyWatch(None),
-        watch,
-        cut: false,
-    })
+    Either::Left(Tapped::with(b, Extras { verdict, watch, ..Extras::default() }))
 }
 
-/// A streamed response body that keeps its tenant's request counted in
+/// A body passed through as is, with what some calls need done as it
+/// passes: a streamed answer that keeps its tenant's request counted in
 /// flight until the body ends, settles the call's token reservation with
-/// the usage reported in a `x-weft-usage-tokens` trailer, and gives the
-/// breaker its verdict on a gRPC call from the call's trailers.
+/// the usage reported in a `x-weft-usage-tokens` trailer, gives the breaker
+/// its verdict on a gRPC call from the call's trailers, or is timed and cut
+/// when it stalls. Those are boxed together, and only when there is one:
+/// most bodies have none, and every body is moved several times per call.
 pub(crate) struct Tapped {
     inner: PooledBody,
+    /// Set when this is a client's request body and it fails.
+    client: ClientBodyWatch,
+    extras: Option<Box<Extras>>,
+}
+
+#[derive(Default)]
+struct Extras {
     guard: Option<TenantGuard>,
     usage: Option<Box<tenancy::Reservation>>,
     verdict: Option<Verdict>,
-    /// Set when this is a client's request body and it fails.
-    client: ClientBodyWatch,
     /// Times a streamed answer and cuts it when it stalls.
     watch: Option<Box<Watch>>,
     /// A timeout cut the stream: it has ended (the upstream body goes with
@@ -93,18 +85,58 @@ pub(crate) struct Tapped {
 }
 
 impl Tapped {
+    fn with(inner: PooledBody, x: Extras) -> Tapped {
+        let any = x.guard.is_some() || x.usage.is_some() || x.verdict.is_some() || x.watch.is_some();
+        Tapped { inner, client: ClientBodyWatch(None), extras: any.then(|| Box::new(x)) }
+    }
+
     pub(crate) fn new(
         inner: PooledBody,
         guard: Option<TenantGuard>,
         usage: Option<Box<tenancy::Reservation>>,
     ) -> Tapped {
-        Tapped { inner, guard, usage, verdict: None, client: ClientBodyWatch(None), watch: None, cut: false }
+        Tapped::with(inner, Extras { guard, usage, ..Extras::default() })
     }
 }
 
-impl Tapped {
+impl Extras {
+    /// Notes what passed: a frame, the end, or an error.
+    fn on(&mut self, r: &Poll<Option<Result<Frame<Bytes>, hyper::Error>>>) {
+        match r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(w) = &mut self.watch {
+                    w.frame(frame);
+                }
+                if let Some(t) = frame.trailers_ref() {
+                    if let Some(r) = &mut self.usage
+                        && let Some(n) = t.get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
+                    {
+                        r.settle(n);
+                    }
+                    if let Some(v) = self.verdict.take() {
+                        v.give(crate::grpc::status(t) == Some(crate::grpc::UNAVAILABLE));
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(v) = self.verdict.take() {
+                    v.give(true);
+                }
+                self.guard = None;
+                self.usage = None;
+            }
+            Poll::Ready(None) => {
+                self.guard = None;
+                self.usage = None;
+                self.verdict = None;
+                self.watch = None;
+            }
+            Poll::Pending => {}
+        }
+    }
+
     /// Ends a stream a timeout cut: the upstream body is dropped (its
-    /// connection closed or stream reset), the verdict given as failed.
+    /// connection closed or stream reset) with this one.
     #[cold]
     fn cut(&mut self, cut: crate::http::stream::Cut) -> Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
         let ending = self.watch.take().map(|w| w.ending(cut)).unwrap_or(Err(cut));
@@ -123,53 +155,26 @@ impl Body for Tapped {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if this.cut {
+        if this.extras.as_ref().is_some_and(|x| x.cut) {
             return Poll::Ready(None);
         }
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(w) = &mut this.watch {
-                    w.frame(frame);
-                }
-                if let Some(t) = frame.trailers_ref() {
-                    if let Some(r) = &mut this.usage
-                        && let Some(n) = t.get(tenancy::USAGE_HEADER).and_then(tenancy::parse_usage)
-                    {
-                        r.settle(n);
-                    }
-                    if let Some(v) = this.verdict.take() {
-                        v.give(crate::grpc::status(t) == Some(crate::grpc::UNAVAILABLE));
-                    }
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(c) = &this.client.0 {
-                    c.store(true, Ordering::Relaxed);
-                }
-                if let Some(v) = this.verdict.take() {
-                    v.give(true);
-                }
-                this.guard = None;
-                this.usage = None;
-            }
-            Poll::Ready(None) => {
-                this.guard = None;
-                this.usage = None;
-                this.verdict = None;
-                this.watch = None;
-            }
-            Poll::Pending => {
-                if let Some(cut) = this.watch.as_mut().and_then(|w| w.poll_cut(cx)) {
-                    return Poll::Ready(Some(this.cut(cut)));
-                }
+        if let (Poll::Ready(Some(Err(_))), Some(c)) = (&r, &this.client.0) {
+            c.store(true, Ordering::Relaxed);
+        }
+        if let Some(x) = &mut this.extras {
+            x.on(&r);
+            if r.is_pending()
+                && let Some(cut) = x.watch.as_mut().and_then(|w| w.poll_cut(cx))
+            {
+                return Poll::Ready(Some(x.cut(cut)));
             }
         }
         r.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.cut || self.inner.is_end_stream()
+        self.extras.as_ref().is_some_and(|x| x.cut) || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
