@@ -419,6 +419,8 @@ impl<'a, S: Sender> Call<'a, S> {
         let started = Instant::now();
         let first_endpoint = self.tried.last().copied();
         tokio::select! {
+            // An answer that came as the delay ran out needs no hedge.
+            biased;
             s = &mut first => return s,
             _ = tokio::time::sleep(after) => {}
         }
@@ -428,6 +430,7 @@ impl<'a, S: Sender> Call<'a, S> {
         let (out, svc) = (self.out, self.svc);
         let mut second = std::pin::pin!(send_try(out, &svc.name, t, self.timeout()));
         let (s, hedge_came_first) = tokio::select! {
+            biased;
             s = &mut first => (s, false),
             s = &mut second => (s, true),
         };

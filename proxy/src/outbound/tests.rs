@@ -592,3 +592,27 @@ async fn a_failed_first_answer_waits_for_the_hedge_and_the_budget_bounds_hedges(
     assert!(!call(&out, "POST").await.1.hedged);
     assert_eq!(post.tries().len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_p95_hedge_waits_for_the_services_own_95th_percentile() {
+    let p95 = HEDGE.replace("after: 100ms", "after: p95");
+    // Both answer in 10 ms; endpoint 2 stalls 5 s from its 30th call on.
+    let mut two = vec![Reply::Slow(10, 200); 29];
+    two.push(Reply::Slow(5000, 200));
+    let mock = Mock::default().on(1, &[Reply::Slow(10, 200)]).on(2, &two);
+    let out = outbound(mock.clone(), vec![service(&format!("{p95}{GENEROUS}"), &[1, 2])]);
+    let mut hedged = 0;
+    for _ in 0..80 {
+        let start = Instant::now();
+        let (status, degraded) = call(&out, "GET").await;
+        assert_eq!(status, 200);
+        if degraded.hedged {
+            hedged += 1;
+            // The service's p95 is 10 ms: the hedge went then (not for the
+            // answers that came in those 10 ms), and endpoint 1 answered
+            // 10 ms later.
+            assert_eq!(start.elapsed(), Duration::from_millis(20), "{:?}", mock.tries());
+        }
+    }
+    assert!(hedged >= 1, "the stalled endpoint was drawn and hedged: {:?}", mock.tries());
+}
