@@ -587,11 +587,17 @@ CG_FLAGS=(); CG_CONTROL=(--control "$CONTROL")
 cg_count() { # name pid addr host h2flag -> appends "name Ir/request" to cg.txt
   local name=$1 pid=$2 addr=$3 host=$4 h2=$5 conns
   conns=$([ -n "$h2" ] && echo 4 || echo 16)
-  for _ in $(seq 1 300); do
+  local up=0
+  for _ in $(seq 1 600); do
     taskset -c 1 "$BIN/weft-load" --addr "$addr" --host "$host" --rate 50 --duration 0.1 --warmup 0 --connections 1 $h2 "${CG_FLAGS[@]}" 2>/dev/null \
-      | grep -q '"errors":0' && break
+      | grep -q '"errors":0' && { up=1; break; }
     sleep 0.1
   done
+  if [ "$up" != 1 ]; then
+    echo "callgrind $name: no answer from $addr in 60 s; its logs:"
+    tail -n 5 "$WORK"/cg-*.log
+    exit 1
+  fi
   taskset -c 1 "$BIN/weft-load" --addr "$addr" --host "$host" --rate 500 --duration 1 --warmup 0 --connections "$conns" $h2 "${CG_FLAGS[@]}" >/dev/null
   callgrind_control -z "$pid" >/dev/null
   taskset -c 1 "$BIN/weft-load" --addr "$addr" --host "$host" --rate 500 --duration "$CG_SECS" --warmup 0 \

@@ -138,15 +138,25 @@ pub(crate) fn on_failure<'a>(
     match health.breaker.record_failure(admission, s, now) {
         Failure::Counted => false,
         Failure::Reejected => true,
-        Failure::Threshold => {
-            let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
-            if health.breaker.is_ejected(now) || !cap_allows(ready, s, now) {
-                return false;
-            }
-            health.breaker.eject(now, s);
-            true
-        }
+        Failure::Threshold => eject_within_cap(health, ready, s, lock, now),
     }
+}
+
+/// Ejects the endpoint of `health` unless it already is, or the cap would
+/// be passed; decided under `lock`, so two at once cannot both pass it.
+fn eject_within_cap<'a>(
+    health: &Health,
+    ready: impl Iterator<Item = &'a Health>,
+    s: &Settings,
+    lock: &std::sync::Mutex<()>,
+    now: u64,
+) -> bool {
+    let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+    if health.breaker.is_ejected(now) || !cap_allows(ready, s, now) {
+        return false;
+    }
+    health.breaker.eject(now, s);
+    true
 }
 
 /// Ejects the endpoint of `health` as a latency outlier, like a failing
@@ -165,12 +175,7 @@ pub(crate) fn on_outlier<'a>(
         health.breaker.eject(now, s);
         return true;
     }
-    let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
-    if health.breaker.is_ejected(now) || !cap_allows(ready, s, now) {
-        return false;
-    }
-    health.breaker.eject(now, s);
-    true
+    eject_within_cap(health, ready, s, lock, now)
 }
 
 /// True when one more ejection keeps the ejected share of the ready

@@ -2,26 +2,31 @@
 //!
 //! 1. [`run`]: the rule that applies and the call's deadline (the route's
 //!    timeout, or the caller's, whichever is sooner: see
-//!    [`crate::http::deadline`]), each try stamped with the time left;
+//!    [`crate::http::deadline`]), each try stamped with the time left; the
+//!    session under the rule's `hash_on` ([`super::affinity`]);
 //! 2. [`Call::prepare`]: its body (kept for another try, or streamed once)
 //!    and how many tries it may have;
 //! 3. [`Call::admit`]: the service's concurrency cap;
 //! 4. [`Call::next_try`]: an endpoint, its breaker admission, the request
 //!    for it and the fault drawn for it;
-//! 5. [`Call::timeout`], [`Call::inject`] and [`Call::observe`] around the
-//!    try itself, which is sent within the per-try and call timeouts;
+//! 5. [`Call::timeout`], [`inject`] and [`Call::observe`] around the try
+//!    itself, which is sent within the per-try and call timeouts (and the
+//!    first-byte timeout); with a `hedge`, [`Call::hedged`] races a second
+//!    try against it after the hedge's delay;
 //! 6. [`Call::judge`]: the endpoint's breaker bookkeeping;
 //! 7. [`Call::again`]: whether another try goes (the rule's conditions, or a
 //!    free one when the callee shed the call or a held endpoint is gone),
 //!    within the retry budget;
-//! 8. [`Call::conclude`]: the answer, or the fallback.
+//! 8. [`Call::conclude`]: the answer (watched while it streams: see
+//!    [`crate::http::stream`]), or the fallback.
 //!
 //! The decisions (what is a failure, what is retried, how long to back
 //! off) are [`super::retry`]'s; this is the loop that applies them. Only
 //! the body, the try, the backoff and a fallback are awaited; every other
 //! phase is a plain function, so a call's future holds its state once and
 //! moves nothing large between phases (each nested future would copy its
-//! arguments and result).
+//! arguments and result). For the same reason a try that is not hedged is
+//! sent inline, not through [`send_try`], and the hedged race is boxed.
 
 use std::future::Future;
 use std::net::SocketAddr;
