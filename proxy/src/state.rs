@@ -138,6 +138,32 @@ impl Shared {
         self.workload.as_ref().is_none_or(|w| w.current.load().is_some())
     }
 
+    /// Logs a degraded call (`trace` its `traceparent`) and queues its
+    /// report for the control plane.
+    #[cold]
+    pub(crate) fn degraded_call(
+        &self,
+        trace: Option<&http::HeaderValue>,
+        service: String,
+        tenant: String,
+        reasons: String,
+        status: u16,
+    ) {
+        let trace_id = trace.and_then(|v| v.to_str().ok()).and_then(|v| v.get(3..35)).unwrap_or("").to_string();
+        tracing::info!(trace_id, service, tenant, reasons, status, "degraded call");
+        self.report_degraded(xds_proto::v1::DegradedCall {
+            trace_id,
+            service,
+            reasons,
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            tenant,
+            status: u32::from(status),
+        });
+    }
+
     /// Queues a report without waiting; when the queue is full the report is
     /// dropped and counted.
     pub(crate) fn report_degraded(&self, call: xds_proto::v1::DegradedCall) {

@@ -110,6 +110,14 @@ async fn streams_run_while_they_produce_and_are_cut_when_they_stall() {
     assert_eq!(status.metadata().get("x-weft-degraded").unwrap(), "idle-timeout");
     drop(tx);
 
+    // Each cut is a degraded call, under its trace, at the control plane.
+    let url = bed.control_url();
+    let url = &url;
+    harness::eventually("the cuts are reported as degraded calls", Duration::from_secs(10), || async move {
+        let t = harness::weftctl(url, &["traces", "--degraded", "--service", "inference"], None).await;
+        t.stdout.matches("idle-timeout").count() == 2 && t.stdout.lines().any(|l| l.ends_with(" timeout"))
+    })
+    .await;
     let m = caller.metrics().await;
     let cuts = |svc: &str, reason: &str| {
         metric(&m, "weft_stream_cuts_total", &[&format!("service=\"{svc}\""), &format!("reason=\"{reason}\"")])

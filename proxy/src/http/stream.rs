@@ -68,6 +68,15 @@ pub(crate) fn is_streamed(body: &impl http_body::Body) -> bool {
     !body.is_end_stream() && body.size_hint().exact().is_none()
 }
 
+/// Who a cut is reported for: a stream cut after its head went out is a
+/// degraded call like any other (log, `weftctl traces --degraded`).
+pub(crate) struct Reported {
+    pub(crate) shared: Arc<crate::state::Shared>,
+    pub(crate) traceparent: Option<HeaderValue>,
+    pub(crate) tenant: String,
+    pub(crate) status: u16,
+}
+
 /// Watches one streamed answer.
 pub(crate) struct Watch {
     svc: Arc<Service>,
@@ -82,6 +91,8 @@ pub(crate) struct Watch {
     timer: Option<Pin<Box<Sleep>>>,
     ttfb: metrics::Histogram,
     gap: metrics::Histogram,
+    /// Given when the rule bounds the stream (so it may be cut).
+    reported: Option<Reported>,
 }
 
 impl Watch {
@@ -97,6 +108,7 @@ impl Watch {
         grpc: bool,
         sent: Instant,
         body: &impl http_body::Body,
+        reported: impl FnOnce() -> Reported,
     ) -> Option<Box<Watch>> {
         if body.is_end_stream() {
             return None;
@@ -117,6 +129,7 @@ impl Watch {
             timer: None,
             ttfb: metrics::histogram!("weft_first_byte_seconds", &labels),
             gap: metrics::histogram!("weft_stream_gap_seconds", &labels),
+            reported: (first_byte.is_some() || idle.is_some()).then(reported),
         });
         w.arm(first_byte.map(|t| sent + t));
         Some(w)
@@ -169,6 +182,10 @@ impl Watch {
         metrics::counter!("weft_stream_cuts_total", "service" => self.svc.name.clone(), "endpoint" => endpoint, "reason" => cut.reason())
             .increment(1);
         self.svc.endpoint_failed(&self.endpoint, Admission::Normal, crate::clock::now_ms());
+        if let Some(r) = self.reported.take() {
+            let reasons = cut.degraded().to_string();
+            r.shared.degraded_call(r.traceparent.as_ref(), self.svc.name.clone(), r.tenant, reasons, r.status);
+        }
         Some(cut)
     }
 

@@ -48,8 +48,9 @@ use crate::clock::{ms_at, now_ms};
 use crate::config::{Endpoint, Rule, Service, Verdict};
 use crate::health::breaker::Admission;
 use crate::http::errors::ProxyError;
+use crate::http::headers::TRACEPARENT;
 use crate::http::response::Degraded;
-use crate::http::stream::{self, Watch};
+use crate::http::stream::{self, Reported, Watch};
 use crate::transport;
 use crate::transport::body::{ProxyBody, reply_judged};
 use crate::transport::pool::PooledBody;
@@ -134,10 +135,10 @@ enum Concluded {
 }
 
 /// Runs one call of `req` to `svc`.
-pub(crate) async fn run<S: Sender>(
-    out: &Outbound<S>,
-    svc: &Arc<Service>,
-    tenant: &str,
+pub(crate) async fn run<'a, S: Sender>(
+    out: &'a Outbound<S>,
+    svc: &'a Arc<Service>,
+    tenant: &'a str,
     grpc: bool,
     req: Request<Incoming>,
     degraded: &mut Degraded,
@@ -244,6 +245,9 @@ pub(crate) struct Call<'a, S> {
     session: Option<(u64, Option<SocketAddr>)>,
     /// The service's recent latencies are read (`hedge: { after: p95 }`).
     track_latency: bool,
+    tenant: &'a str,
+    /// The call's trace, kept when the rule may cut its answer's stream.
+    traceparent: Option<http::HeaderValue>,
     sent: Instant,
     verdict: Option<Verdict>,
     degraded: &'a mut Degraded,
@@ -253,7 +257,7 @@ impl<'a, S: Sender> Call<'a, S> {
     fn new<B>(
         out: &'a Outbound<S>,
         svc: &'a Arc<Service>,
-        tenant: &str,
+        tenant: &'a str,
         grpc: bool,
         req: &Request<B>,
         degraded: &'a mut Degraded,
@@ -263,6 +267,9 @@ impl<'a, S: Sender> Call<'a, S> {
         let own = rule.and_then(|r| r.timeout).map(|t| Instant::now() + t);
         let session = rule.and_then(|r| r.hash_on.as_ref()).and_then(|h| affinity::key(h, req));
         let session = session.map(|k| (k, svc.stats.sessions.get(k, now_ms())));
+        // A stream the rule may cut is reported under its trace.
+        let bounded = rule.is_some_and(|r| r.first_byte_timeout.is_some() || r.idle_timeout.is_some());
+        let traceparent = if bounded { req.headers().get(&TRACEPARENT).cloned() } else { None };
         Call {
             out,
             svc,
@@ -279,6 +286,8 @@ impl<'a, S: Sender> Call<'a, S> {
             last: None,
             last_endpoint: None,
             session,
+            tenant,
+            traceparent,
             track_latency: rule.and_then(|r| r.hedge).is_some_and(|h| h == Hedge::P95),
             sent: Instant::now(),
             verdict: None,
@@ -573,8 +582,11 @@ impl<'a, S: Sender> Call<'a, S> {
             // The session stays where it was served.
             svc.stats.sessions.set(key, e.addr, now_ms());
         }
+        let (shared, tenant, traceparent) = (&self.out.shared, self.tenant, self.traceparent.take());
         Concluded::Answer(last.map(|r| {
-            let watch = endpoint.and_then(|e| Watch::for_answer(svc, &e, rule, grpc, sent, r.body()));
+            let status = r.status().as_u16();
+            let reported = || Reported { shared: shared.clone(), traceparent, tenant: tenant.to_string(), status };
+            let watch = endpoint.and_then(|e| Watch::for_answer(svc, &e, rule, grpc, sent, r.body(), reported));
             r.map(|b| reply_judged(b, verdict, watch))
         }))
     }

@@ -130,7 +130,8 @@ impl<S: Sender> Outbound<S> {
         };
         let resp = finish(result, &degraded, grpc, "outbound", label, &tenant, started);
         if degraded.any() {
-            self.report(traceparent, service, tenant, &degraded, resp.status().as_u16());
+            let status = resp.status().as_u16();
+            self.shared.degraded_call(traceparent.as_ref(), service, tenant, degraded.header_value(), status);
         }
         resp
     }
@@ -165,32 +166,6 @@ impl<S: Sender> Outbound<S> {
         let req = req.map(|b| transport::body::stream(b, &client));
         let resp = self.sender.send(Peer::plain(dest), req, None).await.map_err(ProxyError::from)?;
         Ok(resp.map(transport::body::reply))
-    }
-
-    /// Logs a degraded call and queues its report for the control plane.
-    #[cold]
-    fn report(
-        &self,
-        traceparent: Option<http::HeaderValue>,
-        service: String,
-        tenant: String,
-        degraded: &Degraded,
-        status: u16,
-    ) {
-        let trace_id =
-            traceparent.as_ref().and_then(|v| v.to_str().ok()).and_then(|v| v.get(3..35)).unwrap_or("").to_string();
-        tracing::info!(trace_id, service, tenant, reasons = %degraded.header_value(), status, "degraded call");
-        self.shared.report_degraded(xds_proto::v1::DegradedCall {
-            trace_id,
-            service,
-            reasons: degraded.header_value(),
-            unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            tenant,
-            status: u32::from(status),
-        });
     }
 
     /// A `CONNECT`: to an instance for a mesh service's `name:port`, else
