@@ -41,6 +41,9 @@ pub struct Mode {
     pub fail_status: AtomicU32,
     /// Added before answering.
     pub latency_ms: AtomicU64,
+    /// Before the first chunk of every `/stream` answer (a model slow to its
+    /// first token, whose answer head comes at once).
+    pub stream_first_ms: AtomicU64,
     /// Share of requests (0-100) that stall `stall_ms` more (a model stuck
     /// now and then), drawn from the request count.
     pub stall_percent: AtomicU32,
@@ -248,7 +251,8 @@ async fn handle(req: Request<Incoming>, info: &Info) -> Response<Body> {
         let chunks = query(&req, "chunks").unwrap_or(5);
         let gap = Duration::from_millis(query(&req, "gap_ms").unwrap_or(20));
         // A model slow to its first token, or stalling mid-answer.
-        let first = Duration::from_millis(query(&req, "first_ms").unwrap_or(0));
+        let first = query(&req, "first_ms").unwrap_or(0).max(info.mode.stream_first_ms.load(Ordering::Relaxed));
+        let first = Duration::from_millis(first);
         let (stall_at, stall) = (query(&req, "stall_at"), Duration::from_millis(query(&req, "stall_ms").unwrap_or(0)));
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(4);
         let served = info.served_by();

@@ -10,8 +10,9 @@
 //!   move once when it dies, and stay where they moved;
 //! - hedging: a stalled instance's calls answered by another, within the
 //!   retry budget;
-//! - latency outliers: an instance slow to its first byte ejected like a
-//!   failing one;
+//! - balancing by the first byte of a streamed answer, and latency
+//!   outliers: an instance slow to its first byte ejected like a failing
+//!   one;
 //! - token reservations: a burst of large calls never reserves more than
 //!   the quota, and quotas nest (tenant, calling service, session).
 
@@ -438,4 +439,24 @@ session: { header: x-session-id, tokens_per_minute: 250 }
     assert_eq!(spend(s, "s6", "100").await, ok, "exactly the quota");
     let m = inference.metrics().await;
     assert_eq!(metric(&m, "weft_tenant_shed_total", &["reason=\"token-quota\""]), 3.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancing_weighs_a_streamed_answer_by_its_first_byte() {
+    let bed = Topology::new().instances("gen", &["v1", "v2"]).start().await;
+    bed.wait_endpoints("gen", 2).await;
+    let out = bed.caller.sidecar.outbound;
+    // Both send their answer's head at once; v1's first token takes 300 ms.
+    bed.instance("gen", "v1").app.mode.stream_first_ms.store(300, std::sync::atomic::Ordering::Relaxed);
+    let mut by = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..20 {
+        let resp = Req::get(out, "gen", "/stream?chunks=2&gap_ms=1").open().await.unwrap();
+        let served = resp.headers()["x-served-by"].to_str().unwrap().to_string();
+        let (body, whole) = read(resp).await;
+        assert!(whole && body.lines().count() == 2, "{body}");
+        *by.entry(served).or_default() += 1;
+    }
+    // Timed to its head, v1 would look as fast as v2 and get half.
+    let slow = by.get("gen/v1").copied().unwrap_or(0);
+    assert!(slow <= 3, "{by:?}");
 }
