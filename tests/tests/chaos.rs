@@ -158,12 +158,10 @@ fn report(test: &str, rows: &[(String, Tally)]) {
             println!("  {name}: first failures: {:?}", t.examples);
         }
     }
-    let path = harness::bin_dir().parent().map(|p| p.join("chaos-report.md"));
-    if let Some(path) = path {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "## {test}\n\n{text}");
-        }
+    // One file per test, replaced by each run (appending grew without end).
+    let slug: String = test.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    if let Some(path) = harness::bin_dir().parent().map(|p| p.join(format!("chaos-report-{slug}.md"))) {
+        let _ = std::fs::write(path, format!("## {test}\n\n{text}\n"));
     }
 }
 
