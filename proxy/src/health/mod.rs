@@ -7,6 +7,7 @@
 
 pub(crate) mod breaker;
 pub(crate) mod budget;
+pub(crate) mod sessions;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -191,7 +192,7 @@ pub(crate) struct ServiceStats {
     /// The subscription sweep's epoch of the last call ([`crate::clock::EPOCH`]).
     last_used: AtomicU64,
     /// Where sessions were last served, for routes with `hash_on`.
-    pub(crate) sessions: crate::outbound::affinity::Sessions,
+    pub(crate) sessions: sessions::Sessions,
     /// Recent times to answer, for `hedge: { after: p95 }`.
     pub(crate) latency: Latencies,
 }

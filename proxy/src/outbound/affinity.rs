@@ -6,21 +6,17 @@
 //! A session's first endpoint is chosen by rendezvous hashing over the
 //! backend's endpoints, so every caller's sidecar sends a new session to the
 //! same place without talking to the others. Where a session was last
-//! served is then remembered (at most [`MAX_SESSIONS`] per service, the
-//! least recently used forgotten first), which is what keeps a moved
+//! served is then remembered ([`crate::health::sessions`]: at most 10,000
+//! per service, the least recently used forgotten first), which is what keeps a moved
 //! session where it moved. Calls without the header or cookie balance by
 //! P2C as usual.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use weft_policy::model::HashOn;
 
 use crate::config::Endpoint;
-
-/// Sessions remembered per service.
-pub(crate) const MAX_SESSIONS: usize = 10_000;
 
 /// The session of a request under `hash_on`, as a hash of its value.
 pub(crate) fn key<B>(hash_on: &HashOn, req: &http::Request<B>) -> Option<u64> {
@@ -91,39 +87,6 @@ pub(crate) fn pick(
     (chosen, moved_off_ejected)
 }
 
-/// Where each session of one service was last served.
-#[derive(Debug, Default)]
-pub(crate) struct Sessions(Mutex<HashMap<u64, (SocketAddr, u64)>>);
-
-impl Sessions {
-    /// The endpoint session `key` was last served by.
-    pub(crate) fn get(&self, key: u64, now_ms: u64) -> Option<SocketAddr> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (addr, used) = m.get_mut(&key)?;
-        *used = now_ms;
-        Some(*addr)
-    }
-
-    /// Remembers that `addr` served session `key`.
-    pub(crate) fn set(&self, key: u64, addr: SocketAddr, now_ms: u64) {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if m.len() >= MAX_SESSIONS && !m.contains_key(&key) {
-            // Forget the least recently used half (rarely: once per
-            // MAX_SESSIONS / 2 new sessions).
-            let mut used: Vec<u64> = m.values().map(|(_, u)| *u).collect();
-            let (_, median, _) = used.select_nth_unstable(MAX_SESSIONS / 2);
-            let median = *median;
-            m.retain(|_, (_, u)| *u > median);
-        }
-        m.insert(key, (addr, now_ms));
-    }
-
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -184,7 +147,7 @@ mod tests {
         let (moved, off_ejected) = pick(&eps, k, Some(eps[0].addr), &[], now);
         let moved = moved.unwrap();
         assert!(moved.addr.port() != 1 && off_ejected);
-        let sessions = Sessions::default();
+        let sessions = crate::health::sessions::Sessions::default();
         sessions.set(k, moved.addr, now);
         let later = now + 600_000;
         assert!(!eps[0].health.is_ejected(later), "endpoint 1 is back");
@@ -196,18 +159,5 @@ mod tests {
         // A retry goes elsewhere than the endpoint it tried.
         let (retry, _) = pick(&eps, k, Some(moved.addr), &[moved.addr], later);
         assert_ne!(retry.unwrap().addr, moved.addr);
-    }
-
-    #[test]
-    fn sessions_remembered_are_bounded() {
-        let s = Sessions::default();
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        for k in 0..(MAX_SESSIONS as u64 * 3) {
-            s.set(k, addr, k);
-        }
-        assert!(s.len() <= MAX_SESSIONS, "{}", s.len());
-        let recent = MAX_SESSIONS as u64 * 3 - 1;
-        assert_eq!(s.get(recent, recent + 1), Some(addr), "the most recent is kept");
-        assert_eq!(s.get(0, recent + 1), None, "the oldest is forgotten");
     }
 }
