@@ -79,6 +79,15 @@ impl Sent {
     fn decided(endpoint: Arc<Endpoint>, admission: Admission, outcome: Outcome) -> Sent {
         Sent { endpoint, admission, sent: Instant::now(), result: Err(outcome) }
     }
+
+    /// What would count against the endpoint ([`retry::is_failure`]).
+    fn failed(&self) -> bool {
+        match &self.result {
+            Err(decided) => retry::is_failure(decided),
+            Ok(Err(_)) => true,
+            Ok(Ok(r)) => retry::answer_failed(r),
+        }
+    }
 }
 
 /// Sends one try, within `timeout` (to the answer head), under its drawn
@@ -120,6 +129,8 @@ async fn inject(e: &Endpoint, injected: &Injected<'_>, timeout: &mut Option<Dura
 struct Tried {
     endpoint: Arc<Endpoint>,
     admission: Admission,
+    /// When its request went.
+    sent: Instant,
     /// An injected fault, or the client's own body, decided the outcome: the
     /// endpoint's health is left alone.
     neutral: bool,
@@ -180,14 +191,15 @@ pub(crate) async fn run<'a, S: Sender>(
             // Boxed: two tries in flight make a large future, which would
             // otherwise enlarge every call's.
             Some(after) => {
+                let first_endpoint = t.endpoint.clone();
                 let first = send_try(out, &svc.name, t, timeout);
-                Box::pin(call.hedged(first, after, &mut body, &mut attempt)).await
+                Box::pin(call.hedged(first, first_endpoint, after, &mut body, &mut attempt)).await
             }
         };
         let (tried, outcome) = call.observe(sent, &body);
         let go = call.again(attempt, &tried, &outcome, &body);
         call.last = Some(outcome);
-        call.last_endpoint = Some(tried.endpoint);
+        call.last_try = Some((tried.endpoint, tried.sent));
         if !go {
             break;
         }
@@ -239,16 +251,13 @@ pub(crate) struct Call<'a, S> {
     free_try_used: bool,
     last: Option<Outcome>,
     /// The endpoint of the last try, and when it was sent.
-    last_endpoint: Option<Arc<Endpoint>>,
+    last_try: Option<(Arc<Endpoint>, Instant)>,
     /// The call's session under the rule's `hash_on`, and where it was last
     /// served.
     session: Option<(u64, Option<SocketAddr>)>,
-    /// The service's recent latencies are read (`hedge: { after: p95 }`).
-    track_latency: bool,
     tenant: &'a str,
     /// The call's trace, kept when the rule may cut its answer's stream.
     traceparent: Option<http::HeaderValue>,
-    sent: Instant,
     verdict: Option<Verdict>,
     degraded: &'a mut Degraded,
 }
@@ -284,12 +293,10 @@ impl<'a, S: Sender> Call<'a, S> {
             tried: Vec::new(),
             free_try_used: false,
             last: None,
-            last_endpoint: None,
+            last_try: None,
             session,
             tenant,
             traceparent,
-            track_latency: rule.and_then(|r| r.hedge).is_some_and(|h| h == Hedge::P95),
-            sent: Instant::now(),
             verdict: None,
             degraded,
         }
@@ -379,12 +386,12 @@ impl<'a, S: Sender> Call<'a, S> {
     /// nothing against it (`neutral`), as does a try an injected fault
     /// decided.
     fn observe(&mut self, s: Sent, body: &ReqBody) -> (Tried, Outcome) {
-        self.sent = s.sent;
         let (neutral, outcome) = match s.result {
             Err(decided) => (true, decided),
             Ok(Err(err)) if body.client_failed() => (true, Err(ProxyError::ClientBody(err.to_string()))),
             Ok(r) => {
-                let (done, took) = (Instant::now(), Instant::now() - s.sent);
+                let done = Instant::now();
+                let took = done - s.sent;
                 s.endpoint.health.observe_rtt_at(took, ms_at(done));
                 let mut neutral = false;
                 if self.svc.settings.latency_outlier.is_some() {
@@ -392,13 +399,14 @@ impl<'a, S: Sender> Call<'a, S> {
                     if r.as_ref().is_ok_and(|resp| !stream::is_streamed(resp.body())) {
                         neutral = self.svc.first_byte(&s.endpoint, took, s.admission, ms_at(done));
                     }
-                } else if self.track_latency {
+                } else if self.rule.and_then(|r| r.hedge) == Some(Hedge::P95) {
+                    // The service's recent latencies are read for the hedge.
                     self.svc.stats.latency.record(took);
                 }
                 (neutral, r.map_err(ProxyError::from))
             }
         };
-        (Tried { endpoint: s.endpoint, admission: s.admission, neutral }, outcome)
+        (Tried { endpoint: s.endpoint, admission: s.admission, sent: s.sent, neutral }, outcome)
     }
 
     /// How long a try waits for its answer head before a hedge goes: when
@@ -425,13 +433,13 @@ impl<'a, S: Sender> Call<'a, S> {
     async fn hedged(
         &mut self,
         first: impl Future<Output = Sent>,
+        first_endpoint: Arc<Endpoint>,
         after: Duration,
         body: &mut ReqBody,
         attempt: &mut u32,
     ) -> Sent {
         let mut first = std::pin::pin!(first);
         let started = Instant::now();
-        let first_endpoint = self.tried.last().copied();
         tokio::select! {
             // An answer that came as the delay ran out needs no hedge.
             biased;
@@ -451,23 +459,13 @@ impl<'a, S: Sender> Call<'a, S> {
         let won = |by: &'static str| {
             metrics::counter!("weft_hedges_total", "service" => svc.name.clone(), "won" => by).increment(1);
         };
-        let failed = match &s.result {
-            Err(decided) => retry::is_failure(decided),
-            Ok(Err(_)) => true,
-            Ok(Ok(r)) => r.status().is_server_error(),
-        };
-        if !failed {
+        if !s.failed() {
             won(if hedge_came_first { "hedge" } else { "first" });
             // The loser was at least this slow: balancing hears of it.
             let now = Instant::now();
-            if hedge_came_first {
-                let loser = svc.all_ready.iter().find(|e| Some(e.addr) == first_endpoint);
-                if let Some(e) = loser {
-                    e.health.observe_rtt(now - started);
-                }
-            } else {
-                hedge_endpoint.health.observe_rtt(now - started - after);
-            }
+            let (loser, since) =
+                if hedge_came_first { (&first_endpoint, started) } else { (&hedge_endpoint, started + after) };
+            loser.health.observe_rtt(now - since);
             return s;
         }
         // The first to answer failed: the other try may still make it.
@@ -573,9 +571,9 @@ impl<'a, S: Sender> Call<'a, S> {
             }
         }
         let verdict = self.verdict.take();
-        let (svc, rule, grpc, sent) = (self.svc, self.rule, self.grpc, self.sent);
-        let endpoint = self.last_endpoint.take();
-        if let (Some((key, pinned)), Some(e)) = (self.session, &endpoint)
+        let (svc, rule, grpc) = (self.svc, self.rule, self.grpc);
+        let last_try = self.last_try.take();
+        if let (Some((key, pinned)), Some((e, _))) = (self.session, &last_try)
             && pinned != Some(e.addr)
             && !retry::is_failure(&last)
         {
@@ -586,7 +584,7 @@ impl<'a, S: Sender> Call<'a, S> {
         Concluded::Answer(last.map(|r| {
             let status = r.status().as_u16();
             let reported = || Reported { shared: shared.clone(), traceparent, tenant: tenant.to_string(), status };
-            let watch = endpoint.and_then(|e| Watch::for_answer(svc, &e, rule, grpc, sent, r.body(), reported));
+            let watch = last_try.and_then(|(e, sent)| Watch::for_answer(svc, &e, rule, grpc, sent, r.body(), reported));
             r.map(|b| reply_judged(b, verdict, watch))
         }))
     }

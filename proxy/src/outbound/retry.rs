@@ -26,7 +26,7 @@ fn grpc_status(resp: &http::Response<PooledBody>) -> Option<u32> {
 /// to ignore).
 pub(crate) fn is_failure(o: &Outcome) -> bool {
     match o {
-        Ok(resp) => resp.status().is_server_error() || grpc_status(resp) == Some(crate::grpc::UNAVAILABLE),
+        Ok(resp) => answer_failed(resp),
         Err(
             ProxyError::Connect { .. }
             | ProxyError::Reset { .. }
@@ -36,6 +36,11 @@ pub(crate) fn is_failure(o: &Outcome) -> bool {
         ) => true,
         Err(_) => false,
     }
+}
+
+/// An answer that counts against its endpoint: 5xx, or gRPC UNAVAILABLE.
+pub(crate) fn answer_failed(resp: &http::Response<PooledBody>) -> bool {
+    resp.status().is_server_error() || grpc_status(resp) == Some(crate::grpc::UNAVAILABLE)
 }
 
 /// Whether a try's outcome is retried under `on`.
