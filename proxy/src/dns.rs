@@ -89,9 +89,8 @@ impl Vips {
         if t.by_name.len() >= MAX_VIPS.min(self.size as usize - 2) {
             return None;
         }
-        // FNV-1a: stable across builds and runs, unlike std's hasher.
-        let hash =
-            service.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        // Stable across builds and runs, so a name keeps its address.
+        let hash = crate::hash::fnv1a(service.as_bytes());
         // The network and broadcast addresses are never handed out.
         let usable = self.size - 2;
         let mut offset = (hash % u64::from(usable)) as u32;

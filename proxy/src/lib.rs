@@ -34,6 +34,7 @@ pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod grpc;
+pub(crate) mod hash;
 pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod inbound;

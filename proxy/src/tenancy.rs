@@ -178,13 +178,13 @@ impl Spender {
     pub(crate) fn of(limits: &Limits, caller: Option<&str>, headers: &http::HeaderMap) -> Spender {
         Spender {
             caller: caller.filter(|c| limits.callers.contains_key(*c)).map(str::to_string),
-            session: limits.session.as_ref().and_then(|(h, _)| headers.get(h)).map(|v| fnv1a(v.as_bytes())),
+            session: limits
+                .session
+                .as_ref()
+                .and_then(|(h, _)| headers.get(h))
+                .map(|v| crate::hash::fnv1a(v.as_bytes())),
         }
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Tokens held for a call until it settles; dropped unsettled, they stay

@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use weft_policy::model::HashOn;
 
+use crate::hash::fnv1a;
+
 use crate::config::Endpoint;
 
 /// The session of a request under `hash_on`, as a hash of its value.
@@ -33,10 +35,6 @@ pub(crate) fn key<B>(hash_on: &HashOn, req: &http::Request<B>) -> Option<u64> {
                 (k == name.as_bytes()).then(|| fnv1a(&v[1..]))
             }),
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// A well-mixed 64-bit hash (splitmix64's finaliser).
@@ -66,25 +64,34 @@ pub(crate) fn pick(
     tried: &[SocketAddr],
     now_ms: u64,
 ) -> (Option<Arc<Endpoint>>, bool) {
-    let usable = |e: &&Arc<Endpoint>| !e.health.is_ejected(now_ms) && !tried.contains(&e.addr);
-    let mut moved_off_ejected = false;
-    if let Some(p) = pinned
-        && let Some(e) = endpoints.iter().find(|e| e.addr == p)
-    {
-        if usable(&e) {
-            return (Some(e.clone()), false);
+    let usable = |e: &Arc<Endpoint>| !e.health.is_ejected(now_ms) && !tried.contains(&e.addr);
+    let held = pinned.and_then(|p| endpoints.iter().find(|e| e.addr == p));
+    if let Some(e) = held.filter(|e| usable(e)) {
+        return (Some(e.clone()), false);
+    }
+    // One pass: the best of all (a new session's first choice), of those
+    // not ejected, and of those this call has not tried either.
+    let (mut top, mut eligible, mut fresh) = (None, None, None);
+    for e in endpoints {
+        let s = score(key, &e.addr);
+        let better = |best: &Option<(u64, &Arc<Endpoint>)>| best.is_none_or(|(b, _)| s > b);
+        if better(&top) {
+            top = Some((s, e));
         }
-        moved_off_ejected = e.health.is_ejected(now_ms);
+        if !e.health.is_ejected(now_ms) {
+            if better(&eligible) {
+                eligible = Some((s, e));
+            }
+            if !tried.contains(&e.addr) && better(&fresh) {
+                fresh = Some((s, e));
+            }
+        }
     }
-    let best = |eligible: &dyn Fn(&&Arc<Endpoint>) -> bool| {
-        endpoints.iter().filter(|e| eligible(e)).max_by_key(|e| score(key, &e.addr)).cloned()
-    };
-    let chosen = best(&usable).or_else(|| best(&|e: &&Arc<Endpoint>| !e.health.is_ejected(now_ms)));
-    if pinned.is_none() {
-        // A new session: changed course when its first choice is ejected.
-        moved_off_ejected = best(&|_: &&Arc<Endpoint>| true).is_some_and(|e| e.health.is_ejected(now_ms));
-    }
-    (chosen, moved_off_ejected)
+    // The session changed course when the endpoint it had (or, new, would
+    // have had) is ejected; one that is gone changed nothing of the breaker's.
+    let had = if pinned.is_some() { held } else { top.map(|(_, e)| e) };
+    let moved_off_ejected = had.is_some_and(|e| e.health.is_ejected(now_ms));
+    (fresh.or(eligible).map(|(_, e)| e.clone()), moved_off_ejected)
 }
 
 #[cfg(test)]
