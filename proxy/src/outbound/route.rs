@@ -58,16 +58,7 @@ pub(crate) fn pick(
 fn sticky(rule: &Rule, key: u64, pinned: Option<SocketAddr>, tried: &[SocketAddr], now: u64) -> balance::Picked {
     let home = pinned.and_then(|p| rule.backends.iter().find(|b| b.endpoints.iter().any(|e| e.addr == p)));
     let any = |b: &&Backend| balance::any_eligible(&b.endpoints, now);
-    let backend = home.filter(any).or_else(|| {
-        let total: u64 = rule.backends.iter().filter(any).map(|b| u64::from(b.weight)).sum();
-        let mut n = key.checked_rem(total)?;
-        rule.backends.iter().filter(any).find(|b| {
-            let w = u64::from(b.weight);
-            let here = n < w;
-            n = n.saturating_sub(w);
-            here
-        })
-    });
+    let backend = home.filter(any).or_else(|| weighted(&rule.backends, any, |total| key % total));
     match backend {
         Some(b) => {
             let (endpoint, skipped_ejected) = affinity::pick(&b.endpoints, key, pinned, tried, now);
@@ -79,11 +70,21 @@ fn sticky(rule: &Rule, key: u64, pinned: Option<SocketAddr>, tried: &[SocketAddr
 
 /// A backend by weight among those `eligible`.
 fn choose_weighted<'a>(backends: &'a [Backend], eligible: impl Fn(&&'a Backend) -> bool) -> Option<&'a Backend> {
+    weighted(backends, eligible, |total| rand::rng().random_range(0..total))
+}
+
+/// The backend among those `eligible` where `draw(total weight)` (below the
+/// total) falls.
+fn weighted<'a>(
+    backends: &'a [Backend],
+    eligible: impl Fn(&&'a Backend) -> bool,
+    draw: impl FnOnce(u64) -> u64,
+) -> Option<&'a Backend> {
     let total: u64 = backends.iter().filter(&eligible).map(|b| u64::from(b.weight)).sum();
     if total == 0 {
         return None;
     }
-    let mut n = rand::rng().random_range(0..total);
+    let mut n = draw(total);
     for b in backends.iter().filter(&eligible) {
         let w = u64::from(b.weight);
         if n < w {
