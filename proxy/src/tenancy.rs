@@ -144,8 +144,13 @@ impl Bucket {
             self.level = self.level.min(capacity);
             self.capacity = capacity;
         }
+        self.refill(now)
+    }
+
+    /// Refilled to `now` at its own share.
+    fn refill(&mut self, now: Instant) -> &mut Bucket {
         let secs = now.saturating_duration_since(self.at).as_secs_f64();
-        self.level = (self.level + secs * capacity / 60.0).min(capacity);
+        self.level = (self.level + secs * self.capacity / 60.0).min(self.capacity);
         self.at = now;
         self
     }
@@ -192,8 +197,6 @@ impl Spender {
 #[derive(Debug)]
 pub(crate) struct Reservation {
     state: Arc<State>,
-    limits: Limits,
-    instances: usize,
     spender: Spender,
     reserved: u64,
     settled: bool,
@@ -207,7 +210,7 @@ impl Reservation {
             return;
         }
         let delta = self.reserved as f64 - used as f64;
-        self.state.adjust(&self.limits, self.instances, &self.spender, delta);
+        self.state.adjust(&self.spender, delta);
     }
 
     /// The call did no work (the app failed or never answered): all goes back.
@@ -264,50 +267,49 @@ impl State {
         let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         let mut buckets = t.buckets(limits, instances, &spender, Instant::now());
         // A declared reservation must fit; an undeclared call needs a token.
-        if buckets.iter().any(|b| if max.is_some() { b.level < want } else { b.level < 1.0 }) {
+        let need = if max.is_some() { want } else { 1.0 };
+        if buckets.iter().flatten().any(|b| b.level < need) {
             return Err(Shed::TokenQuota);
         }
-        for b in &mut buckets {
+        for b in buckets.iter_mut().flatten() {
             b.level -= want;
         }
-        Ok(Reservation {
-            state: self.clone(),
-            limits: limits.clone(),
-            instances,
-            spender,
-            reserved: max.unwrap_or(0),
-            settled: false,
-        })
+        Ok(Reservation { state: self.clone(), spender, reserved: max.unwrap_or(0), settled: false })
     }
 
-    /// Gives `delta` tokens back to (or, negative, takes them from) every
-    /// bucket of `spender`.
-    fn adjust(&self, limits: &Limits, instances: usize, spender: &Spender, delta: f64) {
+    /// Gives `delta` tokens back to (or, negative, takes them from) the
+    /// buckets `spender` drew on.
+    fn adjust(&self, spender: &Spender, delta: f64) {
         let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        for b in t.buckets(limits, instances, spender, Instant::now()) {
+        for b in t.drawn(spender, Instant::now()).into_iter().flatten() {
             b.level = (b.level + delta).min(b.capacity);
         }
     }
 }
 
 impl Tokens {
-    /// The buckets a spender's call draws on, refilled to `now`.
-    fn buckets(&mut self, limits: &Limits, instances: usize, spender: &Spender, now: Instant) -> Vec<&mut Bucket> {
+    /// The buckets a spender's call draws on under `limits` (the tenant's,
+    /// its caller's, its session's), made when missing and refilled to `now`.
+    fn buckets(
+        &mut self,
+        limits: &Limits,
+        instances: usize,
+        spender: &Spender,
+        now: Instant,
+    ) -> [Option<&mut Bucket>; 3] {
         let share = |per_minute: u64| (per_minute as f64 / instances.max(1) as f64).ceil() as u64;
-        let mut out = Vec::with_capacity(3);
-        if limits.tokens_per_minute > 0 {
+        let tenant = (limits.tokens_per_minute > 0).then(|| {
             let cap = share(limits.tokens_per_minute);
-            out.push(self.tenant.get_or_insert_with(|| Bucket::new(cap, now)).at(cap, now));
-        }
-        if let Some(c) = &spender.caller
-            && let Some(q) = limits.callers.get(c)
-        {
+            self.tenant.get_or_insert_with(|| Bucket::new(cap, now)).at(cap, now)
+        });
+        let caller = spender.caller.as_ref().and_then(|c| Some((c, limits.callers.get(c)?))).map(|(c, q)| {
             let cap = share(*q);
             if !self.callers.contains_key(c.as_str()) {
                 self.callers.insert(c.clone(), Bucket::new(cap, now));
             }
-            out.push(self.callers.get_mut(c.as_str()).expect("just inserted").at(cap, now));
-        }
+            self.callers.get_mut(c.as_str()).expect("just inserted").at(cap, now)
+        });
+        let mut session = None;
         if let (Some(key), Some((_, q))) = (spender.session, &limits.session) {
             let cap = share(*q);
             if self.sessions.len() >= MAX_SESSIONS && !self.sessions.contains_key(&key) {
@@ -319,9 +321,16 @@ impl Tokens {
                     self.sessions.clear();
                 }
             }
-            out.push(self.sessions.entry(key).or_insert_with(|| Bucket::new(cap, now)).at(cap, now));
+            session = Some(self.sessions.entry(key).or_insert_with(|| Bucket::new(cap, now)).at(cap, now));
         }
-        out
+        [tenant, caller, session]
+    }
+
+    /// The buckets a spender drew on that are still kept, refilled to `now`.
+    fn drawn(&mut self, spender: &Spender, now: Instant) -> [Option<&mut Bucket>; 3] {
+        let caller = spender.caller.as_ref().and_then(|c| self.callers.get_mut(c.as_str()));
+        let session = spender.session.and_then(|k| self.sessions.get_mut(&k));
+        [self.tenant.as_mut(), caller, session].map(|b| b.map(|b| b.refill(now)))
     }
 }
 
