@@ -19,6 +19,7 @@ use weft_policy::model::AuthorizationPolicy;
 use crate::http::errors::clip;
 use crate::http::headers::{CLIENT_ID, single_host, take_internal, tenant_of};
 use crate::http::response::{Degraded, finish};
+use crate::outbound::replay::{declared_within, read_whole};
 use crate::state::Shared;
 use crate::tenancy;
 use crate::transport;
@@ -176,7 +177,6 @@ impl Inbound {
     /// than the replay limit (then read here, and returned to be sent on).
     async fn declared_tokens(&self, req: &mut Request<Incoming>) -> Result<(Option<u64>, Option<Bytes>), ProxyError> {
         use http_body::Body;
-        use http_body_util::BodyExt;
         if let Some(v) = req.headers().get(tenancy::MAX_TOKENS_HEADER) {
             let n = v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok());
             return match n {
@@ -192,14 +192,10 @@ impl Inbound {
             .headers()
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|c| c.as_bytes().starts_with(b"application/json"));
-        let small = req.body().size_hint().upper().is_some_and(|n| n <= self.body_limit);
-        if !json || !small || req.body().is_end_stream() {
+        if !json || !declared_within(req.body(), self.body_limit) || req.body().is_end_stream() {
             return Ok((None, None));
         }
-        let bytes = match req.body_mut().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return Err(ProxyError::ClientBody(e.to_string())),
-        };
+        let bytes = read_whole(req.body_mut()).await?;
         #[derive(serde::Deserialize)]
         struct Declared {
             max_tokens: Option<u64>,

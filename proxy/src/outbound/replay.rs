@@ -23,13 +23,8 @@ impl ReqBody {
         use http_body::Body;
         // A request without a body is always kept: a call shed by the callee's
         // sidecar can then go to another instance even without a retry policy.
-        let empty = body.is_end_stream();
-        let small = body.size_hint().upper().is_some_and(|n| n <= limit);
-        if empty || (reusable && small) {
-            match body.collect().await {
-                Ok(b) => Ok(ReqBody::Buffered(b.to_bytes())),
-                Err(e) => Err(ProxyError::BadRequestBody(e.to_string())),
-            }
+        if body.is_end_stream() || (reusable && declared_within(&body, limit)) {
+            read_whole(body).await.map(ReqBody::Buffered)
         } else {
             Ok(ReqBody::Stream(Some(body), None))
         }
@@ -54,6 +49,20 @@ impl ReqBody {
     pub(crate) fn client_failed(&self) -> bool {
         matches!(self, ReqBody::Stream(_, Some(w)) if w.failed())
     }
+}
+
+/// Whether `body` declares a length of at most `limit` (what may be read
+/// whole into memory).
+pub(crate) fn declared_within(body: &impl http_body::Body, limit: u64) -> bool {
+    body.size_hint().upper().is_some_and(|n| n <= limit)
+}
+
+/// Reads a body whole; one that breaks off is the client's doing (400).
+pub(crate) async fn read_whole<B>(body: B) -> Result<Bytes, ProxyError>
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error>,
+{
+    body.collect().await.map(|b| b.to_bytes()).map_err(|e| ProxyError::BadRequestBody(e.to_string()))
 }
 
 /// A copy of a request head, for another try.
