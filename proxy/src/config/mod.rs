@@ -183,9 +183,8 @@ impl Service {
     /// ejected, within the service's cap.
     pub(crate) fn endpoint_failed(&self, endpoint: &Endpoint, admission: Admission, now: u64) {
         endpoint.health.observe_rtt(FAILURE_PENALTY);
-        let ready = self.all_ready.iter().map(|e| &*e.health);
-        if breaker::on_failure(&endpoint.health, admission, ready, &self.settings, &self.stats.ejection_lock, now) {
-            metrics::counter!("weft_breaker_ejections_total", "service" => self.name.clone()).increment(1);
+        let failure = endpoint.health.breaker.record_failure(admission, &self.settings, now);
+        if self.eject(endpoint, failure, now) {
             tracing::info!(service = self.name, endpoint = %endpoint.addr, ejections = endpoint.health.breaker.ejections(), "endpoint ejected");
         }
     }
@@ -202,22 +201,30 @@ impl Service {
         let Some(median) = self.stats.latency.p50() else { return false };
         let above = d.as_secs_f64() > multiple * median.as_secs_f64();
         let probe = admission == Admission::Probe;
-        if !(if probe { above } else { endpoint.health.outlier.sample(above, window, now) }) {
+        // A probe is judged alone; any other try within its window.
+        let outlier = if probe { above } else { endpoint.health.outlier.sample(above, window, now) };
+        if !outlier {
             return false;
         }
-        let ready = self.all_ready.iter().map(|e| &*e.health);
-        if breaker::on_outlier(&endpoint.health, admission, ready, &self.settings, &self.stats.ejection_lock, now) {
-            metrics::counter!("weft_breaker_ejections_total", "service" => self.name.clone()).increment(1);
+        let failure = endpoint.health.breaker.record_outlier(admission, &self.settings, now);
+        if self.eject(endpoint, failure, now) {
             metrics::counter!("weft_latency_outlier_ejections_total", "service" => self.name.clone()).increment(1);
-            tracing::info!(
-                service = self.name,
-                endpoint = %endpoint.addr,
-                first_byte_ms = d.as_millis() as u64,
-                median_ms = median.as_millis() as u64,
-                "endpoint ejected: latency outlier"
-            );
+            let (first_byte_ms, median_ms) = (d.as_millis() as u64, median.as_millis() as u64);
+            tracing::info!(service = self.name, endpoint = %endpoint.addr, first_byte_ms, median_ms, "endpoint ejected: latency outlier");
         }
         probe
+    }
+
+    /// Ejects `endpoint` as `failure` says, within the service's cap;
+    /// counted in `weft_breaker_ejections_total`.
+    fn eject(&self, endpoint: &Endpoint, failure: breaker::Failure, now: u64) -> bool {
+        let ready = self.all_ready.iter().map(|e| &*e.health);
+        let lock = &self.stats.ejection_lock;
+        let ejected = breaker::on_failure(&endpoint.health, failure, ready, &self.settings, lock, now);
+        if ejected {
+            metrics::counter!("weft_breaker_ejections_total", "service" => self.name.clone()).increment(1);
+        }
+        ejected
     }
 
     /// The route that applies to `tenant`.

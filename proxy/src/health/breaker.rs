@@ -107,6 +107,17 @@ impl Breaker {
         if failures >= s.consecutive_failures { Failure::Threshold } else { Failure::Counted }
     }
 
+    /// Counts a try that was a latency outlier: the probe's ejects again at
+    /// once; any other makes an ejection due, as a failure at the threshold
+    /// does.
+    pub(crate) fn record_outlier(&self, admission: Admission, s: &Settings, now: u64) -> Failure {
+        if admission == Admission::Probe {
+            self.eject(now, s);
+            return Failure::Reejected;
+        }
+        Failure::Threshold
+    }
+
     /// Ejects for base × (ejections so far + 1), at most [`MAX_EJECTION`].
     pub(crate) fn eject(&self, now: u64, s: &Settings) {
         let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
@@ -122,60 +133,31 @@ impl Breaker {
     }
 }
 
-/// Breaker bookkeeping for a failed try of the endpoint of `health`, one of
-/// a service whose ready endpoints' healths are `ready`. Returns true when
-/// the endpoint was ejected (first time or again). The cap check and the
-/// ejection happen under `lock` (the service's), so two failures at once
+/// What a counted failure (or latency outlier) of the endpoint of `health`
+/// comes to, for a service whose ready endpoints' healths are `ready`:
+/// true when the endpoint was ejected (first time or again). The cap check
+/// and the ejection happen under `lock` (the service's), so two at once
 /// cannot both pass the cap.
 pub(crate) fn on_failure<'a>(
     health: &Health,
-    admission: Admission,
+    failure: Failure,
     ready: impl Iterator<Item = &'a Health>,
     s: &Settings,
     lock: &std::sync::Mutex<()>,
     now: u64,
 ) -> bool {
-    match health.breaker.record_failure(admission, s, now) {
+    match failure {
         Failure::Counted => false,
         Failure::Reejected => true,
-        Failure::Threshold => eject_within_cap(health, ready, s, lock, now),
+        Failure::Threshold => {
+            let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if health.breaker.is_ejected(now) || !cap_allows(ready, s, now) {
+                return false;
+            }
+            health.breaker.eject(now, s);
+            true
+        }
     }
-}
-
-/// Ejects the endpoint of `health` unless it already is, or the cap would
-/// be passed; decided under `lock`, so two at once cannot both pass it.
-fn eject_within_cap<'a>(
-    health: &Health,
-    ready: impl Iterator<Item = &'a Health>,
-    s: &Settings,
-    lock: &std::sync::Mutex<()>,
-    now: u64,
-) -> bool {
-    let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
-    if health.breaker.is_ejected(now) || !cap_allows(ready, s, now) {
-        return false;
-    }
-    health.breaker.eject(now, s);
-    true
-}
-
-/// Ejects the endpoint of `health` as a latency outlier, like a failing
-/// one: within the same cap, for the same growing period, back through the
-/// same probe. A probe that is itself an outlier ejects again, for longer.
-/// Returns true when it was ejected.
-pub(crate) fn on_outlier<'a>(
-    health: &Health,
-    admission: Admission,
-    ready: impl Iterator<Item = &'a Health>,
-    s: &Settings,
-    lock: &std::sync::Mutex<()>,
-    now: u64,
-) -> bool {
-    if admission == Admission::Probe {
-        health.breaker.eject(now, s);
-        return true;
-    }
-    eject_within_cap(health, ready, s, lock, now)
 }
 
 /// True when one more ejection keeps the ejected share of the ready
@@ -283,7 +265,8 @@ mod tests {
             for e in &eps[..bad] {
                 let adm = e.breaker.admit(1_000, s);
                 if adm != Admission::Refused {
-                    on_failure(e, adm, ready.iter().map(|h| &**h), s, &lock, 1_000);
+                    let failure = e.breaker.record_failure(adm, s, 1_000);
+                    on_failure(e, failure, ready.iter().map(|h| &**h), s, &lock, 1_000);
                 }
             }
         }
