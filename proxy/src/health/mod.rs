@@ -74,6 +74,9 @@ pub(crate) struct Health {
     born_ms: u64,
     /// Its times to first byte against the service's, for outlier ejection.
     pub(crate) outlier: Outlier,
+    /// Its streamed answers' histograms (time to first byte, gaps), made at
+    /// its first stream: label sets are not built again per stream.
+    pub(crate) stream_metrics: std::sync::OnceLock<(metrics::Histogram, metrics::Histogram)>,
 }
 
 impl Default for Health {
@@ -92,6 +95,7 @@ impl Health {
             rtt_at_ms: AtomicU64::new(now_ms()),
             born_ms,
             outlier: Outlier::default(),
+            stream_metrics: std::sync::OnceLock::new(),
         }
     }
 }

@@ -110,15 +110,23 @@ impl Watch {
         body: &impl http_body::Body,
         reported: impl FnOnce() -> Reported,
     ) -> Option<Box<Watch>> {
-        if body.is_end_stream() {
-            return None;
-        }
         let first_byte = rule.and_then(|r| r.first_byte_timeout);
         let idle = rule.and_then(|r| r.idle_timeout);
-        if first_byte.is_none() && idle.is_none() && !is_streamed(body) {
+        let bounded = first_byte.is_some() || idle.is_some();
+        if body.is_end_stream() || !(bounded || body.size_hint().exact().is_none()) {
             return None;
         }
-        let labels = [("service", svc.name.clone()), ("endpoint", endpoint.addr.to_string())];
+        let (ttfb, gap) = endpoint
+            .health
+            .stream_metrics
+            .get_or_init(|| {
+                let labels = [("service", svc.name.clone()), ("endpoint", endpoint.addr.to_string())];
+                (
+                    metrics::histogram!("weft_first_byte_seconds", &labels),
+                    metrics::histogram!("weft_stream_gap_seconds", &labels),
+                )
+            })
+            .clone();
         let mut w = Box::new(Watch {
             svc: svc.clone(),
             endpoint: endpoint.clone(),
@@ -127,9 +135,9 @@ impl Watch {
             last: None,
             idle,
             timer: None,
-            ttfb: metrics::histogram!("weft_first_byte_seconds", &labels),
-            gap: metrics::histogram!("weft_stream_gap_seconds", &labels),
-            reported: (first_byte.is_some() || idle.is_some()).then(reported),
+            ttfb,
+            gap,
+            reported: bounded.then(reported),
         });
         w.arm(first_byte.map(|t| sent + t));
         Some(w)
@@ -155,8 +163,9 @@ impl Watch {
                 self.ttfb.record(ttfb.as_secs_f64());
                 // Balancing and outlier ejection weigh a streamed answer by
                 // its first byte.
-                self.endpoint.health.observe_rtt(ttfb);
-                self.svc.first_byte(&self.endpoint, ttfb, Admission::Normal, crate::clock::now_ms());
+                let now_ms = crate::clock::now_ms();
+                self.endpoint.health.observe_rtt_at(ttfb, now_ms);
+                self.svc.first_byte(&self.endpoint, ttfb, Admission::Normal, now_ms);
             }
             Some(last) => self.gap.record((now - last).as_secs_f64()),
         }
