@@ -279,3 +279,17 @@ pub async fn wait_ready_endpoints(sidecar: &Sidecar, service: &str, n: usize) {
     })
     .await;
 }
+
+/// Waits until `sidecar`'s config of `service` holds a value at `pointer`
+/// (a JSON pointer under the service, e.g. `/resilience/retry_budget_ratio`;
+/// an empty list counts as none): the policy has reached it.
+pub async fn wait_policy(sidecar: &Sidecar, service: &str, pointer: &str) {
+    let what = format!("{} has {service}{pointer}", sidecar.id);
+    eventually(&what, Duration::from_secs(10), || async move {
+        let cfg = sidecar.config().await;
+        cfg["services"][service]
+            .pointer(pointer)
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+    })
+    .await;
+}

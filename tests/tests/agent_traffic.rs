@@ -18,6 +18,7 @@
 
 use std::time::Duration;
 
+use harness::topology::wait_policy;
 use harness::{App, Req, Topology, apply, h2_send, metric};
 use http_body_util::BodyExt;
 
@@ -232,10 +233,7 @@ async fn a_hedge_cuts_the_tail_of_a_stalled_instance_within_the_retry_budget() {
     assert_eq!(applied.code, 0, "{applied:?}");
     bed.wait_endpoints("chat", 3).await;
     let caller = &bed.caller.sidecar;
-    harness::eventually("the caller has chat's retry budget", Duration::from_secs(10), || async move {
-        caller.config().await["services"]["chat"]["resilience"]["retry_budget_ratio"] == 0.1
-    })
-    .await;
+    wait_policy(caller, "chat", "/resilience/retry_budget_ratio").await;
     let out = caller.outbound;
     let hits = bed.hits("chat");
     // v3 stalls 5 s on every call (a model stuck on a long prompt).
@@ -280,10 +278,7 @@ async fn an_instance_slow_to_its_first_byte_is_ejected_like_a_failing_one() {
     assert_eq!(applied.code, 0, "{applied:?}");
     bed.wait_endpoints("gen", 3).await;
     let caller = &bed.caller.sidecar;
-    harness::eventually("the caller has gen's outlier settings", Duration::from_secs(10), || async move {
-        caller.config().await["services"]["gen"]["resilience"]["latency_outlier_multiple"] == 3.0
-    })
-    .await;
+    wait_policy(caller, "gen", "/resilience/latency_outlier_multiple").await;
     let out = caller.outbound;
     // v3 answers every call, successfully, 400 ms late: no failure a
     // breaker would count.
@@ -324,10 +319,7 @@ async fn a_burst_of_large_calls_never_reserves_more_than_the_tenants_quota() {
     assert_eq!(applied.code, 0, "{applied:?}");
     bed.wait_endpoints("llm", 1).await;
     let llm = &bed.instance("llm", "v1");
-    harness::eventually("llm's sidecar has the quota", Duration::from_secs(10), || async move {
-        llm.sidecar.config().await["services"]["llm"]["tenants"].as_array().is_some_and(|t| !t.is_empty())
-    })
-    .await;
+    wait_policy(&llm.sidecar, "llm", "/tenants").await;
     let out = bed.caller.sidecar.outbound;
     // Each call may use up to 100 tokens and uses 70; the model takes
     // 300 ms, so all 40 calls are in flight together.
@@ -409,11 +401,7 @@ session: { header: x-session-id, tokens_per_minute: 250 }
         secured(&pki, &control, "agent", AGENT, apps[1].addr, &[]),
         secured(&pki, &control, "scheduler", SCHEDULER, apps[2].addr, &[]),
     );
-    let inf = &inference;
-    harness::eventually("inference's sidecar has the quota", Duration::from_secs(10), || async move {
-        inf.config().await["services"]["inference"]["tenants"].as_array().is_some_and(|t| !t.is_empty())
-    })
-    .await;
+    wait_policy(&inference, "inference", "/tenants").await;
     // The app reports no usage: each call spends what it declared.
     let spend = |from: std::net::SocketAddr, session: &'static str, tokens: &'static str| async move {
         let r = Req::get(from, "inference", "/v1/chat")
